@@ -1,0 +1,25 @@
+"""pvhvm: a Xen hypervisor in user space for PVH guests, on Unicorn.
+
+The public API is `Domain` (build and run a guest), its `Outcome`, and the
+error classes. `pvhvm._core` is the Rust core and not part of the API.
+"""
+
+from ._core import CoreError
+from .api import Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason, self_test
+from .errors import BuildError, GuestError, PvhvmError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Domain",
+    "Outcome",
+    "OutcomeKind",
+    "ShutdownReason",
+    "HypercallRecord",
+    "self_test",
+    "PvhvmError",
+    "BuildError",
+    "GuestError",
+    "CoreError",
+    "__version__",
+]

@@ -1,0 +1,294 @@
+"""The public Python API: build a PVH domain from a kernel image and run it.
+
+    >>> import pvhvm
+    >>> dom = pvhvm.Domain("vmlinux", cmdline="console=hvc0", memory_mib=256)
+    >>> outcome = dom.run()
+    >>> outcome.reason, dom.console_output
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import _core, hypercalls
+from .builder import PhysLayout, build_start_info, load_elf
+from .builder.start_info import PlacedModule
+from .errors import BuildError
+
+
+class ShutdownReason(enum.IntEnum):
+    """SHUTDOWN_* from xen/include/public/sched.h."""
+
+    POWEROFF = 0
+    REBOOT = 1
+    SUSPEND = 2
+    CRASH = 3
+    WATCHDOG = 4
+    SOFT_RESET = 5
+
+
+class OutcomeKind(enum.Enum):
+    SHUTDOWN = "shutdown"  # the guest asked (SCHEDOP_shutdown)
+    TRIPLE_FAULT = "triple_fault"  # the vCPU shut down
+    HUNG = "hung"  # halted or blocked with nothing that can wake it
+    ERROR = "error"  # the emulator could not go on
+    TIMEOUT = "timeout"  # run(timeout=) expired
+
+
+# `pvhvm boot` exit statuses; 2 is reserved for bad input.
+EXIT_STATUS = {
+    ShutdownReason.POWEROFF: 0,
+    ShutdownReason.CRASH: 1,
+    ShutdownReason.REBOOT: 3,
+    ShutdownReason.SUSPEND: 4,
+    ShutdownReason.WATCHDOG: 5,
+    ShutdownReason.SOFT_RESET: 6,
+}
+EXIT_CRASH = 1
+EXIT_HUNG = 7
+EXIT_TIMEOUT = 8
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended."""
+
+    kind: OutcomeKind
+    reason: ShutdownReason | None = None
+    message: str = ""
+
+    @property
+    def exit_status(self) -> int:
+        if self.kind is OutcomeKind.SHUTDOWN and self.reason is not None:
+            return EXIT_STATUS[self.reason]
+        if self.kind is OutcomeKind.HUNG:
+            return EXIT_HUNG
+        if self.kind is OutcomeKind.TIMEOUT:
+            return EXIT_TIMEOUT
+        return EXIT_CRASH
+
+    @property
+    def crashed(self) -> bool:
+        return self.exit_status == EXIT_CRASH
+
+    def __str__(self) -> str:
+        if self.kind is OutcomeKind.SHUTDOWN:
+            return f"shutdown ({self.reason.name.lower()})" if self.reason is not None else "shutdown"
+        return f"{self.kind.value}: {self.message}" if self.message else self.kind.value
+
+
+@dataclass(frozen=True)
+class HypercallRecord:
+    vcpu: int
+    nr: int
+    args: tuple[int, int, int, int, int]
+    result: int
+    time_ns: int
+
+    @property
+    def name(self) -> str:
+        return hypercalls.name(self.nr)
+
+    def __str__(self) -> str:
+        return f"[{self.time_ns / 1e9:12.6f}] vcpu{self.vcpu} {hypercalls.describe(self.nr, self.args, self.result)}"
+
+
+@dataclass
+class _Placement:
+    kernel_range: tuple[int, int]
+    initrd: PlacedModule | None = None
+    start_info: int = 0
+    entry: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Domain:
+    """A PVH domain: the kernel loaded, start_info built, vCPU 0 at the PVH entry.
+
+    `console` receives guest console output as it arrives (bytes); `trace`,
+    when given, receives every hypercall as a `HypercallRecord`.
+    """
+
+    def __init__(
+        self,
+        kernel: str | os.PathLike,
+        initrd: str | os.PathLike | None = None,
+        cmdline: str = "",
+        memory_mib: int = 256,
+        *,
+        domid: int = 1,
+        name: str = "pvhvm",
+        console: Callable[[bytes], None] | None = None,
+        trace: Callable[[HypercallRecord], None] | None = None,
+    ) -> None:
+        if not isinstance(memory_mib, int) or memory_mib <= 0:
+            raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
+        self.name = name
+        self.domid = domid
+        self.uuid = uuidlib.uuid4()
+        self.image = load_elf(kernel)
+        entry = self.image.phys32_entry
+        if entry is None:
+            raise BuildError(f"{self.image.path}: no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
+                             "is the kernel built with CONFIG_XEN_PVH?")
+        self.memory_bytes = memory_mib << 20
+        layout = PhysLayout(self.memory_bytes)
+        for i, seg in enumerate(self.image.segments):
+            layout.reserve(seg.paddr, seg.memsz, f"kernel segment {i}")
+        placement = _Placement(self.image.phys_range, entry=entry)
+
+        initrd_data = None
+        if initrd is not None:
+            initrd_data = _read_file(initrd, "initrd")
+            if not initrd_data:
+                raise BuildError(f"{initrd}: initrd is empty")
+            paddr = layout.allocate(len(initrd_data), "initrd", top_down=True)
+            placement.initrd = PlacedModule(paddr, len(initrd_data))
+        boot = build_start_info(layout, cmdline, [placement.initrd] if placement.initrd else [])
+        placement.start_info = boot.start_info_paddr
+        self.layout = layout
+        self.placement = placement
+        self.cmdline = cmdline
+
+        self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes)
+        for seg in self.image.segments:
+            if seg.filesz:
+                self._vm.write_phys(seg.paddr, self.image.segment_bytes(seg))
+        if initrd_data is not None and placement.initrd is not None:
+            self._vm.write_phys(placement.initrd.paddr, initrd_data)
+        for paddr, blob in boot.blobs:
+            self._vm.write_phys(paddr, blob)
+        self._vm.set_pvh_entry(entry, boot.start_info_paddr)
+
+        self._console_sink = console
+        self._trace_sink = trace
+        self._vm.tracing = trace is not None
+        self._console = bytearray()
+        self.outcome: Outcome | None = None
+
+    # -- running ---------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Run until the guest shuts down, dies or hangs (or `timeout` seconds
+        of wall time pass between two exits)."""
+        start = time.monotonic()
+        while True:
+            exit = self._vm.run()
+            self._drain()
+            outcome = self._handle(exit)
+            if outcome is None and timeout is not None and time.monotonic() - start > timeout:
+                outcome = Outcome(OutcomeKind.TIMEOUT, message=f"no shutdown within {timeout} s")
+            if outcome is not None:
+                self.outcome = outcome
+                return outcome
+
+    def _handle(self, exit: _core.Exit) -> Outcome | None:
+        kind = exit.kind
+        if kind == "console":
+            return None
+        if kind == "shutdown":
+            return Outcome(OutcomeKind.SHUTDOWN, ShutdownReason(exit.reason))
+        if kind == "idle":
+            if exit.deadline_ns is not None:
+                delay = (exit.deadline_ns - self._vm.system_time_ns()) / 1e9
+                if delay > 0:
+                    time.sleep(delay)
+                return None
+            return Outcome(OutcomeKind.HUNG, message="blocked waiting for an event that nothing can send")
+        if kind == "halted":
+            why = "interrupts disabled" if not exit.interrupts_enabled else "no interrupt source"
+            return Outcome(OutcomeKind.HUNG, message=f"HLT with {why}")
+        if kind == "triple_fault":
+            chain = " -> ".join(str(v) for v in exit.chain)
+            return Outcome(OutcomeKind.TRIPLE_FAULT, message=f"vectors {chain}" if chain else "unexpected stop")
+        return Outcome(OutcomeKind.ERROR, message=exit.message or "unknown")
+
+    def _drain(self) -> None:
+        out = self._vm.take_console_output()
+        if out:
+            self._console += out
+            if self._console_sink is not None:
+                self._console_sink(out)
+        if self._trace_sink is not None:
+            for rec in self._vm.take_trace():
+                self._trace_sink(_record(rec))
+
+    # -- inspection --------------------------------------------------------
+
+    @property
+    def console_output(self) -> bytes:
+        """Everything the guest wrote to its console so far."""
+        return bytes(self._console)
+
+    def send_console_input(self, data: bytes) -> None:
+        self._vm.push_console_input(data)
+
+    @property
+    def memory(self) -> memoryview:
+        """Guest RAM, zero-copy (offsets are guest-physical below the MMIO hole)."""
+        return memoryview(self._vm.memory)
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        return self._vm.read_phys(gpa, length)
+
+    def read_virt(self, va: int, length: int, vcpu: int = 0) -> bytes:
+        return self._vm.read_linear(va, length, vcpu)
+
+    def registers(self, vcpu: int = 0) -> dict[str, int]:
+        return dict(self._vm.registers(vcpu))
+
+    def hypercall_counts(self) -> dict[str, int]:
+        return {hypercalls.name(nr): n for nr, n in sorted(self._vm.hypercall_counts().items())}
+
+    def recent_hypercalls(self) -> list[HypercallRecord]:
+        return [_record(r) for r in self._vm.recent_hypercalls()]
+
+    @property
+    def exceptions_delivered(self) -> int:
+        return self._vm.exceptions_delivered
+
+    def crash_report(self) -> str:
+        """Registers and the last hypercalls, as xenctx and `xl dmesg` would show."""
+        regs = self.registers()
+        lines = [f"domain {self.name} (domid {self.domid}): {self.outcome}"]
+        order = ["rip", "rflags", "cs", "ss", "cpl", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                 "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "cr0", "cr2", "cr3", "cr4", "efer",
+                 "fs_base", "gs_base"]
+        for i in range(0, len(order), 4):
+            lines.append("  " + "  ".join(f"{k:>7}: {regs[k]:016x}" for k in order[i : i + 4]))
+        recent = self.recent_hypercalls()
+        if recent:
+            lines.append("last hypercalls:")
+            lines += [f"  {r}" for r in recent[-10:]]
+        return "\n".join(lines)
+
+
+def _record(t: tuple) -> HypercallRecord:
+    vcpu, nr, args, result, time_ns = t
+    return HypercallRecord(vcpu, nr, tuple(args), result, time_ns)
+
+
+def _read_file(path: str | os.PathLike, what: str) -> bytes:
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise BuildError(f"{p}: no such {what} file") from None
+    except IsADirectoryError:
+        raise BuildError(f"{p}: {what} is a directory") from None
+    except OSError as e:
+        raise BuildError(f"{p}: cannot read {what}: {e.strerror}") from None
+
+
+def self_test() -> dict[str, int]:
+    """Run the Unicorn workaround self-test (raises CoreError if it fails)."""
+    return dict(_core.self_test())
+
+
+__all__ = ["Domain", "Outcome", "OutcomeKind", "ShutdownReason", "HypercallRecord", "self_test", "EXIT_STATUS"]

@@ -1,0 +1,122 @@
+"""The `pvhvm` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__, _core
+from .api import Domain, HypercallRecord, OutcomeKind
+from .builder import load_elf
+from .errors import PvhvmError
+
+EXIT_BAD_INPUT = 2
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="A Xen hypervisor in user space for PVH guests, on the Unicorn CPU emulator.",
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    print(f"pvhvm: {message}", file=sys.stderr)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _version(value: bool) -> None:
+    if value:
+        major, minor = _core.XEN_VERSION
+        print(f"pvhvm {__version__} (presents Xen {major}.{minor})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def boot(
+    kernel: Annotated[Path, typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux).", show_default=False)],
+    initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk, passed as the first module.")] = None,
+    cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = "",
+    memory: Annotated[int, typer.Option(help="Guest memory in MiB.")] = 256,
+    trace: Annotated[bool, typer.Option("--trace", help="Print every hypercall to stderr.")] = False,
+    timeout: Annotated[
+        Optional[float], typer.Option(help="Give up after this many seconds (checked between exits).")
+    ] = None,
+) -> None:
+    """Boot KERNEL as a PVH domU; the guest console streams to stdout.
+
+    Exit status: 0 the guest powered off; 1 it crashed (SHUTDOWN_crash,
+    triple fault, emulator error); 2 bad input; 3 reboot; 4 suspend;
+    5 watchdog; 6 soft reset; 7 hung (halted or blocked with nothing to wake
+    it); 8 --timeout expired.
+    """
+    out = sys.stdout.buffer
+
+    def console(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    def show(rec: HypercallRecord) -> None:
+        print(f"trace: {rec}", file=sys.stderr)
+
+    try:
+        dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=console,
+                     trace=show if trace else None)
+    except (PvhvmError, _core.CoreError) as e:
+        raise _fail(str(e)) from None
+    outcome = dom.run(timeout=timeout)
+    if outcome.crashed or outcome.kind in (OutcomeKind.HUNG, OutcomeKind.TIMEOUT):
+        print(dom.crash_report(), file=sys.stderr)
+    print(f"pvhvm: domain {outcome}", file=sys.stderr)
+    raise typer.Exit(outcome.exit_status)
+
+
+@app.command()
+def inspect(
+    kernel: Annotated[Path, typer.Argument(help="Kernel image (ELF).", show_default=False)],
+) -> None:
+    """Show a kernel's entry points, loadable segments and Xen ELF notes."""
+    try:
+        img = load_elf(kernel)
+    except PvhvmError as e:
+        raise _fail(str(e)) from None
+    print(f"{img.path}: ELF{img.elf_class} {'x86-64' if img.machine == 62 else 'i386'}")
+    print(f"  ELF entry:        {img.entry:#x}")
+    pvh = img.phys32_entry
+    print(f"  PVH entry:        {pvh:#x}" if pvh is not None else "  PVH entry:        none (not bootable by pvhvm)")
+    pv = img.note("ENTRY")
+    if pv is not None:
+        print(f"  PV entry:         {pv.describe()}")
+    print("  segments (paddr, memsz, filesz):")
+    for s in img.segments:
+        print(f"    {s.paddr:#012x}  {s.memsz:#10x}  {s.filesz:#10x}")
+    print("  Xen notes:" if img.notes else "  Xen notes:        none")
+    for n in img.notes:
+        print(f"    {n.name:<20} {n.describe()}")
+
+
+@app.command("self-test")
+def self_test() -> None:
+    """Check that this Unicorn build supports pvhvm's workarounds."""
+    try:
+        offsets = _core.self_test()
+    except _core.CoreError as e:
+        print(f"pvhvm: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print("ok: " + ", ".join(f"{k}={v}" for k, v in offsets.items()))
+
+
+def main() -> None:
+    app(prog_name="pvhvm")

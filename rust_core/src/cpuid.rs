@@ -1,0 +1,166 @@
+//! CPUID as the guest sees it: the feature set Unicorn's TCG really
+//! implements (read once from Unicorn itself), the hypervisor bit, and Xen's
+//! leaves at 0x40000000 (xen/include/public/arch-x86/cpuid.h).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use crate::mmu::PHYS_ADDR_BITS;
+use crate::uc::{Engine, Reg};
+
+pub const XEN_CPUID_BASE: u32 = 0x4000_0000;
+pub const XEN_HYPERCALL_MSR: u32 = 0x4000_0000;
+pub const XEN_MAJOR: u32 = 4;
+pub const XEN_MINOR: u32 = 19;
+
+// Leaf 0x40000004 EAX flags.
+const XEN_HVM_CPUID_VCPU_ID_PRESENT: u32 = 1 << 3;
+const XEN_HVM_CPUID_DOMID_PRESENT: u32 = 1 << 4;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cpuid {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// Leaves whose answer depends on ECX.
+fn has_subleaves(leaf: u32) -> bool {
+    matches!(leaf, 4 | 7 | 0xb | 0xd | 0xf | 0x10 | 0x12 | 0x14 | 0x17 | 0x18 | 0x8000_001d)
+}
+
+/// What Unicorn's own CPUID returns for the default CPU model, per (leaf, subleaf).
+fn native_table() -> &'static HashMap<(u32, u32), Cpuid> {
+    static TABLE: OnceLock<HashMap<(u32, u32), Cpuid>> = OnceLock::new();
+    TABLE.get_or_init(|| read_native().unwrap_or_default())
+}
+
+fn read_native() -> Result<HashMap<(u32, u32), Cpuid>, String> {
+    let mut eng = Engine::new_x86_64().map_err(|e| e.to_string())?;
+    let mut ram = vec![0u8; 0x2000];
+    ram[0x1000..0x1003].copy_from_slice(&[0x0f, 0xa2, 0xf4]); // cpuid; hlt
+    unsafe { eng.map_ptr(0, ram.len() as u64, ram.as_mut_ptr()) }.map_err(|e| e.to_string())?;
+    let mut run = |leaf: u32, sub: u32| -> Cpuid {
+        eng.write(Reg::RAX, leaf as u64);
+        eng.write(Reg::RCX, sub as u64);
+        eng.start(0x1000, 0);
+        Cpuid {
+            eax: eng.read(Reg::RAX) as u32,
+            ebx: eng.read(Reg::RBX) as u32,
+            ecx: eng.read(Reg::RCX) as u32,
+            edx: eng.read(Reg::RDX) as u32,
+        }
+    };
+    let mut t = HashMap::new();
+    for base in [0u32, 0x8000_0000] {
+        let max = run(base, 0).eax.clamp(base, base + 0x40);
+        for leaf in base..=max {
+            let subs = if has_subleaves(leaf) { 0..8 } else { 0..1 };
+            for sub in subs {
+                t.insert((leaf, sub), run(leaf, sub));
+            }
+        }
+    }
+    let _ = std::ptr::null::<c_void>();
+    Ok(t)
+}
+
+/// The CPUID policy of one vCPU.
+#[derive(Debug, Clone)]
+pub struct CpuidPolicy {
+    pub vcpu_id: u32,
+    pub domid: u32,
+}
+
+impl CpuidPolicy {
+    pub fn query(&self, leaf: u32, subleaf: u32) -> Cpuid {
+        let native = native_table();
+        let sub = if has_subleaves(leaf) { subleaf } else { 0 };
+        let n = native.get(&(leaf, sub)).copied();
+        match leaf {
+            0 => {
+                let mut r = n.unwrap_or_default();
+                r.eax = r.eax.min(0xd);
+                r
+            }
+            1 => {
+                let mut r = n.unwrap_or_default();
+                r.ecx |= 1 << 31; // hypervisor present
+                // Not offered: MONITOR/MWAIT, VMX, x2APIC, TSC deadline, AVX, RDRAND: none
+                // of them is something this vCPU can back.
+                r.ecx &= !((1 << 3) | (1 << 5) | (1 << 21) | (1 << 24) | (1 << 28) | (1 << 30));
+                // Initial APIC id and one logical processor per package.
+                r.ebx = (r.ebx & 0x0000_ffff) | (self.vcpu_id << 24) | (1 << 16);
+                r
+            }
+            7 => {
+                let mut r = n.unwrap_or_default();
+                // No LA57 (the page walk is 4-level), no PKU, no AVX2 family.
+                r.ecx &= !((1 << 16) | (1 << 3) | (1 << 4));
+                r.ebx &= !((1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31));
+                r
+            }
+            0x8000_0008 => {
+                let mut r = n.unwrap_or_default();
+                r.eax = PHYS_ADDR_BITS | (48 << 8);
+                r
+            }
+            0x4000_0000 => Cpuid {
+                eax: XEN_CPUID_BASE + 4,
+                ebx: u32::from_le_bytes(*b"XenV"),
+                ecx: u32::from_le_bytes(*b"MMXe"),
+                edx: u32::from_le_bytes(*b"nVMM"),
+            },
+            0x4000_0001 => Cpuid { eax: (XEN_MAJOR << 16) | XEN_MINOR, ..Default::default() },
+            0x4000_0002 => Cpuid { eax: 1, ebx: XEN_HYPERCALL_MSR, ..Default::default() },
+            0x4000_0003 => Cpuid::default(),
+            0x4000_0004 => Cpuid {
+                eax: XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT,
+                ebx: self.vcpu_id,
+                ecx: self.domid,
+                edx: 0,
+            },
+            // Other hypervisors' ranges (0x40000100 …) are empty.
+            0x4000_0005..=0x4fff_ffff => Cpuid::default(),
+            _ => n.unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xen_leaves() {
+        let p = CpuidPolicy { vcpu_id: 2, domid: 7 };
+        let sig = p.query(0x4000_0000, 0);
+        let mut s = Vec::new();
+        for r in [sig.ebx, sig.ecx, sig.edx] {
+            s.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&s, b"XenVMMXenVMM");
+        assert!(sig.eax >= 0x4000_0002);
+        assert_eq!(p.query(0x4000_0001, 0).eax, (4 << 16) | 19);
+        assert_eq!(p.query(0x4000_0002, 0).ebx, 0x4000_0000);
+        let f = p.query(0x4000_0004, 0);
+        assert_eq!((f.ebx, f.ecx), (2, 7));
+        assert_eq!(p.query(0x4000_0100, 0), Cpuid::default());
+    }
+
+    #[test]
+    fn native_features_with_hypervisor_bit() {
+        let p = CpuidPolicy { vcpu_id: 0, domid: 1 };
+        let l1 = p.query(1, 0);
+        assert_ne!(l1.ecx & (1 << 31), 0);
+        assert_eq!(l1.ecx & (1 << 28), 0, "no AVX");
+        // Long mode, NX and SYSCALL are real on Unicorn's x86-64.
+        let e = p.query(0x8000_0001, 0);
+        assert_ne!(e.edx & (1 << 29), 0);
+        assert_ne!(e.edx & (1 << 20), 0);
+        assert_ne!(e.edx & (1 << 11), 0);
+        assert!(p.query(0, 0).eax >= 1);
+    }
+}

@@ -1,0 +1,86 @@
+//! HYPERVISOR_xen_version (version.h).
+
+use super::{Call, HcResult};
+use crate::abi::{errno, xenfeat, xenver};
+use crate::cpuid::{XEN_MAJOR, XEN_MINOR};
+
+pub const EXTRAVERSION: &str = ".0-pvhvm";
+pub const CAPABILITIES: &str = "hvm-3.0-x86_64 hvm-3.0-x86_32 hvm-3.0-x86_32p";
+/// HYPERVISOR_VIRT_START of a 64-bit Xen, what platform_parameters reports.
+const VIRT_START: u64 = 0xFFFF_8000_0000_0000;
+
+/// The XENFEAT bits of submap 0 that Xen gives an HVM/PVH domU.
+pub fn features() -> u32 {
+    [
+        xenfeat::WRITABLE_PAGE_TABLES,
+        xenfeat::AUTO_TRANSLATED_PHYSMAP,
+        xenfeat::HVM_CALLBACK_VECTOR,
+        xenfeat::HVM_SAFE_PVCLOCK,
+        xenfeat::LINUX_RSDP_UNRESTRICTED,
+        xenfeat::NOT_DIRECT_MAPPED,
+    ]
+    .iter()
+    .fold(0, |m, b| m | (1 << b))
+}
+
+/// A NUL-padded fixed-size string field.
+fn fixed(s: &str, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let n = s.len().min(len - 1);
+    v[..n].copy_from_slice(&s.as_bytes()[..n]);
+    v
+}
+
+pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
+    let [cmd, arg, ..] = args;
+    match cmd {
+        xenver::VERSION => Ok(((XEN_MAJOR << 16) | XEN_MINOR) as i64),
+        xenver::EXTRAVERSION => c.guest.write(arg, &fixed(EXTRAVERSION, 16)).map(|_| 0),
+        xenver::COMPILE_INFO => {
+            // compiler[64], compile_by[16], compile_domain[32], compile_date[32]
+            let mut v = fixed(concat!("rustc (pvhvm ", env!("CARGO_PKG_VERSION"), ")"), 64);
+            v.extend(fixed("pvhvm", 16));
+            v.extend(fixed("localdomain", 32));
+            v.extend(fixed("", 32));
+            c.guest.write(arg, &v).map(|_| 0)
+        }
+        xenver::CAPABILITIES => c.guest.write(arg, &fixed(CAPABILITIES, 1024)).map(|_| 0),
+        xenver::CHANGESET => c.guest.write(arg, &fixed("pvhvm", 64)).map(|_| 0),
+        xenver::PLATFORM_PARAMETERS => c.guest.write(arg, &VIRT_START.to_le_bytes()).map(|_| 0),
+        xenver::GET_FEATURES => {
+            // struct xen_feature_info { uint32_t submap_idx; uint32_t submap; }
+            let idx = c.guest.read_u32(arg)?;
+            let submap = match idx {
+                0 => features(),
+                _ => return Err(errno::EINVAL),
+            };
+            c.guest.write(arg + 4, &submap.to_le_bytes()).map(|_| 0)
+        }
+        xenver::PAGESIZE => Ok(4096),
+        xenver::GUEST_HANDLE => {
+            let uuid = c.xen.uuid;
+            c.guest.write(arg, &uuid).map(|_| 0)
+        }
+        // Xen's default policy keeps its command line and build id from domUs.
+        xenver::COMMANDLINE | xenver::BUILD_ID => Err(errno::EPERM),
+        _ => Err(errno::ENOSYS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn feature_bits() {
+        let f = super::features();
+        assert_eq!(f & (1 << 8), 1 << 8, "hvm_callback_vector");
+        assert_eq!(f & (1 << 9), 1 << 9, "hvm_safe_pvclock");
+        assert_eq!(f & (1 << 3), 0, "not supervisor_mode_kernel");
+    }
+
+    #[test]
+    fn fixed_strings_are_terminated() {
+        let v = super::fixed("0123456789abcdefXYZ", 16);
+        assert_eq!(v.len(), 16);
+        assert_eq!(v[15], 0);
+    }
+}

@@ -1,0 +1,37 @@
+//! Every fixed guest-physical address in one place.
+
+use crate::memory::RamRegion;
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SHIFT: u32 = 12;
+
+/// RAM above this goes above 4 GiB; the hole holds the LAPIC, IOAPIC and
+/// friends, as on a PC (and as Xen lays out an HVM/PVH domain).
+pub const MMIO_HOLE_START: u64 = 0xF000_0000;
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// Largest guest we agree to build (the host buffer is lazily committed).
+pub const MAX_RAM: u64 = 64 << 30;
+
+/// The page the PVH entry state is built in: a GDT and a 32-bit TSS, as Xen
+/// gives them (the guest must load its own GDT before relying on it).
+pub const BOOT_GDT: u64 = 0x1000;
+pub const BOOT_TSS: u64 = 0x1800;
+
+/// Where the domain builder may start placing start_info, the memory map and
+/// command lines (below the kernel, never in frame 0).
+pub const BOOT_INFO_START: u64 = 0x2000;
+
+pub fn ram_regions(size: u64) -> Vec<RamRegion> {
+    if size <= MMIO_HOLE_START {
+        vec![RamRegion { gpa: 0, len: size, host_offset: 0 }]
+    } else {
+        vec![
+            RamRegion { gpa: 0, len: MMIO_HOLE_START, host_offset: 0 },
+            RamRegion {
+                gpa: HIGH_RAM_START,
+                len: size - MMIO_HOLE_START,
+                host_offset: MMIO_HOLE_START,
+            },
+        ]
+    }
+}

@@ -1,0 +1,24 @@
+//! pvhvm's core: a Xen hypervisor for PVH guests on Unicorn, in user space.
+//! Python (`pvhvm`) builds domains and runs device models; this crate owns
+//! guest RAM, the vCPUs and everything on the per-instruction and
+//! per-hypercall path.
+
+pub mod abi;
+pub mod cpuid;
+pub mod domain;
+pub mod hypercall;
+pub mod interrupts;
+pub mod layout;
+pub mod memory;
+pub mod mmu;
+mod py;
+pub mod uc;
+pub mod unicorn_gaps;
+pub mod vcpu;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    py::register(m)
+}

@@ -1,0 +1,217 @@
+//! Guest RAM: one anonymous host mapping, owned here, mapped into Unicorn and
+//! shown to Python zero-copy. Guest-physical layout: RAM from 0 up to the
+//! MMIO hole, the rest above 4 GiB (`layout`).
+//!
+//! Every access from the host side goes through `slice`/`slice_mut`, which
+//! bound-check the guest-physical range: the guest is untrusted.
+
+use crate::layout;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MemError {
+    #[error("guest-physical range {gpa:#x}+{len:#x} is not RAM")]
+    OutOfRange { gpa: u64, len: u64 },
+    #[error("cannot allocate {0} bytes of guest RAM")]
+    Alloc(u64),
+}
+
+/// One contiguous piece of guest-physical RAM and where it sits in the host buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamRegion {
+    pub gpa: u64,
+    pub len: u64,
+    pub host_offset: u64,
+}
+
+/// Read and write guest-physical memory. Implemented by `GuestRam` and by
+/// plain vectors in tests, so the page walk is testable without Unicorn.
+pub trait PhysMem {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError>;
+
+    fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.read_phys(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn write_u64(&mut self, gpa: u64, v: u64) -> Result<(), MemError> {
+        self.write_phys(gpa, &v.to_le_bytes())
+    }
+    fn read_u32(&self, gpa: u64) -> Result<u32, MemError> {
+        let mut b = [0u8; 4];
+        self.read_phys(gpa, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn write_u32(&mut self, gpa: u64, v: u32) -> Result<(), MemError> {
+        self.write_phys(gpa, &v.to_le_bytes())
+    }
+}
+
+pub struct GuestRam {
+    base: *mut u8,
+    size: u64,
+    regions: Vec<RamRegion>,
+}
+
+// The buffer is plain memory; the vCPU and Python may touch it from different
+// threads exactly as a guest and a device model do on real hardware.
+unsafe impl Send for GuestRam {}
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    pub fn new(size: u64) -> Result<Self, MemError> {
+        if size == 0 || size % layout::PAGE_SIZE != 0 || size > layout::MAX_RAM {
+            return Err(MemError::Alloc(size));
+        }
+        // MAP_NORESERVE: a 1 GiB guest costs only the pages it touches.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Alloc(size));
+        }
+        Ok(Self { base: p as *mut u8, size, regions: layout::ram_regions(size) })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// Host offset of `[gpa, gpa+len)` if the whole range is RAM in one region.
+    #[inline]
+    pub fn offset_of(&self, gpa: u64, len: u64) -> Option<u64> {
+        for r in &self.regions {
+            if gpa >= r.gpa {
+                let off = gpa - r.gpa;
+                if off < r.len && len <= r.len - off {
+                    return Some(r.host_offset + off);
+                }
+            }
+        }
+        None
+    }
+
+    pub fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemError> {
+        let off = self.offset_of(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
+        Ok(unsafe { std::slice::from_raw_parts(self.base.add(off as usize), len as usize) })
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_mut(&self, gpa: u64, len: u64) -> Result<&mut [u8], MemError> {
+        let off = self.offset_of(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.base.add(off as usize), len as usize) })
+    }
+
+    /// The whole host buffer (Python's zero-copy view, in host-offset order).
+    #[allow(clippy::mut_from_ref)]
+    pub fn as_host_slice(&self) -> &mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.base, self.size as usize) }
+    }
+}
+
+impl PhysMem for GuestRam {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        buf.copy_from_slice(self.slice(gpa, buf.len() as u64)?);
+        Ok(())
+    }
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        self.slice_mut(gpa, data.len() as u64)?.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Shared references write too: guest RAM is shared memory by nature.
+impl PhysMem for &GuestRam {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        buf.copy_from_slice((**self).slice(gpa, buf.len() as u64)?);
+        Ok(())
+    }
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        (**self).slice_mut(gpa, data.len() as u64)?.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
+    }
+}
+
+/// A flat vector as guest-physical memory from 0, for unit tests.
+impl PhysMem for Vec<u8> {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        let end = gpa.checked_add(len).filter(|e| *e <= self.len() as u64);
+        end.ok_or(MemError::OutOfRange { gpa, len })?;
+        buf.copy_from_slice(&self[gpa as usize..(gpa + len) as usize]);
+        Ok(())
+    }
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        let len = data.len() as u64;
+        let end = gpa.checked_add(len).filter(|e| *e <= self.len() as u64);
+        end.ok_or(MemError::OutOfRange { gpa, len })?;
+        self[gpa as usize..(gpa + len) as usize].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_region() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        assert_eq!(ram.regions(), &[RamRegion { gpa: 0, len: 64 << 20, host_offset: 0 }]);
+        assert!(ram.slice(0, 64 << 20).is_ok());
+        assert!(ram.slice((64 << 20) - 1, 2).is_err());
+        assert!(ram.slice(u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn large_guest_splits_around_the_hole() {
+        let size = layout::MMIO_HOLE_START + (256 << 20);
+        let ram = GuestRam::new(size).unwrap();
+        assert_eq!(ram.regions().len(), 2);
+        let hi = ram.regions()[1];
+        assert_eq!(hi.gpa, 4 << 30);
+        assert_eq!(hi.host_offset, layout::MMIO_HOLE_START);
+        assert!(ram.slice(layout::MMIO_HOLE_START, 1).is_err());
+        ram.slice_mut(4 << 30, 4).unwrap().copy_from_slice(b"high");
+        assert_eq!(&ram.as_host_slice()[layout::MMIO_HOLE_START as usize..][..4], b"high");
+        // A range may not straddle two regions.
+        assert!(ram.slice(layout::MMIO_HOLE_START - 2, 4).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(GuestRam::new(0).is_err());
+        assert!(GuestRam::new(4097).is_err());
+        assert!(GuestRam::new(layout::MAX_RAM + layout::PAGE_SIZE).is_err());
+    }
+
+    #[test]
+    fn vec_physmem_bounds() {
+        let mut v = vec![0u8; 16];
+        v.write_u64(8, 0x1122334455667788).unwrap();
+        assert_eq!(v.read_u64(8).unwrap(), 0x1122334455667788);
+        assert!(v.read_u64(9).is_err());
+        assert!(v.write_u64(u64::MAX - 2, 1).is_err());
+    }
+}

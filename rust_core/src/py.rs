@@ -1,0 +1,286 @@
+//! The Python face of the core (`pvhvm._core`): thin wrappers, no logic.
+
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::domain::Domain;
+use crate::hypercall::TraceEntry;
+use crate::memory::GuestRam;
+use crate::vcpu::VcpuExit;
+
+create_exception!(_core, CoreError, PyException, "The hypervisor core refused or failed.");
+
+fn core_err(e: impl std::fmt::Display) -> PyErr {
+    CoreError::new_err(e.to_string())
+}
+
+/// Guest RAM as a writable buffer (`memoryview(vm.memory)`), zero-copy.
+/// Offsets are host-buffer offsets; `Vm.ram_regions()` maps them to
+/// guest-physical addresses.
+#[pyclass(frozen, module = "pvhvm._core")]
+pub struct GuestMemory {
+    ram: Arc<GuestRam>,
+}
+
+#[pymethods]
+impl GuestMemory {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let ram = &slf.get().ram;
+        let ret = ffi::PyBuffer_FillInfo(
+            view,
+            slf.as_ptr(),
+            ram.host_ptr() as *mut c_void,
+            ram.size() as ffi::Py_ssize_t,
+            0,
+            flags,
+        );
+        if ret == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.ram.size() as usize
+    }
+}
+
+/// Why `Vm.run()` returned. `kind` is one of: shutdown, console, idle,
+/// halted, triple_fault, error.
+#[pyclass(frozen, get_all, module = "pvhvm._core")]
+pub struct Exit {
+    kind: &'static str,
+    reason: Option<u32>,
+    deadline_ns: Option<u64>,
+    interrupts_enabled: Option<bool>,
+    chain: Vec<u8>,
+    message: Option<String>,
+}
+
+#[pymethods]
+impl Exit {
+    fn __repr__(&self) -> String {
+        format!(
+            "Exit(kind={:?}, reason={:?}, deadline_ns={:?}, interrupts_enabled={:?}, chain={:?}, message={:?})",
+            self.kind, self.reason, self.deadline_ns, self.interrupts_enabled, self.chain, self.message
+        )
+    }
+}
+
+impl From<VcpuExit> for Exit {
+    fn from(e: VcpuExit) -> Self {
+        let mut x =
+            Exit { kind: "", reason: None, deadline_ns: None, interrupts_enabled: None, chain: vec![], message: None };
+        match e {
+            VcpuExit::Shutdown { reason } => {
+                x.kind = "shutdown";
+                x.reason = Some(reason);
+            }
+            VcpuExit::ConsoleOutput => x.kind = "console",
+            VcpuExit::Idle { deadline_ns } => {
+                x.kind = "idle";
+                x.deadline_ns = deadline_ns;
+            }
+            VcpuExit::Halted { interrupts_enabled } => {
+                x.kind = "halted";
+                x.interrupts_enabled = Some(interrupts_enabled);
+            }
+            VcpuExit::TripleFault { chain } => {
+                x.kind = "triple_fault";
+                x.chain = chain;
+            }
+            VcpuExit::Error { message } => {
+                x.kind = "error";
+                x.message = Some(message);
+            }
+        }
+        x
+    }
+}
+
+type TraceTuple = (u32, u64, (u64, u64, u64, u64, u64), i64, u64);
+
+fn trace_tuple(e: &TraceEntry) -> TraceTuple {
+    let a = e.args;
+    (e.vcpu, e.nr, (a[0], a[1], a[2], a[3], a[4]), e.result, e.time_ns)
+}
+
+/// Lets the run loop leave the GIL: the domain is only ever touched by the
+/// thread that owns the (unsendable) `Vm`, which is the thread running here.
+struct DomainPtr(*mut Domain);
+unsafe impl Send for DomainPtr {}
+impl DomainPtr {
+    fn get(&self) -> *mut Domain {
+        self.0
+    }
+}
+
+/// One domain: RAM, vCPU 0 and Xen's state. Built and driven by `pvhvm.Domain`.
+#[pyclass(unsendable, module = "pvhvm._core")]
+pub struct Vm {
+    domain: Domain,
+}
+
+#[pymethods]
+impl Vm {
+    #[new]
+    #[pyo3(signature = (memory_bytes, domid = 1, uuid = None))]
+    fn new(memory_bytes: u64, domid: u32, uuid: Option<&[u8]>) -> PyResult<Self> {
+        let mut u = [0u8; 16];
+        if let Some(b) = uuid {
+            if b.len() != 16 {
+                return Err(PyValueError::new_err("uuid must be 16 bytes"));
+            }
+            u.copy_from_slice(b);
+        }
+        Ok(Self { domain: Domain::new(memory_bytes, domid, u).map_err(core_err)? })
+    }
+
+    #[getter]
+    fn memory(&self) -> GuestMemory {
+        GuestMemory { ram: self.domain.ram.clone() }
+    }
+
+    /// [(guest-physical start, length, host offset)] of every RAM region.
+    fn ram_regions(&self) -> Vec<(u64, u64, u64)> {
+        self.domain.ram.regions().iter().map(|r| (r.gpa, r.len, r.host_offset)).collect()
+    }
+
+    fn write_phys(&self, gpa: u64, data: &[u8]) -> PyResult<()> {
+        let s = self.domain.ram.slice_mut(gpa, data.len() as u64).map_err(core_err)?;
+        s.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_phys<'py>(&self, py: Python<'py>, gpa: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let s = self.domain.ram.slice(gpa, length).map_err(core_err)?;
+        Ok(PyBytes::new(py, s))
+    }
+
+    /// Read guest-linear memory through vCPU `vcpu`'s page tables.
+    #[pyo3(signature = (va, length, vcpu = 0))]
+    fn read_linear<'py>(&self, py: Python<'py>, va: u64, length: usize, vcpu: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let v = self.domain.vcpus.get(vcpu).ok_or_else(|| PyValueError::new_err("no such vCPU"))?;
+        let mut buf = vec![0u8; length];
+        v.read_linear(va, &mut buf).map_err(|e| core_err(format!("{e:?}")))?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    fn set_pvh_entry(&mut self, entry: u64, start_info: u64) -> PyResult<()> {
+        self.domain.vcpus[0].set_pvh_entry(entry, start_info).map_err(core_err)
+    }
+
+    /// Run the guest until the host is needed. Releases the GIL meanwhile.
+    fn run(&mut self, py: Python<'_>) -> Exit {
+        let p = DomainPtr(&mut self.domain);
+        let exit = py.allow_threads(move || unsafe { (*p.get()).run() });
+        exit.into()
+    }
+
+    fn take_console_output<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let out = std::mem::take(&mut self.domain.xen.console_out);
+        PyBytes::new(py, &out)
+    }
+
+    fn push_console_input(&mut self, data: &[u8]) {
+        self.domain.xen.console_in.extend(data.iter().copied());
+    }
+
+    #[getter]
+    fn get_tracing(&self) -> bool {
+        self.domain.xen.log.tracing
+    }
+
+    #[setter]
+    fn set_tracing(&mut self, on: bool) {
+        self.domain.xen.log.tracing = on;
+    }
+
+    /// Drain the hypercall trace: [(vcpu, nr, (a0..a4), result, time_ns)].
+    fn take_trace(&mut self) -> Vec<TraceTuple> {
+        self.domain.xen.log.take_trace().iter().map(trace_tuple).collect()
+    }
+
+    /// The last hypercalls (kept even with tracing off).
+    fn recent_hypercalls(&self) -> Vec<TraceTuple> {
+        self.domain.xen.log.recent().iter().map(trace_tuple).collect()
+    }
+
+    /// {hypercall number: calls so far}
+    fn hypercall_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (nr, &n) in self.domain.xen.log.counts.iter().enumerate() {
+            if n > 0 {
+                d.set_item(nr, n)?;
+            }
+        }
+        Ok(d)
+    }
+
+    #[pyo3(signature = (vcpu = 0))]
+    fn registers<'py>(&mut self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
+        let v = self.domain.vcpus.get_mut(vcpu).ok_or_else(|| PyValueError::new_err("no such vCPU"))?;
+        let d = PyDict::new(py);
+        for (k, val) in v.registers() {
+            d.set_item(k, val)?;
+        }
+        Ok(d)
+    }
+
+    #[getter]
+    fn exceptions_delivered(&self) -> u64 {
+        self.domain.vcpus.iter().map(|v| v.exceptions_delivered).sum()
+    }
+
+    #[getter]
+    fn shutdown_code(&self) -> Option<u32> {
+        self.domain.xen.shutdown_code
+    }
+
+    fn system_time_ns(&self) -> u64 {
+        self.domain.xen.system_time_ns()
+    }
+}
+
+/// Run the Unicorn self-test; returns the context-blob offsets it found.
+#[pyfunction]
+fn self_test(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let l = crate::unicorn_gaps::layout().map_err(core_err)?;
+    let d = PyDict::new(py);
+    d.set_item("data_offset", l.data_offset)?;
+    d.set_item("error_code", l.error_code)?;
+    d.set_item("exception_is_int", l.exception_is_int)?;
+    d.set_item("old_exception", l.old_exception)?;
+    Ok(d)
+}
+
+/// The host's time-stamp counter (the guest reads the same one).
+#[pyfunction]
+fn host_tsc() -> u64 {
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Vm>()?;
+    m.add_class::<Exit>()?;
+    m.add_class::<GuestMemory>()?;
+    m.add_function(wrap_pyfunction!(self_test, m)?)?;
+    m.add_function(wrap_pyfunction!(host_tsc, m)?)?;
+    m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add("XEN_VERSION", (crate::cpuid::XEN_MAJOR, crate::cpuid::XEN_MINOR))?;
+    m.add("PAGE_SIZE", crate::layout::PAGE_SIZE)?;
+    m.add("MMIO_HOLE_START", crate::layout::MMIO_HOLE_START)?;
+    m.add("HIGH_RAM_START", crate::layout::HIGH_RAM_START)?;
+    m.add("MAX_RAM", crate::layout::MAX_RAM)?;
+    m.add("BOOT_GDT", crate::layout::BOOT_GDT)?;
+    m.add("BOOT_INFO_START", crate::layout::BOOT_INFO_START)?;
+    Ok(())
+}

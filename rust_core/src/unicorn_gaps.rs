@@ -1,0 +1,535 @@
+//! Everything pvhvm does around Unicorn's gaps as the CPU of a full OS, in one
+//! place (see shared notes, unicorn.md):
+//!
+//! * Unicorn never delivers exceptions to the guest IDT, and its register API
+//!   in 64-bit mode sets only the selector of CS/SS (no hidden base, limit,
+//!   flags, no CPL). The vCPU therefore edits QEMU's `CPUX86State` through a
+//!   saved context blob (`CpuState`) and recomputes the hidden flags itself.
+//! * The exception error code and `old_exception` live only in that blob, at
+//!   build-dependent offsets: `probe()` finds them by raising known faults.
+//! * `old_exception` is never reset by Unicorn (QEMU resets it in the
+//!   delivery code Unicorn skips), which turns the second fault into #DF and
+//!   the third into a silent triple fault. `CpuState::end_exception` resets it.
+//!
+//! `probe()` runs once per process and doubles as the self-test: if any
+//! workaround does not hold on this Unicorn build, no domain starts.
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use unicorn_engine::{uc_engine, HookType};
+
+use crate::uc::{Context, Engine, Reg};
+
+// Fixed offsets at the start of CPUX86State (x86-64 host, LP64): these follow
+// from the declaration order alone and are checked against the register API
+// by `probe()`.
+const OFF_REGS: usize = 0;
+const OFF_EIP: usize = 128;
+const OFF_EFLAGS: usize = 136;
+const OFF_HFLAGS: usize = 176;
+const OFF_SEGS: usize = 184;
+const SEG_SIZE: usize = 24;
+const OFF_LDT: usize = 328;
+const OFF_TR: usize = 352;
+const OFF_GDT: usize = 376;
+const OFF_IDT: usize = 400;
+const OFF_CR: usize = 424;
+const OFF_EFER: usize = 592;
+
+pub const R_ES: usize = 0;
+pub const R_CS: usize = 1;
+pub const R_SS: usize = 2;
+pub const R_DS: usize = 3;
+pub const R_FS: usize = 4;
+pub const R_GS: usize = 5;
+
+// QEMU's hidden-flag bits (HF_*), which Unicorn keys translated code on.
+pub const HF_CPL_MASK: u32 = 3;
+pub const HF_INHIBIT_IRQ: u32 = 1 << 3;
+const HF_CS32: u32 = 1 << 4;
+const HF_SS32: u32 = 1 << 5;
+const HF_ADDSEG: u32 = 1 << 6;
+const HF_PE: u32 = 1 << 7;
+const HF_TF: u32 = 1 << 8;
+const HF_MP: u32 = 1 << 9;
+const HF_EM: u32 = 1 << 10;
+const HF_TS: u32 = 1 << 11;
+const HF_IOPL: u32 = 3 << 12;
+pub const HF_LMA: u32 = 1 << 14;
+pub const HF_CS64: u32 = 1 << 15;
+const HF_VM: u32 = 1 << 17;
+const HF_OSFXSR: u32 = 1 << 22;
+const HF_DERIVED: u32 = HF_CPL_MASK
+    | HF_PE
+    | HF_MP
+    | HF_EM
+    | HF_TS
+    | HF_TF
+    | HF_VM
+    | HF_IOPL
+    | HF_OSFXSR
+    | HF_LMA
+    | HF_CS32
+    | HF_SS32
+    | HF_CS64
+    | HF_ADDSEG;
+
+// Segment descriptor bits as QEMU keeps them in SegmentCache.flags (the high
+// dword of the descriptor).
+pub const DESC_TYPE_SHIFT: u32 = 8;
+pub const DESC_A: u32 = 1 << 8;
+pub const DESC_W: u32 = 1 << 9; // data: writable; code: readable
+pub const DESC_CS: u32 = 1 << 11;
+pub const DESC_S: u32 = 1 << 12;
+pub const DESC_DPL_SHIFT: u32 = 13;
+pub const DESC_P: u32 = 1 << 15;
+pub const DESC_L: u32 = 1 << 21;
+pub const DESC_B: u32 = 1 << 22;
+pub const DESC_G: u32 = 1 << 23;
+
+pub const RFLAGS_TF: u64 = 1 << 8;
+pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_IOPL: u64 = 3 << 12;
+pub const RFLAGS_NT: u64 = 1 << 14;
+pub const RFLAGS_RF: u64 = 1 << 16;
+pub const RFLAGS_VM: u64 = 1 << 17;
+
+/// Offsets inside the context blob that only `probe()` can find.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobLayout {
+    /// Size of Unicorn's `uc_context` header before the CPUX86State copy.
+    pub data_offset: usize,
+    pub error_code: usize,
+    pub exception_is_int: usize,
+    pub old_exception: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    pub flags: u32,
+}
+
+impl Segment {
+    pub fn dpl(&self) -> u8 {
+        ((self.flags >> DESC_DPL_SHIFT) & 3) as u8
+    }
+}
+
+/// A saved CPU state that can be edited and written back. Only used while
+/// the engine is stopped, where QEMU's EFLAGS copy is complete.
+pub struct CpuState {
+    ctx: Context,
+    layout: BlobLayout,
+}
+
+fn rd<const N: usize>(d: &[u8], off: usize) -> [u8; N] {
+    d[off..off + N].try_into().unwrap()
+}
+
+impl CpuState {
+    pub fn new(engine: &Engine, layout: BlobLayout) -> Result<Self, String> {
+        let ctx = Context::new(engine, layout.data_offset).map_err(|e| e.to_string())?;
+        Ok(Self { ctx, layout })
+    }
+
+    pub fn load(&mut self, engine: &Engine) {
+        self.ctx.save(engine).expect("uc_context_save cannot fail on a valid engine");
+    }
+
+    pub fn store(&mut self, engine: &Engine) {
+        self.ctx.restore(engine).expect("uc_context_restore cannot fail on a valid engine");
+    }
+
+    fn u64_at(&self, off: usize) -> u64 {
+        u64::from_le_bytes(rd(self.ctx.data(), off))
+    }
+    fn set_u64_at(&mut self, off: usize, v: u64) {
+        self.ctx.data_mut()[off..off + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    fn u32_at(&self, off: usize) -> u32 {
+        u32::from_le_bytes(rd(self.ctx.data(), off))
+    }
+    fn set_u32_at(&mut self, off: usize, v: u32) {
+        self.ctx.data_mut()[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// General register by x86 encoding (0 = RAX … 15 = R15).
+    pub fn reg(&self, n: usize) -> u64 {
+        self.u64_at(OFF_REGS + 8 * n)
+    }
+    pub fn set_reg(&mut self, n: usize, v: u64) {
+        self.set_u64_at(OFF_REGS + 8 * n, v)
+    }
+    pub fn rip(&self) -> u64 {
+        self.u64_at(OFF_EIP)
+    }
+    pub fn set_rip(&mut self, v: u64) {
+        self.set_u64_at(OFF_EIP, v)
+    }
+    pub fn rflags(&self) -> u64 {
+        self.u64_at(OFF_EFLAGS)
+    }
+    pub fn set_rflags(&mut self, v: u64) {
+        self.set_u64_at(OFF_EFLAGS, v | 2)
+    }
+    pub fn hflags(&self) -> u32 {
+        self.u32_at(OFF_HFLAGS)
+    }
+    fn set_hflags(&mut self, v: u32) {
+        self.set_u32_at(OFF_HFLAGS, v)
+    }
+    pub fn cpl(&self) -> u8 {
+        (self.hflags() & HF_CPL_MASK) as u8
+    }
+    pub fn in_64bit_code(&self) -> bool {
+        self.hflags() & HF_CS64 != 0
+    }
+    pub fn interrupt_shadow(&self) -> bool {
+        self.hflags() & HF_INHIBIT_IRQ != 0
+    }
+    pub fn cr(&self, n: usize) -> u64 {
+        self.u64_at(OFF_CR + 8 * n)
+    }
+    pub fn set_cr(&mut self, n: usize, v: u64) {
+        self.set_u64_at(OFF_CR + 8 * n, v)
+    }
+    pub fn efer(&self) -> u64 {
+        self.u64_at(OFF_EFER)
+    }
+    pub fn set_efer(&mut self, v: u64) {
+        self.set_u64_at(OFF_EFER, v)
+    }
+
+    fn seg_at(&self, off: usize) -> Segment {
+        Segment {
+            selector: self.u32_at(off) as u16,
+            base: self.u64_at(off + 8),
+            limit: self.u32_at(off + 16),
+            flags: self.u32_at(off + 20),
+        }
+    }
+    fn set_seg_at(&mut self, off: usize, s: Segment) {
+        self.set_u32_at(off, s.selector as u32);
+        self.set_u64_at(off + 8, s.base);
+        self.set_u32_at(off + 16, s.limit);
+        self.set_u32_at(off + 20, s.flags);
+    }
+    pub fn seg(&self, n: usize) -> Segment {
+        self.seg_at(OFF_SEGS + SEG_SIZE * n)
+    }
+    /// Load a segment's hidden cache. Call `sync_hflags` when done editing.
+    pub fn set_seg(&mut self, n: usize, s: Segment) {
+        self.set_seg_at(OFF_SEGS + SEG_SIZE * n, s)
+    }
+    pub fn ldt(&self) -> Segment {
+        self.seg_at(OFF_LDT)
+    }
+    pub fn tr(&self) -> Segment {
+        self.seg_at(OFF_TR)
+    }
+    pub fn set_tr(&mut self, s: Segment) {
+        self.set_seg_at(OFF_TR, s)
+    }
+    pub fn gdt(&self) -> (u64, u32) {
+        let s = self.seg_at(OFF_GDT);
+        (s.base, s.limit)
+    }
+    pub fn set_gdt(&mut self, base: u64, limit: u32) {
+        self.set_seg_at(OFF_GDT, Segment { selector: 0, base, limit, flags: 0 })
+    }
+    pub fn idt(&self) -> (u64, u32) {
+        let s = self.seg_at(OFF_IDT);
+        (s.base, s.limit)
+    }
+
+    /// The error code of the exception that just stopped the engine.
+    pub fn error_code(&self) -> u32 {
+        self.u32_at(self.layout.error_code)
+    }
+    /// Whether that exception came from INT n / INT3 / INTO (software).
+    pub fn exception_is_int(&self) -> bool {
+        self.u32_at(self.layout.exception_is_int) != 0
+    }
+    /// Forget the exception in flight (Unicorn's missing reset).
+    pub fn end_exception(&mut self) {
+        self.set_u32_at(self.layout.old_exception, u32::MAX);
+    }
+    fn old_exception(&self) -> i32 {
+        self.u32_at(self.layout.old_exception) as i32
+    }
+
+    /// Recompute the hidden flags from CR0, CR4, EFER, EFLAGS and the
+    /// segment caches, as the processor's state implies them (CPL is the DPL
+    /// of SS). Bits that are not derived (interrupt shadow, SMM …) stay.
+    pub fn sync_hflags(&mut self) {
+        let cr0 = self.cr(0);
+        let cr4 = self.cr(4);
+        let efer = self.efer();
+        let eflags = self.rflags() as u32;
+        let cs = self.seg(R_CS);
+        let ss = self.seg(R_SS);
+        let mut hf = self.hflags() & !HF_DERIVED;
+        hf |= (ss.flags >> DESC_DPL_SHIFT) & HF_CPL_MASK;
+        hf |= ((cr0 as u32) & 1) << 7; // PE
+        hf |= ((cr0 as u32) << 8) & (HF_MP | HF_EM | HF_TS); // MP, EM, TS are CR0 bits 1..3
+        hf |= eflags & (HF_TF | HF_VM | HF_IOPL);
+        if cr4 & (1 << 9) != 0 {
+            hf |= HF_OSFXSR;
+        }
+        if efer & crate::mmu::EFER_LMA != 0 {
+            hf |= HF_LMA;
+        }
+        if hf & HF_LMA != 0 && cs.flags & DESC_L != 0 {
+            hf |= HF_CS32 | HF_SS32 | HF_CS64;
+        } else {
+            hf |= (cs.flags & DESC_B) >> (22 - 4);
+            hf |= (ss.flags & DESC_B) >> (22 - 5);
+            if cr0 & 1 == 0 || eflags as u64 & RFLAGS_VM != 0 || hf & HF_CS32 == 0 {
+                hf |= HF_ADDSEG;
+            } else if (self.seg(R_DS).base | self.seg(R_ES).base | ss.base) != 0 {
+                hf |= HF_ADDSEG;
+            }
+        }
+        self.set_hflags(hf);
+    }
+
+    pub fn clear_interrupt_shadow(&mut self) {
+        let hf = self.hflags() & !HF_INHIBIT_IRQ;
+        self.set_hflags(hf);
+    }
+}
+
+/// Flat segments as the processor loads them from typical descriptors.
+pub fn flat_code64(selector: u16, dpl: u8) -> Segment {
+    Segment {
+        selector,
+        base: 0,
+        limit: 0xffff_ffff,
+        flags: DESC_P | DESC_S | DESC_CS | DESC_W | DESC_A | DESC_L | DESC_G | ((dpl as u32) << DESC_DPL_SHIFT),
+    }
+}
+pub fn flat_code32(selector: u16) -> Segment {
+    Segment {
+        selector,
+        base: 0,
+        limit: 0xffff_ffff,
+        flags: DESC_P | DESC_S | DESC_CS | DESC_W | DESC_A | DESC_B | DESC_G,
+    }
+}
+pub fn flat_data(selector: u16, dpl: u8) -> Segment {
+    Segment {
+        selector,
+        base: 0,
+        limit: 0xffff_ffff,
+        flags: DESC_P | DESC_S | DESC_W | DESC_A | DESC_B | DESC_G | ((dpl as u32) << DESC_DPL_SHIFT),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The probe / self-test.
+
+static LAYOUT: OnceLock<Result<BlobLayout, String>> = OnceLock::new();
+
+/// The blob layout for this Unicorn build, or why the workarounds do not hold.
+pub fn layout() -> Result<BlobLayout, String> {
+    LAYOUT.get_or_init(|| probe().map_err(|e| format!("Unicorn self-test failed: {e}"))).clone()
+}
+
+/// Written by the hook behind Rust's back: a Cell, so no read is cached.
+struct ProbeHits {
+    last_intr: std::cell::Cell<Option<u32>>,
+}
+
+unsafe extern "C" fn probe_intr(uc: *mut uc_engine, intno: u32, user: *mut c_void) {
+    let hits = &*(user as *const ProbeHits);
+    hits.last_intr.set(Some(intno));
+    unicorn_engine::uc_emu_stop(uc);
+}
+
+const PROBE_CODE: u64 = 0x1000;
+const PROBE_GDT: u64 = 0x3000;
+
+fn probe() -> Result<BlobLayout, String> {
+    let mut eng = Engine::new_x86_64().map_err(|e| e.to_string())?;
+    let mut ram = vec![0u8; 0x10000];
+    unsafe { eng.map_ptr(0, ram.len() as u64, ram.as_mut_ptr()) }.map_err(|e| e.to_string())?;
+    let hits = Box::new(ProbeHits { last_intr: std::cell::Cell::new(None) });
+    unsafe {
+        eng.add_hook(
+            HookType::INTR,
+            probe_intr as *mut c_void,
+            &*hits as *const ProbeHits as *mut c_void,
+            None,
+        )
+    }
+    .map_err(|e| e.to_string())?;
+
+    // 1. Where the CPUX86State copy starts in the context allocation.
+    const MAGIC_A: u64 = 0x5056_4856_4d00_a11a;
+    const MAGIC_B: u64 = 0x5056_4856_4d00_b22b;
+    eng.write(Reg::RAX, MAGIC_A);
+    eng.write(Reg::RBX, MAGIC_B);
+    let probe_ctx = Context::new(&eng, 0).map_err(|e| e.to_string())?;
+    let mut probe_ctx = probe_ctx;
+    probe_ctx.save(&eng).map_err(|e| e.to_string())?;
+    let raw = probe_ctx.raw_bytes();
+    let data_offset = (0..raw.len().saturating_sub(32))
+        .step_by(8)
+        .find(|&o| {
+            u64::from_le_bytes(rd(raw, o)) == MAGIC_A && u64::from_le_bytes(rd(raw, o + 24)) == MAGIC_B
+        })
+        .ok_or("register file not found in the context blob")?;
+    probe_ctx.set_data_offset(data_offset);
+
+    // 2. The fixed offsets agree with the register API.
+    eng.write(Reg::RIP, 0x1234_5678);
+    eng.write(Reg::CR3, 0x7000);
+    eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
+    eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
+    eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0 };
+    let mut st = CpuState::new(&eng, provisional)?;
+    st.load(&eng);
+    let checks = [
+        ("rip", st.rip() == 0x1234_5678),
+        ("cr3", st.cr(3) == 0x7000),
+        ("efer", st.efer() & (crate::mmu::EFER_LME | crate::mmu::EFER_SCE) == (crate::mmu::EFER_LME | crate::mmu::EFER_SCE)),
+        ("idtr", st.idt() == (0xabc000, 0xfff)),
+        ("gdtr", st.gdt() == (PROBE_GDT, 0x2f)),
+        ("hflags", st.hflags() & (HF_LMA | HF_CS64) == (HF_LMA | HF_CS64) && st.cpl() == 0),
+    ];
+    for (name, ok) in checks {
+        if !ok {
+            return Err(format!("CPUX86State field '{name}' is not where expected"));
+        }
+    }
+
+    // 3. Raise #GP with known error codes: find error_code and old_exception.
+    // mov ax, imm16 ; mov ds, ax   (selector beyond the GDT limit: #GP(sel))
+    let gp_code = |sel: u16| -> Vec<u8> {
+        let [lo, hi] = sel.to_le_bytes();
+        vec![0x66, 0xb8, lo, hi, 0x8e, 0xd8, 0xf4]
+    };
+    let baseline = {
+        let mut c = Context::new(&eng, data_offset).map_err(|e| e.to_string())?;
+        eng.write(Reg::RIP, PROBE_CODE);
+        c.save(&eng).map_err(|e| e.to_string())?;
+        c
+    };
+    let base_bytes = baseline.data().to_vec();
+    let mut run_gp = |sel: u16, eng: &mut Engine, hits: &ProbeHits| -> Result<Vec<u8>, String> {
+        ram[PROBE_CODE as usize..PROBE_CODE as usize + 7].copy_from_slice(&gp_code(sel));
+        eng.flush_tb();
+        let mut b = Context::new(eng, data_offset).map_err(|e| e.to_string())?;
+        b.data_mut().copy_from_slice(&base_bytes);
+        b.restore(eng).map_err(|e| e.to_string())?;
+        hits.last_intr.set(None);
+        eng.start(PROBE_CODE, 0);
+        if hits.last_intr.get() != Some(13) {
+            return Err(format!("expected #GP from a bad selector, got {:?}", hits.last_intr.get()));
+        }
+        let mut after = Context::new(eng, data_offset).map_err(|e| e.to_string())?;
+        after.save(eng).map_err(|e| e.to_string())?;
+        Ok(after.data().to_vec())
+    };
+    let a = run_gp(0x1230, &mut eng, &hits)?;
+    let b = run_gp(0x2340, &mut eng, &hits)?;
+    let word = |d: &[u8], o: usize| u32::from_le_bytes(rd(d, o));
+    let n = a.len().min(b.len()) & !3;
+    let ec: Vec<usize> = (0..n).step_by(4).filter(|&o| word(&a, o) == 0x1230 && word(&b, o) == 0x2340).collect();
+    let [error_code] = ec[..] else {
+        return Err(format!("error code found at {} places in the blob", ec.len()));
+    };
+    let old_candidates: Vec<usize> = (0..n)
+        .step_by(4)
+        .filter(|&o| word(&base_bytes, o) == u32::MAX && word(&b, o) == 13)
+        .collect();
+
+    // 4. A second fault without the reset becomes #DF on this build; with the
+    // reset it must stay #GP. Try each candidate.
+    let mut old_exception = None;
+    for cand in old_candidates {
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand };
+        let mut st = CpuState::new(&eng, layout)?;
+        st.load(&eng);
+        if st.old_exception() != 13 {
+            continue;
+        }
+        st.end_exception();
+        st.set_rip(PROBE_CODE);
+        st.store(&eng);
+        hits.last_intr.set(None);
+        eng.start(PROBE_CODE, 0);
+        if hits.last_intr.get() == Some(13) {
+            old_exception = Some(cand);
+            break;
+        }
+    }
+    let old_exception = old_exception.ok_or("resetting old_exception does not keep a second #GP a #GP")?;
+    let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception };
+
+    // 5. exception_is_int: 1 after INT n, 0 after a fault.
+    ram[PROBE_CODE as usize..PROBE_CODE as usize + 3].copy_from_slice(&[0xcd, 0x41, 0xf4]);
+    eng.flush_tb();
+    let mut st = CpuState::new(&eng, layout)?;
+    st.load(&eng);
+    if st.exception_is_int() {
+        return Err("exception_is_int set after a fault".into());
+    }
+    st.end_exception();
+    st.set_rip(PROBE_CODE);
+    st.store(&eng);
+    hits.last_intr.set(None);
+    eng.start(PROBE_CODE, 0);
+    st.load(&eng);
+    if hits.last_intr.get() != Some(0x41) || !st.exception_is_int() || st.rip() != PROBE_CODE + 2 {
+        return Err("INT n is not reported as a software interrupt after the instruction".into());
+    }
+
+    // 6. A CPL change through the blob takes effect: in ring 3, reading CR0
+    // must raise #GP(0).
+    ram[PROBE_CODE as usize..PROBE_CODE as usize + 4].copy_from_slice(&[0x0f, 0x20, 0xc0, 0xf4]);
+    eng.flush_tb();
+    st.end_exception();
+    st.set_seg(R_CS, flat_code64(0x2b, 3));
+    st.set_seg(R_SS, flat_data(0x23, 3));
+    st.set_rip(PROBE_CODE);
+    st.sync_hflags();
+    st.store(&eng);
+    hits.last_intr.set(None);
+    eng.start(PROBE_CODE, 0);
+    st.load(&eng);
+    if hits.last_intr.get() != Some(13) || st.cpl() != 3 || st.error_code() != 0 {
+        return Err(format!("ring 3 through the blob did not hold (intr {:?}, cpl {})", hits.last_intr, st.cpl()));
+    }
+    // And back to ring 0 the same way: the same read succeeds and HLT stops.
+    st.end_exception();
+    st.set_seg(R_CS, flat_code64(0x08, 0));
+    st.set_seg(R_SS, flat_data(0x10, 0));
+    st.set_rip(PROBE_CODE);
+    st.sync_hflags();
+    st.store(&eng);
+    hits.last_intr.set(None);
+    eng.start(PROBE_CODE, 0);
+    if hits.last_intr.get().is_some() || eng.read(Reg::RIP) != PROBE_CODE + 4 {
+        return Err("ring 0 through the blob did not hold".into());
+    }
+    drop(eng);
+    drop(ram);
+    Ok(layout)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn probe_holds_on_this_build() {
+        let l = super::layout().expect("self-test");
+        assert!(l.data_offset > 0);
+        assert!(l.error_code > 592);
+        assert!(l.old_exception > l.error_code);
+    }
+}

@@ -1,0 +1,505 @@
+//! One virtual CPU on one Unicorn engine, and its KVM-like run loop.
+//!
+//! `run()` executes guest code until something needs the host: a shutdown,
+//! console output, an idle vCPU, a triple fault or an error, returned as a
+//! `VcpuExit`. Exceptions, hypercalls, CPUID, SYSCALL and port I/O are all
+//! handled here in Rust without leaving the loop.
+//!
+//! Hooks run inside Unicorn and only record why they stopped the engine
+//! (`Stop`); anything that edits hidden CPU state happens after the engine has
+//! stopped, where the saved state is complete (`unicorn_gaps`).
+
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+
+use unicorn_engine::{uc_engine, uc_error, HookType, MemType, X86Insn};
+
+use crate::cpuid::{CpuidPolicy, XEN_CPUID_BASE, XEN_HYPERCALL_MSR};
+use crate::hypercall::{self, XenState};
+use crate::interrupts::{self, DeliveryError, Event};
+use crate::layout;
+use crate::memory::GuestRam;
+use crate::mmu::{self, PagingState};
+use crate::uc::{self, Engine, Reg};
+use crate::unicorn_gaps::{self, CpuState, Segment};
+
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_FMASK: u32 = 0xc000_0084;
+
+const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+
+/// Why `run()` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// SCHEDOP_shutdown with this SHUTDOWN_* reason.
+    Shutdown { reason: u32 },
+    /// The guest wrote to the hypervisor console; drain it and run again.
+    ConsoleOutput,
+    /// The vCPU waits for an event, until `deadline_ns` of system time if set.
+    Idle { deadline_ns: Option<u64> },
+    /// HLT. With interrupts disabled nothing can wake the vCPU.
+    Halted { interrupts_enabled: bool },
+    /// A fault while delivering #DF: the processor shut down.
+    TripleFault { chain: Vec<u8> },
+    /// The emulator could not go on (unmapped physical memory, a mode we do
+    /// not deliver in …).
+    Error { message: String },
+}
+
+/// Why a hook stopped the engine.
+#[derive(Debug)]
+enum Stop {
+    Exception(u8),
+    Syscall,
+    WatchHypercallMsr,
+    Exit(VcpuExit),
+    BadMemory { access: &'static str, addr: u64, size: i32 },
+}
+
+/// What the hooks can reach. Heap-allocated and reached only through a raw
+/// pointer: Unicorn's callbacks write to it behind Rust's back, so no `&mut`
+/// to it may be live across `uc_emu_start`.
+struct HookData {
+    ram: Arc<GuestRam>,
+    xen: *mut XenState,
+    cpuid: CpuidPolicy,
+    vcpu_id: u32,
+    stop: Option<Stop>,
+}
+
+pub struct Vcpu {
+    pub id: u32,
+    // Field order matters: the engine (and its hooks) goes before HookData.
+    engine: Engine,
+    state: CpuState,
+    hooks: *mut HookData,
+    pending: Option<Event>,
+    /// Instructions left to watch for the hypercall-page WRMSR.
+    msr_watch: u32,
+    /// A hypercall page was requested at a guest-physical frame that is not RAM.
+    bad_hypercall_page: bool,
+    pub exceptions_delivered: u64,
+}
+
+unsafe fn paging_of_raw(uc: *mut uc_engine) -> PagingState {
+    PagingState {
+        cr0: uc::raw_read(uc, Reg::CR0),
+        cr3: uc::raw_read(uc, Reg::CR3),
+        cr4: uc::raw_read(uc, Reg::CR4),
+        efer: uc::raw_read_msr(uc, MSR_EFER),
+    }
+}
+
+unsafe extern "C" fn on_interrupt(uc: *mut uc_engine, intno: u32, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    h.stop = Some(Stop::Exception(intno as u8));
+    uc::raw_stop(uc);
+}
+
+/// #UD: VMCALL/VMMCALL are hypercalls, anything else is a real #UD.
+unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> bool {
+    let h = &mut *(user as *mut HookData);
+    let rip = uc::raw_read(uc, Reg::RIP);
+    let ps = paging_of_raw(uc);
+    let mut code = [0u8; 3];
+    let mut m: &GuestRam = &h.ram;
+    let fetched = mmu::read_linear(&mut m, &ps, rip, &mut code, false).is_ok();
+    if !fetched || (code != VMCALL && code != VMMCALL) {
+        h.stop = Some(Stop::Exception(interrupts::UD));
+        uc::raw_stop(uc);
+        return true;
+    }
+    let nr = uc::raw_read(uc, Reg::RAX);
+    let args = [
+        uc::raw_read(uc, Reg::RDI),
+        uc::raw_read(uc, Reg::RSI),
+        uc::raw_read(uc, Reg::RDX),
+        uc::raw_read(uc, Reg::R10),
+        uc::raw_read(uc, Reg::R8),
+    ];
+    let cpl = (uc::raw_read(uc, Reg::CS) & 3) as u8;
+    let out = hypercall::dispatch(&h.ram, ps, &mut *h.xen, h.vcpu_id, cpl, nr, args);
+    uc::raw_write(uc, Reg::RAX, out.rax);
+    uc::raw_write(uc, Reg::RIP, rip + 3);
+    if let Some(exit) = out.exit {
+        h.stop = Some(Stop::Exit(exit));
+        uc::raw_stop(uc);
+    }
+    true
+}
+
+unsafe extern "C" fn on_cpuid(uc: *mut uc_engine, user: *mut c_void) -> c_int {
+    let h = &mut *(user as *mut HookData);
+    let leaf = uc::raw_read(uc, Reg::RAX) as u32;
+    let sub = uc::raw_read(uc, Reg::RCX) as u32;
+    let r = h.cpuid.query(leaf, sub);
+    uc::raw_write(uc, Reg::RAX, r.eax as u64);
+    uc::raw_write(uc, Reg::RBX, r.ebx as u64);
+    uc::raw_write(uc, Reg::RCX, r.ecx as u64);
+    uc::raw_write(uc, Reg::RDX, r.edx as u64);
+    if leaf == XEN_CPUID_BASE + 2 {
+        // The guest is about to write the hypercall-page MSR, which Unicorn
+        // neither faults nor lets us hook: go and watch for the WRMSR.
+        h.stop = Some(Stop::WatchHypercallMsr);
+        uc::raw_stop(uc);
+    }
+    1
+}
+
+unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    h.stop = Some(Stop::Syscall);
+    uc::raw_stop(uc);
+}
+
+/// Port input: no device answers yet, so all ones, as on an empty bus.
+unsafe extern "C" fn on_port_in(_uc: *mut uc_engine, _port: u32, size: c_int, _user: *mut c_void) -> u32 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    }
+}
+
+unsafe extern "C" fn on_port_out(_uc: *mut uc_engine, _port: u32, _size: c_int, _value: u32, _user: *mut c_void) {}
+
+unsafe extern "C" fn on_bad_memory(
+    _uc: *mut uc_engine,
+    kind: MemType,
+    addr: u64,
+    size: c_int,
+    _value: i64,
+    user: *mut c_void,
+) -> bool {
+    let h = &mut *(user as *mut HookData);
+    let access = match kind {
+        MemType::READ_UNMAPPED => "read",
+        MemType::WRITE_UNMAPPED => "write",
+        MemType::FETCH_UNMAPPED => "fetch",
+        _ => "access",
+    };
+    h.stop = Some(Stop::BadMemory { access, addr, size });
+    false
+}
+
+impl Vcpu {
+    /// A vCPU with guest RAM mapped and all hooks installed. `xen` must
+    /// outlive the vCPU (the domain owns both).
+    pub fn new(id: u32, ram: Arc<GuestRam>, xen: *mut XenState, domid: u32) -> Result<Self, String> {
+        let layout = unicorn_gaps::layout()?;
+        let mut engine = Engine::new_x86_64().map_err(|e| e.to_string())?;
+        for r in ram.regions() {
+            unsafe { engine.map_ptr(r.gpa, r.len, ram.host_ptr().add(r.host_offset as usize)) }
+                .map_err(|e| e.to_string())?;
+        }
+        let hooks = Box::into_raw(Box::new(HookData {
+            ram,
+            xen,
+            cpuid: CpuidPolicy { vcpu_id: id, domid },
+            vcpu_id: id,
+            stop: None,
+        }));
+        let user = hooks as *mut c_void;
+        let hooks_ok = unsafe {
+            engine.add_hook(HookType::INTR, on_interrupt as *mut c_void, user, None)
+                .and_then(|_| engine.add_hook(HookType::INSN_INVALID, on_invalid_insn as *mut c_void, user, None))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_cpuid as *mut c_void, user, Some(X86Insn::CPUID)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
+                .and_then(|_| {
+                    engine.add_hook(
+                        HookType::MEM_READ_UNMAPPED | HookType::MEM_WRITE_UNMAPPED | HookType::MEM_FETCH_UNMAPPED,
+                        on_bad_memory as *mut c_void,
+                        user,
+                        None,
+                    )
+                })
+        }
+        .map_err(|e| e.to_string());
+        if let Err(e) = hooks_ok {
+            drop(engine);
+            unsafe { drop(Box::from_raw(hooks)) };
+            return Err(e);
+        }
+        let state = CpuState::new(&engine, layout)?;
+        Ok(Self {
+            id,
+            engine,
+            state,
+            hooks,
+            pending: None,
+            msr_watch: 0,
+            bad_hypercall_page: false,
+            exceptions_delivered: 0,
+        })
+    }
+
+    /// The PVH entry state (docs/misc/pvh.pandoc): 32-bit flat protected
+    /// mode, paging off, EBX = start_info. The GDT and TSS the selectors name
+    /// are written at `layout::BOOT_GDT`.
+    pub fn set_pvh_entry(&mut self, entry: u64, start_info: u64) -> Result<(), String> {
+        let ram = unsafe { &(*self.hooks).ram };
+        let tss = layout::BOOT_TSS;
+        let tss_lo = (((tss & 0xffff) << 16) | 0x67) as u32;
+        let tss_hi = (((tss >> 16) & 0xff) | (0x8b << 8) | (tss & 0xff00_0000)) as u32;
+        let gdt: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, ((tss_hi as u64) << 32) | tss_lo as u64];
+        let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+        ram.slice_mut(layout::BOOT_GDT, bytes.len() as u64).map_err(|e| e.to_string())?.copy_from_slice(&bytes);
+        ram.slice_mut(tss, 0x68).map_err(|e| e.to_string())?.fill(0);
+
+        let st = &mut self.state;
+        st.load(&self.engine);
+        for r in 0..16 {
+            st.set_reg(r, 0);
+        }
+        st.set_reg(3, start_info); // RBX
+        st.set_rip(entry);
+        st.set_rflags(0x2);
+        st.set_cr(0, mmu::CR0_PE | (1 << 4)); // PE, ET
+        st.set_cr(3, 0);
+        st.set_cr(4, 0);
+        st.set_efer(0);
+        st.set_gdt(layout::BOOT_GDT, (bytes.len() - 1) as u32);
+        st.set_seg(unicorn_gaps::R_CS, unicorn_gaps::flat_code32(0x08));
+        for s in [unicorn_gaps::R_DS, unicorn_gaps::R_ES, unicorn_gaps::R_SS, unicorn_gaps::R_FS, unicorn_gaps::R_GS] {
+            st.set_seg(s, unicorn_gaps::flat_data(0x10, 0));
+        }
+        st.set_tr(Segment { selector: 0x18, base: tss, limit: 0x67, flags: unicorn_gaps::DESC_P | (0xb << 8) });
+        st.end_exception();
+        st.clear_interrupt_shadow();
+        st.sync_hflags();
+        st.store(&self.engine);
+        self.engine.flush_tlb();
+        self.engine.flush_tb();
+        Ok(())
+    }
+
+    fn hooks(&self) -> &HookData {
+        unsafe { &*self.hooks }
+    }
+
+    /// Why the engine stopped, if a hook said so.
+    fn take_stop(&mut self) -> Option<Stop> {
+        unsafe { (*self.hooks).stop.take() }
+    }
+
+    fn ram(&self) -> &GuestRam {
+        &self.hooks().ram
+    }
+
+    fn xen(&mut self) -> &mut XenState {
+        unsafe { &mut *(*self.hooks).xen }
+    }
+
+    fn paging(&self) -> PagingState {
+        PagingState {
+            cr0: self.engine.read(Reg::CR0),
+            cr3: self.engine.read(Reg::CR3),
+            cr4: self.engine.read(Reg::CR4),
+            efer: self.engine.read_msr(MSR_EFER),
+        }
+    }
+
+    /// Read guest-linear memory with the vCPU's current page tables.
+    pub fn read_linear(&self, va: u64, buf: &mut [u8]) -> Result<(), mmu::WalkError> {
+        let ps = self.paging();
+        let mut m: &GuestRam = self.ram();
+        mmu::read_linear(&mut m, &ps, va, buf, false)
+    }
+
+    /// Run until the host is needed.
+    pub fn run(&mut self) -> VcpuExit {
+        loop {
+            if let Some(ev) = self.pending.take() {
+                if let Err(e) = self.deliver(ev) {
+                    return match e {
+                        DeliveryError::TripleFault { chain } => VcpuExit::TripleFault { chain },
+                        DeliveryError::Unsupported(s) => VcpuExit::Error { message: s },
+                    };
+                }
+            }
+            let rip = self.engine.read(Reg::RIP);
+            let count = if self.msr_watch > 0 { self.watch_step(rip) } else { 0 };
+            let err = self.engine.start(rip, count);
+            match self.take_stop() {
+                Some(Stop::Exit(exit)) => return exit,
+                Some(Stop::Exception(vector)) => self.pending = Some(self.exception_event(vector)),
+                Some(Stop::Syscall) => self.syscall(),
+                Some(Stop::WatchHypercallMsr) => {
+                    self.msr_watch = 64;
+                    // The WRMSR may have run already in the same translated block.
+                    let rip = self.engine.read(Reg::RIP);
+                    self.check_wrmsr(rip.wrapping_sub(2));
+                }
+                Some(Stop::BadMemory { access, addr, size }) => {
+                    return VcpuExit::Error {
+                        message: format!(
+                            "guest {access} of {size} bytes at unbacked guest-physical {addr:#x} (rip {:#x})",
+                            self.engine.read(Reg::RIP)
+                        ),
+                    };
+                }
+                None if count > 0 && err == uc_error::OK => {
+                    if self.bad_hypercall_page {
+                        // WRMSR to a frame that is not RAM: Xen injects #GP.
+                        self.bad_hypercall_page = false;
+                        self.engine.write(Reg::RIP, rip);
+                        self.pending = Some(Event::exception(interrupts::GP, Some(0)));
+                    }
+                }
+                None if err == uc_error::OK => {
+                    let rip = self.engine.read(Reg::RIP);
+                    let mut b = [0u8; 1];
+                    let halted = self.read_linear(rip.wrapping_sub(1), &mut b).is_ok() && b[0] == 0xf4;
+                    if halted {
+                        let rflags = self.engine.read(Reg::RFLAGS);
+                        return VcpuExit::Halted { interrupts_enabled: rflags & unicorn_gaps::RFLAGS_IF != 0 };
+                    }
+                    return VcpuExit::TripleFault { chain: vec![] };
+                }
+                None => {
+                    return VcpuExit::Error {
+                        message: format!("{} at rip {:#x}", uc::strerror(err), self.engine.read(Reg::RIP)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn exception_event(&mut self, vector: u8) -> Event {
+        self.state.load(&self.engine);
+        let soft = self.state.exception_is_int();
+        if soft {
+            Event::software(vector)
+        } else {
+            let ec = interrupts::has_error_code(vector).then(|| self.state.error_code());
+            Event::exception(vector, ec)
+        }
+    }
+
+    fn deliver(&mut self, ev: Event) -> Result<(), DeliveryError> {
+        self.state.load(&self.engine);
+        let ram = unsafe { &(*self.hooks).ram };
+        interrupts::deliver(&mut self.state, ram, ev)?;
+        self.state.store(&self.engine);
+        self.exceptions_delivered += 1;
+        Ok(())
+    }
+
+    fn syscall(&mut self) {
+        let msrs = interrupts::SyscallMsrs {
+            star: self.engine.read_msr(MSR_STAR),
+            lstar: self.engine.read_msr(MSR_LSTAR),
+            cstar: self.engine.read_msr(MSR_CSTAR),
+            fmask: self.engine.read_msr(MSR_FMASK),
+        };
+        self.state.load(&self.engine);
+        // Unicorn's SYSCALL only advanced RIP past the instruction.
+        let next = self.state.rip();
+        match interrupts::emulate_syscall(&mut self.state, next, &msrs) {
+            Ok(()) => self.state.store(&self.engine),
+            Err(ev) => {
+                self.engine.write(Reg::RIP, next.wrapping_sub(2));
+                self.pending = Some(ev);
+            }
+        }
+    }
+
+    /// Before single-stepping the instruction at `rip`: is it the WRMSR we
+    /// wait for? Returns the step count for `start` (0 ends the watch).
+    fn watch_step(&mut self, rip: u64) -> usize {
+        self.msr_watch -= 1;
+        let mut b = [0u8; 1];
+        if self.read_linear(rip, &mut b).is_ok() && b[0] == 0xf4 {
+            self.msr_watch = 0;
+            return 0;
+        }
+        if self.check_wrmsr(rip) {
+            self.msr_watch = 0;
+        }
+        1
+    }
+
+    /// If the instruction at `at` is WRMSR to Xen's MSR, fill the hypercall
+    /// page it names.
+    fn check_wrmsr(&mut self, at: u64) -> bool {
+        let mut b = [0u8; 2];
+        if self.read_linear(at, &mut b).is_err() || b != [0x0f, 0x30] {
+            return false;
+        }
+        if self.engine.read(Reg::RCX) as u32 != XEN_HYPERCALL_MSR {
+            return false;
+        }
+        self.msr_watch = 0;
+        let value = (self.engine.read(Reg::RDX) << 32) | (self.engine.read(Reg::RAX) & 0xffff_ffff);
+        let gpa = value & !0xfff;
+        let page_index = value & 0xfff;
+        if page_index != 0 || self.ram().slice(gpa, 4096).is_err() {
+            self.bad_hypercall_page = true;
+            return true;
+        }
+        let amd = {
+            let v = self.hooks().cpuid.query(0, 0);
+            v.ebx == u32::from_le_bytes(*b"Auth")
+        };
+        let page = self.ram().slice_mut(gpa, 4096).expect("checked above");
+        fill_hypercall_page(page, amd);
+        // Host writes do not invalidate translated code.
+        self.engine.flush_tb();
+        true
+    }
+
+    pub fn registers(&mut self) -> Vec<(&'static str, u64)> {
+        self.state.load(&self.engine);
+        let st = &self.state;
+        const NAMES: [&str; 16] =
+            ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+        let mut v: Vec<(&'static str, u64)> = NAMES.iter().enumerate().map(|(i, n)| (*n, st.reg(i))).collect();
+        v.extend([
+            ("rip", st.rip()),
+            ("rflags", st.rflags()),
+            ("cs", st.seg(unicorn_gaps::R_CS).selector as u64),
+            ("ss", st.seg(unicorn_gaps::R_SS).selector as u64),
+            ("cpl", st.cpl() as u64),
+            ("cr0", st.cr(0)),
+            ("cr2", st.cr(2)),
+            ("cr3", st.cr(3)),
+            ("cr4", st.cr(4)),
+            ("efer", st.efer()),
+            ("fs_base", self.engine.read(Reg::FS_BASE)),
+            ("gs_base", self.engine.read(Reg::GS_BASE)),
+        ]);
+        v
+    }
+
+    pub fn xen_state(&mut self) -> &mut XenState {
+        self.xen()
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        // Close the engine first: its hooks point at HookData.
+        let engine = std::mem::replace(&mut self.engine, Engine::closed());
+        drop(engine);
+        unsafe { drop(Box::from_raw(self.hooks)) };
+    }
+}
+
+/// Xen's HVM hypercall page: 32-byte stubs `mov $nr, %eax; vmcall; ret`
+/// (VMMCALL on AMD).
+pub fn fill_hypercall_page(page: &mut [u8], amd: bool) {
+    page.fill(0xcc);
+    for nr in 0..(4096 / 32) {
+        let stub = &mut page[nr * 32..nr * 32 + 9];
+        stub[0] = 0xb8;
+        stub[1..5].copy_from_slice(&(nr as u32).to_le_bytes());
+        stub[5..8].copy_from_slice(if amd { &VMMCALL } else { &VMCALL });
+        stub[8] = 0xc3;
+    }
+}
