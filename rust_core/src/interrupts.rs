@@ -41,20 +41,24 @@ pub struct Event {
     pub error_code: Option<u32>,
     /// For #PF: the faulting linear address (CR2).
     pub cr2: Option<u64>,
+    /// For software interrupts: the length of the INT instruction, which the
+    /// saved RIP is already past. A fault raised while delivering one points
+    /// back at the instruction.
+    pub insn_len: u8,
 }
 
 impl Event {
     pub fn exception(vector: u8, error_code: Option<u32>) -> Self {
-        Self { vector, source: Source::Exception, error_code, cr2: None }
+        Self { vector, source: Source::Exception, error_code, cr2: None, insn_len: 0 }
     }
     pub fn page_fault(addr: u64, error_code: u32) -> Self {
-        Self { vector: PF, source: Source::Exception, error_code: Some(error_code), cr2: Some(addr) }
+        Self { vector: PF, source: Source::Exception, error_code: Some(error_code), cr2: Some(addr), insn_len: 0 }
     }
-    pub fn software(vector: u8) -> Self {
-        Self { vector, source: Source::Software, error_code: None, cr2: None }
+    pub fn software(vector: u8, insn_len: u8) -> Self {
+        Self { vector, source: Source::Software, error_code: None, cr2: None, insn_len }
     }
     pub fn external(vector: u8) -> Self {
-        Self { vector, source: Source::External, error_code: None, cr2: None }
+        Self { vector, source: Source::External, error_code: None, cr2: None, insn_len: 0 }
     }
 }
 
@@ -115,6 +119,10 @@ pub fn deliver(st: &mut CpuState, ram: &GuestRam, ev: Event) -> Result<(), Deliv
                 return Ok(());
             }
             Err(Step::Fault(next)) => {
+                if current.source == Source::Software {
+                    // The fault belongs to the INT instruction itself.
+                    st.set_rip(st.rip().wrapping_sub(current.insn_len as u64));
+                }
                 chain.push(next.vector);
                 let (a, b) = (class(current.vector), class(next.vector));
                 current = match (a, b) {

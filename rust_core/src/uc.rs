@@ -239,6 +239,14 @@ impl Context {
         check(unsafe { ucs::uc_context_save(engine.handle, self.ctx) })
     }
 
+    /// Save from inside a hook, where only the raw handle is at hand.
+    ///
+    /// # Safety
+    /// `uc` must be the engine this context was allocated for.
+    pub unsafe fn save_raw(&mut self, uc: *mut uc_engine) -> Result<(), UcError> {
+        check(ucs::uc_context_save(uc, self.ctx))
+    }
+
     pub fn restore(&mut self, engine: &Engine) -> Result<(), UcError> {
         check(unsafe { ucs::uc_context_restore(engine.handle, self.ctx) })
     }

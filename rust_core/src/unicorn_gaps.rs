@@ -303,6 +303,14 @@ impl CpuState {
     }
 }
 
+/// Fix up a context saved inside a hook: RIP as the hook saw it, and the
+/// complete EFLAGS (the saved copy lacks the lazily kept arithmetic flags,
+/// and QEMU rebuilds them from EFLAGS when emulation starts again).
+pub fn patch_rip_rflags(data: &mut [u8], rip: u64, rflags: u64) {
+    data[OFF_EIP..OFF_EIP + 8].copy_from_slice(&rip.to_le_bytes());
+    data[OFF_EFLAGS..OFF_EFLAGS + 8].copy_from_slice(&rflags.to_le_bytes());
+}
+
 /// Flat segments as the processor loads them from typical descriptors.
 pub fn flat_code64(selector: u16, dpl: u8) -> Segment {
     Segment {

@@ -69,6 +69,10 @@ struct HookData {
     cpuid: CpuidPolicy,
     vcpu_id: u32,
     stop: Option<Stop>,
+    /// CPU state at the last CPUID of leaf base+2 (see `on_cpuid`).
+    cpuid_snapshot: uc::Context,
+    /// Replaying after a rewind: CPUID answers without stopping again.
+    replaying: bool,
 }
 
 pub struct Vcpu {
@@ -136,17 +140,26 @@ unsafe extern "C" fn on_cpuid(uc: *mut uc_engine, user: *mut c_void) -> c_int {
     let h = &mut *(user as *mut HookData);
     let leaf = uc::raw_read(uc, Reg::RAX) as u32;
     let sub = uc::raw_read(uc, Reg::RCX) as u32;
+    if leaf == XEN_CPUID_BASE + 2 && !h.replaying {
+        // The guest is about to write the hypercall-page MSR, which Unicorn
+        // neither faults nor lets us hook; and a stop requested here only lands
+        // at the end of this translated block, past the WRMSR perhaps.
+        // Snapshot the state before this CPUID (RIP at it, EFLAGS made whole:
+        // inside a block QEMU keeps the arithmetic flags apart) so that the
+        // run loop can rewind and replay the block one instruction at a time.
+        if h.cpuid_snapshot.save_raw(uc).is_ok() {
+            let rip = uc::raw_read(uc, Reg::RIP);
+            let rflags = uc::raw_read(uc, Reg::RFLAGS);
+            unicorn_gaps::patch_rip_rflags(h.cpuid_snapshot.data_mut(), rip, rflags);
+            h.stop = Some(Stop::WatchHypercallMsr);
+            uc::raw_stop(uc);
+        }
+    }
     let r = h.cpuid.query(leaf, sub);
     uc::raw_write(uc, Reg::RAX, r.eax as u64);
     uc::raw_write(uc, Reg::RBX, r.ebx as u64);
     uc::raw_write(uc, Reg::RCX, r.ecx as u64);
     uc::raw_write(uc, Reg::RDX, r.edx as u64);
-    if leaf == XEN_CPUID_BASE + 2 {
-        // The guest is about to write the hypercall-page MSR, which Unicorn
-        // neither faults nor lets us hook: go and watch for the WRMSR.
-        h.stop = Some(Stop::WatchHypercallMsr);
-        uc::raw_stop(uc);
-    }
     1
 }
 
@@ -196,12 +209,15 @@ impl Vcpu {
             unsafe { engine.map_ptr(r.gpa, r.len, ram.host_ptr().add(r.host_offset as usize)) }
                 .map_err(|e| e.to_string())?;
         }
+        let cpuid_snapshot = uc::Context::new(&engine, layout.data_offset).map_err(|e| e.to_string())?;
         let hooks = Box::into_raw(Box::new(HookData {
             ram,
             xen,
             cpuid: CpuidPolicy { vcpu_id: id, domid },
             vcpu_id: id,
             stop: None,
+            cpuid_snapshot,
+            replaying: false,
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -333,8 +349,14 @@ impl Vcpu {
                 Some(Stop::WatchHypercallMsr) => {
                     self.msr_watch = 64;
                     // The WRMSR may have run already in the same translated block.
-                    let rip = self.engine.read(Reg::RIP);
-                    self.check_wrmsr(rip.wrapping_sub(2));
+                    // The rest of the CPUID's translated block has run, WRMSR
+                    // included perhaps. Rewind to the snapshot taken at the CPUID
+                    // and replay instruction by instruction, watching for it.
+                    unsafe {
+                        (*self.hooks).cpuid_snapshot.restore(&self.engine).ok();
+                        (*self.hooks).replaying = true;
+                    }
+                    self.msr_watch = 64;
                 }
                 Some(Stop::BadMemory { access, addr, size }) => {
                     return VcpuExit::Error {
@@ -375,7 +397,11 @@ impl Vcpu {
         self.state.load(&self.engine);
         let soft = self.state.exception_is_int();
         if soft {
-            Event::software(vector)
+            // INT n is CD ib; INT3, INTO and INT1 are one byte.
+            let rip = self.state.rip();
+            let mut b = [0u8; 2];
+            let two = self.read_linear(rip.wrapping_sub(2), &mut b).is_ok() && b == [0xcd, vector];
+            Event::software(vector, if two { 2 } else { 1 })
         } else {
             let ec = interrupts::has_error_code(vector).then(|| self.state.error_code());
             Event::exception(vector, ec)
@@ -414,9 +440,13 @@ impl Vcpu {
     /// wait for? Returns the step count for `start` (0 ends the watch).
     fn watch_step(&mut self, rip: u64) -> usize {
         self.msr_watch -= 1;
+        if self.msr_watch == 0 {
+            unsafe { (*self.hooks).replaying = false };
+        }
         let mut b = [0u8; 1];
         if self.read_linear(rip, &mut b).is_ok() && b[0] == 0xf4 {
             self.msr_watch = 0;
+            unsafe { (*self.hooks).replaying = false };
             return 0;
         }
         if self.check_wrmsr(rip) {
@@ -436,6 +466,7 @@ impl Vcpu {
             return false;
         }
         self.msr_watch = 0;
+        unsafe { (*self.hooks).replaying = false };
         let value = (self.engine.read(Reg::RDX) << 32) | (self.engine.read(Reg::RAX) & 0xffff_ffff);
         let gpa = value & !0xfff;
         let page_index = value & 0xfff;

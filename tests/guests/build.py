@@ -1,0 +1,50 @@
+"""Build pvhvm's freestanding test guests with the host gcc (seconds).
+
+    python3 tests/guests/build.py [OUTDIR]
+
+Each guest is `<name>.c` (plus `<name>_*.S` if present) linked with the
+shared runtime in common/ into an ELF64 with a PVH entry note; `hello32` is
+the hello guest rewrapped in an ELF32 container, as some x86-64 kernels are.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GUESTS = ["hello", "exceptions", "hypercall_abi", "triple_fault", "bench"]
+CFLAGS = [
+    "-m64", "-O2", "-g", "-ffreestanding", "-fno-pic", "-fno-pie", "-no-pie", "-nostdlib", "-static",
+    "-mno-red-zone", "-mgeneral-regs-only", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
+    "-fcf-protection=none", "-Wall", "-Werror", "-Wl,--build-id=none", "-Wl,-z,noexecstack",
+    "-Wl,--no-warn-rwx-segments",
+]
+
+
+def build(name: str, outdir: Path) -> Path:
+    outdir.mkdir(parents=True, exist_ok=True)
+    out = outdir / f"{name}.elf"
+    sources = [HERE / "common" / "boot.S", HERE / "common" / "lib.c", HERE / f"{name}.c"]
+    sources += sorted(HERE.glob(f"{name}_*.S"))
+    deps = sources + [HERE / "common" / "lib.h", HERE / "common" / "guest.ld", Path(__file__)]
+    if out.exists() and all(out.stat().st_mtime >= d.stat().st_mtime for d in deps):
+        return out
+    cmd = ["gcc", *CFLAGS, "-I", str(HERE), "-T", str(HERE / "common" / "guest.ld"), "-o", str(out), *map(str, sources)]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def build_all(outdir: Path = HERE / "build") -> dict[str, Path]:
+    built = {name: build(name, outdir) for name in GUESTS}
+    elf32 = outdir / "hello32.elf"
+    if not elf32.exists() or elf32.stat().st_mtime < built["hello"].stat().st_mtime:
+        subprocess.run(["objcopy", "-O", "elf32-i386", str(built["hello"]), str(elf32)], check=True)
+    built["hello32"] = elf32
+    return built
+
+
+if __name__ == "__main__":
+    for name, path in build_all(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "build").items():
+        print(f"{name}: {path}")

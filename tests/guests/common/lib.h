@@ -1,0 +1,59 @@
+/* pvhvm test guests: the little runtime they share. */
+#pragma once
+#include <stdarg.h>
+#include <stdint.h>
+
+#define KERNEL_CS 0x08
+#define KERNEL_DS 0x10
+#define USER_DS 0x23
+#define USER_CS 0x2b
+#define TSS_SEL 0x30
+
+/* Xen ABI numbers (xen.h, sched.h, version.h). */
+#define HYPERVISOR_xen_version 17
+#define HYPERVISOR_console_io 18
+#define HYPERVISOR_sched_op 29
+#define CONSOLEIO_write 0
+#define CONSOLEIO_read 1
+#define SCHEDOP_yield 0
+#define SCHEDOP_shutdown 2
+#define SCHEDOP_poll 3
+#define SHUTDOWN_poweroff 0
+#define SHUTDOWN_crash 3
+#define XENVER_version 0
+#define XENVER_extraversion 1
+#define XENVER_get_features 6
+#define XENVER_pagesize 7
+
+enum hc_path { HC_VMCALL, HC_VMMCALL, HC_PAGE };
+extern enum hc_path hc_path;
+extern uint8_t hypercall_page[4096];
+extern uint32_t start_info_pa;
+extern uint64_t gdt64[];
+
+long hypercall(unsigned nr, long a1, long a2, long a3, long a4, long a5);
+int setup_hypercall_page(void);
+void print(const char *s);
+void printk(const char *fmt, ...);
+void check(int cond, const char *what, ...);
+int failures(void);
+int verdict(void); /* prints VERDICT, returns the shutdown reason */
+void guest_exit(int reason) __attribute__((noreturn));
+uint64_t strlen(const char *s);
+void *memset(void *d, int c, uint64_t n);
+void *memcpy(void *d, const void *s, uint64_t n);
+int memcmp(const void *a, const void *b, uint64_t n);
+
+static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
+{
+    asm volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+
+static inline uint64_t read_cr2(void) { uint64_t v; asm volatile("mov %%cr2, %0" : "=r"(v)); return v; }
+static inline uint64_t read_cr0(void) { uint64_t v; asm volatile("mov %%cr0, %0" : "=r"(v)); return v; }
+static inline uint64_t rdtsc(void) { uint32_t lo, hi; asm volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
+static inline void wrmsr(uint32_t msr, uint64_t v) { asm volatile("wrmsr" :: "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32))); }
+static inline uint64_t rdmsr(uint32_t msr) { uint32_t lo, hi; asm volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((uint64_t)hi << 32) | lo; }
+static inline uint16_t read_cs(void) { uint16_t v; asm volatile("mov %%cs, %0" : "=r"(v)); return v; }
+static inline uint16_t read_ss(void) { uint16_t v; asm volatile("mov %%ss, %0" : "=r"(v)); return v; }
+static inline uint64_t read_rflags(void) { uint64_t v; asm volatile("pushfq; pop %0" : "=r"(v)); return v; }

@@ -1,0 +1,87 @@
+/* hypercall_abi: the three ways into the hypervisor (VMCALL, VMMCALL, the
+ * hypercall page) agree; bad numbers and bad buffers get Xen's errnos. */
+#include "common/lib.h"
+
+#define ENOSYS 38
+#define EFAULT 14
+#define EINVAL 22
+#define UNMAPPED 0x40000000UL /* above the 1 GiB the boot code maps */
+
+static uint8_t two_pages[8192] __attribute__((aligned(4096)));
+static const char *const path_name[] = { "vmcall", "vmmcall", "page" };
+
+struct sched_poll { uint32_t *ports; uint32_t nr_ports; uint64_t timeout; };
+
+int guest_main(uint32_t start_info)
+{
+    (void)start_info;
+    check(setup_hypercall_page() == 0, "hypercall page filled after the MSR write");
+    check(hypercall_page[0] == 0xb8 && hypercall_page[32] == 0xb8 && hypercall_page[33] == 1,
+          "page holds mov $nr, %%eax stubs");
+
+    long versions[3], unknown[3], unknown2[3];
+    char extra[3][16];
+    for (int p = HC_VMCALL; p <= HC_PAGE; p++) {
+        hc_path = p;
+        versions[p] = hypercall(HYPERVISOR_xen_version, XENVER_version, 0, 0, 0, 0);
+        unknown[p] = hypercall(60, 1, 2, 3, 4, 5);
+        unknown2[p] = hypercall(11, 0, 0, 0, 0, 0);
+        memset(extra[p], 0x55, 16);
+        hypercall(HYPERVISOR_xen_version, XENVER_extraversion, (long)extra[p], 0, 0, 0);
+        check(unknown[p] == -ENOSYS && unknown2[p] == -ENOSYS, "%s: unknown hypercalls give -ENOSYS (%d, %d)",
+              path_name[p], (int)unknown[p], (int)unknown2[p]);
+    }
+    hc_path = HC_VMCALL;
+    check(versions[0] == ((4 << 16) | 19), "xen_version(version) = %x", (unsigned)versions[0]);
+    check(versions[0] == versions[1] && versions[1] == versions[2], "same version by every path (%x %x %x)",
+          (unsigned)versions[0], (unsigned)versions[1], (unsigned)versions[2]);
+    check(memcmp(extra[0], extra[1], 16) == 0 && memcmp(extra[1], extra[2], 16) == 0,
+          "same extraversion by every path [%s]", extra[0]);
+
+    /* A buffer that straddles two pages. */
+    char *straddle = (char *)two_pages + 4096 - 7;
+    long r = hypercall(HYPERVISOR_xen_version, XENVER_extraversion, (long)straddle, 0, 0, 0);
+    check(r == 0 && memcmp(straddle, extra[0], 16) == 0, "extraversion into a buffer crossing a page (%d)", (int)r);
+    static const char msg[] = "console write across a page boundary\n";
+    memcpy((char *)two_pages + 4096 - 10, msg, sizeof(msg) - 1);
+    r = hypercall(HYPERVISOR_console_io, CONSOLEIO_write, sizeof(msg) - 1, (long)two_pages + 4096 - 10, 0, 0);
+    check(r == 0, "console_io write from a buffer crossing a page (%d)", (int)r);
+
+    /* Unmapped buffers: -EFAULT, whatever the path. */
+    for (int p = HC_VMCALL; p <= HC_PAGE; p++) {
+        hc_path = p;
+        long a = hypercall(HYPERVISOR_xen_version, XENVER_extraversion, UNMAPPED, 0, 0, 0);
+        long b = hypercall(HYPERVISOR_xen_version, XENVER_get_features, UNMAPPED + 0x123, 0, 0, 0);
+        long c = hypercall(HYPERVISOR_console_io, CONSOLEIO_write, 16, UNMAPPED - 8, 0, 0);
+        check(a == -EFAULT && b == -EFAULT && c == -EFAULT, "%s: unmapped buffers give -EFAULT (%d %d %d)",
+              path_name[p], (int)a, (int)b, (int)c);
+    }
+    hc_path = HC_VMCALL;
+    /* Non-canonical too. */
+    r = hypercall(HYPERVISOR_xen_version, XENVER_extraversion, 0x0000800000000000L, 0, 0, 0);
+    check(r == -EFAULT, "non-canonical buffer gives -EFAULT (%d)", (int)r);
+
+    struct { uint32_t idx, map; } fi = { 0, 0 };
+    r = hypercall(HYPERVISOR_xen_version, XENVER_get_features, (long)&fi, 0, 0, 0);
+    check(r == 0 && (fi.map & (1 << 8)) && (fi.map & (1 << 9)) && (fi.map & (1 << 2)),
+          "get_features: auto_translated, callback vector, safe pvclock (%x)", fi.map);
+    fi.idx = 7;
+    r = hypercall(HYPERVISOR_xen_version, XENVER_get_features, (long)&fi, 0, 0, 0);
+    check(r == -EINVAL, "get_features of an unknown submap gives -EINVAL (%d)", (int)r);
+    check(hypercall(HYPERVISOR_xen_version, XENVER_pagesize, 0, 0, 0, 0) == 4096, "pagesize is 4096");
+    check(hypercall(HYPERVISOR_sched_op, SCHEDOP_yield, 0, 0, 0, 0) == 0, "sched_op yield");
+    uint32_t bad_reason = 99;
+    r = hypercall(HYPERVISOR_sched_op, SCHEDOP_shutdown, (long)&bad_reason, 0, 0, 0);
+    check(r == -EINVAL, "shutdown with an unknown reason gives -EINVAL (%d)", (int)r);
+    uint32_t ports[1] = { 1 };
+    struct sched_poll poll = { ports, 200, 0 };
+    r = hypercall(HYPERVISOR_sched_op, SCHEDOP_poll, (long)&poll, 0, 0, 0);
+    check(r == -EINVAL, "poll of 200 ports gives -EINVAL (%d)", (int)r);
+    poll.nr_ports = 1;
+    poll.ports = (uint32_t *)UNMAPPED;
+    r = hypercall(HYPERVISOR_sched_op, SCHEDOP_poll, (long)&poll, 0, 0, 0);
+    check(r == -EFAULT, "poll with an unmapped port array gives -EFAULT (%d)", (int)r);
+    r = hypercall(HYPERVISOR_sched_op, 77, 0, 0, 0, 0);
+    check(r == -ENOSYS, "unknown sched_op gives -ENOSYS (%d)", (int)r);
+    return verdict();
+}
