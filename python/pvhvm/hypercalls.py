@@ -49,7 +49,7 @@ def name(nr: int) -> str:
 
 
 def describe(nr: int, args: tuple[int, ...], result: int) -> str:
-    """One trace line: `xen_version(version) = 0x40013`, `console_io(write, 0xd, 0x...) = 0`."""
+    """One trace line: `xen_version(version, 0x0, 0x0) = 0x40013`, `console_io(write, 0xd, 0x...) = 0`."""
     parts: list[str] = []
     rest = list(args)
     if nr in MULTIPLEXED:

@@ -1,0 +1,101 @@
+"""The CLI: bad input gets one line on stderr and status 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PVH_NOTE, make_elf64
+
+PVHVM = [sys.executable, "-m", "pvhvm"]
+
+
+def pvhvm(*args, **kw):
+    return subprocess.run([*PVHVM, *map(str, args)], capture_output=True, text=True, timeout=60, **kw)
+
+
+def one_line_error(p, needle):
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pvhvm: ") and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_missing_kernel(tmp_path):
+    one_line_error(pvhvm("boot", tmp_path / "nope"), "no such file")
+
+
+def test_kernel_is_a_directory(tmp_path):
+    one_line_error(pvhvm("boot", tmp_path), "is a directory")
+
+
+def test_unreadable_kernel(tmp_path):
+    f = tmp_path / "k"
+    f.write_bytes(b"x")
+    f.chmod(0)
+    p = pvhvm("boot", f, preexec_fn=None)
+    if p.returncode == 2 and "cannot read" in p.stderr:
+        one_line_error(p, "cannot read")
+    else:  # root reads anything: then it is simply not an ELF
+        one_line_error(p, "not an ELF file")
+
+
+def test_not_an_elf(tmp_path):
+    f = tmp_path / "k"
+    f.write_bytes(b"#!/bin/sh\necho hi\n")
+    one_line_error(pvhvm("boot", f), "not an ELF file")
+
+
+def test_elf_without_pvh_note(tmp_path):
+    f = tmp_path / "k"
+    f.write_bytes(make_elf64([(0x100000, b"\xf4")], [(6, b"linux\0")]))
+    one_line_error(pvhvm("boot", f), "no PVH entry point")
+
+
+def test_segment_outside_ram(tmp_path):
+    f = tmp_path / "k"
+    f.write_bytes(make_elf64([(0x7000_0000, b"\xf4" * 16)], [(PVH_NOTE, (0x7000_0000).to_bytes(4, "little"))]))
+    one_line_error(pvhvm("boot", f, "--memory", "64"), "outside guest RAM")
+
+
+def test_initrd_that_does_not_fit(guests, tmp_path):
+    big = tmp_path / "big.img"
+    big.write_bytes(b"\0" * (40 << 20))
+    one_line_error(pvhvm("boot", guests["hello"], "--memory", "32", "--initrd", big), "does not fit")
+
+
+def test_missing_initrd(guests, tmp_path):
+    one_line_error(pvhvm("boot", guests["hello"], "--initrd", tmp_path / "none"), "no such initrd")
+
+
+@pytest.mark.parametrize("mem, needle", [("0", "positive"), ("8", "too small"), ("999999", "limit")])
+def test_bad_memory(guests, mem, needle):
+    one_line_error(pvhvm("boot", guests["hello"], "--memory", mem), needle)
+
+
+def test_non_numeric_memory(guests):
+    p = pvhvm("boot", guests["hello"], "--memory", "lots")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_inspect(guests):
+    p = pvhvm("inspect", guests["hello"])
+    assert p.returncode == 0
+    assert "PVH entry:        0x100000" in p.stdout and "PHYS32_ENTRY" in p.stdout
+    one_line_error(pvhvm("inspect", "/nonexistent"), "no such file")
+
+
+def test_version_self_test_and_help():
+    assert "presents Xen 4.19" in pvhvm("--version").stdout
+    p = pvhvm("self-test")
+    assert p.returncode == 0 and p.stdout.startswith("ok: data_offset=")
+    h = pvhvm("boot", "--help").stdout
+    assert "Exit status" in h and "powered off" in h
+
+
+def test_trace_flag(guests):
+    p = pvhvm("boot", guests["hello"], "--memory", "32", "--trace")
+    assert p.returncode == 0
+    assert "trace: " in p.stderr and "console_io(write" in p.stderr and "sched_op(shutdown" in p.stderr
