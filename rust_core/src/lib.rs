@@ -8,13 +8,16 @@ pub mod cpuid;
 pub mod domain;
 pub mod hypercall;
 pub mod interrupts;
+pub mod lapic;
 pub mod layout;
 pub mod memory;
 pub mod mmu;
 mod py;
+pub mod ticker;
 pub mod uc;
 pub mod unicorn_gaps;
 pub mod vcpu;
+pub mod xen;
 
 use pyo3::prelude::*;
 

@@ -53,8 +53,8 @@ impl GuestMemory {
     }
 }
 
-/// Why `Vm.run()` returned. `kind` is one of: shutdown, console, idle,
-/// halted, triple_fault, error.
+/// Why `Vm.run()` returned. `kind` is one of: shutdown, console, notify,
+/// kicked, idle, halted, triple_fault, error.
 #[pyclass(frozen, get_all, module = "pvhvm._core")]
 pub struct Exit {
     kind: &'static str,
@@ -85,6 +85,8 @@ impl From<VcpuExit> for Exit {
                 x.reason = Some(reason);
             }
             VcpuExit::ConsoleOutput => x.kind = "console",
+            VcpuExit::Notify => x.kind = "notify",
+            VcpuExit::Kicked => x.kind = "kicked",
             VcpuExit::Idle { deadline_ns } => {
                 x.kind = "idle";
                 x.deadline_ns = deadline_ns;
@@ -248,6 +250,93 @@ impl Vm {
     fn system_time_ns(&self) -> u64 {
         self.domain.xen.system_time_ns()
     }
+
+    /// The E820 map XENMEM_memory_map hands out: [(addr, size, type)].
+    fn set_memory_map(&mut self, entries: Vec<(u64, u64, u32)>) {
+        self.domain.xen.memory_map = entries;
+    }
+
+    /// Set an HVM parameter, as the toolstack does (STORE_PFN, CONSOLE_EVTCHN …).
+    fn set_hvm_param(&mut self, index: usize, value: u64) -> PyResult<()> {
+        let slot = self.domain.xen.hvm_params.get_mut(index).ok_or_else(|| PyValueError::new_err("no such HVM param"))?;
+        *slot = value;
+        Ok(())
+    }
+
+    fn get_hvm_param(&self, index: usize) -> PyResult<u64> {
+        self.domain.xen.hvm_params.get(index).copied().ok_or_else(|| PyValueError::new_err("no such HVM param"))
+    }
+
+    /// A guest event channel port whose far end is the host (a device model).
+    fn bind_host_port(&mut self) -> PyResult<u32> {
+        use crate::xen::evtchn::{PortState, DOMID_HOST};
+        let ev = &mut self.domain.xen.evtchn;
+        let port = ev.alloc(PortState::Unbound { remote: DOMID_HOST }, 0).map_err(|e| core_err(format!("{e:?}")))?;
+        ev.set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
+            .map_err(|e| core_err(format!("{e:?}")))?;
+        Ok(port)
+    }
+
+    /// Bind the host end of a port the guest allocated for the host
+    /// (EVTCHNOP_alloc_unbound with remote domain 0), as a backend does.
+    fn bind_guest_port(&mut self, port: u32) -> PyResult<()> {
+        use crate::xen::evtchn::{PortState, DOMID_HOST};
+        let ev = &mut self.domain.xen.evtchn;
+        match ev.get(port).map(|p| p.state) {
+            Some(PortState::Unbound { remote: DOMID_HOST }) => ev
+                .set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
+                .map_err(|e| core_err(format!("{e:?}"))),
+            _ => Err(core_err(format!("port {port} is not waiting for the host"))),
+        }
+    }
+
+    /// Ports the guest notified since the last call.
+    fn take_notifications(&mut self) -> Vec<u32> {
+        self.domain.xen.host_notifications.drain(..).collect()
+    }
+
+    /// Raise a guest port from the host side. False if the port is not the host's.
+    fn notify_guest(&mut self, port: u32) -> bool {
+        use crate::xen::evtchn::{PortState, DOMID_HOST};
+        match self.domain.xen.evtchn.get(port).map(|p| p.state) {
+            Some(PortState::Interdomain { remote: DOMID_HOST, .. }) => {
+                self.domain.xen.raise(port);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A thread-safe handle that stops `run()` soon (returns `kicked`).
+    fn kicker(&self) -> Kicker {
+        Kicker { inner: self.domain.vcpus[0].kicker() }
+    }
+
+    /// `run()` returns `kicked` at least this often (ms).
+    #[setter]
+    fn set_time_slice_ms(&mut self, ms: u64) {
+        for v in &mut self.domain.vcpus {
+            v.time_slice = std::time::Duration::from_millis(ms.max(1));
+        }
+    }
+
+    #[getter]
+    fn interrupts_delivered(&self) -> u64 {
+        self.domain.vcpus.iter().map(|v| v.interrupts_delivered).sum()
+    }
+}
+
+/// Stops a running `Vm.run()` from another thread.
+#[pyclass(frozen, module = "pvhvm._core")]
+pub struct Kicker {
+    inner: crate::ticker::Kicker,
+}
+
+#[pymethods]
+impl Kicker {
+    fn kick(&self) {
+        self.inner.kick();
+    }
 }
 
 /// Run the Unicorn self-test; returns the context-blob offsets it found.
@@ -272,6 +361,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Vm>()?;
     m.add_class::<Exit>()?;
     m.add_class::<GuestMemory>()?;
+    m.add_class::<Kicker>()?;
     m.add_function(wrap_pyfunction!(self_test, m)?)?;
     m.add_function(wrap_pyfunction!(host_tsc, m)?)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;

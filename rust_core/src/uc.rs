@@ -102,6 +102,22 @@ impl Engine {
         check(ucs::uc_mem_map_ptr(self.handle, gpa, size, ucs::Prot::ALL.0, host as *mut c_void))
     }
 
+    /// Map an MMIO range served by callbacks.
+    ///
+    /// # Safety
+    /// `user` must outlive the engine; the callbacks must have Unicorn's
+    /// MMIO signatures.
+    pub unsafe fn map_mmio(
+        &mut self,
+        gpa: u64,
+        size: u64,
+        read: ucs::uc_cb_mmio_read_t,
+        write: ucs::uc_cb_mmio_write_t,
+        user: *mut c_void,
+    ) -> Result<(), UcError> {
+        check(ucs::uc_mmio_map(self.handle, gpa, size, read, user, write, user))
+    }
+
     pub fn unmap(&mut self, gpa: u64, size: u64) -> Result<(), UcError> {
         check(unsafe { ucs::uc_mem_unmap(self.handle, gpa, size) })
     }

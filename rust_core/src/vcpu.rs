@@ -9,16 +9,21 @@
 //! (`Stop`); anything that edits hidden CPU state happens after the engine has
 //! stopped, where the saved state is complete (`unicorn_gaps`).
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use unicorn_engine::{uc_engine, uc_error, HookType, MemType, X86Insn};
 
 use crate::cpuid::{CpuidPolicy, XEN_CPUID_BASE, XEN_HYPERCALL_MSR};
 use crate::hypercall::{self, XenState};
 use crate::interrupts::{self, DeliveryError, Event};
+use crate::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use crate::layout;
 use crate::memory::GuestRam;
+use crate::ticker::{Kicker, Ticker};
+use crate::xen::{hvm_param, write_time_info, RUNSTATE_BLOCKED, RUNSTATE_RUNNING};
 use crate::mmu::{self, PagingState};
 use crate::uc::{self, Engine, Reg};
 use crate::unicorn_gaps::{self, CpuState, Segment};
@@ -39,6 +44,10 @@ pub enum VcpuExit {
     Shutdown { reason: u32 },
     /// The guest wrote to the hypervisor console; drain it and run again.
     ConsoleOutput,
+    /// The guest notified ports whose far end is the host (device models).
+    Notify,
+    /// The host asked the vCPU to stop (`Kicker`), or a time slice ended.
+    Kicked,
     /// The vCPU waits for an event, until `deadline_ns` of system time if set.
     Idle { deadline_ns: Option<u64> },
     /// HLT. With interrupts disabled nothing can wake the vCPU.
@@ -53,6 +62,7 @@ pub enum VcpuExit {
 /// Why a hook stopped the engine.
 #[derive(Debug)]
 enum Stop {
+    Kicked,
     Exception(u8),
     Syscall,
     WatchHypercallMsr,
@@ -73,6 +83,8 @@ struct HookData {
     cpuid_snapshot: uc::Context,
     /// Replaying after a rewind: CPUID answers without stopping again.
     replaying: bool,
+    /// Raised by the ticker thread or the host; polled at every block.
+    kick: *const AtomicBool,
 }
 
 pub struct Vcpu {
@@ -87,6 +99,10 @@ pub struct Vcpu {
     /// A hypercall page was requested at a guest-physical frame that is not RAM.
     bad_hypercall_page: bool,
     pub exceptions_delivered: u64,
+    pub interrupts_delivered: u64,
+    ticker: Ticker,
+    /// Return `Kicked` at least this often so the host stays responsive.
+    pub time_slice: Duration,
 }
 
 unsafe fn paging_of_raw(uc: *mut uc_engine) -> PagingState {
@@ -127,6 +143,9 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
     ];
     let cpl = (uc::raw_read(uc, Reg::CS) & 3) as u8;
     let out = hypercall::dispatch(&h.ram, ps, &mut *h.xen, h.vcpu_id, cpl, nr, args);
+    if out.refresh_areas {
+        write_vcpu_areas(&mut *h.xen, &h.ram, &ps, h.vcpu_id);
+    }
     uc::raw_write(uc, Reg::RAX, out.rax);
     uc::raw_write(uc, Reg::RIP, rip + 3);
     if let Some(exit) = out.exit {
@@ -169,6 +188,37 @@ unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
     uc::raw_stop(uc);
 }
 
+/// Every translated block: stop if the ticker or the host asked. This is
+/// the only way a spinning guest is preempted, and it is exact (the stop
+/// lands before any instruction of the block has run).
+unsafe extern "C" fn on_block(uc: *mut uc_engine, _addr: u64, _size: u32, user: *mut c_void) {
+    let h = &*(user as *const HookData);
+    if (*h.kick).load(Ordering::Relaxed) {
+        let h = &mut *(user as *mut HookData);
+        h.stop.get_or_insert(Stop::Kicked);
+        uc::raw_stop(uc);
+    }
+}
+
+unsafe extern "C" fn lapic_read(_uc: *mut uc_engine, offset: u64, _size: c_uint, user: *mut c_void) -> u64 {
+    let h = &*(user as *const HookData);
+    let xen = &*h.xen;
+    xen.vcpus[h.vcpu_id as usize].lapic.read(offset) as u64
+}
+
+unsafe extern "C" fn lapic_write(_uc: *mut uc_engine, offset: u64, _size: c_uint, value: u64, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    let xen = &mut *h.xen;
+    xen.vcpus[h.vcpu_id as usize].lapic.write(offset, value as u32);
+}
+
+/// The rest of the MMIO hole: absent hardware reads as all ones.
+unsafe extern "C" fn absent_read(_uc: *mut uc_engine, _offset: u64, _size: c_uint, _user: *mut c_void) -> u64 {
+    u64::MAX
+}
+
+unsafe extern "C" fn absent_write(_uc: *mut uc_engine, _offset: u64, _size: c_uint, _value: u64, _user: *mut c_void) {}
+
 /// Port input: no device answers yet, so all ones, as on an empty bus.
 unsafe extern "C" fn on_port_in(_uc: *mut uc_engine, _port: u32, size: c_int, _user: *mut c_void) -> u32 {
     match size {
@@ -210,6 +260,7 @@ impl Vcpu {
                 .map_err(|e| e.to_string())?;
         }
         let cpuid_snapshot = uc::Context::new(&engine, layout.data_offset).map_err(|e| e.to_string())?;
+        let ticker = Ticker::new();
         let hooks = Box::into_raw(Box::new(HookData {
             ram,
             xen,
@@ -218,6 +269,7 @@ impl Vcpu {
             stop: None,
             cpuid_snapshot,
             replaying: false,
+            kick: ticker.flag(),
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -234,6 +286,20 @@ impl Vcpu {
                         user,
                         None,
                     )
+                })
+                .and_then(|_| engine.add_hook(HookType::BLOCK, on_block as *mut c_void, user, None))
+                .and_then(|_| {
+                    engine.map_mmio(LAPIC_BASE, LAPIC_SIZE, Some(lapic_read), Some(lapic_write), user)?;
+                    engine.map_mmio(
+                        layout::MMIO_HOLE_START,
+                        LAPIC_BASE - layout::MMIO_HOLE_START,
+                        Some(absent_read),
+                        Some(absent_write),
+                        user,
+                    )?;
+                    let after = LAPIC_BASE + LAPIC_SIZE;
+                    engine.map_mmio(after, (1u64 << 32) - after, Some(absent_read), Some(absent_write), user)
+                        .map(|_| 0)
                 })
         }
         .map_err(|e| e.to_string());
@@ -252,6 +318,9 @@ impl Vcpu {
             msr_watch: 0,
             bad_hypercall_page: false,
             exceptions_delivered: 0,
+            interrupts_delivered: 0,
+            ticker,
+            time_slice: Duration::from_millis(50),
         })
     }
 
@@ -328,8 +397,15 @@ impl Vcpu {
         mmu::read_linear(&mut m, &ps, va, buf, false)
     }
 
+    /// A handle that stops this vCPU at its next block, from any thread.
+    pub fn kicker(&self) -> Kicker {
+        self.ticker.kicker()
+    }
+
     /// Run until the host is needed.
     pub fn run(&mut self) -> VcpuExit {
+        let slice_end = Instant::now() + self.time_slice;
+        self.set_runstate(RUNSTATE_RUNNING);
         loop {
             if let Some(ev) = self.pending.take() {
                 if let Err(e) = self.deliver(ev) {
@@ -339,16 +415,48 @@ impl Vcpu {
                     };
                 }
             }
+            let kicked = self.ticker.take();
+            let id = self.id;
+            let now = self.xen().clock.now_ns();
+            self.xen().fire_timers(id, now);
+
+            let mut count = 0;
+            let mut poll_window = false;
+            if let Some(vector) = self.next_interrupt() {
+                match self.try_inject(vector) {
+                    Inject::Done => {}
+                    // Step past the STI / MOV SS shadow, then try again.
+                    Inject::Shadow => count = 1,
+                    // IF=0: no hook sees STI, POPF or IRET, so look again soon.
+                    Inject::Masked => poll_window = true,
+                }
+            }
+            if kicked && Instant::now() >= slice_end {
+                return VcpuExit::Kicked;
+            }
+            self.arm_ticker(slice_end, poll_window);
+
             let rip = self.engine.read(Reg::RIP);
-            let count = if self.msr_watch > 0 { self.watch_step(rip) } else { 0 };
+            if count == 0 && self.msr_watch > 0 {
+                count = self.watch_step(rip);
+            }
             let err = self.engine.start(rip, count);
             match self.take_stop() {
-                Some(Stop::Exit(exit)) => return exit,
+                Some(Stop::Exit(exit)) => {
+                    if let VcpuExit::Idle { .. } = exit {
+                        // SCHEDOP_block / poll: the host waits, unless an
+                        // interrupt is already deliverable.
+                        if self.next_interrupt().is_some() {
+                            continue;
+                        }
+                        self.set_runstate(RUNSTATE_BLOCKED);
+                    }
+                    return exit;
+                }
+                Some(Stop::Kicked) => {}
                 Some(Stop::Exception(vector)) => self.pending = Some(self.exception_event(vector)),
                 Some(Stop::Syscall) => self.syscall(),
                 Some(Stop::WatchHypercallMsr) => {
-                    self.msr_watch = 64;
-                    // The WRMSR may have run already in the same translated block.
                     // The rest of the CPUID's translated block has run, WRMSR
                     // included perhaps. Rewind to the snapshot taken at the CPUID
                     // and replay instruction by instruction, watching for it.
@@ -378,11 +486,22 @@ impl Vcpu {
                     let rip = self.engine.read(Reg::RIP);
                     let mut b = [0u8; 1];
                     let halted = self.read_linear(rip.wrapping_sub(1), &mut b).is_ok() && b[0] == 0xf4;
-                    if halted {
-                        let rflags = self.engine.read(Reg::RFLAGS);
-                        return VcpuExit::Halted { interrupts_enabled: rflags & unicorn_gaps::RFLAGS_IF != 0 };
+                    if !halted {
+                        return VcpuExit::TripleFault { chain: vec![] };
                     }
-                    return VcpuExit::TripleFault { chain: vec![] };
+                    let rflags = self.engine.read(Reg::RFLAGS);
+                    if rflags & unicorn_gaps::RFLAGS_IF == 0 {
+                        return VcpuExit::Halted { interrupts_enabled: false };
+                    }
+                    // HLT with interrupts on: wake at once if one is due,
+                    // else let the host sleep until the next timer.
+                    let now = self.xen().clock.now_ns();
+                    self.xen().fire_timers(id, now);
+                    if self.next_interrupt().is_none() {
+                        self.set_runstate(RUNSTATE_BLOCKED);
+                        let deadline_ns = self.xen().vcpus[id as usize].next_deadline();
+                        return VcpuExit::Idle { deadline_ns };
+                    }
                 }
                 None => {
                     return VcpuExit::Error {
@@ -390,6 +509,78 @@ impl Vcpu {
                     }
                 }
             }
+        }
+    }
+
+    /// Wake the vCPU loop at the next timer deadline, the end of the time
+    /// slice, or shortly (to look for an interrupt window) if asked.
+    fn arm_ticker(&mut self, slice_end: Instant, poll_window: bool) {
+        let id = self.id as usize;
+        let mut wake = slice_end;
+        if let Some(d) = self.xen().vcpus[id].next_deadline() {
+            wake = wake.min(Instant::now() + self.xen().clock.until(d));
+        }
+        if poll_window {
+            wake = wake.min(Instant::now() + Duration::from_micros(100));
+        }
+        self.ticker.arm(Some(wake));
+    }
+
+    /// The vector to deliver next: a LAPIC vector (self-IPI) or the event
+    /// channel upcall (per-vCPU vector, else the HVM callback vector).
+    fn next_interrupt(&mut self) -> Option<u8> {
+        let id = self.id;
+        let xen = self.xen();
+        let x = &xen.vcpus[id as usize];
+        let lapic = x.lapic.highest_pending();
+        let callback = xen.hvm_params[hvm_param::CALLBACK_IRQ];
+        let global = (callback >> 56 == 2).then_some(callback as u8);
+        let upcall = x
+            .upcall_vector
+            .or(global)
+            .filter(|_| xen.vcpu_info_gpa(id).is_some_and(|vi| crate::xen::evtchn::upcall_pending(&xen.ram, vi)));
+        lapic.max(upcall)
+    }
+
+    fn try_inject(&mut self, vector: u8) -> Inject {
+        if self.engine.read(Reg::RFLAGS) & unicorn_gaps::RFLAGS_IF == 0 {
+            return Inject::Masked;
+        }
+        self.state.load(&self.engine);
+        if self.state.interrupt_shadow() {
+            return Inject::Shadow;
+        }
+        let ram = unsafe { &(*self.hooks).ram };
+        match interrupts::deliver(&mut self.state, ram, Event::external(vector)) {
+            Ok(()) => {
+                self.state.store(&self.engine);
+                let id = self.id as usize;
+                self.xen().vcpus[id].lapic.clear_pending(vector);
+                self.interrupts_delivered += 1;
+            }
+            // A fault while delivering: the processor raises it instead.
+            Err(DeliveryError::TripleFault { .. }) | Err(DeliveryError::Unsupported(_)) => {
+                self.pending = Some(Event::exception(interrupts::GP, Some(0)));
+            }
+        }
+        Inject::Done
+    }
+
+    fn set_runstate(&mut self, state: u32) {
+        let id = self.id;
+        let xen = self.xen();
+        let now = xen.clock.now_ns();
+        let x = &mut xen.vcpus[id as usize];
+        if x.runstate == state {
+            return;
+        }
+        x.runstate_time[x.runstate as usize] += now.saturating_sub(x.runstate_entry_ns);
+        x.runstate = state;
+        x.runstate_entry_ns = now;
+        if x.runstate_area.is_some() {
+            let ps = self.paging();
+            let ram = unsafe { &(*self.hooks).ram };
+            write_vcpu_areas(self.xen(), ram, &ps, id);
         }
     }
 
@@ -519,6 +710,39 @@ impl Drop for Vcpu {
         let engine = std::mem::replace(&mut self.engine, Engine::closed());
         drop(engine);
         unsafe { drop(Box::from_raw(self.hooks)) };
+    }
+}
+
+enum Inject {
+    Done,
+    Shadow,
+    Masked,
+}
+
+/// Write vCPU `v`'s registered runstate and time areas (guest-virtual, so
+/// through the page tables `ps`). A bad address is the guest's problem: it
+/// simply sees nothing, as with Xen.
+fn write_vcpu_areas(xen: &mut crate::xen::XenState, ram: &GuestRam, ps: &PagingState, v: u32) {
+    let mut m: &GuestRam = ram;
+    let x = &xen.vcpus[v as usize];
+    if let Some(va) = x.runstate_area {
+        let now = xen.clock.now_ns();
+        let mut time = x.runstate_time;
+        time[x.runstate as usize] += now.saturating_sub(x.runstate_entry_ns);
+        let mut b = [0u8; 48];
+        b[0..4].copy_from_slice(&x.runstate.to_le_bytes());
+        b[8..16].copy_from_slice(&x.runstate_entry_ns.to_le_bytes());
+        for (i, t) in time.iter().enumerate() {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&t.to_le_bytes());
+        }
+        let _ = mmu::write_linear(&mut m, ps, va, &b, false);
+    }
+    if let Some(va) = x.time_area {
+        if let Ok(gpa) = mmu::translate(&mut m, ps, va, mmu::Access::Write, false) {
+            if gpa & 0xfff <= 4096 - 32 {
+                write_time_info(ram, gpa, &xen.clock.time_info());
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! uses for earlyprintk=xen. Output is buffered for the host; input comes
 //! from what the host queued.
 
-use super::{Call, HcResult, CONSOLE_OUT_CAP};
+use super::{Call, HcResult};
 use crate::abi::{consoleio, errno};
 use crate::vcpu::VcpuExit;
 
@@ -20,9 +20,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             while done < count {
                 let n = CHUNK.min(count - done) as usize;
                 c.guest.read(buf.wrapping_add(done), &mut chunk[..n])?;
-                if c.xen.console_out.len() < CONSOLE_OUT_CAP {
-                    c.xen.console_out.extend_from_slice(&chunk[..n]);
-                }
+                c.xen.console_write(&chunk[..n]);
                 done += n as u64;
             }
             if count > 0 {

@@ -4,7 +4,13 @@
 //! that needs the outside world returns a `VcpuExit` with its result.
 
 mod console_io;
+mod event_channel_op;
+mod grant_table_op;
+mod hvm_op;
+mod memory_op;
+mod misc;
 mod sched_op;
+mod vcpu_op;
 mod xen_version;
 
 use std::collections::VecDeque;
@@ -13,9 +19,29 @@ use crate::abi::{errno, hc};
 use crate::memory::GuestRam;
 use crate::mmu::{self, PagingState};
 use crate::vcpu::VcpuExit;
+pub use crate::xen::XenState;
 
 /// A hypercall result: `Ok` value for RAX, or a positive errno (RAX = -errno).
 pub type HcResult = Result<i64, i64>;
+
+/// DOMID_SELF (xen.h): "the calling domain" wherever a domid is asked for.
+pub const DOMID_SELF: u16 = 0x7FF0;
+
+impl Call<'_> {
+    /// A domid argument must name the caller.
+    pub fn check_self(&self, domid: u16) -> Result<(), i64> {
+        if domid == DOMID_SELF || domid as u32 == self.xen.domid {
+            Ok(())
+        } else {
+            Err(errno::ESRCH)
+        }
+    }
+
+    /// Ask the run loop to return `exit` after this call.
+    pub fn exit_with(&mut self, exit: VcpuExit) {
+        self.exit = Some(exit);
+    }
+}
 
 /// The guest as one hypercall sees it: its RAM through its current page tables.
 pub struct Guest<'a> {
@@ -24,6 +50,16 @@ pub struct Guest<'a> {
 }
 
 impl Guest<'_> {
+    pub fn write_u32(&self, va: u64, v: u32) -> Result<(), i64> {
+        self.write(va, &v.to_le_bytes())
+    }
+
+    pub fn read_u16(&self, va: u64) -> Result<u16, i64> {
+        let mut b = [0u8; 2];
+        self.read(va, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
     /// Copy from a guest-linear buffer; -EFAULT if any page is not mapped.
     pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), i64> {
         let mut m = self.ram;
@@ -108,44 +144,11 @@ impl HypercallLog {
     }
 }
 
-/// Domain-wide state the hypercalls act on.
-pub struct XenState {
-    pub domid: u32,
-    pub uuid: [u8; 16],
-    pub console_out: Vec<u8>,
-    pub console_in: VecDeque<u8>,
-    pub log: HypercallLog,
-    pub shutdown_code: Option<u32>,
-    pub start: std::time::Instant,
-}
-
-/// Output the host has not drained yet is capped: a guest cannot make the
-/// host buffer grow without bound.
-pub const CONSOLE_OUT_CAP: usize = 16 << 20;
-
-impl XenState {
-    pub fn new(domid: u32, uuid: [u8; 16]) -> Self {
-        Self {
-            domid,
-            uuid,
-            console_out: Vec::new(),
-            console_in: VecDeque::new(),
-            log: HypercallLog::default(),
-            shutdown_code: None,
-            start: std::time::Instant::now(),
-        }
-    }
-
-    /// Xen system time: nanoseconds since the domain was built.
-    pub fn system_time_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-}
-
 /// What the vCPU does after a hypercall.
 pub struct Outcome {
     pub rax: u64,
     pub exit: Option<VcpuExit>,
+    pub refresh_areas: bool,
 }
 
 /// Per-call context handed to each family's handler.
@@ -155,6 +158,8 @@ pub struct Call<'a> {
     pub vcpu: u32,
     /// Set by a handler whose call must return to the host loop.
     pub exit: Option<VcpuExit>,
+    /// The runstate/time areas changed: the vCPU writes them after the call.
+    pub refresh_areas: bool,
 }
 
 pub fn dispatch(
@@ -166,7 +171,7 @@ pub fn dispatch(
     nr: u64,
     args: [u64; 5],
 ) -> Outcome {
-    let mut call = Call { guest: Guest { ram, paging }, xen, vcpu, exit: None };
+    let mut call = Call { guest: Guest { ram, paging }, xen, vcpu, exit: None, refresh_areas: false };
     let result: HcResult = if cpl != 0 {
         // Xen refuses hypercalls from HVM user mode.
         Err(errno::EPERM)
@@ -175,6 +180,13 @@ pub fn dispatch(
             hc::XEN_VERSION => xen_version::call(&mut call, args),
             hc::CONSOLE_IO => console_io::call(&mut call, args),
             hc::SCHED_OP => sched_op::call(&mut call, args),
+            hc::MEMORY_OP => memory_op::call(&mut call, args),
+            hc::HVM_OP => hvm_op::call(&mut call, args),
+            hc::VCPU_OP => vcpu_op::call(&mut call, args),
+            hc::SET_TIMER_OP => vcpu_op::set_timer_op(&mut call, args),
+            hc::EVENT_CHANNEL_OP => event_channel_op::call(&mut call, args),
+            hc::GRANT_TABLE_OP => grant_table_op::call(&mut call, args),
+            hc::VM_ASSIST => misc::vm_assist(&mut call, args),
             _ => Err(errno::ENOSYS),
         }
     };
@@ -184,5 +196,5 @@ pub fn dispatch(
     };
     let time_ns = call.xen.system_time_ns();
     call.xen.log.record(TraceEntry { vcpu, nr, args, result: ret, time_ns });
-    Outcome { rax: ret as u64, exit: call.exit }
+    Outcome { rax: ret as u64, exit: call.exit, refresh_areas: call.refresh_areas }
 }

@@ -9,9 +9,11 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
     match cmd {
         schedop::YIELD => Ok(0),
         schedop::BLOCK => {
-            // Wait for an event: with nothing that can raise one yet, the host
-            // decides (an idle exit with no deadline).
-            c.exit = Some(VcpuExit::Idle { deadline_ns: None });
+            // Wait for an event: return at once if one is already waiting.
+            if !super::vcpu_op::upcall_waiting(c, c.vcpu) {
+                let deadline_ns = c.xen.vcpus[c.vcpu as usize].next_deadline();
+                c.exit = Some(VcpuExit::Idle { deadline_ns });
+            }
             Ok(0)
         }
         schedop::SHUTDOWN => {
@@ -36,14 +38,23 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if nr_ports > schedop::POLL_MAX_PORTS {
                 return Err(errno::EINVAL);
             }
+            let mut any_pending = false;
             for i in 0..nr_ports as u64 {
                 let port = c.guest.read_u32(ports.wrapping_add(4 * i))?;
                 if port >= EVTCHN_2L_NR_CHANNELS {
                     return Err(errno::EINVAL);
                 }
+                any_pending |= c.xen.is_pending(port);
             }
-            // No port can be pending yet: sleep until the timeout, if any.
-            c.exit = Some(VcpuExit::Idle { deadline_ns: (timeout != 0).then_some(timeout) });
+            if !any_pending {
+                // Sleep until an event, the timeout or the vCPU's timer.
+                let timer = c.xen.vcpus[c.vcpu as usize].next_deadline();
+                let deadline_ns = match ((timeout != 0).then_some(timeout), timer) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                c.exit = Some(VcpuExit::Idle { deadline_ns });
+            }
             Ok(0)
         }
         schedop::REMOTE_SHUTDOWN | schedop::PIN_OVERRIDE => Err(errno::EPERM),

@@ -1,0 +1,293 @@
+"""The ACPI tables a PVH domU is given, in the spirit of Xen's libxl/libacpi:
+RSDP -> XSDT -> {FADT -> DSDT, MADT}, all written contiguously into guest
+memory. A PVH guest finds the RSDP through hvm_start_info.rsdp_paddr, so no
+legacy BIOS-area scan is needed.
+
+The platform is "hardware reduced" (ACPI 5.0+): no PM1/GPE/PM-timer blocks,
+no SCI, no FACS. The layouts below follow the ACPI 6.3 specification
+(FADT revision 6 minor 3, MADT revision 5: the revision where the Local APIC
+"Online Capable" flag is defined; Linux only honours that bit when the MADT
+revision is >= 5)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import BuildError
+
+# --- layouts (little endian, packed) ---------------------------------------
+
+# RSDP (ACPI 6.3 §5.2.5.3): Signature[8], Checksum, OEMID[6], Revision,
+# RsdtAddress(u32), Length(u32), XsdtAddress(u64), ExtendedChecksum, Reserved[3].
+RSDP = struct.Struct("<8sB6sBIIQB3s")
+RSDP_V1_LEN = 20  # the ACPI 1.0 part covered by Checksum
+RSDP_REVISION = 2  # ACPI 2.0+: Length/XsdtAddress/ExtendedChecksum are valid
+
+# System description table header (§5.2.6): Signature[4], Length(u32),
+# Revision, Checksum, OEMID[6], OEM Table ID[8], OEM Revision(u32),
+# Creator ID[4], Creator Revision(u32).
+SDT_HEADER = struct.Struct("<4sIBB6s8sI4sI")
+CHECKSUM_OFFSET = 9  # within SDT_HEADER
+
+# FADT body after the header (§5.2.9, Table 5.33). Offsets in the comments
+# are from the start of the table.
+GAS = struct.Struct("<BBBBQ")  # Generic Address Structure (§5.2.3.2), 12 bytes
+FADT_BODY = struct.Struct(
+    "<"
+    "I"  # 36  FIRMWARE_CTRL (FACS, 32-bit)
+    "I"  # 40  DSDT (32-bit)
+    "B"  # 44  reserved (INT_MODEL in ACPI 1.0)
+    "B"  # 45  Preferred_PM_Profile
+    "H"  # 46  SCI_INT
+    "I"  # 48  SMI_CMD
+    "B"  # 52  ACPI_ENABLE
+    "B"  # 53  ACPI_DISABLE
+    "B"  # 54  S4BIOS_REQ
+    "B"  # 55  PSTATE_CNT
+    "I"  # 56  PM1a_EVT_BLK
+    "I"  # 60  PM1b_EVT_BLK
+    "I"  # 64  PM1a_CNT_BLK
+    "I"  # 68  PM1b_CNT_BLK
+    "I"  # 72  PM2_CNT_BLK
+    "I"  # 76  PM_TMR_BLK
+    "I"  # 80  GPE0_BLK
+    "I"  # 84  GPE1_BLK
+    "B"  # 88  PM1_EVT_LEN
+    "B"  # 89  PM1_CNT_LEN
+    "B"  # 90  PM2_CNT_LEN
+    "B"  # 91  PM_TMR_LEN
+    "B"  # 92  GPE0_BLK_LEN
+    "B"  # 93  GPE1_BLK_LEN
+    "B"  # 94  GPE1_BASE
+    "B"  # 95  CST_CNT
+    "H"  # 96  P_LVL2_LAT
+    "H"  # 98  P_LVL3_LAT
+    "H"  # 100 FLUSH_SIZE
+    "H"  # 102 FLUSH_STRIDE
+    "B"  # 104 DUTY_OFFSET
+    "B"  # 105 DUTY_WIDTH
+    "B"  # 106 DAY_ALRM
+    "B"  # 107 MON_ALRM
+    "B"  # 108 CENTURY
+    "H"  # 109 IAPC_BOOT_ARCH
+    "B"  # 111 reserved
+    "I"  # 112 Flags
+    "12s"  # 116 RESET_REG (GAS)
+    "B"  # 128 RESET_VALUE
+    "H"  # 129 ARM_BOOT_ARCH
+    "B"  # 131 FADT Minor Version
+    "Q"  # 132 X_FIRMWARE_CTRL
+    "Q"  # 140 X_DSDT
+    "12s"  # 148 X_PM1a_EVT_BLK
+    "12s"  # 160 X_PM1b_EVT_BLK
+    "12s"  # 172 X_PM1a_CNT_BLK
+    "12s"  # 184 X_PM1b_CNT_BLK
+    "12s"  # 196 X_PM2_CNT_BLK
+    "12s"  # 208 X_PM_TMR_BLK
+    "12s"  # 220 X_GPE0_BLK
+    "12s"  # 232 X_GPE1_BLK
+    "12s"  # 244 SLEEP_CONTROL_REG
+    "12s"  # 256 SLEEP_STATUS_REG
+    "Q"  # 268 Hypervisor Vendor Identity
+)  # 276 total
+FADT_REVISION = 6
+FADT_MINOR_REVISION = 3  # ACPI 6.3
+FADT_LEN = SDT_HEADER.size + FADT_BODY.size
+
+# FADT Flags (Table 5.35).
+FADT_WBINVD = 1 << 0
+FADT_PWR_BUTTON = 1 << 4  # 1: no fixed-feature power button
+FADT_SLP_BUTTON = 1 << 5  # 1: no fixed-feature sleep button
+FADT_HW_REDUCED_ACPI = 1 << 20
+
+# IA-PC boot architecture flags (Table 5.36).
+IAPC_LEGACY_DEVICES = 1 << 0
+IAPC_8042 = 1 << 1
+IAPC_VGA_NOT_PRESENT = 1 << 2
+IAPC_MSI_NOT_SUPPORTED = 1 << 3
+IAPC_PCIE_ASPM_CONTROLS = 1 << 4
+IAPC_CMOS_RTC_NOT_PRESENT = 1 << 5
+
+# MADT (§5.2.12): header, Local Interrupt Controller Address(u32), Flags(u32),
+# then interrupt controller structures.
+MADT_BODY = struct.Struct("<II")
+MADT_REVISION = 5
+MADT_PCAT_COMPAT = 1 << 0
+LAPIC_DEFAULT_ADDR = 0xFEE00000
+# Processor Local APIC structure (§5.2.12.2): Type=0, Length=8, ACPI
+# Processor UID(u8), APIC ID(u8), Flags(u32).
+MADT_LAPIC = struct.Struct("<BBBBI")
+MADT_TYPE_LAPIC = 0
+LAPIC_ENABLED = 1 << 0
+LAPIC_ONLINE_CAPABLE = 1 << 1
+# xAPIC IDs are 8 bits and 0xFF is the broadcast ID; more vCPUs would need
+# Processor Local x2APIC structures.
+MAX_VCPUS = 255
+
+XSDT_REVISION = 1
+DSDT_REVISION = 2  # AML integers are 64-bit
+
+CREATOR_ID = b"PVHV"
+CREATOR_REVISION = 1
+OEM_REVISION = 1
+
+TABLE_ALIGN = 16
+
+assert RSDP.size == 36 and SDT_HEADER.size == 36 and GAS.size == 12
+assert FADT_LEN == 276 and MADT_LAPIC.size == 8
+
+
+@dataclass
+class AcpiTables:
+    """The tables, ready to be written at ``base`` in guest memory.
+
+    ``blob`` starts with the RSDP at ``base`` (so ``rsdp_paddr == base``);
+    ``tables`` maps each system description table's signature ("XSDT",
+    "FACP", "DSDT", "APIC") to its guest-physical address."""
+
+    rsdp_paddr: int
+    blob: bytes
+    tables: dict[str, int] = field(default_factory=dict)
+
+
+def _checksum(data: bytes | bytearray) -> int:
+    """The byte that makes ``data`` (with a zero checksum field) sum to 0."""
+    return -sum(data) & 0xFF
+
+
+def _fixed(value: bytes, size: int, what: str) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) > size:
+        raise BuildError(f"ACPI {what} must be at most {size} bytes, got {value!r}")
+    return bytes(value).ljust(size, b" ")
+
+
+def _sdt(signature: bytes, revision: int, body: bytes, oem_id: bytes, oem_table_id: bytes) -> bytes:
+    """A complete system description table: header + body, checksummed."""
+    length = SDT_HEADER.size + len(body)
+    table = bytearray(
+        SDT_HEADER.pack(
+            signature, length, revision, 0, oem_id, oem_table_id, OEM_REVISION, CREATOR_ID, CREATOR_REVISION
+        )
+        + body
+    )
+    table[CHECKSUM_OFFSET] = _checksum(table)
+    return bytes(table)
+
+
+def _dsdt_aml() -> bytes:
+    """A minimal AML body: ``Scope (\\_SB) {}``. The guest gets no devices
+    from AML: its CPUs come from the MADT and its devices from Xen PV
+    interfaces."""
+    name = b"\\_SB_"  # root prefix + NameSeg
+    pkg_length = 1 + len(name)  # one-byte PkgLength counts itself
+    return bytes([0x10, pkg_length]) + name  # 0x10 = ScopeOp
+
+
+def _fadt_body(dsdt_paddr: int) -> bytes:
+    zero_gas = bytes(GAS.size)
+    return FADT_BODY.pack(
+        0,  # FIRMWARE_CTRL: no FACS on a hardware-reduced platform
+        dsdt_paddr,  # DSDT
+        0,  # reserved
+        0,  # Preferred_PM_Profile: unspecified
+        0,  # SCI_INT: no SCI on a hardware-reduced platform
+        0, 0, 0, 0, 0,  # SMI_CMD, ACPI_ENABLE, ACPI_DISABLE, S4BIOS_REQ, PSTATE_CNT
+        0, 0, 0, 0, 0, 0, 0, 0,  # PM1a/b EVT, PM1a/b CNT, PM2 CNT, PM_TMR, GPE0, GPE1 blocks
+        0, 0, 0, 0, 0, 0, 0, 0,  # their lengths, GPE1_BASE, CST_CNT
+        0, 0, 0, 0,  # P_LVL2_LAT, P_LVL3_LAT, FLUSH_SIZE, FLUSH_STRIDE
+        0, 0, 0, 0, 0,  # DUTY_OFFSET, DUTY_WIDTH, DAY_ALRM, MON_ALRM, CENTURY
+        # No VGA, no CMOS RTC; MSI stays allowed (bit 3 clear); no legacy
+        # devices or 8042 (bits 0/1 clear).
+        IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT,
+        0,  # reserved
+        FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_HW_REDUCED_ACPI,
+        zero_gas,  # RESET_REG: none
+        0,  # RESET_VALUE
+        0,  # ARM_BOOT_ARCH
+        FADT_MINOR_REVISION,
+        0,  # X_FIRMWARE_CTRL
+        dsdt_paddr,  # X_DSDT (same as DSDT, so ACPICA sees no 32/64 mismatch)
+        *([zero_gas] * 10),  # X_PM1a_EVT .. SLEEP_STATUS_REG: none
+        0,  # Hypervisor Vendor Identity
+    )
+
+
+def _madt_body(nr_vcpus: int, online_vcpus: int) -> bytes:
+    # Flags 0: PCAT_COMPAT off, there is no dual 8259 PIC. No I/O APIC
+    # structure either: a PVH guest has no emulated I/O APIC (its interrupts
+    # arrive as Xen event channels), so only the local APICs are described.
+    out = bytearray(MADT_BODY.pack(LAPIC_DEFAULT_ADDR, 0))
+    for vcpu in range(nr_vcpus):
+        flags = LAPIC_ENABLED if vcpu < online_vcpus else LAPIC_ONLINE_CAPABLE
+        # Processor UID = APIC ID = vCPU index.
+        out += MADT_LAPIC.pack(MADT_TYPE_LAPIC, MADT_LAPIC.size, vcpu, vcpu, flags)
+    return bytes(out)
+
+
+def _align(x: int, a: int = TABLE_ALIGN) -> int:
+    return (x + a - 1) & ~(a - 1)
+
+
+def build_acpi_tables(
+    base: int,
+    nr_vcpus: int,
+    online_vcpus: int | None = None,
+    oem_id: bytes = b"PVHVM ",
+    oem_table_id: bytes = b"PVHVMACP",
+) -> AcpiTables:
+    """Lay out RSDP, XSDT, FADT, DSDT and MADT contiguously from ``base``
+    (guest-physical, 16-byte aligned, the whole blob below 4 GiB).
+
+    vCPUs ``0 .. online_vcpus-1`` (default: all) are marked enabled in the
+    MADT; the rest are marked online capable, i.e. hot-pluggable."""
+    if base < 0 or base % TABLE_ALIGN:
+        raise BuildError(f"ACPI tables base {base:#x} is not {TABLE_ALIGN}-byte aligned")
+    if not 1 <= nr_vcpus <= MAX_VCPUS:
+        raise BuildError(f"ACPI MADT supports 1..{MAX_VCPUS} vCPUs, not {nr_vcpus}")
+    if online_vcpus is None:
+        online_vcpus = nr_vcpus
+    if not 1 <= online_vcpus <= nr_vcpus:
+        raise BuildError(f"online vCPUs must be 1..{nr_vcpus}, not {online_vcpus}")
+    oem_id = _fixed(oem_id, 6, "OEM ID")
+    oem_table_id = _fixed(oem_table_id, 8, "OEM table ID")
+
+    # Sizes are known up front, so addresses can be assigned in one pass.
+    dsdt_body = _dsdt_aml()
+    madt_body = _madt_body(nr_vcpus, online_vcpus)
+    sizes = {
+        "RSDP": RSDP.size,
+        "XSDT": SDT_HEADER.size + 8 * 2,  # entries: FACP, APIC
+        "FACP": FADT_LEN,
+        "DSDT": SDT_HEADER.size + len(dsdt_body),
+        "APIC": SDT_HEADER.size + len(madt_body),
+    }
+    addrs: dict[str, int] = {}
+    cursor = base
+    for name, size in sizes.items():
+        addrs[name] = cursor
+        cursor = _align(cursor + size)
+    end = addrs["APIC"] + sizes["APIC"]
+    if end > 1 << 32:
+        raise BuildError(f"ACPI tables at {base:#x} would end above 4 GiB ({end:#x})")
+
+    tables = {
+        "XSDT": _sdt(b"XSDT", XSDT_REVISION, struct.pack("<QQ", addrs["FACP"], addrs["APIC"]), oem_id, oem_table_id),
+        "FACP": _sdt(b"FACP", FADT_REVISION, _fadt_body(addrs["DSDT"]), oem_id, oem_table_id),
+        "DSDT": _sdt(b"DSDT", DSDT_REVISION, dsdt_body, oem_id, oem_table_id),
+        "APIC": _sdt(b"APIC", MADT_REVISION, madt_body, oem_id, oem_table_id),
+    }
+
+    rsdp = bytearray(
+        RSDP.pack(b"RSD PTR ", 0, oem_id, RSDP_REVISION, 0, RSDP.size, addrs["XSDT"], 0, bytes(3))
+    )  # RsdtAddress 0: there is only an XSDT
+    rsdp[8] = _checksum(rsdp[:RSDP_V1_LEN])
+    rsdp[32] = _checksum(rsdp)
+
+    blob = bytearray(end - base)
+    blob[0 : RSDP.size] = rsdp
+    for name, data in tables.items():
+        assert len(data) == sizes[name]
+        off = addrs[name] - base
+        blob[off : off + len(data)] = data
+    return AcpiTables(rsdp_paddr=addrs["RSDP"], blob=bytes(blob), tables={k: addrs[k] for k in tables})

@@ -1,0 +1,645 @@
+"""The default guest, prepared from Debian packages: the cloud kernel as an
+uncompressed vmlinux (the PVH entry point lives in its ELF notes) and a
+busybox initramfs written here as a cpio "newc" archive.
+
+Packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x`
+into cache_dir(), so nothing is installed on the host. Everything is cached:
+once prepared, the default guest is reused (without asking apt anything)
+until prepare_default_guest(force=True).
+
+    >>> from pvhvm.images import prepare_default_guest
+    >>> guest = prepare_default_guest()
+    >>> guest.vmlinux, guest.initrd, guest.kernel_version
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .builder.elf import parse_elf
+from .errors import BuildError
+
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+DEFAULT_INIT = """\
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+poweroff -f
+"""
+
+# Used only if the downloaded busybox cannot run here to list its applets.
+FALLBACK_APPLETS = (
+    "sh ash mount umount poweroff reboot echo cat ls uname sleep udhcpc ip ifconfig route insmod rmmod lsmod "
+    "modprobe ping wget nc dmesg cut mkdir mknod ps kill grep sed tr head tail wc cp mv rm ln chmod true false "
+    "test [ printf env hostname sync stat find xargs vi"
+).split()
+
+# Bump when the initrd layout changes, so cached initrds are rebuilt.
+INITRD_FORMAT = 1
+
+
+def _progress(message: str) -> None:
+    print(f"pvhvm: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> Path:
+    """Where prepared guests live: $PVHVM_CACHE, else $XDG_CACHE_HOME/pvhvm,
+    else ~/.cache/pvhvm."""
+    if os.environ.get("PVHVM_CACHE"):
+        return Path(os.environ["PVHVM_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "pvhvm"
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    # A half-written file must never look like a cached result.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- Debian packages
+
+
+@dataclass(frozen=True)
+class DebPackage:
+    """One version of one binary package, as apt names it."""
+
+    name: str
+    version: str
+    arch: str
+
+    @property
+    def deb_filename(self) -> str:
+        """The file name `apt-get download` gives it (the epoch's colon is %3a)."""
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
+
+    @property
+    def tree_name(self) -> str:
+        return f"{self.name}_{self.version.replace(':', '_')}_{self.arch}"
+
+
+def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> str:
+    """Run a command and return its stdout; failures become a one-line BuildError."""
+    try:
+        proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise BuildError(f"{what}: `{cmd[0]}` not found (a Debian-based host is needed)") from None
+    if proc.returncode != 0:
+        raise BuildError(f"{what} failed: {_most_telling_line(proc.stderr + proc.stdout)}")
+    return proc.stdout
+
+
+def _most_telling_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("E:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def _apt_has_candidate(package: str) -> bool:
+    policy = _run(["apt-cache", "policy", package], f"apt-cache policy {package}")
+    match = re.search(r"Candidate:\s*(\S+)", policy)
+    return bool(match) and match.group(1) != "(none)"
+
+
+def ensure_apt_lists(package: str = KERNEL_METAPACKAGE) -> None:
+    """Run `apt-get update` once if apt does not know `package` yet (fresh
+    containers ship without package lists)."""
+    if _apt_has_candidate(package):
+        return
+    _progress(f"apt knows no {package} yet: running apt-get update")
+    _run(["apt-get", "update"], "apt-get update")
+    if not _apt_has_candidate(package):
+        raise BuildError(f"apt has no installable candidate for {package} (needs Debian main for amd64)")
+
+
+def resolve_package(name: str) -> DebPackage:
+    """The candidate version apt would install for `name`."""
+    fields = dict(re.findall(r"^(Package|Version|Architecture): (\S+)$", _apt_show(name), re.M))
+    if not {"Package", "Version", "Architecture"} <= fields.keys():
+        raise BuildError(f"apt-cache show {name}: no Package/Version/Architecture fields")
+    return DebPackage(fields["Package"], fields["Version"], fields["Architecture"])
+
+
+def _apt_show(name: str) -> str:
+    return _run(["apt-cache", "show", "--no-all-versions", name], f"apt-cache show {name}")
+
+
+def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> DebPackage:
+    """The versioned kernel image package (linux-image-<release>) that the
+    metapackage's candidate depends on."""
+    depends = re.search(r"^Depends: (.*)$", _apt_show(metapackage), re.M)
+    names = re.findall(r"(linux-image-[\w.+-]+)", depends.group(1)) if depends else []
+    if not names:
+        raise BuildError(f"{metapackage} does not depend on a linux-image package")
+    return resolve_package(names[0])
+
+
+def fetch_package(package: DebPackage, root: Path, force: bool = False) -> Path:
+    """Download (apt-get download, no root needed) and unpack (dpkg-deb -x)
+    one package under `root`; returns the unpacked tree. Both steps are
+    skipped when their result is already there."""
+    debs, trees = root / "debs", root / "packages"
+    deb, tree = debs / package.deb_filename, trees / package.tree_name
+    if tree.is_dir() and not force:
+        return tree
+    if force or not deb.is_file():
+        debs.mkdir(parents=True, exist_ok=True)
+        _progress(f"downloading {package.name} {package.version}")
+        _run(["apt-get", "download", f"{package.name}={package.version}"], f"downloading {package.name}", cwd=debs)
+        if not deb.is_file():
+            raise BuildError(f"apt-get download left no {deb.name} in {debs}")
+    _progress(f"unpacking {deb.name}")
+    unpacking = trees / (package.tree_name + ".part")
+    shutil.rmtree(unpacking, ignore_errors=True)
+    unpacking.mkdir(parents=True)
+    _run(["dpkg-deb", "-x", str(deb), str(unpacking)], f"unpacking {deb.name}")
+    shutil.rmtree(tree, ignore_errors=True)
+    unpacking.rename(tree)
+    return tree
+
+
+# --------------------------------------------------------------------------- vmlinux
+
+
+@dataclass(frozen=True)
+class PayloadFormat:
+    name: str
+    magic: bytes
+    decompress: tuple[str, ...]  # reads stdin, writes stdout
+
+
+# The compressions a bzImage payload can use that have a CLI on Debian.
+PAYLOAD_FORMATS = (
+    PayloadFormat("lz4", b"\x02\x21\x4c\x18", ("lz4", "-d", "-c")),  # legacy frames
+    PayloadFormat("xz", b"\xfd7zXZ\x00", ("xz", "-d", "-c", "--single-stream")),
+    PayloadFormat("gzip", b"\x1f\x8b\x08", ("gzip", "-d", "-c")),
+    PayloadFormat("zstd", b"\x28\xb5\x2f\xfd", ("zstd", "-d", "-c")),
+)
+MAX_PAYLOAD_ATTEMPTS = 16  # a 3-byte magic also occurs by chance
+
+
+def _bzimage_payload(data: bytes) -> tuple[int, int] | None:
+    """(offset, length) of the compressed payload per the boot protocol header
+    (version 2.08+), or None if this is not such a bzImage."""
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", data, 0x206)[0] < 0x208:
+        return None
+    setup_sects = data[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    return (start, payload_length) if start + payload_length <= len(data) else None
+
+
+def _payload_candidates(data: bytes) -> list[tuple[PayloadFormat, int, int]]:
+    """(format, start, end) to try: the header's payload first, then every
+    place a known magic occurs, in file order."""
+    candidates = []
+    header = _bzimage_payload(data)
+    if header:
+        start, length = header
+        for fmt in PAYLOAD_FORMATS:
+            if data.startswith(fmt.magic, start):
+                candidates.append((fmt, start, start + length))
+    found = []
+    for fmt in PAYLOAD_FORMATS:
+        at = data.find(fmt.magic)
+        while at >= 0:
+            found.append((at, fmt))
+            at = data.find(fmt.magic, at + 1)
+    for at, fmt in sorted(found, key=lambda hit: hit[0]):
+        if not any(at == start for _, start, _ in candidates):
+            candidates.append((fmt, at, len(data)))
+    return candidates[:MAX_PAYLOAD_ATTEMPTS]
+
+
+def _is_x86_elf(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.read(4) != b"\x7fELF":
+            return False
+    try:
+        parse_elf(path.read_bytes(), path)  # also catches a truncated image
+    except BuildError:
+        return False
+    return True
+
+
+def extract_vmlinux(vmlinuz: Path, out: Path) -> str:
+    """Decompress the kernel ELF out of a bzImage into `out`; returns the
+    payload's compression ("lz4", "xz", "gzip" or "zstd").
+
+    The payload is found by the boot protocol header or by its magic, and
+    decompressed with the matching command line tool. The first output that is
+    a whole x86 ELF wins; the tool's exit status is not trusted, as the kernel
+    appends the uncompressed size after the payload and e.g. lz4 exits 1 on it.
+    """
+    try:
+        data = Path(vmlinuz).read_bytes()
+    except OSError as e:
+        raise BuildError(f"{vmlinuz}: cannot read: {e.strerror}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    missing_tools = set()
+    try:
+        for fmt, start, end in _payload_candidates(data):
+            if shutil.which(fmt.decompress[0]) is None:
+                missing_tools.add(fmt.decompress[0])
+                continue
+            with tmp.open("wb") as sink:
+                subprocess.run(fmt.decompress, input=data[start:end], stdout=sink, stderr=subprocess.DEVNULL)
+            if _is_x86_elf(tmp):
+                tmp.replace(out)
+                return fmt.name
+    finally:
+        tmp.unlink(missing_ok=True)
+    if missing_tools:
+        raise BuildError(f"{vmlinuz}: no kernel ELF decompressed; missing tools: {', '.join(sorted(missing_tools))}")
+    raise BuildError(f"{vmlinuz}: no compressed kernel payload found")
+
+
+def kernel_release(kernel_tree: Path) -> str:
+    """The kernel release (`uname -r`) of an unpacked linux-image package."""
+    releases = [p.name.removeprefix("vmlinuz-") for p in (kernel_tree / "boot").glob("vmlinuz-*")]
+    if len(releases) != 1:
+        raise BuildError(f"{kernel_tree}/boot: expected one vmlinuz-*, found {len(releases)}")
+    return releases[0]
+
+
+def has_symbols(system_map: Path) -> bool:
+    """Whether a System.map file lists symbols. Debian ships a one-line
+    placeholder pointing at the -dbg package instead, which is no use."""
+    try:
+        with system_map.open("rb") as f:
+            head = f.read(4096).splitlines()
+    except OSError:
+        return False
+    return sum(bool(re.fullmatch(rb"[0-9a-fA-F]+ [A-Za-z] \S+", line)) for line in head) >= 2
+
+
+def modules_dir(kernel_tree: Path, release: str) -> Path | None:
+    """lib/modules/<release> of an unpacked kernel package, if it has one."""
+    for base in ("lib/modules", "usr/lib/modules"):
+        if (kernel_tree / base / release).is_dir():
+            return kernel_tree / base / release
+    return None
+
+
+# --------------------------------------------------------------------------- cpio newc
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One archive member. `mode` includes the file type bits; `data` is the
+    content of a file or the target of a symlink."""
+
+    path: str  # relative, no leading slash
+    mode: int
+    data: bytes = b""
+    rdev: tuple[int, int] = (0, 0)
+
+
+def _pad4(n: int) -> bytes:
+    return b"\0" * (-n % 4)
+
+
+def _newc_member(ino: int, name: str, mode: int, data: bytes, rdev: tuple[int, int], nlink: int) -> bytes:
+    encoded = name.encode() + b"\0"
+    fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)  # uid/gid root, mtime 0: reproducible
+    return header + encoded + _pad4(len(header) + len(encoded)) + data + _pad4(len(data))
+
+
+def write_newc(entries: Iterable[CpioEntry]) -> bytes:
+    """An uncompressed cpio archive in the "newc" format the kernel unpacks
+    into its rootfs. Parents must come before their contents."""
+    members = []
+    for ino, e in enumerate(entries, start=1):
+        # nlink 1 for files: the kernel treats nlink >= 2 as a hard link set.
+        nlink = 2 if stat.S_ISDIR(e.mode) else 1
+        members.append(_newc_member(ino, e.path.lstrip("/"), e.mode, e.data, e.rdev, nlink))
+    members.append(_newc_member(0, "TRAILER!!!", 0, b"", (0, 0), 1))
+    return b"".join(members)
+
+
+class Initramfs:
+    """An initramfs being assembled. Paths are absolute or relative to /;
+    missing parent directories are added first; adding a path again replaces
+    it in place."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, CpioEntry] = {}
+
+    def __contains__(self, path: str) -> bool:
+        return path.strip("/") in self._entries
+
+    def _add(self, path: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        path = path.strip("/")
+        if not path or ".." in path.split("/"):
+            raise BuildError(f"initramfs: bad path {path!r}")
+        parent = path.rpartition("/")[0]
+        if parent and parent not in self._entries:
+            self.add_dir(parent)
+        self._entries[path] = CpioEntry(path, mode, data, rdev)
+
+    def add_dir(self, path: str, perm: int = 0o755) -> None:
+        self._add(path, stat.S_IFDIR | perm)
+
+    def add_file(self, path: str, data: bytes, perm: int = 0o644) -> None:
+        self._add(path, stat.S_IFREG | perm, data)
+
+    def add_symlink(self, path: str, target: str) -> None:
+        self._add(path, stat.S_IFLNK | 0o777, target.encode())
+
+    def add_char_device(self, path: str, major: int, minor: int, perm: int = 0o600) -> None:
+        self._add(path, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def to_bytes(self, compress: bool = False) -> bytes:
+        archive = write_newc(self._entries.values())
+        return gzip.compress(archive, mtime=0) if compress else archive
+
+
+# --------------------------------------------------------------------------- kernel modules
+
+
+@dataclass(frozen=True)
+class KernelModule:
+    name: str  # as the kernel knows it: dashes become underscores
+    relpath: str  # under lib/modules/<release>, always ending in .ko
+    data: bytes  # uncompressed, loadable by busybox insmod
+    depends: tuple[str, ...]
+
+
+MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
+
+
+def _module_name(filename: str) -> str:
+    base = filename.rpartition("/")[2]
+    for suffix in MODULE_SUFFIXES:
+        base = base.removesuffix(suffix)
+    return base.replace("-", "_")
+
+
+def _decompress_module(path: Path) -> bytes:
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(path.read_bytes())
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(path.read_bytes())
+    if path.name.endswith(".ko.zst"):
+        try:
+            proc = subprocess.run(["zstd", "-d", "-c", str(path)], capture_output=True)
+        except FileNotFoundError:
+            raise BuildError(f"{path.name}: `zstd` is needed to decompress it") from None
+        if proc.returncode != 0:
+            raise BuildError(f"{path.name}: zstd failed: {_most_telling_line(proc.stderr.decode(errors='replace'))}")
+        return proc.stdout
+    return path.read_bytes()
+
+
+def _module_depends(data: bytes) -> tuple[str, ...]:
+    # .modinfo holds NUL-separated key=value strings; depends= is comma-separated.
+    match = re.search(rb"(?:^|\0)depends=([^\0]*)\0", data)
+    return tuple(d.decode().replace("-", "_") for d in match.group(1).split(b",") if d) if match else ()
+
+
+def collect_modules(modules_root: Path, names: Iterable[str]) -> list[KernelModule]:
+    """The named modules and everything they depend on (from their .modinfo),
+    decompressed, in load order: dependencies first. Names may be module
+    names (virtio_net, virtio-net, virtio_net.ko) or paths under modules_root."""
+    index: dict[str, Path] = {}
+    for path in sorted(modules_root.rglob("*.ko*")):
+        if path.name.endswith(MODULE_SUFFIXES):
+            index.setdefault(_module_name(path.name), path)
+    ordered: list[KernelModule] = []
+    seen: set[str] = set()  # also stops a (never loadable) dependency cycle
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        if name not in index:
+            raise BuildError(f"kernel module {name} not found under {modules_root}")
+        seen.add(name)
+        path = index[name]
+        data = _decompress_module(path)
+        deps = _module_depends(data)
+        for dep in deps:
+            visit(dep)
+        relpath = str(path.relative_to(modules_root))
+        relpath = relpath[: relpath.rindex(".ko")] + ".ko"
+        ordered.append(KernelModule(name, relpath, data, deps))
+
+    for name in names:
+        visit(_module_name(name))
+    return ordered
+
+
+def _modules_dep(modules: Sequence[KernelModule]) -> str:
+    """modules.dep as depmod writes it: each module's transitive dependencies,
+    the one to load first listed last (busybox modprobe loads them in reverse)."""
+    position = {m.name: i for i, m in enumerate(modules)}
+    by_name = {m.name: m for m in modules}
+    lines = []
+    for m in modules:
+        needed: set[str] = set()
+        stack = list(m.depends)
+        while stack:
+            dep = stack.pop()
+            if dep not in needed:
+                needed.add(dep)
+                stack.extend(by_name[dep].depends)
+        deps = sorted(needed, key=position.__getitem__, reverse=True)
+        lines.append(f"{m.relpath}: {' '.join(by_name[d].relpath for d in deps)}".rstrip())
+    return "".join(line + "\n" for line in lines)
+
+
+# --------------------------------------------------------------------------- initramfs
+
+
+def busybox_applets(busybox: Path) -> list[str]:
+    """The applets this busybox binary provides (`busybox --list`)."""
+    try:
+        proc = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return list(FALLBACK_APPLETS)  # e.g. not an x86-64 host
+    applets = [a for a in proc.stdout.split() if a != "busybox" and "/" not in a]
+    return applets if proc.returncode == 0 and applets else list(FALLBACK_APPLETS)
+
+
+def _extra_file_perm(data: bytes) -> int:
+    return 0o755 if data.startswith((b"#!", b"\x7fELF")) else 0o644
+
+
+def build_initramfs(
+    out: Path,
+    busybox: Path,
+    init_script: str = DEFAULT_INIT,
+    *,
+    extra_files: Mapping[str, bytes] | None = None,
+    modules: Sequence[str] = (),
+    modules_root: Path | None = None,
+    compress: bool = False,
+) -> Path:
+    """Write a busybox initramfs to `out` and return `out`.
+
+    It holds /bin/busybox with every applet linked in /bin, the usual empty
+    directories, /dev/console and /dev/null, and `init_script` as /init
+    ("#!/bin/sh" is prepended if it has no #! line). `modules` are copied from
+    `modules_root` (lib/modules/<release> of the kernel package) with their
+    dependencies, decompressed, plus a modules.dep for busybox modprobe.
+    `extra_files` (archive path -> content) are added last and may replace
+    anything; scripts and ELF files among them are made executable.
+    Uncompressed by default: the guest runs emulated, and gunzip would cost it
+    more than copying the larger archive costs us.
+    """
+    fs = Initramfs()
+    for d in ("bin", "dev", "etc", "proc", "root", "sys"):
+        fs.add_dir(d)
+    fs.add_dir("tmp", 0o1777)
+    fs.add_char_device("dev/console", 5, 1)
+    fs.add_char_device("dev/null", 1, 3, 0o666)
+    try:
+        fs.add_file("bin/busybox", Path(busybox).read_bytes(), 0o755)
+    except OSError as e:
+        raise BuildError(f"{busybox}: cannot read: {e.strerror}") from None
+    for applet in busybox_applets(busybox):
+        fs.add_symlink(f"bin/{applet}", "busybox")
+    if not init_script.startswith("#!"):
+        init_script = "#!/bin/sh\n" + init_script
+    fs.add_file("init", init_script.encode(), 0o755)
+    if modules:
+        if modules_root is None:
+            raise BuildError("kernel modules were asked for but the kernel package has none")
+        release_dir = f"lib/modules/{modules_root.name}"
+        collected = collect_modules(modules_root, modules)
+        for module in collected:
+            fs.add_file(f"{release_dir}/{module.relpath}", module.data)
+        fs.add_file(f"{release_dir}/modules.dep", _modules_dep(collected).encode())
+        builtin = modules_root / "modules.builtin"
+        if builtin.is_file():  # lets modprobe say "builtin" rather than "not found"
+            fs.add_file(f"{release_dir}/modules.builtin", builtin.read_bytes())
+    for path, data in (extra_files or {}).items():
+        fs.add_file(path, data, _extra_file_perm(data))
+    _write_atomically(Path(out), fs.to_bytes(compress))
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- the default guest
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """A prepared guest: boot `vmlinux` with `initrd` as its module."""
+
+    vmlinux: Path
+    initrd: Path
+    system_map: Path | None
+    kernel_version: str  # the release, as `uname -r` prints it
+    kernel_package: str = ""  # "<name> <version>" of the Debian package
+    payload_compression: str = ""  # how the bzImage payload was compressed
+
+
+MANIFEST = "default-guest.json"
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        manifest["kernel"] = DebPackage(**manifest["kernel"])
+        manifest["busybox"] = DebPackage(**manifest["busybox"])
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _initrd_key(init_script: str, modules: Sequence[str], extra_files: Mapping[str, bytes], inputs: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([INITRD_FORMAT, inputs, init_script, list(modules)]).encode())
+    for path, data in sorted(extra_files.items()):
+        digest.update(f"\0{path}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest()[:16]
+
+
+def prepare_default_guest(
+    init_script: str | None = None,
+    modules: Sequence[str] = (),
+    force: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> GuestFiles:
+    """The default guest: Debian's cloud kernel and a busybox initramfs
+    running `init_script` (default: DEFAULT_INIT, which prints
+    "PVHVM-INIT-OK uptime=..." and powers off).
+
+    The first call downloads linux-image-<release>-cloud-amd64 and
+    busybox-static and pins them in the cache; later calls reuse them without
+    network or apt. force=True resolves, downloads and rebuilds everything
+    again. An initrd is built once per distinct init script, module list and
+    extra files (their hash is in its file name).
+    """
+    root = cache_dir()
+    pinned = None if force else _read_manifest(root)
+    if pinned:
+        kernel_pkg, busybox_pkg = pinned["kernel"], pinned["busybox"]
+    else:
+        ensure_apt_lists()
+        kernel_pkg, busybox_pkg = resolve_kernel_package(), resolve_package(BUSYBOX_PACKAGE)
+    kernel_tree = fetch_package(kernel_pkg, root, force)
+    busybox_tree = fetch_package(busybox_pkg, root, force)
+
+    release = kernel_release(kernel_tree)
+    kernel_dir = root / "kernels" / release
+    vmlinux = kernel_dir / "vmlinux"
+    compression = pinned.get("compression", "") if pinned else ""
+    if force or not vmlinux.is_file() or not compression:
+        _progress(f"decompressing vmlinuz-{release}")
+        compression = extract_vmlinux(kernel_tree / "boot" / f"vmlinuz-{release}", vmlinux)
+    system_map = None
+    map_source = kernel_tree / "boot" / f"System.map-{release}"
+    if has_symbols(map_source):
+        system_map = kernel_dir / "System.map"
+        if force or not system_map.is_file():
+            shutil.copyfile(map_source, system_map)
+
+    manifest = {"kernel": asdict(kernel_pkg), "busybox": asdict(busybox_pkg), "release": release}
+    manifest["compression"] = compression
+    _write_atomically(root / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+    init_script = DEFAULT_INIT if init_script is None else init_script
+    extra_files = dict(extra_files or {})
+    inputs = {"kernel": asdict(kernel_pkg), "busybox": asdict(busybox_pkg)}
+    initrd = root / "initrds" / f"initrd-{_initrd_key(init_script, modules, extra_files, inputs)}.cpio"
+    if force or not initrd.is_file():
+        _progress(f"building {initrd.name}")
+        build_initramfs(
+            initrd,
+            busybox_tree / "bin" / "busybox",
+            init_script,
+            extra_files=extra_files,
+            modules=modules,
+            modules_root=modules_dir(kernel_tree, release),
+        )
+    return GuestFiles(
+        vmlinux, initrd, system_map, release, f"{kernel_pkg.name} {kernel_pkg.version}", compression
+    )

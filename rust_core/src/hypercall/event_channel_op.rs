@@ -1,0 +1,169 @@
+//! HYPERVISOR_event_channel_op (event_channel.h), 2-level ABI only.
+
+use super::{Call, HcResult, DOMID_SELF};
+use crate::abi::errno;
+use crate::vcpu::VcpuExit;
+use crate::xen::evtchn::{virq_is_per_vcpu, EvtchnError, PortState, NR_VIRQS};
+
+const BIND_INTERDOMAIN: u64 = 0;
+const BIND_VIRQ: u64 = 1;
+const CLOSE: u64 = 3;
+const SEND: u64 = 4;
+const STATUS: u64 = 5;
+const ALLOC_UNBOUND: u64 = 6;
+const BIND_IPI: u64 = 7;
+const BIND_VCPU: u64 = 8;
+const UNMASK: u64 = 9;
+
+// EVTCHNSTAT_*
+const STAT_CLOSED: u32 = 0;
+const STAT_UNBOUND: u32 = 1;
+const STAT_INTERDOMAIN: u32 = 2;
+const STAT_VIRQ: u32 = 4;
+const STAT_IPI: u32 = 5;
+
+fn map_err(e: EvtchnError) -> i64 {
+    match e {
+        EvtchnError::Invalid => errno::EINVAL,
+        EvtchnError::NoSpace => errno::ENOSPC,
+        EvtchnError::Busy => errno::EBUSY,
+    }
+}
+
+pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
+    let [cmd, arg, ..] = args;
+    let nr_vcpus = c.xen.vcpus.len() as u32;
+    match cmd {
+        BIND_VIRQ => {
+            // struct evtchn_bind_virq { uint32_t virq; uint32_t vcpu; evtchn_port_t port; }
+            let virq = c.guest.read_u32(arg)?;
+            let vcpu = c.guest.read_u32(arg + 4)?;
+            if virq >= NR_VIRQS || (!virq_is_per_vcpu(virq) && vcpu != 0) {
+                return Err(errno::EINVAL);
+            }
+            if vcpu >= nr_vcpus {
+                return Err(errno::ENOENT);
+            }
+            if c.xen.evtchn.find_virq(virq, vcpu).is_some() {
+                return Err(errno::EEXIST);
+            }
+            let port = c.xen.evtchn.alloc(PortState::Virq(virq), vcpu).map_err(map_err)?;
+            c.guest.write_u32(arg + 8, port)?;
+            Ok(0)
+        }
+        BIND_IPI => {
+            // struct evtchn_bind_ipi { uint32_t vcpu; evtchn_port_t port; }
+            let vcpu = c.guest.read_u32(arg)?;
+            if vcpu >= nr_vcpus {
+                return Err(errno::ENOENT);
+            }
+            let port = c.xen.evtchn.alloc(PortState::Ipi, vcpu).map_err(map_err)?;
+            c.guest.write_u32(arg + 4, port)?;
+            Ok(0)
+        }
+        ALLOC_UNBOUND => {
+            // struct evtchn_alloc_unbound { domid_t dom, remote_dom; evtchn_port_t port; }
+            c.check_self(c.guest.read_u16(arg)?)?;
+            let mut remote = c.guest.read_u16(arg + 2)?;
+            if remote == DOMID_SELF {
+                remote = c.xen.domid as u16;
+            }
+            let port = c.xen.evtchn.alloc(PortState::Unbound { remote }, 0).map_err(map_err)?;
+            c.guest.write_u32(arg + 4, port)?;
+            Ok(0)
+        }
+        BIND_INTERDOMAIN => {
+            // struct evtchn_bind_interdomain { domid_t remote_dom; evtchn_port_t remote_port; evtchn_port_t local_port; }
+            let mut remote = c.guest.read_u16(arg)?;
+            let remote_port = c.guest.read_u32(arg + 4)?;
+            if remote == DOMID_SELF {
+                remote = c.xen.domid as u16;
+            }
+            if remote as u32 != c.xen.domid {
+                // Host-side ports are bound by the host, not by the guest.
+                return Err(errno::EINVAL);
+            }
+            let peer = c.xen.evtchn.get(remote_port).ok_or(errno::EINVAL)?;
+            if peer.state != (PortState::Unbound { remote }) {
+                return Err(errno::EINVAL);
+            }
+            let local = c.xen.evtchn.alloc(PortState::Interdomain { remote, remote_port }, 0).map_err(map_err)?;
+            c.xen
+                .evtchn
+                .set_state(remote_port, PortState::Interdomain { remote, remote_port: local })
+                .map_err(map_err)?;
+            c.guest.write_u32(arg + 8, local)?;
+            Ok(0)
+        }
+        CLOSE => {
+            let port = c.guest.read_u32(arg)?;
+            c.xen.evtchn.close(port).map_err(map_err)?;
+            Ok(0)
+        }
+        SEND => {
+            let port = c.guest.read_u32(arg)?;
+            if c.xen.guest_send(port).map_err(|_| errno::EINVAL)? {
+                c.exit_with(VcpuExit::Notify);
+            }
+            Ok(0)
+        }
+        STATUS => {
+            // struct evtchn_status { domid_t dom; evtchn_port_t port; uint32_t status; uint32_t vcpu; union {...} u; }
+            c.check_self(c.guest.read_u16(arg)?)?;
+            let port = c.guest.read_u32(arg + 4)?;
+            let mut out = [0u8; 16];
+            let (status, vcpu) = match c.xen.evtchn.get(port) {
+                None if port < crate::xen::evtchn::NR_PORTS => (STAT_CLOSED, 0),
+                None => return Err(errno::EINVAL),
+                Some(p) => {
+                    let s = match p.state {
+                        PortState::Unbound { remote } => {
+                            out[8..10].copy_from_slice(&remote.to_le_bytes());
+                            STAT_UNBOUND
+                        }
+                        PortState::Interdomain { remote, remote_port } => {
+                            out[8..10].copy_from_slice(&remote.to_le_bytes());
+                            out[12..16].copy_from_slice(&remote_port.to_le_bytes());
+                            STAT_INTERDOMAIN
+                        }
+                        PortState::Virq(v) => {
+                            out[8..12].copy_from_slice(&v.to_le_bytes());
+                            STAT_VIRQ
+                        }
+                        PortState::Ipi => STAT_IPI,
+                        PortState::Free => STAT_CLOSED,
+                    };
+                    (s, p.vcpu)
+                }
+            };
+            out[0..4].copy_from_slice(&status.to_le_bytes());
+            out[4..8].copy_from_slice(&vcpu.to_le_bytes());
+            c.guest.write(arg + 8, &out)?;
+            Ok(0)
+        }
+        BIND_VCPU => {
+            // struct evtchn_bind_vcpu { evtchn_port_t port; uint32_t vcpu; }
+            let port = c.guest.read_u32(arg)?;
+            let vcpu = c.guest.read_u32(arg + 4)?;
+            if vcpu >= nr_vcpus {
+                return Err(errno::ENOENT);
+            }
+            let p = c.xen.evtchn.get(port).ok_or(errno::EINVAL)?;
+            match p.state {
+                PortState::Virq(v) if virq_is_per_vcpu(v) => return Err(errno::EINVAL),
+                PortState::Ipi => return Err(errno::EINVAL),
+                _ => {}
+            }
+            c.xen.evtchn.set_vcpu(port, vcpu).map_err(map_err)?;
+            Ok(0)
+        }
+        UNMASK => {
+            let port = c.guest.read_u32(arg)?;
+            c.xen.evtchn.get(port).ok_or(errno::EINVAL)?;
+            c.xen.unmask(port);
+            Ok(0)
+        }
+        // FIFO (init_control, expand_array, set_priority) and reset: not offered.
+        _ => Err(errno::ENOSYS),
+    }
+}

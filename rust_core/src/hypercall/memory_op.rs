@@ -1,0 +1,108 @@
+//! HYPERVISOR_memory_op (memory.h): the memory map, reservation queries, and
+//! placing Xen's pages (shared_info, grant frames) at guest-chosen frames.
+
+use super::{Call, HcResult};
+use crate::abi::errno;
+
+const MEMOP_CMD_MASK: u64 = 0x3f;
+const MAXIMUM_RAM_PAGE: u64 = 2;
+const CURRENT_RESERVATION: u64 = 3;
+const MAXIMUM_RESERVATION: u64 = 4;
+const ADD_TO_PHYSMAP: u64 = 7;
+const MEMORY_MAP: u64 = 9;
+const REMOVE_FROM_PHYSMAP: u64 = 15;
+
+const SPACE_SHARED_INFO: u32 = 0;
+const SPACE_GRANT_TABLE: u32 = 1;
+/// XENMAPIDX_grant_table_status: the index names a v2 status frame.
+const IDX_GRANT_STATUS: u64 = 1 << 31;
+/// Grant frames a domU may map (Xen's default max_grant_frames).
+pub const MAX_GRANT_FRAMES: u32 = 64;
+
+pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
+    let [cmd, arg, ..] = args;
+    match cmd & MEMOP_CMD_MASK {
+        MAXIMUM_RAM_PAGE => {
+            let top = c.xen.ram.regions().iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+            Ok((top >> 12) as i64 - 1)
+        }
+        CURRENT_RESERVATION | MAXIMUM_RESERVATION => {
+            c.check_self(c.guest.read_u16(arg)?)?;
+            Ok((c.xen.ram.size() >> 12) as i64)
+        }
+        MEMORY_MAP => {
+            // struct xen_memory_map { unsigned int nr_entries; XEN_GUEST_HANDLE(void) buffer; }
+            let nr = c.guest.read_u32(arg)? as usize;
+            let buffer = c.guest.read_u64(arg + 8)?;
+            let n = nr.min(c.xen.memory_map.len());
+            let mut bytes = Vec::with_capacity(n * 20);
+            for &(addr, size, kind) in &c.xen.memory_map[..n] {
+                // struct e820entry is packed: 20 bytes.
+                bytes.extend_from_slice(&addr.to_le_bytes());
+                bytes.extend_from_slice(&size.to_le_bytes());
+                bytes.extend_from_slice(&kind.to_le_bytes());
+            }
+            c.guest.write(buffer, &bytes)?;
+            c.guest.write_u32(arg, n as u32)?;
+            Ok(0)
+        }
+        ADD_TO_PHYSMAP => add_to_physmap(c, arg),
+        REMOVE_FROM_PHYSMAP => {
+            // struct xen_remove_from_physmap { domid_t domid; xen_pfn_t gpfn; }
+            c.check_self(c.guest.read_u16(arg)?)?;
+            let gpa = c.guest.read_u64(arg + 8)? << 12;
+            if c.xen.shared_info == Some(gpa) {
+                c.xen.shared_info = None;
+            }
+            for f in c.xen.grant_frames.iter_mut() {
+                if *f == Some(gpa) {
+                    *f = None;
+                }
+            }
+            Ok(0)
+        }
+        _ => Err(errno::ENOSYS),
+    }
+}
+
+fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
+    // struct xen_add_to_physmap { domid_t domid; uint16_t size; unsigned int space;
+    //                             xen_ulong_t idx; xen_pfn_t gpfn; }
+    c.check_self(c.guest.read_u16(arg)?)?;
+    let space = c.guest.read_u32(arg + 4)?;
+    let idx = c.guest.read_u64(arg + 8)?;
+    let gpfn = c.guest.read_u64(arg + 16)?;
+    let gpa = gpfn.checked_mul(4096).ok_or(errno::EINVAL)?;
+    // Xen's pages replace the RAM frame the guest chose; it must be RAM here.
+    if c.xen.ram.slice(gpa, 4096).is_err() {
+        return Err(errno::EINVAL);
+    }
+    match space {
+        SPACE_SHARED_INFO => {
+            if idx != 0 {
+                return Err(errno::EINVAL);
+            }
+            c.xen.place_shared_info(gpa);
+            Ok(0)
+        }
+        SPACE_GRANT_TABLE => {
+            if idx & IDX_GRANT_STATUS != 0 {
+                return Err(errno::EINVAL); // v2 status frames: not offered yet
+            }
+            if idx >= MAX_GRANT_FRAMES as u64 {
+                return Err(errno::EINVAL);
+            }
+            let i = idx as usize;
+            if c.xen.grant_frames.len() <= i {
+                c.xen.grant_frames.resize(i + 1, None);
+            }
+            if c.xen.grant_frames[i].is_none() {
+                // A fresh grant frame holds no grants.
+                c.xen.ram.slice_mut(gpa, 4096).expect("checked").fill(0);
+            }
+            c.xen.grant_frames[i] = Some(gpa);
+            Ok(0)
+        }
+        _ => Err(errno::EINVAL),
+    }
+}

@@ -1,0 +1,358 @@
+"""The default guest's preparation: the cpio writer, the initramfs layout,
+kernel modules, bzImage payload decompression, and (slow) the real thing
+from Debian packages."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import PVH_NOTE, make_elf64
+from pvhvm.builder import load_elf
+from pvhvm.errors import BuildError
+from pvhvm.images import (
+    DEFAULT_INIT,
+    CpioEntry,
+    DebPackage,
+    Initramfs,
+    build_initramfs,
+    cache_dir,
+    collect_modules,
+    extract_vmlinux,
+    fetch_package,
+    has_symbols,
+    prepare_default_guest,
+    resolve_package,
+    write_newc,
+)
+from pvhvm.images import _payload_candidates
+
+needs = {tool: pytest.mark.skipif(shutil.which(tool) is None, reason=f"no {tool}") for tool in ("lz4", "zstd", "xz")}
+
+
+# --------------------------------------------------------------------------- a tiny newc reader
+
+
+def read_newc(archive: bytes) -> dict[str, dict]:
+    """Parse a newc archive independently of the writer: name -> fields."""
+    members, off = {}, 0
+    while True:
+        assert off % 4 == 0
+        assert archive[off : off + 6] == b"070701", f"bad magic at {off}"
+        fields = [int(archive[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
+        ino, mode, uid, gid, nlink, mtime, size, _, _, rmaj, rmin, namesize, _ = fields
+        name_end = off + 110 + namesize
+        assert archive[name_end - 1] == 0, "name is not NUL-terminated"
+        name = archive[off + 110 : name_end - 1].decode()
+        data_start = name_end + (-name_end % 4)
+        data = archive[data_start : data_start + size]
+        off = data_start + size + (-size % 4)
+        if name == "TRAILER!!!":
+            assert off == len(archive)
+            return members
+        assert name not in members
+        members[name] = dict(ino=ino, mode=mode, uid=uid, gid=gid, nlink=nlink, mtime=mtime, data=data,
+                             rdev=(rmaj, rmin))
+
+
+def fake_busybox(tmp_path: Path, applets: list[str]) -> Path:
+    """A script standing in for busybox: answers --list like the real one."""
+    path = tmp_path / "busybox"
+    path.write_text("#!/bin/sh\n" + "".join(f"echo '{a}'\n" for a in applets))
+    path.chmod(0o755)
+    return path
+
+
+# --------------------------------------------------------------------------- cpio
+
+
+def test_newc_round_trip_keeps_types_modes_and_data():
+    fs = Initramfs()
+    fs.add_file("etc/motd", b"hello\n")  # parent added on the fly
+    fs.add_file("/bin/tool", b"\x7fELF....", 0o755)
+    fs.add_symlink("bin/sh", "busybox")
+    fs.add_char_device("dev/console", 5, 1)
+    fs.add_dir("tmp", 0o1777)
+    members = read_newc(fs.to_bytes())
+
+    assert list(members) == ["etc", "etc/motd", "bin", "bin/tool", "bin/sh", "dev", "dev/console", "tmp"]
+    assert members["etc/motd"]["mode"] == stat.S_IFREG | 0o644 and members["etc/motd"]["data"] == b"hello\n"
+    assert members["bin/tool"]["mode"] == stat.S_IFREG | 0o755
+    assert members["bin/sh"]["mode"] == stat.S_IFLNK | 0o777 and members["bin/sh"]["data"] == b"busybox"
+    assert stat.S_ISCHR(members["dev/console"]["mode"]) and members["dev/console"]["rdev"] == (5, 1)
+    assert members["tmp"]["mode"] == stat.S_IFDIR | 0o1777
+    assert all(m["uid"] == m["gid"] == m["mtime"] == 0 for m in members.values())
+    assert [m["nlink"] for m in members.values()] == [2, 1, 2, 1, 1, 2, 1, 2]
+    assert len({m["ino"] for m in members.values()}) == len(members)
+
+
+@pytest.mark.parametrize("name_len", range(1, 9))
+@pytest.mark.parametrize("data_len", [0, 1, 2, 3, 4, 5])
+def test_newc_padding_for_every_name_and_data_length(name_len, data_len):
+    entry = CpioEntry("n" * name_len, stat.S_IFREG | 0o600, b"d" * data_len)
+    archive = write_newc([entry])
+    assert len(archive) % 4 == 0
+    assert read_newc(archive)["n" * name_len]["data"] == b"d" * data_len
+
+
+def test_initramfs_replaces_a_path_in_place_and_rejects_escapes():
+    fs = Initramfs()
+    fs.add_file("init", b"one")
+    fs.add_file("etc/x", b"")
+    fs.add_file("init", b"two", 0o755)
+    members = read_newc(fs.to_bytes())
+    assert list(members) == ["init", "etc", "etc/x"] and members["init"]["data"] == b"two"
+    for bad in ("", "/", "a/../../etc"):
+        with pytest.raises(BuildError):
+            fs.add_file(bad, b"")
+
+
+def test_compressed_initramfs_is_gzip_of_the_same_archive():
+    fs = Initramfs()
+    fs.add_file("init", b"#!/bin/sh\n", 0o755)
+    assert gzip.decompress(fs.to_bytes(compress=True)) == fs.to_bytes()
+    assert fs.to_bytes(compress=True) == fs.to_bytes(compress=True)  # reproducible
+
+
+@pytest.mark.skipif(not (shutil.which("cpio") or shutil.which("bsdcpio")), reason="no cpio or bsdcpio")
+def test_system_cpio_lists_our_archive(tmp_path):
+    out = build_initramfs(tmp_path / "i.cpio", fake_busybox(tmp_path, ["sh", "ls"]))
+    listing = subprocess.run([shutil.which("cpio") or shutil.which("bsdcpio"), "-t"], input=out.read_bytes(),
+                             capture_output=True, check=True).stdout.decode().split()
+    assert {"init", "bin/busybox", "bin/sh", "dev/console"} <= set(listing)
+
+
+# --------------------------------------------------------------------------- initramfs layout
+
+
+def test_build_initramfs_layout(tmp_path):
+    busybox = fake_busybox(tmp_path, ["[", "sh", "mount", "poweroff", "busybox", "udhcpc"])
+    extra = {"etc/hostname": b"guest\n", "/bin/hello": b"#!/bin/sh\necho hi\n"}
+    out = build_initramfs(tmp_path / "initrd.cpio", busybox, "echo marker\npoweroff -f\n", extra_files=extra)
+    m = read_newc(out.read_bytes())
+
+    # "busybox" is in its own applet list but must stay the binary, not a self-link.
+    assert m["bin/busybox"]["data"] == busybox.read_bytes() and m["bin/busybox"]["mode"] == stat.S_IFREG | 0o755
+    for applet in ("[", "sh", "mount", "poweroff", "udhcpc"):
+        assert m[f"bin/{applet}"]["mode"] == stat.S_IFLNK | 0o777 and m[f"bin/{applet}"]["data"] == b"busybox"
+    for d in ("proc", "sys", "dev", "tmp", "etc", "root", "bin"):
+        assert stat.S_ISDIR(m[d]["mode"])
+    assert m["dev/console"]["mode"] == stat.S_IFCHR | 0o600 and m["dev/console"]["rdev"] == (5, 1)
+    assert m["dev/null"]["mode"] == stat.S_IFCHR | 0o666 and m["dev/null"]["rdev"] == (1, 3)
+    assert m["init"]["mode"] == stat.S_IFREG | 0o755
+    assert m["init"]["data"] == b"#!/bin/sh\necho marker\npoweroff -f\n"  # shebang added
+    assert m["etc/hostname"]["mode"] == stat.S_IFREG | 0o644
+    assert m["bin/hello"]["mode"] == stat.S_IFREG | 0o755
+
+
+def test_default_init_prints_the_marker_and_powers_off(tmp_path):
+    out = build_initramfs(tmp_path / "initrd.cpio", fake_busybox(tmp_path, ["sh"]))
+    init = read_newc(out.read_bytes())["init"]["data"].decode()
+    assert init == DEFAULT_INIT and init.startswith("#!/bin/sh\n")
+    assert 'PVHVM-INIT-OK uptime=$(cut -d\' \' -f1 /proc/uptime)' in init
+    assert "mount -t devtmpfs" in init and init.rstrip().endswith("poweroff -f")
+
+
+# --------------------------------------------------------------------------- kernel modules
+
+
+def fake_module(name: str, depends: str) -> bytes:
+    return b"\x7fELF" + b"\0" * 60 + b"license=GPL\0depends=" + depends.encode() + b"\0name=" + name.encode() + b"\0"
+
+
+@pytest.fixture
+def module_tree(tmp_path) -> Path:
+    root = tmp_path / "lib/modules/6.1.0-test"
+    (root / "kernel/net").mkdir(parents=True)
+    (root / "kernel/lib").mkdir(parents=True)
+    (root / "kernel/net/net-top.ko").write_bytes(fake_module("net_top", "mid,base"))
+    (root / "kernel/lib/mid.ko.xz").write_bytes(lzma.compress(fake_module("mid", "base")))
+    (root / "kernel/lib/base.ko").write_bytes(fake_module("base", ""))
+    (root / "kernel/lib/lonely.ko").write_bytes(fake_module("lonely", ""))
+    (root / "modules.builtin").write_text("kernel/lib/builtin.ko\n")
+    return root
+
+
+def test_modules_come_with_their_dependencies_in_load_order(module_tree):
+    modules = collect_modules(module_tree, ["net-top"])
+    assert [m.name for m in modules] == ["base", "mid", "net_top"]
+    assert [m.relpath for m in modules] == ["kernel/lib/base.ko", "kernel/lib/mid.ko", "kernel/net/net-top.ko"]
+    assert all(m.data.startswith(b"\x7fELF") for m in modules)  # the .xz one decompressed
+    with pytest.raises(BuildError, match="nosuch"):
+        collect_modules(module_tree, ["nosuch"])
+
+
+@needs["zstd"]
+def test_zstd_module_is_decompressed(module_tree):
+    plain = module_tree / "kernel/lib/lonely.ko"
+    subprocess.run(["zstd", "-q", "--rm", str(plain)], check=True)
+    module = collect_modules(module_tree, ["lonely.ko"])[0]
+    assert module.relpath == "kernel/lib/lonely.ko" and module.data == fake_module("lonely", "")
+
+
+def test_initramfs_modules_and_modules_dep(tmp_path, module_tree):
+    out = build_initramfs(tmp_path / "i.cpio", fake_busybox(tmp_path, ["sh"]), modules=["net_top", "lonely"],
+                          modules_root=module_tree)
+    m = read_newc(out.read_bytes())
+    base = "lib/modules/6.1.0-test"
+    assert m[f"{base}/kernel/lib/mid.ko"]["data"] == fake_module("mid", "base")
+    # busybox modprobe loads a line's dependencies from the last one back.
+    assert m[f"{base}/modules.dep"]["data"].decode().splitlines() == [
+        "kernel/lib/base.ko:",
+        "kernel/lib/mid.ko: kernel/lib/base.ko",
+        "kernel/net/net-top.ko: kernel/lib/mid.ko kernel/lib/base.ko",
+        "kernel/lib/lonely.ko:",
+    ]
+    assert m[f"{base}/modules.builtin"]["data"] == b"kernel/lib/builtin.ko\n"
+    with pytest.raises(BuildError, match="modules"):
+        build_initramfs(tmp_path / "j.cpio", fake_busybox(tmp_path, ["sh"]), modules=["lonely"])
+
+
+# --------------------------------------------------------------------------- vmlinux extraction
+
+
+TINY_ELF = make_elf64([(0x1000000, b"\x90" * 4096)], [(PVH_NOTE, struct.pack("<I", 0x1000000))], entry=0x1000000)
+
+
+def compress(fmt: str, data: bytes) -> bytes:
+    if fmt == "gzip":
+        return gzip.compress(data)
+    cmd = {"lz4": ["lz4", "-l", "-c"], "xz": ["xz", "-c", "--check=crc32"], "zstd": ["zstd", "-c", "-q"]}[fmt]
+    return subprocess.run(cmd, input=data, capture_output=True, check=True).stdout
+
+
+def noise(n: int) -> bytes:
+    """Random bytes that cannot start a magic number (or "HdrS")."""
+    return os.urandom(n).translate(bytes(0 if b in b"\x02\xfd\x1f\x28H" else b for b in range(256)))
+
+
+def fake_bzimage(payload: bytes, uncompressed_len: int, with_header: bool) -> bytes:
+    """Random setup code, then the payload followed by the uncompressed size
+    (as the kernel build appends it), then more random bytes."""
+    prefix = bytearray(noise(4 * 512))
+    blob = payload + struct.pack("<I", uncompressed_len)
+    if with_header:
+        prefix[0x1F1] = 3  # setup sectors: the protected-mode part starts at 4 * 512
+        prefix[0x202:0x208] = b"HdrS" + struct.pack("<H", 0x20F)
+        prefix[0x248:0x250] = struct.pack("<II", 0x40, len(blob))
+        prefix += noise(0x40)
+    return bytes(prefix) + blob + noise(300)
+
+
+@pytest.mark.parametrize("with_header", [False, True], ids=["scan", "header"])
+@pytest.mark.parametrize(
+    "fmt", ["gzip", pytest.param("lz4", marks=needs["lz4"]), pytest.param("xz", marks=needs["xz"]),
+            pytest.param("zstd", marks=needs["zstd"])]
+)
+def test_extract_vmlinux_finds_and_decompresses_the_payload(tmp_path, fmt, with_header):
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(fake_bzimage(compress(fmt, TINY_ELF), len(TINY_ELF), with_header))
+    out = tmp_path / "out" / "vmlinux"
+    assert extract_vmlinux(vmlinuz, out) == fmt
+    assert out.read_bytes() == TINY_ELF
+    assert load_elf(out).phys32_entry == 0x1000000
+    assert not list(out.parent.glob("*.part"))
+
+
+def test_the_boot_protocol_header_payload_is_tried_first(tmp_path):
+    image = fake_bzimage(gzip.compress(TINY_ELF), len(TINY_ELF), with_header=True)
+    decoy = gzip.compress(b"decoy")
+    image = image[:0x300] + decoy + image[0x300 + len(decoy):]  # a payload magic before the real one
+    fmt, start, end = _payload_candidates(image)[0]
+    assert (fmt.name, start) == ("gzip", 4 * 512 + 0x40) and end == start + len(gzip.compress(TINY_ELF)) + 4
+
+
+def test_extract_vmlinux_skips_a_payload_that_is_not_an_elf(tmp_path):
+    decoy = gzip.compress(b"not a kernel" * 100)
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(noise(64) + decoy + gzip.compress(TINY_ELF) + b"\0" * 4)
+    assert extract_vmlinux(vmlinuz, tmp_path / "vmlinux") == "gzip"
+    assert (tmp_path / "vmlinux").read_bytes() == TINY_ELF
+
+
+def test_extract_vmlinux_without_payload_is_a_build_error(tmp_path):
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(b"\0" * 8192)
+    with pytest.raises(BuildError, match="no compressed kernel payload found"):
+        extract_vmlinux(vmlinuz, tmp_path / "vmlinux")
+    assert not (tmp_path / "vmlinux").exists()
+    with pytest.raises(BuildError, match="cannot read"):
+        extract_vmlinux(tmp_path / "missing", tmp_path / "vmlinux")
+
+
+# --------------------------------------------------------------------------- cache, apt, System.map
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("PVHVM_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "pvhvm"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "pvhvm"
+    monkeypatch.setenv("PVHVM_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_debian_system_map_placeholder_is_not_symbols(tmp_path):
+    placeholder = tmp_path / "placeholder"
+    placeholder.write_text("ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n")
+    real = tmp_path / "real"
+    real.write_text("ffffffff81000000 T _stext\nffffffff81000000 T startup_64\n")
+    assert not has_symbols(placeholder) and has_symbols(real) and not has_symbols(tmp_path / "missing")
+
+
+@pytest.mark.skipif(shutil.which("apt-cache") is None, reason="no apt")
+def test_unknown_package_is_a_one_line_build_error():
+    with pytest.raises(BuildError) as info:
+        resolve_package("pvhvm-no-such-package")
+    assert "\n" not in str(info.value)
+
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="no apt")
+def test_download_failure_is_a_one_line_build_error(tmp_path):
+    with pytest.raises(BuildError, match="downloading busybox-static failed") as info:
+        fetch_package(DebPackage("busybox-static", "0.0-pvhvm-none", "amd64"), tmp_path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "packages").exists()
+
+
+# --------------------------------------------------------------------------- the real default guest
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt (Debian)")
+def test_prepare_default_guest_for_real(capfd):
+    guest = prepare_default_guest()
+    capfd.readouterr()
+
+    image = load_elf(guest.vmlinux)
+    assert (image.elf_class, image.machine) == (64, 62)
+    assert image.phys32_entry is not None  # XEN_ELFNOTE_PHYS32_ENTRY: bootable as PVH
+    assert guest.kernel_package.startswith(f"linux-image-{guest.kernel_version} ")
+    assert guest.system_map is None or has_symbols(guest.system_map)
+    members = read_newc(guest.initrd.read_bytes())
+    assert members["init"]["data"] == DEFAULT_INIT.encode()
+    assert members["bin/busybox"]["data"].startswith(b"\x7fELF")
+    assert {"sh", "mount", "poweroff", "udhcpc", "insmod", "modprobe", "wget"} <= {
+        name.removeprefix("bin/") for name, m in members.items() if stat.S_ISLNK(m["mode"])
+    }
+
+    # Cached: the same files, nothing downloaded or rebuilt.
+    assert prepare_default_guest() == guest
+    assert "pvhvm:" not in capfd.readouterr().err
+
+    # A different init script or module list gets its own initrd.
+    other = prepare_default_guest("echo other\npoweroff -f\n", modules=["xen-netfront"])
+    assert other.initrd != guest.initrd and other.vmlinux == guest.vmlinux
+    members = read_newc(other.initrd.read_bytes())
+    assert any(name.endswith("/xen-netfront.ko") for name in members)
+    assert f"lib/modules/{guest.kernel_version}/modules.dep" in members
