@@ -18,8 +18,18 @@ from typing import Callable
 
 from . import _core, hypercalls
 from .builder import PhysLayout, build_start_info, load_elf
+from .builder.acpi import build_acpi_tables
+from .builder.layout import E820_ACPI
 from .builder.start_info import PlacedModule
+from .devices import ConsoleBackend
 from .errors import BuildError
+
+# HVM_PARAM_* the toolstack sets (hvm/params.h).
+HVM_PARAM_STORE_PFN = 1
+HVM_PARAM_STORE_EVTCHN = 2
+HVM_PARAM_CONSOLE_PFN = 17
+HVM_PARAM_CONSOLE_EVTCHN = 18
+PAGE = 4096
 
 
 class ShutdownReason(enum.IntEnum):
@@ -105,6 +115,10 @@ class _Placement:
     initrd: PlacedModule | None = None
     start_info: int = 0
     entry: int = 0
+    acpi: int = 0
+    rsdp: int = 0
+    console_ring: int = 0
+    store_ring: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -142,6 +156,12 @@ class Domain:
         for i, seg in enumerate(self.image.segments):
             layout.reserve(seg.paddr, seg.memsz, f"kernel segment {i}")
         placement = _Placement(self.image.phys_range, entry=entry)
+        # Xen's pages first, at the top of low RAM and out of the guest's RAM map.
+        placement.console_ring = layout.carve(PAGE, "console ring")
+        placement.store_ring = layout.carve(PAGE, "xenstore ring")
+        placement.acpi = layout.carve(PAGE, "ACPI tables", E820_ACPI)
+        acpi = build_acpi_tables(placement.acpi, nr_vcpus=1)
+        placement.rsdp = acpi.rsdp_paddr
 
         initrd_data = None
         if initrd is not None:
@@ -150,7 +170,7 @@ class Domain:
                 raise BuildError(f"{initrd}: initrd is empty")
             paddr = layout.allocate(len(initrd_data), "initrd", top_down=True)
             placement.initrd = PlacedModule(paddr, len(initrd_data))
-        boot = build_start_info(layout, cmdline, [placement.initrd] if placement.initrd else [])
+        boot = build_start_info(layout, cmdline, [placement.initrd] if placement.initrd else [], placement.rsdp)
         placement.start_info = boot.start_info_paddr
         self.layout = layout
         self.placement = placement
@@ -164,37 +184,77 @@ class Domain:
             self._vm.write_phys(placement.initrd.paddr, initrd_data)
         for paddr, blob in boot.blobs:
             self._vm.write_phys(paddr, blob)
+        self._vm.write_phys(placement.acpi, acpi.blob)
+        self._vm.set_memory_map(layout.memory_map())
         self._vm.set_pvh_entry(entry, boot.start_info_paddr)
 
         self._console_sink = console
         self._trace_sink = trace
         self._vm.tracing = trace is not None
         self._console = bytearray()
+        self._hv_console = bytearray()
         self.outcome: Outcome | None = None
+
+        # The PV console (hvc0) and the xenstore ring, as xl sets them up.
+        self.console_port = self._vm.bind_host_port()
+        self.store_port = self._vm.bind_host_port()
+        vm = self._vm
+        vm.set_hvm_param(HVM_PARAM_CONSOLE_PFN, placement.console_ring // PAGE)
+        vm.set_hvm_param(HVM_PARAM_CONSOLE_EVTCHN, self.console_port)
+        vm.set_hvm_param(HVM_PARAM_STORE_PFN, placement.store_ring // PAGE)
+        vm.set_hvm_param(HVM_PARAM_STORE_EVTCHN, self.store_port)
+        self.console = ConsoleBackend(self._page(placement.console_ring),
+                                      notify=lambda: vm.notify_guest(self.console_port), sink=self._on_console)
+        self._services: list[Callable[[], bool]] = [self.console.service]
 
     # -- running ---------------------------------------------------------
 
+    def _page(self, gpa: int) -> memoryview:
+        """A zero-copy view of one page of low guest RAM."""
+        return memoryview(self._vm.memory)[gpa : gpa + PAGE]
+
+    def _on_console(self, data: bytes) -> None:
+        self._console += data
+        if self._console_sink is not None:
+            self._console_sink(data)
+
+    def _on_hv_console(self, data: bytes) -> None:
+        self._hv_console += data
+        # Once hvc0 speaks, earlyprintk's copies on the hypervisor console
+        # would only repeat it: they stay in `hypervisor_console` (xl dmesg).
+        if self.console.bytes_out == 0:
+            self._on_console(data)
+
     def run(self, timeout: float | None = None) -> Outcome:
-        """Run until the guest shuts down, dies or hangs (or `timeout` seconds
-        of wall time pass between two exits)."""
-        start = time.monotonic()
+        """Run until the guest shuts down, dies or hangs, or until `timeout`
+        seconds of wall time have passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             exit = self._vm.run()
             self._drain()
-            outcome = self._handle(exit)
-            if outcome is None and timeout is not None and time.monotonic() - start > timeout:
+            self._vm.take_notifications()
+            # Serve every ring on every exit, not only when notified: a guest
+            # that fills a ring without notifying must still make progress.
+            progressed = False
+            for service in self._services:
+                progressed |= service()
+            outcome = self._handle(exit, progressed)
+            if outcome is None and deadline is not None and time.monotonic() > deadline:
                 outcome = Outcome(OutcomeKind.TIMEOUT, message=f"no shutdown within {timeout} s")
             if outcome is not None:
+                self.console.service()
                 self.outcome = outcome
                 return outcome
 
-    def _handle(self, exit: _core.Exit) -> Outcome | None:
+    def _handle(self, exit: _core.Exit, progressed: bool) -> Outcome | None:
         kind = exit.kind
-        if kind == "console":
+        if kind in ("console", "notify", "kicked"):
             return None
         if kind == "shutdown":
             return Outcome(OutcomeKind.SHUTDOWN, ShutdownReason(exit.reason))
         if kind == "idle":
+            if progressed:
+                return None
             if exit.deadline_ns is not None:
                 delay = (exit.deadline_ns - self._vm.system_time_ns()) / 1e9
                 if delay > 0:
@@ -212,9 +272,7 @@ class Domain:
     def _drain(self) -> None:
         out = self._vm.take_console_output()
         if out:
-            self._console += out
-            if self._console_sink is not None:
-                self._console_sink(out)
+            self._on_hv_console(out)
         if self._trace_sink is not None:
             for rec in self._vm.take_trace():
                 self._trace_sink(_record(rec))
@@ -223,10 +281,18 @@ class Domain:
 
     @property
     def console_output(self) -> bytes:
-        """Everything the guest wrote to its console so far."""
+        """Everything the guest wrote to its consoles so far (hvc0 and the
+        hypervisor console), in arrival order."""
         return bytes(self._console)
 
+    @property
+    def hypervisor_console(self) -> bytes:
+        """What the guest wrote with console_io only (`xl dmesg`)."""
+        return bytes(self._hv_console)
+
     def send_console_input(self, data: bytes) -> None:
+        """Type into hvc0 (and the hypervisor console's read side)."""
+        self.console.send_input(data)
         self._vm.push_console_input(data)
 
     @property

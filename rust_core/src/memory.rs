@@ -51,6 +51,9 @@ pub struct GuestRam {
     base: *mut u8,
     size: u64,
     regions: Vec<RamRegion>,
+    /// Xen-owned pages the guest placed outside RAM (grant frames in the
+    /// guest's unpopulated space): guest-physical page -> host page.
+    overlays: std::sync::Mutex<Vec<(u64, usize)>>,
 }
 
 // The buffer is plain memory; the vCPU and Python may touch it from different
@@ -77,7 +80,7 @@ impl GuestRam {
         if p == libc::MAP_FAILED {
             return Err(MemError::Alloc(size));
         }
-        Ok(Self { base: p as *mut u8, size, regions: layout::ram_regions(size) })
+        Ok(Self { base: p as *mut u8, size, regions: layout::ram_regions(size), overlays: Default::default() })
     }
 
     pub fn size(&self) -> u64 {
@@ -106,15 +109,71 @@ impl GuestRam {
         None
     }
 
+    /// Host address of `[gpa, gpa+len)`: RAM, or within one overlay page.
+    fn host_addr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        if let Some(off) = self.offset_of(gpa, len) {
+            return Some(unsafe { self.base.add(off as usize) });
+        }
+        let page = gpa & !(layout::PAGE_SIZE - 1);
+        let within = gpa - page;
+        if len > layout::PAGE_SIZE - within {
+            return None;
+        }
+        let ov = self.overlays.lock().unwrap();
+        ov.iter().find(|(g, _)| *g == page).map(|&(_, p)| unsafe { (p as *mut u8).add(within as usize) })
+    }
+
     pub fn slice(&self, gpa: u64, len: u64) -> Result<&[u8], MemError> {
-        let off = self.offset_of(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
-        Ok(unsafe { std::slice::from_raw_parts(self.base.add(off as usize), len as usize) })
+        let p = self.host_addr(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
+        Ok(unsafe { std::slice::from_raw_parts(p, len as usize) })
     }
 
     #[allow(clippy::mut_from_ref)]
     pub fn slice_mut(&self, gpa: u64, len: u64) -> Result<&mut [u8], MemError> {
-        let off = self.offset_of(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.base.add(off as usize), len as usize) })
+        let p = self.host_addr(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
+        Ok(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
+    }
+
+    pub fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        self.offset_of(gpa, len).is_some()
+    }
+
+    /// Back the page at `gpa` (not RAM) with a fresh zeroed host page, or
+    /// return the one already there. The caller maps it into the vCPUs.
+    pub fn add_overlay(&self, gpa: u64) -> Result<*mut u8, MemError> {
+        let page = gpa & !(layout::PAGE_SIZE - 1);
+        let mut ov = self.overlays.lock().unwrap();
+        if let Some(&(_, p)) = ov.iter().find(|(g, _)| *g == page) {
+            return Ok(p as *mut u8);
+        }
+        if ov.len() >= MAX_OVERLAYS {
+            return Err(MemError::Alloc(layout::PAGE_SIZE));
+        }
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout::PAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Alloc(layout::PAGE_SIZE));
+        }
+        ov.push((page, p as usize));
+        Ok(p as *mut u8)
+    }
+
+    /// Drop an overlay (after the vCPUs unmapped it). Returns whether one was there.
+    pub fn remove_overlay(&self, gpa: u64) -> bool {
+        let page = gpa & !(layout::PAGE_SIZE - 1);
+        let mut ov = self.overlays.lock().unwrap();
+        let Some(i) = ov.iter().position(|(g, _)| *g == page) else { return false };
+        let (_, p) = ov.remove(i);
+        unsafe { libc::munmap(p as *mut libc::c_void, layout::PAGE_SIZE as usize) };
+        true
     }
 
     /// The whole host buffer (Python's zero-copy view, in host-offset order).
@@ -150,8 +209,14 @@ impl PhysMem for &GuestRam {
 impl Drop for GuestRam {
     fn drop(&mut self) {
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
+        for &(_, p) in self.overlays.lock().unwrap().iter() {
+            unsafe { libc::munmap(p as *mut libc::c_void, layout::PAGE_SIZE as usize) };
+        }
     }
 }
+
+/// Xen pages a guest may place outside RAM (grant frames and status frames).
+pub const MAX_OVERLAYS: usize = 256;
 
 /// A flat vector as guest-physical memory from 0, for unit tests.
 impl PhysMem for Vec<u8> {
@@ -197,6 +262,21 @@ mod tests {
         assert_eq!(&ram.as_host_slice()[layout::MMIO_HOLE_START as usize..][..4], b"high");
         // A range may not straddle two regions.
         assert!(ram.slice(layout::MMIO_HOLE_START - 2, 4).is_err());
+    }
+
+    #[test]
+    fn overlays_back_pages_outside_ram() {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        let gpa = 0x1_0000_0000u64;
+        assert!(ram.slice(gpa, 8).is_err());
+        let p = ram.add_overlay(gpa + 0x10).unwrap();
+        assert_eq!(ram.add_overlay(gpa).unwrap(), p);
+        ram.slice_mut(gpa + 8, 4).unwrap().copy_from_slice(b"gnt!");
+        assert_eq!(unsafe { std::slice::from_raw_parts(p.add(8), 4) }, b"gnt!");
+        assert!(ram.slice(gpa + 4090, 8).is_err(), "no read past the overlay page");
+        assert!(!ram.is_ram(gpa, 1));
+        assert!(ram.remove_overlay(gpa));
+        assert!(ram.slice(gpa, 8).is_err());
     }
 
     #[test]

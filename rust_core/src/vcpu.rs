@@ -63,6 +63,8 @@ pub enum VcpuExit {
 #[derive(Debug)]
 enum Stop {
     Kicked,
+    /// Xen placed pages outside RAM: map them before the guest goes on.
+    Remap,
     Exception(u8),
     Syscall,
     WatchHypercallMsr,
@@ -150,6 +152,9 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
     uc::raw_write(uc, Reg::RIP, rip + 3);
     if let Some(exit) = out.exit {
         h.stop = Some(Stop::Exit(exit));
+        uc::raw_stop(uc);
+    } else if out.remap {
+        h.stop = Some(Stop::Remap);
         uc::raw_stop(uc);
     }
     true
@@ -454,6 +459,11 @@ impl Vcpu {
                     return exit;
                 }
                 Some(Stop::Kicked) => {}
+                Some(Stop::Remap) => {
+                    if let Err(e) = self.map_overlays() {
+                        return VcpuExit::Error { message: e };
+                    }
+                }
                 Some(Stop::Exception(vector)) => self.pending = Some(self.exception_event(vector)),
                 Some(Stop::Syscall) => self.syscall(),
                 Some(Stop::WatchHypercallMsr) => {
@@ -510,6 +520,15 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    fn map_overlays(&mut self) -> Result<(), String> {
+        let maps = std::mem::take(&mut self.xen().pending_maps);
+        for (gpa, host) in maps {
+            unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }
+                .map_err(|e| format!("mapping a Xen page at {gpa:#x}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Wake the vCPU loop at the next timer deadline, the end of the time

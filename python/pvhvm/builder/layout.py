@@ -25,10 +25,15 @@ def align_up(x: int, a: int = PAGE) -> int:
 
 @dataclass
 class PhysLayout:
-    """RAM of `memory_bytes`, split around the MMIO hole like the core's."""
+    """RAM of `memory_bytes`, split around the MMIO hole like the core's.
+
+    Pages that hold Xen's special pages (console and xenstore rings) or ACPI
+    tables are carved out of the guest's memory map (`carve`), so the guest
+    never takes them for free RAM."""
 
     memory_bytes: int
     used: list[tuple[int, int, str]] = field(default_factory=list)
+    carved: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0 or self.memory_bytes % PAGE:
@@ -98,14 +103,27 @@ class PhysLayout:
                 return start
         raise BuildError(f"{what} ({size >> 10} KiB) does not fit in guest RAM")
 
+    def carve(self, size: int, what: str, kind: int = E820_RESERVED) -> int:
+        """Take `size` bytes from the top of low RAM out of the guest's RAM:
+        they appear in the memory map as `kind` (reserved, ACPI …)."""
+        start = self.allocate(size, what, top_down=True)
+        self.carved.append((start, align_up(size), kind))
+        return start
+
     def memory_map(self) -> list[tuple[int, int, int]]:
-        """The E820-style map the guest is given: [(addr, size, type)]."""
+        """The E820-style map the guest is given: [(addr, size, type)], sorted,
+        with the legacy hole and carved pages punched out of RAM."""
+        holes = sorted([(LEGACY_HOLE[0], LEGACY_HOLE[1] - LEGACY_HOLE[0], E820_RESERVED), *self.carved])
         out = []
         for s, e in self.ram:
-            if s == 0:
-                out.append((0, LEGACY_HOLE[0], E820_RAM))
-                out.append((LEGACY_HOLE[0], LEGACY_HOLE[1] - LEGACY_HOLE[0], E820_RESERVED))
-                out.append((LEGACY_HOLE[1], e - LEGACY_HOLE[1], E820_RAM))
-            else:
-                out.append((s, e - s, E820_RAM))
+            cur = s
+            for hs, hn, kind in holes:
+                if hs >= e or hs + hn <= s:
+                    continue
+                if hs > cur:
+                    out.append((cur, hs - cur, E820_RAM))
+                out.append((hs, hn, kind))
+                cur = hs + hn
+            if cur < e:
+                out.append((cur, e - cur, E820_RAM))
         return out

@@ -73,13 +73,10 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
     let idx = c.guest.read_u64(arg + 8)?;
     let gpfn = c.guest.read_u64(arg + 16)?;
     let gpa = gpfn.checked_mul(4096).ok_or(errno::EINVAL)?;
-    // Xen's pages replace the RAM frame the guest chose; it must be RAM here.
-    if c.xen.ram.slice(gpa, 4096).is_err() {
-        return Err(errno::EINVAL);
-    }
     match space {
         SPACE_SHARED_INFO => {
-            if idx != 0 {
+            // shared_info replaces a RAM frame the guest chose (Linux gives one).
+            if idx != 0 || !c.xen.ram.is_ram(gpa, 4096) {
                 return Err(errno::EINVAL);
             }
             c.xen.place_shared_info(gpa);
@@ -92,13 +89,23 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
             if idx >= MAX_GRANT_FRAMES as u64 {
                 return Err(errno::EINVAL);
             }
+            // A RAM frame is used in place; a frame in the guest's unpopulated
+            // space (Linux's usual choice) gets a host page mapped there.
+            if !c.xen.ram.is_ram(gpa, 4096) && c.xen.ram.slice(gpa, 4096).is_err() {
+                if gpa < crate::layout::HIGH_RAM_START && gpa >= crate::layout::MMIO_HOLE_START {
+                    return Err(errno::EINVAL);
+                }
+                let host = c.xen.ram.add_overlay(gpa).map_err(|_| errno::ENOMEM)?;
+                c.xen.pending_maps.push((gpa, host as usize));
+                c.remap = true;
+            }
             let i = idx as usize;
             if c.xen.grant_frames.len() <= i {
                 c.xen.grant_frames.resize(i + 1, None);
             }
             if c.xen.grant_frames[i].is_none() {
                 // A fresh grant frame holds no grants.
-                c.xen.ram.slice_mut(gpa, 4096).expect("checked").fill(0);
+                c.xen.ram.slice_mut(gpa, 4096).map_err(|_| errno::EINVAL)?.fill(0);
             }
             c.xen.grant_frames[i] = Some(gpa);
             Ok(0)

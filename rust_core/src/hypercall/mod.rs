@@ -149,6 +149,7 @@ pub struct Outcome {
     pub rax: u64,
     pub exit: Option<VcpuExit>,
     pub refresh_areas: bool,
+    pub remap: bool,
 }
 
 /// Per-call context handed to each family's handler.
@@ -160,6 +161,8 @@ pub struct Call<'a> {
     pub exit: Option<VcpuExit>,
     /// The runstate/time areas changed: the vCPU writes them after the call.
     pub refresh_areas: bool,
+    /// Pages were placed outside RAM: the vCPUs map them before going on.
+    pub remap: bool,
 }
 
 pub fn dispatch(
@@ -171,7 +174,7 @@ pub fn dispatch(
     nr: u64,
     args: [u64; 5],
 ) -> Outcome {
-    let mut call = Call { guest: Guest { ram, paging }, xen, vcpu, exit: None, refresh_areas: false };
+    let mut call = Call { guest: Guest { ram, paging }, xen, vcpu, exit: None, refresh_areas: false, remap: false };
     let result: HcResult = if cpl != 0 {
         // Xen refuses hypercalls from HVM user mode.
         Err(errno::EPERM)
@@ -196,5 +199,5 @@ pub fn dispatch(
     };
     let time_ns = call.xen.system_time_ns();
     call.xen.log.record(TraceEntry { vcpu, nr, args, result: ret, time_ns });
-    Outcome { rax: ret as u64, exit: call.exit, refresh_areas: call.refresh_areas }
+    Outcome { rax: ret as u64, exit: call.exit, refresh_areas: call.refresh_areas, remap: call.remap }
 }

@@ -102,6 +102,8 @@ pub struct XenState {
     /// Grant table frames the guest placed (guest-physical), by frame index.
     pub grant_frames: Vec<Option<u64>>,
     pub grant_version: u32,
+    /// Overlay pages (guest-physical, host address) the vCPUs must map.
+    pub pending_maps: Vec<(u64, usize)>,
 }
 
 impl XenState {
@@ -124,6 +126,7 @@ impl XenState {
             vm_assist: 0,
             grant_frames: Vec::new(),
             grant_version: 1,
+            pending_maps: Vec::new(),
         }
     }
 
