@@ -156,6 +156,9 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
     } else if out.remap {
         h.stop = Some(Stop::Remap);
         uc::raw_stop(uc);
+    } else if out.recheck {
+        h.stop = Some(Stop::Kicked);
+        uc::raw_stop(uc);
     }
     true
 }
@@ -214,7 +217,13 @@ unsafe extern "C" fn lapic_read(_uc: *mut uc_engine, offset: u64, _size: c_uint,
 unsafe extern "C" fn lapic_write(_uc: *mut uc_engine, offset: u64, _size: c_uint, value: u64, user: *mut c_void) {
     let h = &mut *(user as *mut HookData);
     let xen = &mut *h.xen;
-    xen.vcpus[h.vcpu_id as usize].lapic.write(offset, value as u32);
+    let lapic = &mut xen.vcpus[h.vcpu_id as usize].lapic;
+    lapic.write(offset, value as u32);
+    if lapic.highest_pending().is_some() {
+        // A self-IPI: let the run loop deliver it.
+        h.stop.get_or_insert(Stop::Kicked);
+        uc::raw_stop(_uc);
+    }
 }
 
 /// The rest of the MMIO hole: absent hardware reads as all ones.

@@ -105,6 +105,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if c.xen.guest_send(port).map_err(|_| errno::EINVAL)? {
                 c.exit_with(VcpuExit::Notify);
             }
+            // A local port may have made an upcall due.
+            c.recheck = true;
             Ok(0)
         }
         STATUS => {
@@ -160,7 +162,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         UNMASK => {
             let port = c.guest.read_u32(arg)?;
             c.xen.evtchn.get(port).ok_or(errno::EINVAL)?;
-            c.xen.unmask(port);
+            c.recheck |= c.xen.unmask(port);
             Ok(0)
         }
         // FIFO (init_control, expand_array, set_priority) and reset: not offered.

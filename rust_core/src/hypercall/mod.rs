@@ -150,6 +150,7 @@ pub struct Outcome {
     pub exit: Option<VcpuExit>,
     pub refresh_areas: bool,
     pub remap: bool,
+    pub recheck: bool,
 }
 
 /// Per-call context handed to each family's handler.
@@ -163,6 +164,10 @@ pub struct Call<'a> {
     pub refresh_areas: bool,
     /// Pages were placed outside RAM: the vCPUs map them before going on.
     pub remap: bool,
+    /// A timer changed or an event was raised for this vCPU: the run loop
+    /// must look again (re-arm its ticker, deliver an interrupt) before the
+    /// guest goes on.
+    pub recheck: bool,
 }
 
 pub fn dispatch(
@@ -174,7 +179,7 @@ pub fn dispatch(
     nr: u64,
     args: [u64; 5],
 ) -> Outcome {
-    let mut call = Call { guest: Guest { ram, paging }, xen, vcpu, exit: None, refresh_areas: false, remap: false };
+    let mut call = Call { guest: Guest { ram, paging }, xen, vcpu, exit: None, refresh_areas: false, remap: false, recheck: false };
     let result: HcResult = if cpl != 0 {
         // Xen refuses hypercalls from HVM user mode.
         Err(errno::EPERM)
@@ -199,5 +204,5 @@ pub fn dispatch(
     };
     let time_ns = call.xen.system_time_ns();
     call.xen.log.record(TraceEntry { vcpu, nr, args, result: ret, time_ns });
-    Outcome { rax: ret as u64, exit: call.exit, refresh_areas: call.refresh_areas, remap: call.remap }
+    Outcome { rax: ret as u64, exit: call.exit, refresh_areas: call.refresh_areas, remap: call.remap, recheck: call.recheck }
 }

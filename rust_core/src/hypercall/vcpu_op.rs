@@ -77,6 +77,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 return Err(errno::ETIME);
             }
             c.xen.vcpus[v as usize].singleshot_ns = Some(deadline);
+            c.recheck = true;
             Ok(0)
         }
         STOP_SINGLESHOT_TIMER => {
@@ -93,6 +94,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             }
             let next_ns = c.xen.system_time_ns() + period_ns;
             c.xen.vcpus[v as usize].periodic = Some(PeriodicTimer { period_ns, next_ns });
+            c.recheck = true;
             Ok(0)
         }
         STOP_PERIODIC_TIMER => {
@@ -122,6 +124,7 @@ pub fn runstate_info(c: &Call, v: u32) -> [u8; 48] {
 pub fn set_timer_op(c: &mut Call, args: [u64; 5]) -> HcResult {
     let x = &mut c.xen.vcpus[c.vcpu as usize];
     x.singleshot_ns = (args[0] != 0).then_some(args[0]);
+    c.recheck = true;
     Ok(0)
 }
 

@@ -1,0 +1,246 @@
+/* events: shared_info, event channels and timers as a Linux PVH guest uses
+ * them: the callback vector (HVM_PARAM_CALLBACK_IRQ), VIRQ_TIMER from a
+ * one-shot timer, IPIs, masking, HLT and SCHEDOP_block/poll waking on time,
+ * and preemption: a timer still arrives while the vCPU spins with interrupts
+ * on, in ring 0 and in ring 3. The pvclock is read as Linux reads it. */
+#include "common/lib.h"
+
+#define HYPERVISOR_memory_op 12
+#define HYPERVISOR_vcpu_op 24
+#define HYPERVISOR_event_channel_op 32
+#define HYPERVISOR_hvm_op 34
+#define XENMEM_add_to_physmap 7
+#define XENMEM_memory_map 9
+#define VCPUOP_set_singleshot_timer 8
+#define VCPUOP_stop_singleshot_timer 9
+#define VCPUOP_register_runstate_memory_area 5
+#define EVTCHNOP_bind_virq 1
+#define EVTCHNOP_close 3
+#define EVTCHNOP_send 4
+#define EVTCHNOP_bind_ipi 7
+#define EVTCHNOP_unmask 9
+#define EVTCHNOP_status 5
+#define HVMOP_set_param 0
+#define HVMOP_get_param 1
+#define SCHEDOP_block 1
+#define UPCALL_VECTOR 0xf3
+#define ETIME 62
+
+struct vcpu_time_info { uint32_t version, pad0; uint64_t tsc_timestamp, system_time; uint32_t mul; int8_t shift; uint8_t flags, pad1[2]; };
+struct vcpu_info { uint8_t upcall_pending, upcall_mask, pad[6]; uint64_t pending_sel; uint64_t cr2, pad2; struct vcpu_time_info time; };
+struct shared_info { struct vcpu_info vcpu_info[32]; uint64_t pending[64]; uint64_t mask[64]; uint32_t wc_version, wc_sec, wc_nsec, wc_sec_hi; };
+
+static struct shared_info shinfo __attribute__((aligned(4096)));
+static uint64_t idt[512] __attribute__((aligned(16)));
+static struct { uint32_t r0; uint64_t rsp0, rsp1, rsp2, r1, ist[7], r2; uint16_t r3, iomap; } __attribute__((packed)) tss;
+static uint8_t kstack[8192] __attribute__((aligned(16)));
+static uint8_t ustack[4096] __attribute__((aligned(16)));
+static struct { int state; uint64_t entry, time[4]; } runstate;
+
+volatile uint64_t upcalls_seen, timer_events, ipi_events, upcall_from_user;
+volatile uint64_t back_rip, back_rsp, last_upcall_ns;
+static uint32_t timer_port, ipi_port;
+extern char upcall_entry[], ret_from_user[], user_spin[];
+
+static uint64_t now_ns(void)
+{
+    struct vcpu_time_info *t = &shinfo.vcpu_info[0].time;
+    uint32_t v;
+    uint64_t ns;
+    do {
+        v = t->version;
+        asm volatile("" ::: "memory");
+        uint64_t d = rdtsc() - t->tsc_timestamp;
+        d = t->shift >= 0 ? d << t->shift : d >> -t->shift;
+        ns = t->system_time + (uint64_t)(((unsigned __int128)d * t->mul) >> 32);
+        asm volatile("" ::: "memory");
+    } while ((v & 1) || v != t->version);
+    return ns;
+}
+
+static long evtchn(int cmd, void *arg) { return hypercall(HYPERVISOR_event_channel_op, cmd, (long)arg, 0, 0, 0); }
+
+static long set_timer(uint64_t deadline)
+{
+    struct { uint64_t timeout; uint32_t flags; } t = { deadline, 1 };
+    return hypercall(HYPERVISOR_vcpu_op, VCPUOP_set_singleshot_timer, 0, (long)&t, 0, 0);
+}
+
+void upcall_handler(uint64_t rip, uint64_t cs)
+{
+    (void)rip;
+    struct vcpu_info *vi = &shinfo.vcpu_info[0];
+    last_upcall_ns = now_ns();
+    if ((cs & 3) == 3) upcall_from_user++;
+    while (vi->upcall_pending) {
+        vi->upcall_pending = 0;
+        uint64_t sel = __atomic_exchange_n(&vi->pending_sel, 0, __ATOMIC_SEQ_CST);
+        while (sel) {
+            int w = __builtin_ctzll(sel);
+            sel &= sel - 1;
+            uint64_t bits = shinfo.pending[w] & ~shinfo.mask[w];
+            while (bits) {
+                int b = __builtin_ctzll(bits);
+                bits &= bits - 1;
+                uint32_t port = w * 64 + b;
+                __atomic_and_fetch(&shinfo.pending[w], ~(1ULL << b), __ATOMIC_SEQ_CST);
+                if (port == timer_port) timer_events++;
+                if (port == ipi_port) ipi_events++;
+            }
+        }
+    }
+    upcalls_seen++;
+}
+
+static void set_gate(int v, void *h, int dpl)
+{
+    uint64_t a = (uint64_t)(uintptr_t)h;
+    idt[2 * v] = (a & 0xffff) | ((uint64_t)0x08 << 16) | ((uint64_t)(0x8e | (dpl << 5)) << 40) | ((a >> 16 & 0xffff) << 48);
+    idt[2 * v + 1] = a >> 32;
+}
+
+static void setup(void)
+{
+    uint64_t base = (uint64_t)(uintptr_t)&tss, limit = sizeof(tss) - 1;
+    gdt64[6] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ULL << 40) | ((base >> 24 & 0xff) << 56);
+    gdt64[7] = base >> 32;
+    tss.rsp0 = (uint64_t)(uintptr_t)(kstack + sizeof(kstack));
+    tss.iomap = sizeof(tss);
+    asm volatile("ltr %w0" :: "r"(TSS_SEL));
+    set_gate(UPCALL_VECTOR, upcall_entry, 0);
+    set_gate(0x80, ret_from_user, 3);
+    struct { uint16_t l; uint64_t b; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
+    asm volatile("lidt %0" :: "m"(idtr));
+}
+
+int guest_main(uint32_t start_info)
+{
+    (void)start_info;
+    setup();
+
+    struct { uint16_t domid, size; uint32_t space; uint64_t idx, gpfn; } xatp = { 0x7ff0, 0, 0, 0, (uint64_t)(uintptr_t)&shinfo >> 12 };
+    long r = hypercall(HYPERVISOR_memory_op, XENMEM_add_to_physmap, (long)&xatp, 0, 0, 0);
+    check(r == 0, "shared_info placed with add_to_physmap (%d)", (int)r);
+    check(shinfo.vcpu_info[0].time.mul != 0 && !(shinfo.vcpu_info[0].time.version & 1), "pvclock filled in (mul %x, shift %d)",
+          shinfo.vcpu_info[0].time.mul, shinfo.vcpu_info[0].time.shift);
+    uint64_t sec = ((uint64_t)shinfo.wc_sec_hi << 32) | shinfo.wc_sec;
+    check(sec > 1700000000ULL, "wallclock in shared_info (%lu)", sec);
+    uint64_t t0 = now_ns();
+    for (volatile int i = 0; i < 2000000; i++) {}
+    uint64_t t1 = now_ns();
+    check(t1 > t0, "system time advances (%lu ns over a busy loop)", t1 - t0);
+
+    struct { uint32_t nr; uint32_t pad; uint64_t buf; } mm;
+    uint8_t e820[20 * 16];
+    mm.nr = 16; mm.buf = (uint64_t)(uintptr_t)e820;
+    r = hypercall(HYPERVISOR_memory_op, XENMEM_memory_map, (long)&mm, 0, 0, 0);
+    check(r == 0 && mm.nr >= 3, "XENMEM_memory_map gives %u entries", mm.nr);
+
+    /* Callback vector and the two ports. */
+    struct { uint16_t domid; uint16_t pad; uint32_t index; uint64_t value; } p = { 0x7ff0, 0, 0, (2ULL << 56) | UPCALL_VECTOR };
+    check(hypercall(HYPERVISOR_hvm_op, HVMOP_set_param, (long)&p, 0, 0, 0) == 0, "callback vector set");
+    p.index = 18; p.value = 0;
+    r = hypercall(HYPERVISOR_hvm_op, HVMOP_get_param, (long)&p, 0, 0, 0);
+    check(r == 0 && p.value != 0, "CONSOLE_EVTCHN readable (%lu)", p.value);
+    p.index = 17; p.value = 1;
+    check(hypercall(HYPERVISOR_hvm_op, HVMOP_set_param, (long)&p, 0, 0, 0) == -1, "toolstack params are read-only");
+    struct { uint32_t virq, vcpu, port; } bv = { 0, 0, 0 };
+    r = evtchn(EVTCHNOP_bind_virq, &bv);
+    check(r == 0 && bv.port != 0, "VIRQ_TIMER bound to port %u", bv.port);
+    timer_port = bv.port;
+    check(evtchn(EVTCHNOP_bind_virq, &bv) == -17, "binding it twice gives -EEXIST");
+    struct { uint32_t vcpu, port; } bi = { 0, 0 };
+    r = evtchn(EVTCHNOP_bind_ipi, &bi);
+    check(r == 0 && bi.port != 0 && bi.port != timer_port, "IPI bound to port %u", bi.port);
+    ipi_port = bi.port;
+    check(evtchn(EVTCHNOP_unmask, &timer_port) == 0 && evtchn(EVTCHNOP_unmask, &ipi_port) == 0, "ports unmasked");
+
+    struct { uint64_t addr; } rs = { (uint64_t)(uintptr_t)&runstate };
+    check(hypercall(HYPERVISOR_vcpu_op, VCPUOP_register_runstate_memory_area, 0, (long)&rs, 0, 0) == 0 &&
+          runstate.state == 0, "runstate area registered (running)");
+
+    /* An IPI to ourselves: held while IF=0, delivered once interrupts are on
+     * (an interrupt window, which the hypervisor has to notice by itself). */
+    asm volatile("cli");
+    evtchn(EVTCHNOP_send, &ipi_port);
+    for (volatile int i = 0; i < 100000; i++) {}
+    check(ipi_events == 0, "nothing delivered with IF=0");
+    asm volatile("sti");
+    for (volatile int i = 0; i < 2000000 && ipi_events == 0; i++) {}
+    asm volatile("cli");
+    check(ipi_events == 1, "IPI delivered once IF=1 (%lu)", ipi_events);
+    /* With interrupts on, a send is delivered before the next instruction. */
+    asm volatile("sti");
+    evtchn(EVTCHNOP_send, &ipi_port);
+    uint64_t seen_at_once = ipi_events;
+    asm volatile("cli");
+    check(seen_at_once == 2, "IPI with IF=1 delivered on return from the send (%lu)", seen_at_once);
+
+    /* A masked port stays pending until unmasked. */
+    shinfo.mask[ipi_port / 64] |= 1ULL << (ipi_port % 64);
+    asm volatile("sti");
+    evtchn(EVTCHNOP_send, &ipi_port);
+    for (volatile int i = 0; i < 200000; i++) {}
+    asm volatile("cli");
+    check(ipi_events == 2 && (shinfo.pending[ipi_port / 64] >> (ipi_port % 64) & 1), "masked port: pending, no upcall");
+    asm volatile("sti");
+    evtchn(EVTCHNOP_unmask, &ipi_port);
+    uint64_t after_unmask = ipi_events;
+    asm volatile("cli");
+    check(after_unmask == 3, "unmask delivers it (%lu)", after_unmask);
+
+    /* A timer in the past with VCPU_SSHOTTMR_future: -ETIME. */
+    check(set_timer(now_ns() - 1000) == -ETIME, "past deadline gives -ETIME");
+
+    /* HLT wakes on the timer. */
+    uint64_t before = timer_events, deadline = now_ns() + 20000000;
+    set_timer(deadline);
+    while (timer_events == before) asm volatile("sti; hlt; cli");
+    uint64_t late = last_upcall_ns - deadline;
+    check(last_upcall_ns >= deadline && late < 4000000, "HLT woke by the timer, %lu us late", late / 1000);
+    check(runstate.time[2] > 0, "runstate counted blocked time (%lu ns)", runstate.time[2]);
+
+    /* SCHEDOP_block wakes on the timer too. */
+    before = timer_events; deadline = now_ns() + 15000000;
+    set_timer(deadline);
+    asm volatile("sti");
+    while (timer_events == before) hypercall(HYPERVISOR_sched_op, SCHEDOP_block, 0, 0, 0, 0);
+    asm volatile("cli");
+    check(last_upcall_ns >= deadline, "SCHEDOP_block woke by the timer");
+
+    /* SCHEDOP_poll on a quiet port returns at its timeout. */
+    uint32_t quiet = ipi_port;
+    struct { uint32_t *ports; uint32_t n; uint64_t timeout; } pl = { &quiet, 1, now_ns() + 10000000 };
+    uint64_t t = now_ns();
+    r = hypercall(HYPERVISOR_sched_op, SCHEDOP_poll, (long)&pl, 0, 0, 0);
+    check(r == 0 && now_ns() - t >= 9000000, "poll slept until its timeout (%lu us)", (now_ns() - t) / 1000);
+
+    /* Preemption: spin in ring 0 with IF=1; the timer must still arrive. */
+    before = upcalls_seen; deadline = now_ns() + 10000000;
+    set_timer(deadline);
+    asm volatile("sti");
+    while (upcalls_seen == before) {}
+    asm volatile("cli");
+    late = last_upcall_ns - deadline;
+    check(late < 4000000, "ring-0 spin preempted by the timer, %lu us late", late / 1000);
+
+    /* And in ring 3. */
+    before = upcalls_seen; deadline = now_ns() + 10000000;
+    set_timer(deadline);
+    asm volatile(
+        "lea 1f(%%rip), %%rax; mov %%rax, back_rip(%%rip); mov %%rsp, back_rsp(%%rip)\n"
+        "mov %[seen], %%rbx\n"
+        "pushq $0x23; pushq %[ursp]; pushq $0x202; pushq $0x2b; pushq %[entry]\n"
+        "iretq\n1:\n"
+        :: [seen] "r"(before), [ursp] "r"((uint64_t)(uintptr_t)(ustack + sizeof(ustack))), [entry] "r"(user_spin)
+        : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
+    late = last_upcall_ns - deadline;
+    check(upcall_from_user >= 1 && late < 4000000, "ring-3 spin preempted by the timer, %lu us late", late / 1000);
+
+    check(evtchn(EVTCHNOP_close, &ipi_port) == 0, "close a port");
+    struct { uint16_t dom, pad; uint32_t port, status, vcpu, u[2]; } st = { 0x7ff0, 0, ipi_port, 9, 9, {0, 0} };
+    check(evtchn(EVTCHNOP_status, &st) == 0 && st.status == 0, "closed port reports EVTCHNSTAT_closed");
+    uint32_t bad = 4096;
+    check(evtchn(EVTCHNOP_send, &bad) == -22, "send on a port out of range gives -EINVAL");
+    return verdict();
+}
