@@ -140,11 +140,16 @@ class Domain:
         name: str = "pvhvm",
         console: Callable[[bytes], None] | None = None,
         trace: Callable[[HypercallRecord], None] | None = None,
+        system_map: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(memory_mib, int) or memory_mib <= 0:
             raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
         self.name = name
         self.domid = domid
+        self.system_map = Path(system_map) if system_map is not None else None
+        if self.system_map is not None and not self.system_map.is_file():
+            raise BuildError(f"{self.system_map}: no such System.map")
+        self._symbols = None
         self.uuid = uuidlib.uuid4()
         self.image = load_elf(kernel)
         entry = self.image.phys32_entry
@@ -319,10 +324,21 @@ class Domain:
     def exceptions_delivered(self) -> int:
         return self._vm.exceptions_delivered
 
+    def symbolize(self, addr: int) -> str | None:
+        """`function+offset` for a guest kernel address, from System.map or vmlinux."""
+        if self._symbols is None:
+            from .symbols import load_symbols
+
+            self._symbols = load_symbols(self.image.path, self.system_map) or False
+        return self._symbols.lookup(addr) if self._symbols else None
+
     def crash_report(self) -> str:
         """Registers and the last hypercalls, as xenctx and `xl dmesg` would show."""
         regs = self.registers()
         lines = [f"domain {self.name} (domid {self.domid}): {self.outcome}"]
+        sym = self.symbolize(regs["rip"])
+        if sym:
+            lines.append(f"  rip is at {sym}")
         order = ["rip", "rflags", "cs", "ss", "cpl", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "cr0", "cr2", "cr3", "cr4", "efer",
                  "fs_base", "gs_base"]

@@ -44,18 +44,29 @@ def _main(
     pass
 
 
+DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen"
+
+
 @app.command()
 def boot(
-    kernel: Annotated[Path, typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux).", show_default=False)],
+    kernel: Annotated[
+        Optional[Path],
+        typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux). Default: Debian's cloud kernel, "
+                       "fetched and cached by `pvhvm fetch-guest`.", show_default=False),
+    ] = None,
     initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk, passed as the first module.")] = None,
-    cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = "",
+    cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = DEFAULT_CMDLINE,
     memory: Annotated[int, typer.Option(help="Guest memory in MiB.")] = 256,
     trace: Annotated[bool, typer.Option("--trace", help="Print every hypercall to stderr.")] = False,
-    timeout: Annotated[
-        Optional[float], typer.Option(help="Give up after this many seconds (checked between exits).")
+    timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds.")] = None,
+    system_map: Annotated[
+        Optional[Path], typer.Option("--system-map", help="System.map to name addresses in crash reports.")
     ] = None,
 ) -> None:
     """Boot KERNEL as a PVH domU; the guest console streams to stdout.
+
+    With no KERNEL, boots the default guest: Debian's linux-image-cloud-amd64
+    with a busybox initramfs whose /init prints a marker and powers off.
 
     Exit status: 0 the guest powered off; 1 it crashed (SHUTDOWN_crash,
     triple fault, emulator error); 2 bad input; 3 reboot; 4 suspend;
@@ -72,8 +83,14 @@ def boot(
         print(f"trace: {rec}", file=sys.stderr)
 
     try:
+        if kernel is None:
+            from .images import prepare_default_guest
+
+            guest = prepare_default_guest()
+            kernel = guest.vmlinux
+            initrd = initrd or guest.initrd
         dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=console,
-                     trace=show if trace else None)
+                     trace=show if trace else None, system_map=system_map)
     except (PvhvmError, _core.CoreError) as e:
         raise _fail(str(e)) from None
     outcome = dom.run(timeout=timeout)
@@ -105,6 +122,24 @@ def inspect(
     print("  Xen notes:" if img.notes else "  Xen notes:        none")
     for n in img.notes:
         print(f"    {n.name:<20} {n.describe()}")
+
+
+@app.command("fetch-guest")
+def fetch_guest(
+    force: Annotated[bool, typer.Option("--force", help="Download and rebuild even if cached.")] = False,
+) -> None:
+    """Fetch and prepare the default guest (Debian's cloud kernel and a busybox
+    initramfs) into the cache; print where the files are."""
+    from .images import prepare_default_guest
+
+    try:
+        g = prepare_default_guest(force=force)
+    except PvhvmError as e:
+        raise _fail(str(e)) from None
+    print(f"kernel:  {g.kernel_version} ({g.kernel_package})")
+    print(f"vmlinux: {g.vmlinux}")
+    print(f"initrd:  {g.initrd}")
+    print(f"System.map: {g.system_map or 'not in the package (Debian ships it in the -dbg package)'}")
 
 
 @app.command("self-test")
