@@ -199,6 +199,11 @@ class Domain:
         self._console = bytearray()
         self._hv_console = bytearray()
         self.outcome: Outcome | None = None
+        # How often run() returned, by exit kind, and the wall time spent in
+        # the core vs in Python between runs (for benches/ and profiling).
+        self.exit_counts: dict[str, int] = {}
+        self.time_in_core = 0.0
+        self.time_in_host = 0.0
 
         # The PV console (hvc0) and the xenstore ring, as xl sets them up.
         self.console_port = self._vm.bind_host_port()
@@ -235,7 +240,11 @@ class Domain:
         seconds of wall time have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            t0 = time.perf_counter()
             exit = self._vm.run()
+            t1 = time.perf_counter()
+            self.time_in_core += t1 - t0
+            self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
             self._drain()
             self._vm.take_notifications()
             # Serve every ring on every exit, not only when notified: a guest
@@ -244,6 +253,7 @@ class Domain:
             for service in self._services:
                 progressed |= service()
             outcome = self._handle(exit, progressed)
+            self.time_in_host += time.perf_counter() - t1
             if outcome is None and deadline is not None and time.monotonic() > deadline:
                 outcome = Outcome(OutcomeKind.TIMEOUT, message=f"no shutdown within {timeout} s")
             if outcome is not None:

@@ -71,7 +71,7 @@ def boot(
     Exit status: 0 the guest powered off; 1 it crashed (SHUTDOWN_crash,
     triple fault, emulator error); 2 bad input; 3 reboot; 4 suspend;
     5 watchdog; 6 soft reset; 7 hung (halted or blocked with nothing to wake
-    it); 8 --timeout expired.
+    it); 8 --timeout expired; 130 interrupted (Ctrl-C).
     """
     out = sys.stdout.buffer
 
@@ -93,7 +93,11 @@ def boot(
                      trace=show if trace else None, system_map=system_map)
     except (PvhvmError, _core.CoreError) as e:
         raise _fail(str(e)) from None
-    outcome = dom.run(timeout=timeout)
+    try:
+        outcome = dom.run(timeout=timeout)
+    except KeyboardInterrupt:
+        print("\npvhvm: interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
     if outcome.crashed or outcome.kind in (OutcomeKind.HUNG, OutcomeKind.TIMEOUT):
         print(dom.crash_report(), file=sys.stderr)
     print(f"pvhvm: domain {outcome}", file=sys.stderr)

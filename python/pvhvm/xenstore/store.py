@@ -1,0 +1,825 @@
+"""The xenstore database: nodes, permissions, transactions, watches, quotas.
+
+No I/O here: callers (the wire codec, the host) call methods with the domain
+id of the client, and watch events leave through a per-connection callback.
+
+Behaviour follows Xen's docs/misc/xenstore.txt and the C xenstored where the
+doc is silent:
+
+* Paths: ASCII alphanumerics and ``-/_@`` only, no ``//``, no trailing ``/``
+  except the root, not empty; absolute paths longer than 3072 bytes
+  (XENSTORE_ABS_PATH_MAX) are refused, and an unprivileged domain's path may
+  not be longer than 2048 bytes (XENSTORE_REL_PATH_MAX) once a leading
+  ``/local/domain/<n>/`` is stripped. All of these are EINVAL.
+* Permissions: a list of (perm, domid), perm one of ``r w b n``. The first
+  entry names the owner, who has full access, and gives the access of every
+  domain not listed later. Domain 0 has full access everywhere. A node created
+  by an unprivileged domain inherits its parent's list with the owner changed
+  to the creator; a node created by domain 0 inherits the list unchanged (as
+  xenstored does: "unpriv domains own what they create").
+* Errors hide what the caller may not see: a missing or forbidden node is
+  ENOENT only if its closest existing ancestor grants the access asked for,
+  EACCES otherwise.
+* Transactions see a private copy of the store taken at start. Commit fails
+  with EAGAIN when any node the transaction read, listed, wrote, created or
+  removed (including parents whose child lists it changed) was changed
+  outside since the start; the transaction is then gone, as in xenstored.
+* Watch events go to a connection only if it can read the changed node or
+  its parent (or could read it before a permission change).
+* Quota overruns are ENOSPC, which is what xenstored returns today for every
+  quota (nodes, node size, watches, transactions, permissions per node; older
+  versions said E2BIG for watches). A limit N allows N: N + 1 is refused.
+  Domain 0 has no quotas.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple, Optional, Union
+
+from ..errors import PvhvmError
+
+# The errno names that go over the wire, in xs_wire.h's order (xsd_errors).
+XSD_ERRORS = (
+    "EINVAL",
+    "EACCES",
+    "EEXIST",
+    "EISDIR",
+    "ENOENT",
+    "ENOMEM",
+    "ENOSPC",
+    "EIO",
+    "ENOTEMPTY",
+    "ENOSYS",
+    "EROFS",
+    "EBUSY",
+    "EAGAIN",
+    "EISCONN",
+    "E2BIG",
+    "EPERM",
+)
+
+XENSTORE_PAYLOAD_MAX = 4096
+XENSTORE_ABS_PATH_MAX = 3072
+XENSTORE_REL_PATH_MAX = 2048
+
+DOMID_ANY = 0x7FF5  # xen.h: matches every domain in a permission entry
+PRIV_DOMID = 0
+
+SPECIAL_INTRODUCE = "@introduceDomain"
+SPECIAL_RELEASE = "@releaseDomain"
+
+# xenstored's default quotas (tools/xenstored/domain.c).
+DEFAULT_QUOTA_NODES = 1000
+DEFAULT_QUOTA_NODE_SIZE = 2048
+DEFAULT_QUOTA_WATCHES = 128
+DEFAULT_QUOTA_TRANSACTIONS = 10
+DEFAULT_QUOTA_PERMS = 5
+
+# Node size as xenstored accounts it: a 16-byte header (generation u64,
+# num_perms u16, datalen u16, childlen u32), 8 bytes per permission entry,
+# the value and the NUL-terminated child names.
+NODE_HEADER_SIZE = 16
+PERM_ENTRY_SIZE = 8
+
+_R, _W, _O = 1, 2, 4
+_PERM_BITS = {"n": 0, "r": _R, "w": _W, "b": _R | _W}
+
+_VALID_PATH = re.compile(r"[A-Za-z0-9\-/_@]+\Z")
+_LOCAL_DOMAIN = re.compile(r"/local/domain/[0-9]{1,5}/")
+
+Perm = tuple[str, int]
+Perms = tuple[Perm, ...]
+Deliver = Callable[[str, str], None]
+
+
+class XenstoreError(PvhvmError):
+    """A request failed; ``errno`` is the xsd_errors name (``"ENOENT"`` …)
+    sent back to the client in an ERROR reply."""
+
+    def __init__(self, errno: str, detail: str = "") -> None:
+        if errno not in XSD_ERRORS:
+            raise ValueError(f"not a xenstore errno name: {errno!r}")
+        self.errno = errno
+        super().__init__(f"{errno}: {detail}" if detail else errno)
+
+
+def parse_perm(text: str) -> Perm:
+    """``"r5"`` -> ``("r", 5)``; EINVAL if malformed."""
+    if (
+        not isinstance(text, str)
+        or len(text) < 2
+        or text[0] not in _PERM_BITS
+        or not text[1:].isdigit()
+        or not text[1:].isascii()
+        or len(text) > 11
+    ):
+        raise XenstoreError("EINVAL", f"bad permission {text!r}")
+    domid = int(text[1:])
+    if domid > 0xFFFF:
+        raise XenstoreError("EINVAL", f"bad permission {text!r}")
+    return (text[0], domid)
+
+
+def format_perm(perm: Perm) -> str:
+    return f"{perm[0]}{perm[1]}"
+
+
+def _as_perms(perms: Iterable[Union[str, Perm]]) -> Perms:
+    out = []
+    for p in perms:
+        if isinstance(p, str):
+            out.append(parse_perm(p))
+        else:
+            try:
+                kind, domid = p
+            except (TypeError, ValueError):
+                raise XenstoreError("EINVAL", f"bad permission {p!r}") from None
+            if kind not in _PERM_BITS or not isinstance(domid, int) or not 0 <= domid <= 0xFFFF:
+                raise XenstoreError("EINVAL", f"bad permission {p!r}")
+            out.append((kind, domid))
+    if not out:
+        raise XenstoreError("EINVAL", "empty permission list")
+    return tuple(out)
+
+
+def _as_value(value: Union[bytes, bytearray, memoryview, str]) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise XenstoreError("EINVAL", "value must be bytes or str")
+
+
+def parent_of(path: str) -> str:
+    """Parent of an absolute path ("/" for top-level nodes and specials)."""
+    cut = path.rfind("/", 1)
+    return path[:cut] if cut > 0 else "/"
+
+
+def _basename(path: str) -> str:
+    return path[path.rfind("/") + 1 :]
+
+
+def _join(parent: str, name: str) -> str:
+    return "/" + name if parent == "/" else f"{parent}/{name}"
+
+
+class Node(NamedTuple):
+    """One node; immutable (changes make a new Node), so snapshots are cheap."""
+
+    value: bytes
+    perms: Perms
+    children: tuple[str, ...]
+    gen: int
+
+    @property
+    def owner(self) -> int:
+        return self.perms[0][1]
+
+    def size(self) -> int:
+        return (
+            NODE_HEADER_SIZE
+            + PERM_ENTRY_SIZE * len(self.perms)
+            + len(self.value)
+            + sum(len(c) + 1 for c in self.children)
+        )
+
+
+class _Tree:
+    """A path -> Node map plus the node count per owning domain."""
+
+    __slots__ = ("nodes", "owned")
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.owned: dict[int, int] = {}
+
+    def copy(self) -> "_Tree":
+        t = _Tree()
+        t.nodes = dict(self.nodes)
+        t.owned = dict(self.owned)
+        return t
+
+    def put(self, path: str, node: Node) -> None:
+        old = self.nodes.get(path)
+        if old is not None:
+            self.owned[old.owner] -= 1
+        self.nodes[path] = node
+        self.owned[node.owner] = self.owned.get(node.owner, 0) + 1
+
+    def delete(self, path: str) -> None:
+        old = self.nodes.pop(path)
+        self.owned[old.owner] -= 1
+
+
+@dataclass
+class _Event:
+    """A change to report to watchers. ``subtree``: also matches watches on
+    ancestors (writes, the root of a removal); otherwise only a watch on this
+    exact path (descendants removed along with an ancestor). The permissions
+    are captured when the change happens, for the read check."""
+
+    path: str
+    subtree: bool
+    perms: Optional[Perms]
+    parent_perms: Optional[Perms]
+    old_perms: Optional[Perms] = None
+
+
+@dataclass
+class _Watch:
+    path: str  # canonical: absolute or special
+    token: str
+    prefix_len: int  # chars to strip when reporting (relative watches)
+
+
+@dataclass
+class _Conn:
+    id: int
+    domid: int
+    deliver: Deliver
+    watches: list[_Watch] = field(default_factory=list)
+
+
+@dataclass
+class _Transaction:
+    id: int
+    domid: int
+    conn_id: Optional[int]
+    base: dict[str, Node]  # the store as it was at start
+    tree: _Tree  # the private copy operations work on
+    touched: set[str] = field(default_factory=set)
+    modified: set[str] = field(default_factory=set)
+    events: list[_Event] = field(default_factory=list)
+    created: bool = False
+
+
+class Store:
+    """The xenstore of one host.
+
+    Every operation takes the calling domain id (0 is the privileged host)
+    and, where transactions apply, ``tx`` (0 = none). Relative paths are
+    taken relative to ``/local/domain/<domid>``. Failures raise
+    XenstoreError with the errno name the wire protocol sends.
+    """
+
+    def __init__(
+        self,
+        *,
+        quota_nodes: int = DEFAULT_QUOTA_NODES,
+        quota_node_size: int = DEFAULT_QUOTA_NODE_SIZE,
+        quota_watches: int = DEFAULT_QUOTA_WATCHES,
+        quota_transactions: int = DEFAULT_QUOTA_TRANSACTIONS,
+        quota_perms: int = DEFAULT_QUOTA_PERMS,
+        quota_path: int = XENSTORE_REL_PATH_MAX,
+        payload_max: int = XENSTORE_PAYLOAD_MAX,
+    ) -> None:
+        self.quota_nodes = quota_nodes
+        self.quota_node_size = quota_node_size
+        self.quota_watches = quota_watches
+        self.quota_transactions = quota_transactions
+        self.quota_perms = quota_perms
+        self.quota_path = quota_path
+        self.payload_max = payload_max
+
+        self._gen = 0
+        self._tree = _Tree()
+        none0: Perms = (("n", PRIV_DOMID),)
+        # The tree xenstored starts with.
+        self._tree.put("/", Node(b"", none0, ("tool",), self._next_gen()))
+        self._tree.put("/tool", Node(b"", none0, ("xenstored",), self._next_gen()))
+        self._tree.put("/tool/xenstored", Node(b"", none0, (), self._next_gen()))
+        # Special watch paths are not nodes but carry permissions that decide
+        # who gets their events: @releaseDomain is readable by every domain,
+        # @introduceDomain by domain 0 only (xenstored's setup_structure()).
+        self._special: dict[str, Node] = {
+            SPECIAL_RELEASE: Node(b"", (("n", PRIV_DOMID), ("r", DOMID_ANY)), (), self._next_gen()),
+            SPECIAL_INTRODUCE: Node(b"", none0, (), self._next_gen()),
+        }
+
+        self._conns: dict[int, _Conn] = {}
+        self._next_conn = 1
+        self._txs: dict[int, _Transaction] = {}
+        self._next_tx = 1
+        self._introduced: set[int] = set()
+        self._targets: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ misc
+
+    def _next_gen(self) -> int:
+        self._gen += 1
+        return self._gen
+
+    @staticmethod
+    def is_privileged(domid: int) -> bool:
+        return domid == PRIV_DOMID
+
+    @staticmethod
+    def get_domain_path(domid: int) -> str:
+        return f"/local/domain/{domid}"
+
+    def generation(self) -> int:
+        """The global generation counter (grows with every change)."""
+        return self._gen
+
+    def _access(self, domid: int, perms: Perms) -> int:
+        if self.is_privileged(domid):
+            return _R | _W | _O
+        target = self._targets.get(domid)
+
+        def matches(d: int) -> bool:
+            return d == domid or d == DOMID_ANY or (target is not None and d == target)
+
+        if matches(perms[0][1]):
+            return _R | _W | _O
+        for kind, d in perms[1:]:
+            if matches(d):
+                return _PERM_BITS[kind]
+        return _PERM_BITS[perms[0][0]]
+
+    def canonical(self, domid: int, path: str, allow_special: bool = False) -> str:
+        """The absolute form of ``path`` for ``domid``; EINVAL if invalid."""
+        if not isinstance(path, str) or not _VALID_PATH.match(path):
+            raise XenstoreError("EINVAL", f"invalid path {path!r}")
+        if path[0] == "@" and not allow_special:
+            raise XenstoreError("EINVAL", f"special path {path!r} not allowed here")
+        name = path if path[0] in "/@" else f"{self.get_domain_path(domid)}/{path}"
+        if (name.endswith("/") and name != "/") or "//" in name:
+            raise XenstoreError("EINVAL", f"invalid path {path!r}")
+        if len(name) > XENSTORE_ABS_PATH_MAX:
+            raise XenstoreError("EINVAL", "path too long")
+        if not self.is_privileged(domid):
+            m = _LOCAL_DOMAIN.match(name)
+            if len(name) - (m.end() if m else 0) > self.quota_path:
+                raise XenstoreError("EINVAL", "path too long")
+        return name
+
+    def _tx(self, domid: int, tx: int) -> Optional[_Transaction]:
+        if not tx:
+            return None
+        t = self._txs.get(tx)
+        if t is None or t.domid != domid:
+            raise XenstoreError("ENOENT", f"no transaction {tx}")
+        return t
+
+    def has_transaction(self, domid: int, tx: int, conn_id: Optional[int] = None) -> bool:
+        """Whether ``tx`` is an open transaction of ``domid`` (and, if given,
+        of connection ``conn_id``)."""
+        t = self._txs.get(tx)
+        return (
+            t is not None
+            and t.domid == domid
+            and (conn_id is None or t.conn_id is None or t.conn_id == conn_id)
+        )
+
+    def _tree_for(self, t: Optional[_Transaction]) -> _Tree:
+        return t.tree if t is not None else self._tree
+
+    def _closest_ancestor(self, tree: _Tree, name: str) -> Node:
+        p = name
+        while True:
+            p = parent_of(p)
+            node = tree.nodes.get(p)
+            if node is not None:
+                return node
+            if p == "/":  # cannot happen: the root is never removed
+                raise XenstoreError("EIO", "no root node")
+
+    def _get(self, tree: _Tree, domid: int, name: str, need: int) -> Node:
+        """The node if ``domid`` has ``need`` on it; else ENOENT/EACCES as
+        xenstored reports them (ENOENT only if the closest existing ancestor
+        grants some of ``need``)."""
+        if name[0] == "@":
+            node = self._special.get(name)
+        else:
+            node = tree.nodes.get(name)
+        if node is not None and self._access(domid, node.perms) & need == need:
+            return node
+        errno = "EACCES" if node is not None else "ENOENT"
+        anc = self._tree.nodes["/"] if name[0] == "@" else self._closest_ancestor(tree, name)
+        if self._access(domid, anc.perms) & need:
+            raise XenstoreError(errno, name)
+        raise XenstoreError("EACCES", name)
+
+    def _check_size(self, domid: int, node: Node) -> None:
+        if not self.is_privileged(domid) and node.size() > self.quota_node_size:
+            raise XenstoreError("ENOSPC", "node too large")
+
+    def _apply(self, tree: _Tree, t: Optional[_Transaction], updates: dict[str, Optional[Node]]) -> None:
+        """Write (Node) or delete (None) paths, giving written nodes fresh
+        generation counts."""
+        for path, node in updates.items():
+            if node is None:
+                if path in tree.nodes:
+                    tree.delete(path)
+            else:
+                tree.put(path, node._replace(gen=self._next_gen()))
+        if t is not None:
+            t.touched.update(updates)
+            t.modified.update(updates)
+
+    def _emit(self, t: Optional[_Transaction], events: list[_Event]) -> None:
+        if t is not None:
+            t.events.extend(events)
+        else:
+            self._fire(events)
+
+    # ------------------------------------------------------------ operations
+
+    def read(self, domid: int, path: str, tx: int = 0) -> bytes:
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path)
+        if t is not None:
+            t.touched.add(name)
+        return self._get(self._tree_for(t), domid, name, _R).value
+
+    def directory(self, domid: int, path: str, tx: int = 0) -> list[str]:
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path)
+        if t is not None:
+            t.touched.add(name)
+        return list(self._get(self._tree_for(t), domid, name, _R).children)
+
+    def directory_part(self, domid: int, path: str, offset: int, tx: int = 0) -> tuple[int, bytes]:
+        """xenstored's DIRECTORY_PART: (generation of the node, chunk), where
+        chunk is the NUL-terminated child names starting at byte ``offset``
+        of the full list, as many whole names as fit in one reply next to the
+        generation, plus one more NUL once the end of the list is reached
+        (an offset past the end gives just that NUL)."""
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path)
+        if t is not None:
+            t.touched.add(name)
+        node = self._get(self._tree_for(t), domid, name, _R)
+        blob = b"".join(c.encode() + b"\0" for c in node.children)
+        offset = max(0, offset)
+        if offset >= len(blob):
+            return node.gen, b"\0"
+        maxlen = self.payload_max - (len(str(node.gen)) + 1) - 1
+        length = 0
+        pos = offset
+        while True:
+            slen = blob.index(b"\0", pos) - pos
+            if length + slen >= maxlen:
+                break
+            length += slen + 1
+            pos += slen + 1
+            if offset + length == len(blob):
+                break
+        chunk = blob[offset : offset + length]
+        if offset + length == len(blob):
+            chunk += b"\0"
+        return node.gen, chunk
+
+    def write(self, domid: int, path: str, value: Union[bytes, str], tx: int = 0) -> None:
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path)
+        data = _as_value(value)
+        tree = self._tree_for(t)
+        if t is not None:
+            t.touched.add(name)
+        try:
+            node = self._get(tree, domid, name, _W)
+        except XenstoreError as e:
+            if e.errno != "ENOENT":
+                raise
+            node = self._create(tree, t, domid, name, data)
+        else:
+            node = node._replace(value=data)
+            self._check_size(domid, node)
+            self._apply(tree, t, {name: node})
+        self._emit(t, [self._event(tree, name, True, node.perms)])
+
+    def mkdir(self, domid: int, path: str, tx: int = 0) -> None:
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path)
+        tree = self._tree_for(t)
+        if t is not None:
+            t.touched.add(name)
+        try:
+            self._get(tree, domid, name, _W)
+        except XenstoreError as e:
+            if e.errno != "ENOENT":
+                raise
+            node = self._create(tree, t, domid, name, b"")
+            self._emit(t, [self._event(tree, name, True, node.perms)])
+
+    def _create(self, tree: _Tree, t: Optional[_Transaction], domid: int, name: str, value: bytes) -> Node:
+        """Create ``name`` and any missing parents (the caller checked that
+        the closest existing ancestor is writable)."""
+        missing = []
+        p = name
+        while p not in tree.nodes:
+            missing.append(p)
+            p = parent_of(p)
+        unpriv = not self.is_privileged(domid)
+        if unpriv and tree.owned.get(domid, 0) + len(missing) > self.quota_nodes:
+            raise XenstoreError("ENOSPC", "node quota")
+        updates: dict[str, Optional[Node]] = {}
+        parent_path, parent = p, tree.nodes[p]
+        for path in reversed(missing):
+            parent = parent._replace(children=parent.children + (_basename(path),))
+            updates[parent_path] = parent
+            perms = parent.perms
+            if unpriv:
+                perms = ((perms[0][0], domid),) + perms[1:]
+            node = Node(b"", perms, (), 0)
+            updates[path] = node
+            parent_path, parent = path, node
+        updates[name] = updates[name]._replace(value=value)  # type: ignore[union-attr]
+        for node in updates.values():
+            self._check_size(domid, node)  # type: ignore[arg-type]
+        self._apply(tree, t, updates)
+        if t is not None:
+            t.created = True
+        return tree.nodes[name]
+
+    def rm(self, domid: int, path: str, tx: int = 0) -> None:
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path)
+        tree = self._tree_for(t)
+        if t is not None:
+            t.touched.add(name)
+        try:
+            node = self._get(tree, domid, name, _W)
+        except XenstoreError as e:
+            # Removing a missing node is fine if its parent exists.
+            if e.errno == "ENOENT" and parent_of(name) in tree.nodes:
+                return
+            raise
+        if name == "/":
+            raise XenstoreError("EINVAL", "cannot remove the root")
+        updates, events = self._removal(tree, name, node)
+        self._apply(tree, t, updates)
+        self._emit(t, events)
+
+    def _removal(self, tree: _Tree, name: str, node: Node) -> tuple[dict[str, Optional[Node]], list[_Event]]:
+        """Updates and events for removing ``name`` and everything below it:
+        the nodes go children first, each one reported to watches on exactly
+        its path, and ``name`` last, reported like a write (to watches on it
+        and on its ancestors)."""
+        updates: dict[str, Optional[Node]] = {}
+        events: list[_Event] = []
+
+        def walk(path: str, n: Node, parent_perms: Perms) -> None:
+            for child in n.children:
+                cpath = _join(path, child)
+                cnode = tree.nodes.get(cpath)
+                if cnode is not None:
+                    walk(cpath, cnode, n.perms)
+            updates[path] = None
+            events.append(_Event(path, path == name, n.perms, parent_perms))
+
+        pname = parent_of(name)
+        parent = tree.nodes[pname]
+        walk(name, node, parent.perms)
+        base = _basename(name)
+        updates[pname] = parent._replace(children=tuple(c for c in parent.children if c != base))
+        return updates, events
+
+    def get_perms(self, domid: int, path: str, tx: int = 0) -> list[Perm]:
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path, allow_special=True)
+        if t is not None:
+            t.touched.add(name)
+        return list(self._get(self._tree_for(t), domid, name, _R).perms)
+
+    def set_perms(self, domid: int, path: str, perms: Iterable[Union[str, Perm]], tx: int = 0) -> None:
+        t = self._tx(domid, tx)
+        perms = list(perms)
+        if not perms:
+            raise XenstoreError("EINVAL", "empty permission list")
+        if not self.is_privileged(domid) and len(perms) > self.quota_perms:
+            raise XenstoreError("ENOSPC", "too many permissions")
+        new_perms = _as_perms(perms)
+        name = self.canonical(domid, path, allow_special=True)
+        if name[0] == "@":
+            node = self._get(self._tree, domid, name, _W | _O)
+            self._special[name] = node._replace(perms=new_perms, gen=self._next_gen())
+            return
+        tree = self._tree_for(t)
+        if t is not None:
+            t.touched.add(name)
+        node = self._get(tree, domid, name, _W | _O)
+        if not self.is_privileged(domid) and new_perms[0][1] != node.owner:
+            raise XenstoreError("EPERM", "only domain 0 may change the owner")
+        new = node._replace(perms=new_perms)
+        self._check_size(domid, new)
+        self._apply(tree, t, {name: new})
+        event = self._event(tree, name, True, new_perms)
+        event.old_perms = node.perms
+        self._emit(t, [event])
+
+    def _event(self, tree: _Tree, name: str, subtree: bool, perms: Perms) -> _Event:
+        parent = tree.nodes.get(parent_of(name)) if name != "/" else None
+        return _Event(name, subtree, perms, parent.perms if parent is not None else None)
+
+    # ---------------------------------------------------------- transactions
+
+    def transaction_start(self, domid: int, conn_id: Optional[int] = None) -> int:
+        """Open a transaction for ``domid`` (on connection ``conn_id``, whose
+        quota it counts against; without one, against the domain's)."""
+        if conn_id is not None and conn_id not in self._conns:
+            raise XenstoreError("EINVAL", f"no connection {conn_id}")
+        if not self.is_privileged(domid):
+            if conn_id is not None:
+                open_ = sum(1 for x in self._txs.values() if x.conn_id == conn_id)
+            else:
+                open_ = sum(1 for x in self._txs.values() if x.conn_id is None and x.domid == domid)
+            if open_ >= self.quota_transactions:
+                raise XenstoreError("ENOSPC", "transaction quota")
+        tx_id = self._next_tx
+        while tx_id == 0 or tx_id in self._txs:
+            tx_id = (tx_id + 1) & 0xFFFFFFFF
+        self._next_tx = (tx_id + 1) & 0xFFFFFFFF
+        self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, dict(self._tree.nodes), self._tree.copy())
+        return tx_id
+
+    def transaction_end(self, domid: int, tx: int, commit: bool = True) -> None:
+        """Commit (or with ``commit=False`` abort) a transaction. The
+        transaction is finished whatever happens; a conflicting commit raises
+        XenstoreError("EAGAIN") and the caller has to start over."""
+        t = self._tx(domid, tx)
+        if t is None:
+            raise XenstoreError("ENOENT", "no transaction")
+        del self._txs[tx]
+        if not commit:
+            return
+        glob = self._tree.nodes
+        for path in t.touched:
+            if path[0] == "@":
+                continue
+            before, now = t.base.get(path), glob.get(path)
+            if (before is None) != (now is None) or (before is not None and before.gen != now.gen):  # type: ignore[union-attr]
+                raise XenstoreError("EAGAIN", f"{path} changed")
+        if t.created and not self.is_privileged(domid):
+            owned = self._tree.owned.get(domid, 0)
+            for path in t.modified:
+                old, new = glob.get(path), t.tree.nodes.get(path)
+                owned += (new is not None and new.owner == domid) - (old is not None and old.owner == domid)
+            if owned > self.quota_nodes:
+                raise XenstoreError("ENOSPC", "node quota")
+        self._apply(self._tree, None, {p: t.tree.nodes.get(p) for p in sorted(t.modified)})
+        # One event per path, in order of first change; a subtree event wins.
+        merged: dict[str, _Event] = {}
+        for ev in t.events:
+            seen = merged.get(ev.path)
+            if seen is None:
+                merged[ev.path] = _Event(ev.path, ev.subtree, ev.perms, ev.parent_perms, ev.old_perms)
+            else:
+                seen.subtree = seen.subtree or ev.subtree
+                if seen.old_perms is None:
+                    seen.old_perms = seen.perms
+                seen.perms, seen.parent_perms = ev.perms, ev.parent_perms
+        self._fire(list(merged.values()))
+
+    def _drop_transactions(self, pred: Callable[[_Transaction], bool]) -> None:
+        for tx_id in [i for i, x in self._txs.items() if pred(x)]:
+            del self._txs[tx_id]
+
+    # --------------------------------------------------- connections, watches
+
+    def connect(self, domid: int, deliver: Deliver) -> int:
+        """Register a client of ``domid``; its watch events are passed to
+        ``deliver(path, token)``. Returns the connection id."""
+        conn_id = self._next_conn
+        self._next_conn += 1
+        self._conns[conn_id] = _Conn(conn_id, domid, deliver)
+        return conn_id
+
+    def disconnect(self, conn_id: int) -> None:
+        """Forget a connection with its watches and transactions."""
+        self._conns.pop(conn_id, None)
+        self._drop_transactions(lambda x: x.conn_id == conn_id)
+
+    def _conn(self, conn_id: int) -> _Conn:
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            raise XenstoreError("EINVAL", f"no connection {conn_id}")
+        return conn
+
+    def connection_domid(self, conn_id: int) -> int:
+        return self._conn(conn_id).domid
+
+    def watch(self, conn_id: int, path: str, token: str) -> None:
+        """Add a watch; it fires once straight away with the path as given."""
+        conn = self._conn(conn_id)
+        if not isinstance(token, str) or "\0" in token:
+            raise XenstoreError("EINVAL", "bad token")
+        relative = isinstance(path, str) and path[:1] not in ("/", "@")
+        name = self.canonical(conn.domid, path, allow_special=True)
+        if any(w.path == name and w.token == token for w in conn.watches):
+            raise XenstoreError("EEXIST", "watch exists")
+        if not self.is_privileged(conn.domid) and len(conn.watches) >= self.quota_watches:
+            raise XenstoreError("ENOSPC", "watch quota")
+        prefix = len(self.get_domain_path(conn.domid)) + 1 if relative else 0
+        w = _Watch(name, token, prefix)
+        conn.watches.append(w)
+        conn.deliver(name[prefix:], token)
+
+    def unwatch(self, conn_id: int, path: str, token: str) -> None:
+        conn = self._conn(conn_id)
+        name = self.canonical(conn.domid, path, allow_special=True)
+        for i, w in enumerate(conn.watches):
+            if w.path == name and w.token == token:
+                del conn.watches[i]
+                return
+        raise XenstoreError("ENOENT", "no such watch")
+
+    def reset_watches(self, conn_id: int) -> None:
+        """RESET_WATCHES: drop all watches and transactions of a connection."""
+        conn = self._conn(conn_id)
+        conn.watches.clear()
+        self._drop_transactions(lambda x: x.conn_id == conn_id)
+
+    def watches(self, conn_id: int) -> list[tuple[str, str]]:
+        """(path as registered, token) of each watch of a connection."""
+        conn = self._conn(conn_id)
+        return [(w.path[w.prefix_len :], w.token) for w in conn.watches]
+
+    def _readable(self, domid: int, perms: Optional[Perms]) -> bool:
+        return perms is not None and bool(self._access(domid, perms) & _R)
+
+    def _fire(self, events: list[_Event]) -> None:
+        for ev in events:
+            special = ev.path[0] == "@"
+            for conn in list(self._conns.values()):
+                if not (
+                    self._readable(conn.domid, ev.old_perms)
+                    or self._readable(conn.domid, ev.perms)
+                    or self._readable(conn.domid, ev.parent_perms)
+                ):
+                    continue
+                for w in list(conn.watches):
+                    if w.path == ev.path:
+                        hit = True
+                    elif special or not ev.subtree:
+                        hit = False
+                    elif w.path == "/":
+                        hit = ev.path[0] == "/"
+                    else:
+                        hit = ev.path.startswith(w.path + "/")
+                    if hit:
+                        conn.deliver(ev.path[w.prefix_len :], w.token)
+
+    # ------------------------------------------------------- domain handling
+
+    def introduce_domain(self, domid: int) -> None:
+        """The toolstack introduced a domain: fire @introduceDomain."""
+        self._introduced.add(domid)
+        self._fire_special(SPECIAL_INTRODUCE)
+
+    def release_domain(self, domid: int) -> None:
+        """The domain is gone: as xenstored does, remove the nodes it owns,
+        drop it from other nodes' permission lists, drop the watches and
+        transactions of its connections, and fire @releaseDomain."""
+        self._introduced.discard(domid)
+        self._targets.pop(domid, None)
+        for conn in self._conns.values():
+            if conn.domid == domid:
+                conn.watches.clear()
+        self._drop_transactions(lambda x: x.domid == domid)
+        if domid != PRIV_DOMID:
+            tree = self._tree
+            for path in sorted(tree.nodes):
+                node = tree.nodes.get(path)
+                if node is None or path == "/":
+                    continue
+                if node.owner == domid:
+                    updates, events = self._removal(tree, path, node)
+                    self._apply(tree, None, updates)
+                    self._fire(events)
+                elif any(d == domid for _, d in node.perms[1:]):
+                    kept = (node.perms[0],) + tuple(p for p in node.perms[1:] if p[1] != domid)
+                    self._apply(tree, None, {path: node._replace(perms=kept)})
+        self._fire_special(SPECIAL_RELEASE)
+
+    def _fire_special(self, name: str) -> None:
+        self._fire([_Event(name, False, self._special[name].perms, self._tree.nodes["/"].perms)])
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        return domid == PRIV_DOMID or domid in self._introduced
+
+    def resume_domain(self, domid: int) -> None:
+        """RESUME: nothing to re-arm here (@releaseDomain is fired by
+        release_domain() each time)."""
+
+    def set_target(self, domid: int, target: int) -> None:
+        """SET_TARGET: ``domid`` gets ``target``'s access everywhere."""
+        self._targets[domid] = target
+
+    # ---------------------------------------------------------- inspection
+
+    def exists(self, path: str) -> bool:
+        """Whether an absolute path exists (no permission check)."""
+        return path in self._tree.nodes
+
+    def node_count(self, domid: int) -> int:
+        """Nodes owned by ``domid`` (what the node quota counts)."""
+        return self._tree.owned.get(domid, 0)
+
+    def paths(self) -> list[str]:
+        """Every existing path, sorted (no permission check)."""
+        return sorted(self._tree.nodes)

@@ -1,0 +1,79 @@
+"""Debian's unmodified Linux 6.1 cloud kernel boots as a PVH domU to /init.
+
+The kernel and busybox come from Debian's packages, fetched and cached by
+pvhvm.images (the first run downloads about 30 MB)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pvhvm
+from pvhvm.images import prepare_default_guest
+
+pytestmark = pytest.mark.slow
+
+BAD = re.compile(r"\b(BUG|WARNING|Oops|Call Trace|panic)\b")
+
+
+@pytest.fixture(scope="module")
+def guest():
+    return prepare_default_guest()
+
+
+@pytest.fixture(scope="module")
+def booted(guest):
+    seen: dict[str, float] = {}
+    buf = bytearray()
+
+    def console(data: bytes) -> None:
+        buf.extend(data)
+        if b"PVHVM-INIT-OK" in buf and "marker" not in seen:
+            seen["marker"] = time.monotonic()
+
+    start = time.monotonic()
+    dom = pvhvm.Domain(guest.vmlinux, initrd=guest.initrd, cmdline="console=hvc0 earlyprintk=xen",
+                       memory_mib=256, console=console)
+    outcome = dom.run(timeout=600)
+    return dom, outcome, dom.console_output.decode(errors="replace"), seen.get("marker", 0) - start
+
+
+def test_reaches_init_and_powers_off(booted):
+    dom, outcome, log, _ = booted
+    assert "PVHVM-INIT-OK" in log, log[-3000:]
+    assert outcome.kind is pvhvm.OutcomeKind.SHUTDOWN and outcome.reason is pvhvm.ShutdownReason.POWEROFF, outcome
+
+
+def test_linux_sees_xen_pvh(booted):
+    _, _, log, _ = booted
+    assert "Booting kernel on Xen PVH" in log
+    assert "Xen version: 4.19" in log
+    assert "xen:events: Using 2-level ABI" in log
+    assert "Xen HVM callback vector for event delivery is enabled" in log
+    assert "clocksource: Switched to clocksource xen" in log
+    assert "printk: console [hvc0] enabled" in log
+    assert "Grant table initialized" in log
+
+
+def test_log_is_clean(booted):
+    _, _, log, _ = booted
+    bad = [line for line in log.splitlines() if BAD.search(line)]
+    assert bad == []
+
+
+def test_uptime_agrees_with_the_wall_clock(booted):
+    _, _, log, wall = booted
+    uptime = float(re.search(r"PVHVM-INIT-OK uptime=([0-9.]+)", log).group(1))
+    assert wall > 0
+    assert abs(uptime - wall) / wall < 0.10, (uptime, wall)
+
+
+def test_cli_default_guest(guest):
+    """`pvhvm boot` with no kernel boots the default guest to its marker."""
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "boot"], capture_output=True, timeout=600)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert b"PVHVM-INIT-OK" in p.stdout
