@@ -23,6 +23,7 @@ from .builder.layout import E820_ACPI
 from .builder.start_info import PlacedModule
 from .devices import ConsoleBackend
 from .errors import BuildError
+from .xenstore import RingConnection, Store, populate_domu
 
 # HVM_PARAM_* the toolstack sets (hvm/params.h).
 HVM_PARAM_STORE_PFN = 1
@@ -215,7 +216,13 @@ class Domain:
         vm.set_hvm_param(HVM_PARAM_STORE_EVTCHN, self.store_port)
         self.console = ConsoleBackend(self._page(placement.console_ring),
                                       notify=lambda: vm.notify_guest(self.console_port), sink=self._on_console)
-        self._services: list[Callable[[], bool]] = [self.console.service]
+        self.store = Store()
+        populate_domu(self.store, domid, name, str(self.uuid), memory_kib=memory_mib * 1024, vcpus=1,
+                      console_ring_ref=placement.console_ring // PAGE, console_port=self.console_port,
+                      store_ring_ref=placement.store_ring // PAGE, store_port=self.store_port)
+        self.xenstore = RingConnection(self._page(placement.store_ring), self.store, domid,
+                                       notify=lambda: vm.notify_guest(self.store_port))
+        self._services: list[Callable[[], bool]] = [self.console.service, self.xenstore.service]
 
     # -- running ---------------------------------------------------------
 

@@ -3,7 +3,6 @@
 //! leaves at 0x40000000 (xen/include/public/arch-x86/cpuid.h).
 
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use crate::mmu::PHYS_ADDR_BITS;
@@ -63,7 +62,6 @@ fn read_native() -> Result<HashMap<(u32, u32), Cpuid>, String> {
             }
         }
     }
-    let _ = std::ptr::null::<c_void>();
     Ok(t)
 }
 

@@ -21,6 +21,14 @@ pub const BOOT_TSS: u64 = 0x1800;
 /// command lines (below the kernel, never in frame 0).
 pub const BOOT_INFO_START: u64 = 0x2000;
 
+/// ACPI hardware-reduced sleep registers (FADT SLEEP_CONTROL_REG and
+/// SLEEP_STATUS_REG), at the I/O ports Xen uses for PM1a control and status.
+/// Writing SLP_TYP=5 with SLP_EN is the guest's ACPI power-off (S5).
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0xB004;
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0xB000;
+/// The S5 sleep type the DSDT's \_S5 package gives.
+pub const ACPI_SLP_TYP_S5: u32 = 5;
+
 pub fn ram_regions(size: u64) -> Vec<RamRegion> {
     if size <= MMIO_HOLE_START {
         vec![RamRegion { gpa: 0, len: size, host_offset: 0 }]

@@ -372,5 +372,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_RAM", crate::layout::MAX_RAM)?;
     m.add("BOOT_GDT", crate::layout::BOOT_GDT)?;
     m.add("BOOT_INFO_START", crate::layout::BOOT_INFO_START)?;
+    m.add("ACPI_SLEEP_CONTROL_PORT", crate::layout::ACPI_SLEEP_CONTROL_PORT)?;
+    m.add("ACPI_SLEEP_STATUS_PORT", crate::layout::ACPI_SLEEP_STATUS_PORT)?;
+    m.add("ACPI_SLP_TYP_S5", crate::layout::ACPI_SLP_TYP_S5)?;
     Ok(())
 }

@@ -242,7 +242,19 @@ unsafe extern "C" fn on_port_in(_uc: *mut uc_engine, _port: u32, size: c_int, _u
     }
 }
 
-unsafe extern "C" fn on_port_out(_uc: *mut uc_engine, _port: u32, _size: c_int, _value: u32, _user: *mut c_void) {}
+/// Port output: nothing listens but the ACPI sleep control register, where
+/// the guest's S5 request is a power-off.
+unsafe extern "C" fn on_port_out(uc: *mut uc_engine, port: u32, _size: c_int, value: u32, user: *mut c_void) {
+    const SLP_EN: u32 = 1 << 5;
+    if port == layout::ACPI_SLEEP_CONTROL_PORT as u32
+        && value & SLP_EN != 0
+        && (value >> 2) & 7 == layout::ACPI_SLP_TYP_S5
+    {
+        let h = &mut *(user as *mut HookData);
+        h.stop = Some(Stop::Exit(VcpuExit::Shutdown { reason: crate::abi::schedop::SHUTDOWN_POWEROFF }));
+        uc::raw_stop(uc);
+    }
+}
 
 unsafe extern "C" fn on_bad_memory(
     _uc: *mut uc_engine,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from .. import _core
 from ..errors import BuildError
 
 # --- layouts (little endian, packed) ---------------------------------------
@@ -176,12 +177,22 @@ def _sdt(signature: bytes, revision: int, body: bytes, oem_id: bytes, oem_table_
 
 
 def _dsdt_aml() -> bytes:
-    """A minimal AML body: ``Scope (\\_SB) {}``. The guest gets no devices
-    from AML: its CPUs come from the MADT and its devices from Xen PV
-    interfaces."""
+    """A minimal AML body: ``Scope (\\_SB) {}`` and ``Name (_S5, Package
+    () {5, 5})``. The guest gets no devices from AML: its CPUs come from the
+    MADT and its devices from Xen PV interfaces. \\_S5 lets it power off
+    through the FADT's sleep control register (see `_fadt_body`)."""
     name = b"\\_SB_"  # root prefix + NameSeg
     pkg_length = 1 + len(name)  # one-byte PkgLength counts itself
-    return bytes([0x10, pkg_length]) + name  # 0x10 = ScopeOp
+    scope = bytes([0x10, pkg_length]) + name  # 0x10 = ScopeOp
+    typ = _core.ACPI_SLP_TYP_S5
+    # NameOp "_S5_" PackageOp PkgLength(6) NumElements(2) BytePrefix typ BytePrefix typ
+    s5 = b"\x08_S5_" + bytes([0x12, 6, 2, 0x0A, typ, 0x0A, typ])
+    return scope + s5
+
+
+def _io_gas(port: int) -> bytes:
+    """A one-byte register in system I/O space (GAS address space 1)."""
+    return GAS.pack(1, 8, 0, 1, port)
 
 
 def _fadt_body(dsdt_paddr: int) -> bytes:
@@ -208,7 +219,10 @@ def _fadt_body(dsdt_paddr: int) -> bytes:
         FADT_MINOR_REVISION,
         0,  # X_FIRMWARE_CTRL
         dsdt_paddr,  # X_DSDT (same as DSDT, so ACPICA sees no 32/64 mismatch)
-        *([zero_gas] * 10),  # X_PM1a_EVT .. SLEEP_STATUS_REG: none
+        *([zero_gas] * 8),  # X_PM1a_EVT .. X_GPE1_BLK: none
+        # Hardware-reduced sleep registers: S5 written here is a power-off.
+        _io_gas(_core.ACPI_SLEEP_CONTROL_PORT),
+        _io_gas(_core.ACPI_SLEEP_STATUS_PORT),
         0,  # Hypervisor Vendor Identity
     )
 

@@ -1,0 +1,303 @@
+"""xenstored's end of a domain's xenstore ring page (docs/misc/xenstore-ring.txt,
+struct xenstore_domain_interface in xs_wire.h).
+
+Layout: ``req[1024]`` at 0 (guest -> server), ``rsp[1024]`` at 1024 (server
+-> guest), then u32 ``req_cons`` @2048, ``req_prod`` @2052, ``rsp_cons``
+@2056, ``rsp_prod`` @2060, ``server_features`` @2064, ``connection`` @2068,
+``error`` @2072, ``evtchn_port`` @2076. Indexes are free-running u32 byte
+counters; byte ``i`` of a stream lives at ``i & 1023``.
+
+The server advertises ring reconnection and the error field. A guest that
+lets ``prod - cons`` exceed 1024 on either ring gets error 2
+(XENSTORE_ERROR_RINGIDX) and one that announces a payload over 4096 bytes
+gets error 3 (XENSTORE_ERROR_PROTO), the codes xs_wire.h defines and
+xenstored uses; the connection is then ignored (watches and transactions
+dropped) until the guest asks for a reconnect.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Callable, Optional
+
+from . import wire
+from .store import XENSTORE_PAYLOAD_MAX, Store
+
+RING_SIZE = 1024
+RING_MASK = RING_SIZE - 1
+PAGE_SIZE = 4096
+
+OFF_REQ = 0
+OFF_RSP = 1024
+OFF_REQ_CONS = 2048
+OFF_REQ_PROD = 2052
+OFF_RSP_CONS = 2056
+OFF_RSP_PROD = 2060
+OFF_SERVER_FEATURES = 2064
+OFF_CONNECTION = 2068
+OFF_ERROR = 2072
+OFF_EVTCHN_PORT = 2076
+
+XENSTORE_SERVER_FEATURE_RECONNECTION = 1
+XENSTORE_SERVER_FEATURE_ERROR = 2
+SERVER_FEATURES = XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR
+
+XENSTORE_CONNECTED = 0
+XENSTORE_RECONNECT = 1
+
+XENSTORE_ERROR_NONE = 0
+XENSTORE_ERROR_COMM = 1
+XENSTORE_ERROR_RINGIDX = 2
+XENSTORE_ERROR_PROTO = 3
+
+# Replies waiting for ring space before we stop taking requests (xenstored's
+# "outstanding requests per domain" quota).
+MAX_OUTSTANDING = 20
+# Bytes of watch events held for a guest that does not drain its ring;
+# later events are dropped (xenstored drops events past its memory quota).
+MAX_EVENT_BACKLOG = 2 * 1024 * 1024
+
+_U32 = struct.Struct("<I")
+
+
+class _Out:
+    __slots__ = ("data", "event", "sent")
+
+    def __init__(self, data: bytes, event: bool) -> None:
+        self.data = data
+        self.event = event
+        self.sent = 0
+
+
+class RingConnection:
+    """Serves one domain's xenstore ring against a Store.
+
+    ``page`` is a writable 4096-byte buffer (a zero-copy view of guest RAM);
+    ``notify`` signals the domain's xenstore event channel. Call service()
+    whenever the guest kicks the channel (or on every exit): it consumes
+    requests, answers them and pushes pending watch events. Watch events
+    caused by other clients are written to the ring as they happen when
+    there is room (with notify()), else on the next service()."""
+
+    def __init__(self, page, store: Store, domid: int, notify: Callable[[], None]) -> None:
+        mv = memoryview(page)
+        if mv.readonly:
+            raise ValueError("the ring page must be writable")
+        mv = mv.cast("B")
+        if len(mv) < PAGE_SIZE:
+            raise ValueError("the ring page must be 4096 bytes")
+        self._page = mv[:PAGE_SIZE]
+        self.store = store
+        self.domid = domid
+        self._notify = notify
+        self._inbuf = bytearray()
+        self._out: deque[_Out] = deque()
+        self._event_bytes = 0
+        self._capture: Optional[list[bytes]] = None
+        self._in_service = False
+        self.broken = False
+        self.error = XENSTORE_ERROR_NONE
+        self.conn_id = store.connect(domid, self._on_event)
+        # Advertise before consuming or producing anything.
+        self._set(OFF_SERVER_FEATURES, self._get(OFF_SERVER_FEATURES) | SERVER_FEATURES)
+
+    # ------------------------------------------------------------ page access
+
+    def _get(self, off: int) -> int:
+        return _U32.unpack_from(self._page, off)[0]
+
+    def _set(self, off: int, value: int) -> None:
+        _U32.pack_into(self._page, off, value & 0xFFFFFFFF)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def backlog(self) -> int:
+        """Bytes waiting for room in the response ring."""
+        return sum(len(o.data) - o.sent for o in self._out)
+
+    def close(self) -> None:
+        """Drop the connection from the store (the domain is gone)."""
+        self.store.disconnect(self.conn_id)
+        self.broken = True
+        self._inbuf.clear()
+        self._out.clear()
+        self._event_bytes = 0
+
+    def _break(self, err: int) -> None:
+        self.broken = True
+        self.error = err
+        self._set(OFF_ERROR, err)
+        self.store.reset_watches(self.conn_id)
+        self._inbuf.clear()
+        self._out.clear()
+        self._event_bytes = 0
+
+    def _reconnect(self) -> None:
+        self.store.reset_watches(self.conn_id)
+        self._inbuf.clear()
+        self._out.clear()
+        self._event_bytes = 0
+        for off in (OFF_REQ_CONS, OFF_REQ_PROD, OFF_RSP_CONS, OFF_RSP_PROD):
+            self._set(off, 0)
+        self.broken = False
+        self.error = XENSTORE_ERROR_NONE
+        self._set(OFF_ERROR, XENSTORE_ERROR_NONE)
+        # Indexes first, then the state the guest waits on.
+        self._set(OFF_CONNECTION, XENSTORE_CONNECTED)
+
+    # --------------------------------------------------------------- events
+
+    def _on_event(self, path: str, token: str) -> None:
+        if self.broken:
+            return
+        msg = wire.watch_event(path, token)
+        if msg is None:
+            return
+        data = msg.encode()
+        if self._capture is not None:
+            self._capture.append(data)
+            return
+        self._queue_event(data)
+        if not self._in_service and not self.broken:
+            if self._flush():
+                self._notify()
+
+    def _queue_event(self, data: bytes) -> None:
+        # Like xenstored, drop an event identical to one still waiting
+        # (special @ events excepted) and cap what a stuck guest can pile up.
+        if not data[wire.HEADER_SIZE :].startswith(b"@"):
+            for o in self._out:
+                if o.event and o.sent == 0 and o.data == data:
+                    return
+        if self._event_bytes + len(data) > MAX_EVENT_BACKLOG:
+            return
+        self._event_bytes += len(data)
+        self._out.append(_Out(data, True))
+
+    # -------------------------------------------------------------- service
+
+    def service(self) -> bool:
+        """Move data both ways. Returns True if anything was consumed or
+        produced (notify() has then been called)."""
+        if self._in_service:
+            return False
+        self._in_service = True
+        try:
+            return self._service()
+        finally:
+            self._in_service = False
+
+    def _service(self) -> bool:
+        if self._get(OFF_CONNECTION) == XENSTORE_RECONNECT:
+            self._reconnect()
+            self._notify()
+            return True
+        if self.broken:
+            return False
+        progress = self._flush()
+        while not self.broken:
+            consumed = self._read_requests()
+            progress |= consumed
+            progress |= self._flush()
+            if not consumed:
+                break
+        if progress:
+            self._notify()
+        return progress
+
+    def _outstanding(self) -> int:
+        return sum(1 for o in self._out if not o.event)
+
+    def _read_requests(self) -> bool:
+        """Consume what the request ring holds and process complete messages.
+        Returns whether anything was consumed."""
+        consumed = False
+        while not self.broken and self._outstanding() < MAX_OUTSTANDING:
+            cons = self._get(OFF_REQ_CONS)
+            prod = self._get(OFF_REQ_PROD)
+            avail = (prod - cons) & 0xFFFFFFFF
+            if avail > RING_SIZE:
+                self._break(XENSTORE_ERROR_RINGIDX)
+                return consumed
+            if avail == 0:
+                break
+            # Take no more than the message being assembled still needs, so
+            # a guest never sees us consume past what we can hold.
+            need = self._bytes_wanted()
+            start = cons & RING_MASK
+            n = min(avail, RING_SIZE - start, need)
+            self._inbuf += self._page[OFF_REQ + start : OFF_REQ + start + n]
+            self._set(OFF_REQ_CONS, cons + n)
+            consumed = True
+            self._process_input()
+        return consumed
+
+    def _bytes_wanted(self) -> int:
+        if len(self._inbuf) < wire.HEADER_SIZE:
+            return wire.HEADER_SIZE - len(self._inbuf)
+        length = _U32.unpack_from(self._inbuf, 12)[0]
+        return wire.HEADER_SIZE + length - len(self._inbuf)
+
+    def _process_input(self) -> None:
+        while len(self._inbuf) >= wire.HEADER_SIZE and not self.broken:
+            typ, req_id, tx_id, length = wire.HEADER.unpack_from(self._inbuf)
+            if length > XENSTORE_PAYLOAD_MAX:
+                self._break(XENSTORE_ERROR_PROTO)
+                return
+            end = wire.HEADER_SIZE + length
+            if len(self._inbuf) < end:
+                return
+            msg = wire.Message(typ, req_id, tx_id, bytes(self._inbuf[wire.HEADER_SIZE : end]))
+            del self._inbuf[:end]
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        self._capture = []
+        try:
+            replies = wire.handle(self.store, self.conn_id, self.domid, msg)
+        finally:
+            events, self._capture = self._capture, None
+        if replies is wire.CLOSE:
+            self._break(XENSTORE_ERROR_PROTO)
+            return
+        out = [_Out(r.encode(), False) for r in replies]
+        # xenstored queues the events a request causes before its reply,
+        # except WATCH, whose first event follows the OK.
+        if msg.type == wire.XsType.WATCH:
+            self._out.extend(out)
+            for e in events:
+                self._queue_event(e)
+        else:
+            for e in events:
+                self._queue_event(e)
+            self._out.extend(out)
+
+    def _flush(self) -> bool:
+        """Write as much of the backlog as fits; True if anything was written."""
+        wrote = False
+        while self._out and not self.broken:
+            cons = self._get(OFF_RSP_CONS)
+            prod = self._get(OFF_RSP_PROD)
+            used = (prod - cons) & 0xFFFFFFFF
+            if used > RING_SIZE:
+                self._break(XENSTORE_ERROR_RINGIDX)
+                return wrote
+            space = RING_SIZE - used
+            if space == 0:
+                break
+            o = self._out[0]
+            start = prod & RING_MASK
+            n = min(space, RING_SIZE - start, len(o.data) - o.sent)
+            self._page[OFF_RSP + start : OFF_RSP + start + n] = o.data[o.sent : o.sent + n]
+            # Data before the producer index (program order is the guest's
+            # order here: the emulated CPU does not run concurrently).
+            self._set(OFF_RSP_PROD, prod + n)
+            o.sent += n
+            wrote = True
+            if o.sent == len(o.data):
+                self._out.popleft()
+                if o.event:
+                    self._event_bytes -= len(o.data)
+        return wrote
