@@ -205,6 +205,7 @@ class Domain:
         self.exit_counts: dict[str, int] = {}
         self.time_in_core = 0.0
         self.time_in_host = 0.0
+        self.started_at: float | None = None  # time.monotonic() of the first run()
 
         # The PV console (hvc0) and the xenstore ring, as xl sets them up.
         self.console_port = self._vm.bind_host_port()
@@ -246,6 +247,8 @@ class Domain:
         """Run until the guest shuts down, dies or hangs, or until `timeout`
         seconds of wall time have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.started_at is None:
+            self.started_at = time.monotonic()
         while True:
             t0 = time.perf_counter()
             exit = self._vm.run()
