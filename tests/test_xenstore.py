@@ -598,6 +598,17 @@ def test_release_domain_drops_orphans(store):
     assert store.watches(c) == []
 
 
+def test_release_domain_keep_orphans():
+    s = Store(keep_orphans=True)
+    s.write(0, "/d", "")
+    s.set_perms(0, "/d", [("n", 3), ("r", 4)])
+    s.write(3, "/d/x", "v")
+    s.release_domain(3)
+    assert s.get_perms(0, "/d") == [("n", 0), ("r", 4)]
+    assert s.get_perms(0, "/d/x") == [("n", 0), ("r", 4)]
+    assert s.read(0, "/d/x") == b"v"
+
+
 def test_disconnect_drops_watches_and_transactions(store):
     c, rec = watcher(store, DOMU)
     store.watch(c, "data", "t")
@@ -863,7 +874,9 @@ op_st = st.one_of(
     st.tuples(st.just("rm"), paths_st, st.just(b""), in_tx_st),
     st.tuples(st.just("read"), paths_st, st.just(b""), in_tx_st),
     st.tuples(st.just("directory"), paths_st, st.just(b""), in_tx_st),
-    st.tuples(st.sampled_from(["start", "start", "commit", "commit", "abort"]), st.just(""), st.just(b""), st.just(True)),
+    st.tuples(
+        st.sampled_from(["start", "start", "commit", "commit", "abort"]), st.just(""), st.just(b""), st.just(True)
+    ),
 )
 
 

@@ -22,7 +22,7 @@ from collections import deque
 from typing import Callable, Optional
 
 from . import wire
-from .store import XENSTORE_PAYLOAD_MAX, Store
+from .store import Store
 
 RING_SIZE = 1024
 RING_MASK = RING_SIZE - 1
@@ -243,7 +243,7 @@ class RingConnection:
     def _process_input(self) -> None:
         while len(self._inbuf) >= wire.HEADER_SIZE and not self.broken:
             typ, req_id, tx_id, length = wire.HEADER.unpack_from(self._inbuf)
-            if length > XENSTORE_PAYLOAD_MAX:
+            if length > self.store.payload_max:
                 self._break(XENSTORE_ERROR_PROTO)
                 return
             end = wire.HEADER_SIZE + length

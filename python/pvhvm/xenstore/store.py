@@ -275,6 +275,7 @@ class Store:
         quota_perms: int = DEFAULT_QUOTA_PERMS,
         quota_path: int = XENSTORE_REL_PATH_MAX,
         payload_max: int = XENSTORE_PAYLOAD_MAX,
+        keep_orphans: bool = False,
     ) -> None:
         self.quota_nodes = quota_nodes
         self.quota_node_size = quota_node_size
@@ -283,6 +284,9 @@ class Store:
         self.quota_perms = quota_perms
         self.quota_path = quota_path
         self.payload_max = payload_max
+        # xenstored -K: on release, give a dead domain's nodes to domain 0
+        # instead of removing them.
+        self.keep_orphans = keep_orphans
 
         self._gen = 0
         self._tree = _Tree()
@@ -652,7 +656,7 @@ class Store:
             if path[0] == "@":
                 continue
             before, now = t.base.get(path), glob.get(path)
-            if (before is None) != (now is None) or (before is not None and before.gen != now.gen):  # type: ignore[union-attr]
+            if (before.gen if before is not None else None) != (now.gen if now is not None else None):
                 raise XenstoreError("EAGAIN", f"{path} changed")
         if t.created and not self.is_privileged(domid):
             owned = self._tree.owned.get(domid, 0)
@@ -772,9 +776,10 @@ class Store:
         self._fire_special(SPECIAL_INTRODUCE)
 
     def release_domain(self, domid: int) -> None:
-        """The domain is gone: as xenstored does, remove the nodes it owns,
-        drop it from other nodes' permission lists, drop the watches and
-        transactions of its connections, and fire @releaseDomain."""
+        """The domain is gone: as xenstored does, remove the nodes it owns
+        (or with ``keep_orphans`` give them to domain 0), drop it from other
+        nodes' permission lists, drop the watches and transactions of its
+        connections, and fire @releaseDomain."""
         self._introduced.discard(domid)
         self._targets.pop(domid, None)
         for conn in self._conns.values():
@@ -787,7 +792,10 @@ class Store:
                 node = tree.nodes.get(path)
                 if node is None or path == "/":
                     continue
-                if node.owner == domid:
+                if node.owner == domid and self.keep_orphans:
+                    perms = ((node.perms[0][0], PRIV_DOMID),) + tuple(p for p in node.perms[1:] if p[1] != domid)
+                    self._apply(tree, None, {path: node._replace(perms=perms)})
+                elif node.owner == domid:
                     updates, events = self._removal(tree, path, node)
                     self._apply(tree, None, updates)
                     self._fire(events)

@@ -207,7 +207,9 @@ def _dispatch(store: Store, conn_id: int, domid: int, msg: Message, typ: XsType)
         args = _strings(p)
         if len(args) != 2:
             raise XenstoreError("EINVAL", "DIRECTORY_PART takes path and offset")
-        gen, chunk = store.directory_part(domid, _text(args[0]), _atoi(args[1]), tx)
+        # xenstored reads the offset with atoi() into an unsigned int.
+        offset = _atoi(args[1]) & 0xFFFFFFFF
+        gen, chunk = store.directory_part(domid, _text(args[0]), offset, tx)
         return str(gen).encode() + b"\0" + chunk
     if typ is XsType.GET_PERMS:
         perms = store.get_perms(domid, _text(_onearg(p)), tx)
@@ -306,7 +308,7 @@ def handle(store: Store, conn_id: int, domid: int, msg: Message) -> Union[list[M
     must be dropped (an over-long payload). Never raises; the watch events a
     request causes leave through the connection's deliver callback."""
     try:
-        if len(msg.payload) > XENSTORE_PAYLOAD_MAX:
+        if len(msg.payload) > store.payload_max:
             return CLOSE
         try:
             typ = XsType(msg.type)
@@ -322,7 +324,7 @@ def handle(store: Store, conn_id: int, domid: int, msg: Message) -> Union[list[M
             payload = _dispatch(store, conn_id, domid, msg, typ)
         except XenstoreError as e:
             return [error_reply(msg, e.errno)]
-        if len(payload) > XENSTORE_PAYLOAD_MAX:
+        if len(payload) > store.payload_max:
             return [error_reply(msg, "E2BIG")]
         return [Message(typ, msg.req_id, msg.tx_id, payload)]
     except Exception:  # a bug here must not take the host down with the guest
