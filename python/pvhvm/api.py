@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import selectors
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -224,8 +225,64 @@ class Domain:
         self.xenstore = RingConnection(self._page(placement.store_ring), self.store, domid,
                                        notify=lambda: vm.notify_guest(self.store_port))
         self._services: list[Callable[[], bool]] = [self.console.service, self.xenstore.service]
+        # Host-side event sources (sockets, a terminal): served between runs
+        # and waited on while the guest idles.
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._kicker = self._vm.kicker()
+        self._soon: list[Callable[[], None]] = []
 
     # -- running ---------------------------------------------------------
+
+    # -- host event sources ---------------------------------------------------
+
+    def add_reader(self, fileobj, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the run loop's thread) when `fileobj` is readable."""
+        self._selector.register(fileobj, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fileobj) -> None:
+        self._selector.unregister(fileobj)
+
+    def add_service(self, service: Callable[[], bool]) -> None:
+        """Call `service` on every exit (a device model's ring poll)."""
+        self._services.append(service)
+
+    def wake(self) -> None:
+        """From any thread: make the run loop look at its event sources soon."""
+        self._kicker.kick()
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """From any thread: run `fn` on the run loop's thread between runs
+        (the store, the rings and the core are only touched there)."""
+        self._soon.append(fn)
+        self.wake()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._soon:
+            self._soon.pop(0)()
+
+    def _poll(self, timeout: float | None) -> bool:
+        """Serve ready event sources, waiting up to `timeout` (None: forever)."""
+        events = self._selector.select(timeout)
+        for key, _ in events:
+            key.data()
+        return bool(events)
+
+    @property
+    def _has_sources(self) -> bool:
+        return len(self._selector.get_map()) > 1
 
     def _page(self, gpa: int) -> memoryview:
         """A zero-copy view of one page of low guest RAM."""
@@ -257,6 +314,7 @@ class Domain:
             self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
             self._drain()
             self._vm.take_notifications()
+            self._poll(0)
             # Serve every ring on every exit, not only when notified: a guest
             # that fills a ring without notifying must still make progress.
             progressed = False
@@ -283,7 +341,10 @@ class Domain:
             if exit.deadline_ns is not None:
                 delay = (exit.deadline_ns - self._vm.system_time_ns()) / 1e9
                 if delay > 0:
-                    time.sleep(delay)
+                    self._poll(delay)
+                return None
+            if self._has_sources:
+                self._poll(None)  # a console or socket may still wake the guest
                 return None
             return Outcome(OutcomeKind.HUNG, message="blocked waiting for an event that nothing can send")
         if kind == "halted":
@@ -314,6 +375,15 @@ class Domain:
     def hypervisor_console(self) -> bytes:
         """What the guest wrote with console_io only (`xl dmesg`)."""
         return bytes(self._hv_console)
+
+    def request_shutdown(self, action: str = "poweroff") -> None:
+        """Ask the guest to shut down cleanly, as `xl shutdown` does: write
+        `action` (poweroff, reboot, suspend, halt) to its control/shutdown.
+        Call it on the run loop's thread, or through call_soon_threadsafe."""
+        if action not in ("poweroff", "reboot", "suspend", "halt"):
+            raise ValueError(f"unknown shutdown action {action!r}")
+        self.store.write(0, f"/local/domain/{self.domid}/control/shutdown", action)
+        self.xenstore.service()
 
     def send_console_input(self, data: bytes) -> None:
         """Type into hvc0 (and the hypervisor console's read side)."""
