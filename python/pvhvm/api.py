@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import selectors
 import time
 import uuid as uuidlib
@@ -23,7 +24,7 @@ from .builder.acpi import build_acpi_tables
 from .builder.layout import E820_ACPI
 from .builder.start_info import PlacedModule
 from .devices import ConsoleBackend
-from .errors import BuildError
+from .errors import BuildError, GuestError
 from .xenstore import RingConnection, Store, populate_domu
 
 # HVM_PARAM_* the toolstack sets (hvm/params.h).
@@ -199,6 +200,7 @@ class Domain:
         self._trace_sink = trace
         self._vm.tracing = trace is not None
         self._console = bytearray()
+        self._expect_pos = 0
         self._hv_console = bytearray()
         self.outcome: Outcome | None = None
         # How often run() returned, by exit kind, and the wall time spent in
@@ -303,31 +305,76 @@ class Domain:
     def run(self, timeout: float | None = None) -> Outcome:
         """Run until the guest shuts down, dies or hangs, or until `timeout`
         seconds of wall time have passed."""
+        self.run_until(None, timeout)
+        assert self.outcome is not None
+        return self.outcome
+
+    def run_until(self, condition: Callable[[], bool] | None, timeout: float | None = None) -> bool:
+        """Run until `condition()` holds (checked after every exit; True is
+        returned and the domain stays alive), or the domain ends or `timeout`
+        passes (False; see `outcome`)."""
+        if self.outcome is not None:
+            return False
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.started_at is None:
             self.started_at = time.monotonic()
         while True:
-            t0 = time.perf_counter()
-            exit = self._vm.run()
-            t1 = time.perf_counter()
-            self.time_in_core += t1 - t0
-            self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
-            self._drain()
-            self._vm.take_notifications()
-            self._poll(0)
-            # Serve every ring on every exit, not only when notified: a guest
-            # that fills a ring without notifying must still make progress.
-            progressed = False
-            for service in self._services:
-                progressed |= service()
-            outcome = self._handle(exit, progressed)
-            self.time_in_host += time.perf_counter() - t1
+            outcome = self._step()
             if outcome is None and deadline is not None and time.monotonic() > deadline:
+                if condition is not None:
+                    return False
                 outcome = Outcome(OutcomeKind.TIMEOUT, message=f"no shutdown within {timeout} s")
             if outcome is not None:
                 self.console.service()
                 self.outcome = outcome
-                return outcome
+                return False
+            if condition is not None and condition():
+                return True
+
+    def _step(self) -> Outcome | None:
+        """One run of the vCPU and the host work that follows it."""
+        t0 = time.perf_counter()
+        exit = self._vm.run()
+        t1 = time.perf_counter()
+        self.time_in_core += t1 - t0
+        self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
+        self._drain()
+        self._vm.take_notifications()
+        self._poll(0)
+        # Serve every ring on every exit, not only when notified: a guest
+        # that fills a ring without notifying must still make progress.
+        progressed = False
+        for service in self._services:
+            progressed |= service()
+        outcome = self._handle(exit, progressed)
+        self.time_in_host += time.perf_counter() - t1
+        return outcome
+
+    def expect(self, pattern: str | bytes | re.Pattern, timeout: float = 60.0) -> re.Match:
+        """Run until the console output (after what earlier `expect` calls
+        consumed) matches `pattern`; return the match. Raises GuestError if
+        the domain ends first, TimeoutError after `timeout` seconds."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
+        found: list[re.Match] = []
+
+        def matched() -> bool:
+            m = rx.search(self._console, self._expect_pos)
+            if m:
+                found.append(m)
+            return m is not None
+
+        if matched() or self.run_until(matched, timeout):
+            self._expect_pos = found[0].end()
+            return found[0]
+        if self.outcome is not None:
+            raise GuestError(f"domain ended ({self.outcome}) before the console showed {rx.pattern!r}")
+        raise TimeoutError(f"console did not show {rx.pattern!r} within {timeout} s")
+
+    def send(self, text: str | bytes) -> None:
+        """Type `text` into the guest console (hvc0)."""
+        self.send_console_input(text.encode() if isinstance(text, str) else text)
 
     def _handle(self, exit: _core.Exit, progressed: bool) -> Outcome | None:
         kind = exit.kind
@@ -389,6 +436,7 @@ class Domain:
         """Type into hvc0 (and the hypervisor console's read side)."""
         self.console.send_input(data)
         self._vm.push_console_input(data)
+        self.console.service()
 
     @property
     def memory(self) -> memoryview:
