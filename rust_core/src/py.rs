@@ -15,6 +15,11 @@ use crate::memory::GuestRam;
 use crate::vcpu::VcpuExit;
 
 create_exception!(_core, CoreError, PyException, "The hypervisor core refused or failed.");
+create_exception!(_core, GrantError, CoreError, "A grant reference the device model may not use (GNTST_* name).");
+
+fn grant_err(e: crate::xen::gnttab::GrantError) -> PyErr {
+    GrantError::new_err((e.name(), e.status()))
+}
 
 fn core_err(e: impl std::fmt::Display) -> PyErr {
     CoreError::new_err(e.to_string())
@@ -50,6 +55,48 @@ impl GuestMemory {
 
     fn __len__(&self) -> usize {
         self.ram.size() as usize
+    }
+}
+
+/// A granted page (or v2 sub-page window) mapped for a device model: a
+/// buffer over guest RAM, writable if mapped so. `Vm.grant_unmap` ends it.
+#[pyclass(module = "pvhvm._core")]
+pub struct GrantMapping {
+    ram: Arc<GuestRam>,
+    #[pyo3(get)]
+    gref: u32,
+    #[pyo3(get)]
+    writable: bool,
+    gpa: u64,
+    len: u64,
+    live: bool,
+}
+
+#[pymethods]
+impl GrantMapping {
+    unsafe fn __getbuffer__(slf: PyRef<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if !slf.live {
+            return Err(GrantError::new_err(("unmapped", -5i16)));
+        }
+        let s = slf.ram.slice_mut(slf.gpa, slf.len).map_err(core_err)?;
+        let ret = ffi::PyBuffer_FillInfo(
+            view,
+            slf.as_ptr(),
+            s.as_mut_ptr() as *mut c_void,
+            slf.len as ffi::Py_ssize_t,
+            (!slf.writable) as c_int,
+            flags,
+        );
+        if ret == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.len as usize
     }
 }
 
@@ -307,6 +354,44 @@ impl Vm {
         }
     }
 
+    /// Copy `length` bytes at `offset` out of the page the guest granted
+    /// with `gref` to domain `domid` (0, the host). GrantError if refused.
+    #[pyo3(signature = (gref, offset, length, domid = 0))]
+    fn grant_read<'py>(&self, py: Python<'py>, gref: u32, offset: u64, length: usize, domid: u16) -> PyResult<Bound<'py, PyBytes>> {
+        let mut buf = vec![0u8; length];
+        self.domain.xen.gnttab.read(&self.domain.ram, gref, domid, offset, &mut buf).map_err(grant_err)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Copy `data` into a granted page at `offset` (the grant must be writable).
+    #[pyo3(signature = (gref, offset, data, domid = 0))]
+    fn grant_write(&self, gref: u32, offset: u64, data: &[u8], domid: u16) -> PyResult<()> {
+        self.domain.xen.gnttab.write(&self.domain.ram, gref, domid, offset, data).map_err(grant_err)
+    }
+
+    /// Map a granted page for a device model; the guest sees it in use
+    /// (GTF_reading/GTF_writing) until `grant_unmap`.
+    #[pyo3(signature = (gref, writable = false, domid = 0))]
+    fn grant_map(&mut self, gref: u32, writable: bool, domid: u16) -> PyResult<GrantMapping> {
+        let ram = self.domain.ram.clone();
+        let g = self.domain.xen.gnttab.map(&ram, gref, domid, writable).map_err(grant_err)?;
+        Ok(GrantMapping { ram, gref, writable, gpa: g.gpa, len: g.len, live: true })
+    }
+
+    fn grant_unmap(&mut self, mut mapping: PyRefMut<'_, GrantMapping>) -> PyResult<()> {
+        if !mapping.live {
+            return Err(GrantError::new_err(("GNTST_bad_handle", -5i16)));
+        }
+        mapping.live = false;
+        self.domain.xen.gnttab.unmap(&self.domain.ram, mapping.gref, mapping.writable).map_err(grant_err)
+    }
+
+    /// (version, shared frames placed, status frames placed)
+    fn grant_table_info(&self) -> (u32, usize, usize) {
+        let g = &self.domain.xen.gnttab;
+        (g.version, g.frames.iter().flatten().count(), g.status_frames.iter().flatten().count())
+    }
+
     /// A thread-safe handle that stops `run()` soon (returns `kicked`).
     fn kicker(&self) -> Kicker {
         Kicker { inner: self.domain.vcpus[0].kicker() }
@@ -362,6 +447,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Exit>()?;
     m.add_class::<GuestMemory>()?;
     m.add_class::<Kicker>()?;
+    m.add_class::<GrantMapping>()?;
+    m.add("GrantError", m.py().get_type::<GrantError>())?;
     m.add_function(wrap_pyfunction!(self_test, m)?)?;
     m.add_function(wrap_pyfunction!(host_tsc, m)?)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;

@@ -16,8 +16,7 @@ const SPACE_SHARED_INFO: u32 = 0;
 const SPACE_GRANT_TABLE: u32 = 1;
 /// XENMAPIDX_grant_table_status: the index names a v2 status frame.
 const IDX_GRANT_STATUS: u64 = 1 << 31;
-/// Grant frames a domU may map (Xen's default max_grant_frames).
-pub const MAX_GRANT_FRAMES: u32 = 64;
+use crate::xen::gnttab::MAX_FRAMES as MAX_GRANT_FRAMES;
 
 pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
     let [cmd, arg, ..] = args;
@@ -54,7 +53,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if c.xen.shared_info == Some(gpa) {
                 c.xen.shared_info = None;
             }
-            for f in c.xen.grant_frames.iter_mut() {
+            for f in c.xen.gnttab.frames.iter_mut().chain(c.xen.gnttab.status_frames.iter_mut()) {
                 if *f == Some(gpa) {
                     *f = None;
                 }
@@ -83,8 +82,10 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
             Ok(0)
         }
         SPACE_GRANT_TABLE => {
-            if idx & IDX_GRANT_STATUS != 0 {
-                return Err(errno::EINVAL); // v2 status frames: not offered yet
+            let status = idx & IDX_GRANT_STATUS != 0;
+            let idx = idx & !IDX_GRANT_STATUS;
+            if status && c.xen.gnttab.version != 2 {
+                return Err(errno::EINVAL);
             }
             if idx >= MAX_GRANT_FRAMES as u64 {
                 return Err(errno::EINVAL);
@@ -100,14 +101,15 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
                 c.remap = true;
             }
             let i = idx as usize;
-            if c.xen.grant_frames.len() <= i {
-                c.xen.grant_frames.resize(i + 1, None);
+            let frames = if status { &mut c.xen.gnttab.status_frames } else { &mut c.xen.gnttab.frames };
+            if frames.len() <= i {
+                frames.resize(i + 1, None);
             }
-            if c.xen.grant_frames[i].is_none() {
+            if frames[i].is_none() {
                 // A fresh grant frame holds no grants.
                 c.xen.ram.slice_mut(gpa, 4096).map_err(|_| errno::EINVAL)?.fill(0);
             }
-            c.xen.grant_frames[i] = Some(gpa);
+            frames[i] = Some(gpa);
             Ok(0)
         }
         _ => Err(errno::EINVAL),

@@ -3,6 +3,7 @@
 //! memory map, the hypervisor console and the hypercall log.
 
 pub mod evtchn;
+pub mod gnttab;
 pub mod time;
 
 use std::collections::VecDeque;
@@ -99,9 +100,7 @@ pub struct XenState {
     /// Guest ports the guest has notified and the host has not collected.
     pub host_notifications: VecDeque<u32>,
     pub vm_assist: u64,
-    /// Grant table frames the guest placed (guest-physical), by frame index.
-    pub grant_frames: Vec<Option<u64>>,
-    pub grant_version: u32,
+    pub gnttab: gnttab::GrantTable,
     /// Overlay pages (guest-physical, host address) the vCPUs must map.
     pub pending_maps: Vec<(u64, usize)>,
 }
@@ -124,8 +123,7 @@ impl XenState {
             memory_map: Vec::new(),
             host_notifications: VecDeque::new(),
             vm_assist: 0,
-            grant_frames: Vec::new(),
-            grant_version: 1,
+            gnttab: gnttab::GrantTable::new(),
             pending_maps: Vec::new(),
         }
     }
