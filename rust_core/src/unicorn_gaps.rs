@@ -11,6 +11,13 @@
 //!   delivery code Unicorn skips), which turns the second fault into #DF and
 //!   the third into a silent triple fault. `CpuState::end_exception` resets it.
 //!
+//! * Avoided rather than worked around: any memory hook, even one only for
+//!   unmapped accesses, makes Unicorn keep every store to a page that ever
+//!   held translated code on its slow path forever (its `notdirty_write`
+//!   never marks the TLB entry dirty while a memory hook exists). That was
+//!   over half of Linux's boot time, so the vCPU installs no memory hook;
+//!   unbacked accesses surface as the engine's error instead.
+//!
 //! `probe()` runs once per process and doubles as the self-test: if any
 //! workaround does not hold on this Unicorn build, no domain starts.
 

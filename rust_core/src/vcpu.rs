@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use unicorn_engine::{uc_engine, uc_error, HookType, MemType, X86Insn};
+use unicorn_engine::{uc_engine, uc_error, HookType, X86Insn};
 
 use crate::cpuid::{CpuidPolicy, XEN_CPUID_BASE, XEN_HYPERCALL_MSR};
 use crate::hypercall::{self, XenState};
@@ -69,7 +69,6 @@ enum Stop {
     Syscall,
     WatchHypercallMsr,
     Exit(VcpuExit),
-    BadMemory { access: &'static str, addr: u64, size: i32 },
 }
 
 /// What the hooks can reach. Heap-allocated and reached only through a raw
@@ -256,25 +255,6 @@ unsafe extern "C" fn on_port_out(uc: *mut uc_engine, port: u32, _size: c_int, va
     }
 }
 
-unsafe extern "C" fn on_bad_memory(
-    _uc: *mut uc_engine,
-    kind: MemType,
-    addr: u64,
-    size: c_int,
-    _value: i64,
-    user: *mut c_void,
-) -> bool {
-    let h = &mut *(user as *mut HookData);
-    let access = match kind {
-        MemType::READ_UNMAPPED => "read",
-        MemType::WRITE_UNMAPPED => "write",
-        MemType::FETCH_UNMAPPED => "fetch",
-        _ => "access",
-    };
-    h.stop = Some(Stop::BadMemory { access, addr, size });
-    false
-}
-
 impl Vcpu {
     /// A vCPU with guest RAM mapped and all hooks installed. `xen` must
     /// outlive the vCPU (the domain owns both).
@@ -305,14 +285,6 @@ impl Vcpu {
                 .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
-                .and_then(|_| {
-                    engine.add_hook(
-                        HookType::MEM_READ_UNMAPPED | HookType::MEM_WRITE_UNMAPPED | HookType::MEM_FETCH_UNMAPPED,
-                        on_bad_memory as *mut c_void,
-                        user,
-                        None,
-                    )
-                })
                 .and_then(|_| engine.add_hook(HookType::BLOCK, on_block as *mut c_void, user, None))
                 .and_then(|_| {
                     engine.map_mmio(LAPIC_BASE, LAPIC_SIZE, Some(lapic_read), Some(lapic_write), user)?;
@@ -497,14 +469,6 @@ impl Vcpu {
                     }
                     self.msr_watch = 64;
                 }
-                Some(Stop::BadMemory { access, addr, size }) => {
-                    return VcpuExit::Error {
-                        message: format!(
-                            "guest {access} of {size} bytes at unbacked guest-physical {addr:#x} (rip {:#x})",
-                            self.engine.read(Reg::RIP)
-                        ),
-                    };
-                }
                 None if count > 0 && err == uc_error::OK => {
                     if self.bad_hypercall_page {
                         // WRMSR to a frame that is not RAM: Xen injects #GP.
@@ -535,9 +499,18 @@ impl Vcpu {
                     }
                 }
                 None => {
+                    // No memory hook reports the address: Unicorn keeps
+                    // stores to once-executed pages on its slow path while
+                    // any such hook exists (see unicorn_gaps.rs).
+                    let what = match err {
+                        uc_error::READ_UNMAPPED | uc_error::WRITE_UNMAPPED | uc_error::FETCH_UNMAPPED => {
+                            "guest access to unbacked guest-physical memory: "
+                        }
+                        _ => "",
+                    };
                     return VcpuExit::Error {
-                        message: format!("{} at rip {:#x}", uc::strerror(err), self.engine.read(Reg::RIP)),
-                    }
+                        message: format!("{what}{} at rip {:#x}", uc::strerror(err), self.engine.read(Reg::RIP)),
+                    };
                 }
             }
         }
