@@ -25,7 +25,7 @@ from .builder.layout import E820_ACPI
 from .builder.start_info import PlacedModule
 from .devices import ConsoleBackend
 from .errors import BuildError, GuestError
-from .xenstore import RingConnection, Store, populate_domu
+from .xenstore import RingConnection, Store, XenstoreSocketServer, populate_domu
 
 # HVM_PARAM_* the toolstack sets (hvm/params.h).
 HVM_PARAM_STORE_PFN = 1
@@ -144,6 +144,7 @@ class Domain:
         console: Callable[[bytes], None] | None = None,
         trace: Callable[[HypercallRecord], None] | None = None,
         system_map: str | os.PathLike | None = None,
+        xenstore_socket: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(memory_mib, int) or memory_mib <= 0:
             raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
@@ -236,6 +237,11 @@ class Domain:
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
         self._kicker = self._vm.kicker()
         self._soon: list[Callable[[], None]] = []
+        # The store for host tools, as xenstored's socket (XENSTORED_PATH).
+        self.xenstore_socket: XenstoreSocketServer | None = None
+        if xenstore_socket is not None:
+            self.xenstore_socket = XenstoreSocketServer(self.store, xenstore_socket)
+            self.xenstore_socket.attach(self)
 
     # -- running ---------------------------------------------------------
 
@@ -285,6 +291,12 @@ class Domain:
     @property
     def _has_sources(self) -> bool:
         return len(self._selector.get_map()) > 1
+
+    def close(self) -> None:
+        """Remove host-side endpoints (the xenstore socket)."""
+        if self.xenstore_socket is not None:
+            self.xenstore_socket.close()
+            self.xenstore_socket = None
 
     def _page(self, gpa: int) -> memoryview:
         """A zero-copy view of one page of low guest RAM."""
@@ -340,10 +352,11 @@ class Domain:
         self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
         self._drain()
         self._vm.take_notifications()
-        self._poll(0)
+        # Host events served here count as progress: the guest may have
+        # something new to see, and a run_until condition must be re-checked.
+        progressed = self._poll(0)
         # Serve every ring on every exit, not only when notified: a guest
         # that fills a ring without notifying must still make progress.
-        progressed = False
         for service in self._services:
             progressed |= service()
         outcome = self._handle(exit, progressed)

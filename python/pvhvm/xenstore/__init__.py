@@ -10,6 +10,7 @@
 
 from .domu import populate_domu
 from .ring import RingConnection
+from .socket import XenstoreSocketError, XenstoreSocketServer
 from .store import (
     DOMID_ANY,
     XENSTORE_ABS_PATH_MAX,
@@ -35,4 +36,6 @@ __all__ = [
     "CLOSE",
     "RingConnection",
     "populate_domu",
+    "XenstoreSocketServer",
+    "XenstoreSocketError",
 ]
