@@ -95,3 +95,15 @@ def test_cli_default_guest(guest):
     p = subprocess.run([sys.executable, "-m", "pvhvm", "boot"], capture_output=True, timeout=600)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     assert b"PVHVM-INIT-OK" in p.stdout
+
+
+def test_host_requests_a_clean_poweroff(guest):
+    """control/shutdown from the host, as `xl shutdown` writes it, powers the
+    guest off through Linux's own orderly shutdown."""
+    dom = pvhvm.Domain(guest.vmlinux, initrd=guest.initrd, cmdline="console=hvc0 pvhvm.shell", memory_mib=256)
+    dom.expect("PVHVM-INIT-OK", 120)
+    dom.expect("# ", 30)
+    dom.request_shutdown("poweroff")
+    outcome = dom.run(timeout=60)
+    assert outcome.kind is pvhvm.OutcomeKind.SHUTDOWN and outcome.reason is pvhvm.ShutdownReason.POWEROFF
+    assert "reboot: Power down" in dom.console_output.decode(errors="replace")

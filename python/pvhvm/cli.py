@@ -12,6 +12,7 @@ from . import __version__, _core
 from .api import Domain, HypercallRecord, OutcomeKind
 from .builder import load_elf
 from .errors import PvhvmError
+from .terminal import Detached, Terminal, parse_escape
 
 EXIT_BAD_INPUT = 2
 
@@ -45,6 +46,17 @@ def _main(
 
 
 DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen"
+# On the default guest's kernel command line, this makes its /init start a
+# shell on the console after the marker (images.DEFAULT_INIT). Without it, as
+# for Domain(...) from Python, /init prints the marker and powers off.
+SHELL_FLAG = "pvhvm.shell"
+
+
+def _escape_key(spec: str) -> bytes | None:
+    try:
+        return parse_escape(spec)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()
@@ -62,25 +74,51 @@ def boot(
     system_map: Annotated[
         Optional[Path], typer.Option("--system-map", help="System.map to name addresses in crash reports.")
     ] = None,
+    xenstore_socket: Annotated[
+        Optional[Path],
+        typer.Option("--xenstore-socket", metavar="PATH",
+                     help="Serve the domain's xenstore to host tools on this Unix socket, as xenstored "
+                     "does for dom0 (XENSTORED_PATH=PATH xenstore-ls /local/domain/1)."),
+    ] = None,
+    escape_char: Annotated[
+        str, typer.Option("--escape-char", metavar="KEY",
+                          help="The key that detaches from the console and ends pvhvm, when stdin is a "
+                          "terminal: ^X caret notation, one ASCII character, or `none`.")
+    ] = "^]",
 ) -> None:
-    """Boot KERNEL as a PVH domU; the guest console streams to stdout.
+    """Boot KERNEL as a PVH domU, with its console (hvc0) on stdin and stdout,
+    as `xl console` would attach it.
 
     With no KERNEL, boots the default guest: Debian's linux-image-cloud-amd64
-    with a busybox initramfs whose /init prints a marker and powers off.
+    with a busybox initramfs whose /init prints a marker, runs a shell on the
+    console (job control included; `pvhvm.shell` is added to the command
+    line for that) and powers off when the shell exits (`exit`, Ctrl-D,
+    `poweroff -f`).
+
+    stdin a terminal (and stdout or stderr one too): it is put in raw mode
+      and every key goes to the guest (Ctrl-C, Ctrl-Z, Ctrl-D included).
+      Ctrl-] (--escape-char) detaches: the domain is destroyed and pvhvm
+      exits 130. The terminal is restored however pvhvm ends (SIGTERM exits
+      143, SIGHUP 129).
+    stdin a pipe, a file, /dev/null or closed: its bytes are typed into the
+      guest; at end of input the guest's shell gets Ctrl-D at its next
+      prompt, so it exits and the default guest powers off: `pvhvm boot
+      </dev/null` ends after the marker with status 0, and `printf
+      'uname -r\\n' | pvhvm boot` runs one command. A terminal on stdin
+      counts as empty input when pvhvm runs in the background or when both
+      stdout and stderr are redirected away from terminals.
 
     Exit status: 0 the guest powered off; 1 it crashed (SHUTDOWN_crash,
     triple fault, emulator error); 2 bad input; 3 reboot; 4 suspend;
     5 watchdog; 6 soft reset; 7 hung (halted or blocked with nothing to wake
-    it); 8 --timeout expired; 130 interrupted (Ctrl-C).
+    it); 8 --timeout expired; 130 interrupted (Ctrl-C from outside, or
+    detached with the escape key); 129 SIGHUP; 143 SIGTERM.
     """
-    out = sys.stdout.buffer
-
-    def console(data: bytes) -> None:
-        out.write(data)
-        out.flush()
+    escape = _escape_key(escape_char)
+    term = Terminal(escape=escape)
 
     def show(rec: HypercallRecord) -> None:
-        print(f"trace: {rec}", file=sys.stderr)
+        print(f"trace: {rec}", file=sys.stderr, end=term.eol)
 
     try:
         if kernel is None:
@@ -89,15 +127,27 @@ def boot(
             guest = prepare_default_guest()
             kernel = guest.vmlinux
             initrd = initrd or guest.initrd
-        dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=console,
-                     trace=show if trace else None, system_map=system_map)
+            if SHELL_FLAG not in cmdline.split():
+                cmdline = f"{cmdline} {SHELL_FLAG}".strip()
+        dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=term.write,
+                     trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket)
     except (PvhvmError, _core.CoreError) as e:
         raise _fail(str(e)) from None
+    if xenstore_socket is not None:
+        print(f"pvhvm: xenstore on {xenstore_socket} (export XENSTORED_PATH={xenstore_socket})",
+              file=sys.stderr, end=term.eol)
     try:
-        outcome = dom.run(timeout=timeout)
+        with term.attach(dom):
+            outcome = dom.run(timeout=timeout)
     except KeyboardInterrupt:
         print("\npvhvm: interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except Detached as d:
+        # The domain goes with this process: pvhvm is its hypervisor.
+        print(f"\npvhvm: {d.reason}", file=sys.stderr)
+        raise typer.Exit(d.status) from None
+    finally:
+        dom.close()
     if outcome.crashed or outcome.kind in (OutcomeKind.HUNG, OutcomeKind.TIMEOUT):
         print(dom.crash_report(), file=sys.stderr)
     print(f"pvhvm: domain {outcome}", file=sys.stderr)

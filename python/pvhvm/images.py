@@ -42,6 +42,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+# With pvhvm.shell on the kernel command line (`pvhvm boot` adds it for this
+# guest): an interactive shell on the console, with job control (setsid and
+# cttyhack make the console its controlling tty). It ends with `exit`, Ctrl-D
+# (pvhvm sends one at the end of piped input) or `poweroff -f`.
+case " $(cat /proc/cmdline) " in
+*" pvhvm.shell "*) setsid cttyhack sh ;;
+esac
 poweroff -f
 """
 
@@ -53,7 +60,7 @@ FALLBACK_APPLETS = (
 ).split()
 
 # Bump when the initrd layout changes, so cached initrds are rebuilt.
-INITRD_FORMAT = 1
+INITRD_FORMAT = 3  # bump when build_initramfs changes what it writes
 
 
 def _progress(message: str) -> None:
@@ -529,6 +536,11 @@ def build_initramfs(
     if not init_script.startswith("#!"):
         init_script = "#!/bin/sh\n" + init_script
     fs.add_file("init", init_script.encode(), 0o755)
+    # Linux's orderly power-off (a host's `xl shutdown` reaches it through
+    # control/shutdown) runs /sbin/poweroff; busybox's would signal an init
+    # that is a plain script here, so do what init would do.
+    fs.add_file("sbin/poweroff", b"#!/bin/sh\nexec /bin/busybox poweroff -f\n", 0o755)
+    fs.add_file("sbin/reboot", b"#!/bin/sh\nexec /bin/busybox reboot -f\n", 0o755)
     if modules:
         if modules_root is None:
             raise BuildError("kernel modules were asked for but the kernel package has none")
