@@ -107,3 +107,21 @@ def test_host_requests_a_clean_poweroff(guest):
     outcome = dom.run(timeout=60)
     assert outcome.kind is pvhvm.OutcomeKind.SHUTDOWN and outcome.reason is pvhvm.ShutdownReason.POWEROFF
     assert "reboot: Power down" in dom.console_output.decode(errors="replace")
+
+
+def test_guest_panic_is_a_crash_with_a_report(guest):
+    """A kernel panic reaches Xen as SHUTDOWN_crash (Linux's Xen panic
+    notifier); `pvhvm boot` reports registers and the last hypercalls and
+    exits 1."""
+    init = "#!/bin/sh\nmount -t proc proc /proc\necho PANIC-NOW\necho c > /proc/sysrq-trigger\nsleep 60\n"
+    from pvhvm.images import prepare_default_guest as prepare
+
+    crashing = prepare(init_script=init)
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "boot", str(crashing.vmlinux), "--initrd", str(crashing.initrd),
+                        "--cmdline", "console=hvc0"], capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+    out, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+    assert p.returncode == 1, err[-2000:]
+    assert "PANIC-NOW" in out and "Kernel panic" in out
+    assert "shutdown (crash)" in err
+    assert re.search(r"rip: [0-9a-f]{16}", err) and "last hypercalls:" in err
+    assert "sched_op(shutdown" in err

@@ -145,7 +145,14 @@ class Domain:
         trace: Callable[[HypercallRecord], None] | None = None,
         system_map: str | os.PathLike | None = None,
         xenstore_socket: str | os.PathLike | None = None,
+        net=None,
+        net_forwards=(),
+        mac: str | None = None,
     ) -> None:
+        """`net`: the vif's host side: "passt" (user-mode networking, no
+        root), "tap:NAME" (root), a NetHost object, or None/"none" for no
+        network card. `net_forwards`: host ports that reach the guest with
+        passt ("8080:80", (2222, 22), "udp:5353:53")."""
         if not isinstance(memory_mib, int) or memory_mib <= 0:
             raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
         self.name = name
@@ -242,6 +249,14 @@ class Domain:
         if xenstore_socket is not None:
             self.xenstore_socket = XenstoreSocketServer(self.store, xenstore_socket)
             self.xenstore_socket.attach(self)
+        # Network cards (vif), served by netback on passt or a TAP device.
+        self.vifs: list = []
+        if net is not None and net != "none":
+            from .devices.net_host import open_host
+            from .devices.netback import attach_vif
+
+            host = open_host(net, net_forwards) if isinstance(net, str) else net
+            self.vifs.append(attach_vif(self, host, mac=mac))
 
     # -- running ---------------------------------------------------------
 
@@ -293,10 +308,14 @@ class Domain:
         return len(self._selector.get_map()) > 1
 
     def close(self) -> None:
-        """Remove host-side endpoints (the xenstore socket)."""
+        """Remove host-side endpoints: the xenstore socket, the vifs (their
+        rings unmapped, passt stopped)."""
         if self.xenstore_socket is not None:
             self.xenstore_socket.close()
             self.xenstore_socket = None
+        for vif in self.vifs:
+            vif.close()
+        self.vifs.clear()
 
     def _page(self, gpa: int) -> memoryview:
         """A zero-copy view of one page of low guest RAM."""

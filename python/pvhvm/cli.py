@@ -80,6 +80,17 @@ def boot(
                      help="Serve the domain's xenstore to host tools on this Unix socket, as xenstored "
                      "does for dom0 (XENSTORED_PATH=PATH xenstore-ls /local/domain/1)."),
     ] = None,
+    net: Annotated[
+        str, typer.Option("--net", metavar="passt|tap:NAME|none|auto",
+                          help="The network card (vif 0): passt user-mode networking (no root; DHCP, the host "
+                          "reachable at the gateway), a TAP interface (root), or none. auto: passt if it is "
+                          "installed.")
+    ] = "auto",
+    forward: Annotated[
+        Optional[list[str]], typer.Option("--forward", "-p", metavar="HOSTPORT[:GUESTPORT]",
+                                          help="With passt: 127.0.0.1:HOSTPORT on the host reaches GUESTPORT in "
+                                          "the guest (tcp:/udp: prefix; repeatable).")
+    ] = None,
     escape_char: Annotated[
         str, typer.Option("--escape-char", metavar="KEY",
                           help="The key that detaches from the console and ends pvhvm, when stdin is a "
@@ -120,6 +131,10 @@ def boot(
     def show(rec: HypercallRecord) -> None:
         print(f"trace: {rec}", file=sys.stderr, end=term.eol)
 
+    if net == "auto":
+        from .devices.net_host import find_passt
+
+        net = "passt" if find_passt() else "none"
     try:
         if kernel is None:
             from .images import prepare_default_guest
@@ -127,10 +142,11 @@ def boot(
             guest = prepare_default_guest()
             kernel = guest.vmlinux
             initrd = initrd or guest.initrd
-            if SHELL_FLAG not in cmdline.split():
-                cmdline = f"{cmdline} {SHELL_FLAG}".strip()
+            flags = [SHELL_FLAG] + (["pvhvm.net"] if net != "none" else [])
+            cmdline = " ".join([cmdline, *(f for f in flags if f not in cmdline.split())]).strip()
         dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=term.write,
-                     trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket)
+                     trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
+                     net=net, net_forwards=forward or ())
     except (PvhvmError, _core.CoreError) as e:
         raise _fail(str(e)) from None
     if xenstore_socket is not None:

@@ -35,6 +35,9 @@ from .errors import BuildError
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 
+# Kernel modules of the same package that every default guest carries.
+DEFAULT_MODULES = ("xen-netfront",)
+
 DEFAULT_INIT = """\
 #!/bin/sh
 export PATH=/bin
@@ -42,6 +45,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+# With pvhvm.net (`pvhvm boot` adds it when the domain has a network card):
+# load xen-netfront from this kernel's package and configure eth0 by DHCP.
+case " $(cat /proc/cmdline) " in
+*" pvhvm.net "*) modprobe xen-netfront && udhcpc -i eth0 -q -n -t 5 -T 2 ;;
+esac
 # With pvhvm.shell on the kernel command line (`pvhvm boot` adds it for this
 # guest): an interactive shell on the console, with job control (setsid and
 # cttyhack make the console its controlling tty). It ends with `exit`, Ctrl-D
@@ -60,7 +68,7 @@ FALLBACK_APPLETS = (
 ).split()
 
 # Bump when the initrd layout changes, so cached initrds are rebuilt.
-INITRD_FORMAT = 3  # bump when build_initramfs changes what it writes
+INITRD_FORMAT = 4  # bump when build_initramfs changes what it writes
 
 
 def _progress(message: str) -> None:
@@ -638,8 +646,13 @@ def prepare_default_guest(
     manifest["compression"] = compression
     _write_atomically(root / MANIFEST, json.dumps(manifest, indent=2).encode())
 
+    from .devices.net_host import UDHCPC_SCRIPT, UDHCPC_SCRIPT_PATH
+
     init_script = DEFAULT_INIT if init_script is None else init_script
-    extra_files = dict(extra_files or {})
+    # Every default guest carries its network card's driver and a DHCP
+    # script, so `pvhvm boot --net ...` needs no other image.
+    modules = list(dict.fromkeys([*DEFAULT_MODULES, *modules]))
+    extra_files = {UDHCPC_SCRIPT_PATH: UDHCPC_SCRIPT.encode(), **dict(extra_files or {})}
     inputs = {"kernel": asdict(kernel_pkg), "busybox": asdict(busybox_pkg)}
     initrd = root / "initrds" / f"initrd-{_initrd_key(init_script, modules, extra_files, inputs)}.cpio"
     if force or not initrd.is_file():

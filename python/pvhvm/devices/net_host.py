@@ -1,0 +1,521 @@
+"""What a vif connects to on the host: Ethernet frames in and out.
+
+Every host end has ``fileno()`` (readable when a frame may be waiting),
+``send(frame)``, ``recv()`` (the next frame, or None when none is complete
+yet; never blocks) and ``close()``.
+
+* `PasstHost` (the default, no privileges needed): user-mode networking by
+  passt (https://passt.top, Debian package ``passt``). passt is started the
+  way QEMU's ``-netdev stream`` talks to it: a connected UNIX stream socket
+  carrying frames each prefixed by its length as a 32-bit big-endian
+  number; we hand passt its end of a socketpair (``passt -F FD``), so there
+  is no socket file, and passt quits by itself as soon as our end closes —
+  also if this process dies. passt gives the guest DHCP (the host's address
+  and default gateway, unless given), DNS, ARP/NDP; the guest's connections
+  go out through host sockets, connections to the gateway's address reach
+  the host's loopback (passt's gateway mapping), and ``forwards`` bind host
+  ports on 127.0.0.1 only that passt forwards into the guest.
+  ICMP echo goes through "ping" sockets: net.ipv4.ping_group_range must
+  include passt's group (see `ping_sockets_allowed`).
+* `TapHost` (``--net tap:NAME``, needs CAP_NET_ADMIN): a TAP interface,
+  /dev/net/tun opened with IFF_TAP | IFF_NO_PI, so reads and writes are raw
+  frames; the host configures the interface (addresses, bridge) itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Protocol, Sequence, Union
+
+from ..errors import PvhvmError
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME = 65535 + 14 + 4  # an IP datagram's worth, Ethernet and a VLAN tag
+_LEN = struct.Struct(">I")
+SEND_TIMEOUT = 30  # seconds passt may leave a frame of ours half-written
+
+
+class NetHostError(PvhvmError):
+    """The host side of a network cannot be set up."""
+
+
+class NetHost(Protocol):
+    def fileno(self) -> int: ...
+    def send(self, frame: bytes) -> None: ...
+    def recv(self) -> Optional[bytes]: ...
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- passt
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A host port forwarded into the guest: connections to
+    ``address:host_port`` on the host reach ``guest_port`` in the guest."""
+
+    host_port: int
+    guest_port: int
+    proto: str = "tcp"
+    address: str = "127.0.0.1"
+
+    def spec(self) -> str:
+        return f"{self.address}/{self.host_port}:{self.guest_port}"
+
+
+ForwardSpec = Union[Forward, int, tuple, str]
+
+
+def parse_forward(spec: ForwardSpec) -> Forward:
+    """``8080`` (same port), ``(8080, 80)``, ``"8080:80"``, ``"udp:5353:53"``
+    or a Forward; ports 1-65535, bound on 127.0.0.1 unless a Forward says
+    otherwise."""
+    if isinstance(spec, Forward):
+        f = spec
+    elif isinstance(spec, int):
+        f = Forward(spec, spec)
+    elif isinstance(spec, tuple) and len(spec) in (2, 3):
+        f = Forward(int(spec[0]), int(spec[1]), *(spec[2:]))
+    elif isinstance(spec, str):
+        parts = spec.split(":")
+        proto = "tcp"
+        if parts and parts[0] in ("tcp", "udp"):
+            proto = parts.pop(0)
+        try:
+            ports = [int(p, 10) for p in parts]
+        except ValueError:
+            raise NetHostError(f"bad port forward {spec!r} "
+                               "(want HOSTPORT[:GUESTPORT], tcp: or udp: in front)") from None
+        if len(ports) == 1:
+            ports.append(ports[0])
+        if len(ports) != 2:
+            raise NetHostError(f"bad port forward {spec!r} (want HOSTPORT[:GUESTPORT])")
+        f = Forward(ports[0], ports[1], proto)
+    else:
+        raise NetHostError(f"bad port forward {spec!r}")
+    if f.proto not in ("tcp", "udp"):
+        raise NetHostError(f"bad port forward protocol {f.proto!r}")
+    for p in (f.host_port, f.guest_port):
+        if not 0 < p < 65536:
+            raise NetHostError(f"port out of range in forward {spec!r}")
+    ipaddress.ip_address(f.address)
+    return f
+
+
+def find_passt() -> Optional[str]:
+    return shutil.which("passt")
+
+
+def ping_sockets_allowed(gids: Optional[Iterable[int]] = None) -> bool:
+    """Whether net.ipv4.ping_group_range lets a process with these groups
+    (default: passt's — nobody's when we are root, as passt drops to it —
+    else ours) open ICMP "ping" sockets, which passt needs to forward the
+    guest's pings."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ping_group_range").read_text().split())
+    except (OSError, ValueError):
+        return False
+    if gids is None:
+        if os.geteuid() == 0:
+            gids = [65534]
+        else:
+            gids = {os.getegid(), *os.getgroups()}
+    return any(lo <= g <= hi for g in gids)
+
+
+class PasstHost:
+    """passt as the vif's host end.
+
+    ``forwards``: host ports (127.0.0.1 only) forwarded into the guest, see
+    `parse_forward`. ``mtu``: what passt's DHCP tells the guest (passt's own
+    default is 65520; a vif can carry that because we offer feature-sg).
+    ``address``/``netmask``/``gateway``/``dns``: override what passt copies
+    from the host's default-route interface. ``ipv4_only``: no IPv6.
+    ``log_file``: passt's log (default: kept in memory, see ``log``).
+    ``extra_args`` go to passt as they are.
+    """
+
+    def __init__(
+        self,
+        forwards: Sequence[ForwardSpec] = (),
+        *,
+        mtu: Optional[int] = 65520,
+        address: Optional[str] = None,
+        netmask: Optional[str] = None,
+        gateway: Optional[str] = None,
+        dns: Optional[Sequence[str]] = None,
+        mac: Optional[str] = None,
+        ipv4_only: bool = False,
+        log_file: Optional[str] = None,
+        debug: bool = False,
+        extra_args: Sequence[str] = (),
+        passt: Optional[str] = None,
+    ) -> None:
+        self.binary = passt or find_passt()
+        if not self.binary:
+            raise NetHostError("passt is not installed (Debian: apt-get install passt); "
+                               "it provides the guest's user-mode network")
+        self.forwards = [parse_forward(f) for f in forwards]
+        args = [self.binary, "--foreground", "--stderr"]
+        if debug:
+            args.append("--debug")
+        if log_file:
+            args += ["--log-file", log_file]
+        if mtu is not None:
+            if not 68 <= mtu <= 65520:
+                raise NetHostError(f"mtu {mtu} out of range (68-65520)")
+            args += ["--mtu", str(mtu)]
+        if address:
+            args += ["--address", address]
+        if netmask:
+            args += ["--netmask", netmask]
+        if gateway:
+            args += ["--gateway", gateway]
+        if mac:
+            args += ["--mac-addr", mac]
+        if dns is not None:
+            if not dns:
+                args += ["--dns", "none"]
+            for d in dns:
+                args += ["--dns", d]
+        if ipv4_only:
+            args.append("--ipv4-only")
+        # One option per forward (an address prefix covers a whole list).
+        # passt forwards the UDP ports of TCP forwards too unless told:
+        # "none" keeps anything else from being bound.
+        for proto in ("tcp", "udp"):
+            specs = [f.spec() for f in self.forwards if f.proto == proto]
+            for spec in specs or ["none"]:
+                args += [f"--{proto}-ports", spec]
+        args += list(extra_args)
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (ours, theirs):
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                except OSError:
+                    pass
+        args[1:1] = ["--fd", str(theirs.fileno())]
+        self.args = args
+        self._log = bytearray()
+        try:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, pass_fds=[theirs.fileno()],
+                                         start_new_session=True)
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            raise NetHostError(f"cannot start {self.binary}: {e.strerror}") from None
+        theirs.close()
+        self._sock = ours
+        self._inbuf = bytearray()
+        self._pos = 0
+        self.frames_in = self.frames_out = 0
+        self.closed = False
+        # passt's output, for diagnostics; the thread ends when passt does.
+        self._reader = threading.Thread(target=self._read_log, name="passt-log", daemon=True)
+        self._reader.start()
+        self._finalizer = weakref.finalize(self, _stop_process, self.proc, self._sock)
+        # passt reports its configuration and then waits; if the arguments
+        # were bad it exits at once.
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.01)
+        if self.proc.poll() is not None:
+            self._reader.join(1)
+            self.close()
+            raise NetHostError(f"passt exited with status {self.proc.returncode}: {self.log_text[-2000:]}")
+        log.info("passt started (pid %d): %s", self.proc.pid, " ".join(args))
+
+    def _read_log(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        for line in iter(out.readline, b""):
+            if b"Failed to send" in line and b"syslog" in line:
+                continue  # no syslog daemon here: passt says so for every line
+            self._log += line
+            if len(self._log) > 1 << 20:
+                del self._log[: len(self._log) - (1 << 19)]
+        out.close()
+
+    @property
+    def log_text(self) -> str:
+        """What passt printed (its configuration, warnings)."""
+        return self._log.decode(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, frame: bytes) -> None:
+        """Write one frame to passt. If passt's socket buffer is full, wait
+        for room while still taking in what passt sends (passt may itself
+        be blocked writing the rest of a frame to us)."""
+        if self.closed:
+            return
+        data = memoryview(_LEN.pack(len(frame)) + frame)
+        deadline = None
+        while data:
+            try:
+                n = self._sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if deadline is None:
+                    deadline = time.monotonic() + SEND_TIMEOUT
+                elif time.monotonic() > deadline:
+                    # Half a frame is out: the stream cannot be resynchronised.
+                    log.error("passt has not read for %d s; closing the connection", SEND_TIMEOUT)
+                    self._broken()
+                    return
+                readable, _, _ = select.select([self._sock], [self._sock], [], 1.0)
+                if readable:
+                    self._fill()
+                    if self.closed:
+                        return
+                continue
+            except OSError as e:
+                if e.errno in (errno.EPIPE, errno.ECONNRESET):
+                    log.warning("passt went away: %s", self.log_text[-500:])
+                    self._broken()
+                    return
+                raise
+            data = data[n:]
+        self.frames_out += 1
+
+    def _broken(self) -> None:
+        self.closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fill(self) -> None:
+        """Take in whatever passt has sent (never blocks)."""
+        try:
+            data = self._sock.recv(1 << 18, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.EPIPE):
+                self.closed = True
+                return
+            raise
+        if not data:
+            self.closed = True
+            return
+        if self._pos:
+            del self._inbuf[: self._pos]
+            self._pos = 0
+        self._inbuf += data
+
+    def recv(self) -> Optional[bytes]:
+        """The next complete frame from passt, or None (never blocks)."""
+        frame = self._next()
+        if frame is not None or self.closed:
+            return frame
+        self._fill()
+        return self._next()
+
+    def _next(self) -> Optional[bytes]:
+        buf, pos = self._inbuf, self._pos
+        if len(buf) - pos < 4:
+            return None
+        (n,) = _LEN.unpack_from(buf, pos)
+        if n > MAX_FRAME:
+            log.error("passt sent a %d-byte frame; dropping the connection", n)
+            self.closed = True
+            return None
+        if len(buf) - pos - 4 < n:
+            return None
+        frame = bytes(buf[pos + 4 : pos + 4 + n])
+        self._pos = pos + 4 + n
+        self.frames_in += 1
+        return frame
+
+    @property
+    def eof(self) -> bool:
+        """passt closed its end (it has exited)."""
+        return self.closed
+
+    def close(self) -> None:
+        """Stop passt and wait for it (nothing is left behind)."""
+        self.closed = True
+        self._finalizer()
+        self._reader.join(2)
+
+    def __enter__(self) -> "PasstHost":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<PasstHost pid={self.proc.pid} {'running' if self.running else 'exited'}>"
+
+
+def _stop_process(proc: subprocess.Popen, sock: socket.socket) -> None:
+    # Closing our end alone makes passt exit; terminate in case it is wedged.
+    try:
+        sock.close()
+    except OSError:
+        pass
+    if proc.poll() is None:
+        try:
+            proc.wait(1)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --------------------------------------------------------------------------- TAP
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+class TapHost:
+    """A TAP interface (created if missing, persistent ones reused) as the
+    vif's host end. Needs CAP_NET_ADMIN. ``up``: bring the interface up."""
+
+    def __init__(self, name: str, *, up: bool = True) -> None:
+        if not name or len(name.encode()) > 15 or "/" in name:
+            raise NetHostError(f"bad TAP interface name {name!r}")
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetHostError(f"/dev/net/tun: {e.strerror}") from None
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI)
+            res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as e:
+            os.close(fd)
+            hint = " (needs root or CAP_NET_ADMIN)" if e.errno == errno.EPERM else ""
+            raise NetHostError(f"cannot attach TAP interface {name}: {e.strerror}{hint}") from None
+        self.fd = fd
+        self.name = res[:16].rstrip(b"\0").decode()
+        self.frames_in = self.frames_out = 0
+        self.closed = False
+        if up:
+            self._set_up()
+
+    def _set_up(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifr = struct.pack("16sH22x", self.name.encode(), 0)
+            flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+            if not flags & IFF_UP:
+                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", self.name.encode(), flags | IFF_UP))
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def send(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            os.write(self.fd, frame)
+            self.frames_out += 1
+        except BlockingIOError:
+            pass  # the host's queue is full: dropped, as a wire would
+        except OSError as e:
+            if e.errno in (errno.EIO, errno.EINVAL, errno.EMSGSIZE):
+                log.debug("tap %s: frame of %d bytes refused: %s", self.name, len(frame), e.strerror)
+                return
+            raise
+
+    def recv(self) -> Optional[bytes]:
+        if self.closed:
+            return None
+        try:
+            frame = os.read(self.fd, MAX_FRAME)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno == errno.EIO:  # interface down
+                return None
+            raise
+        self.frames_in += 1
+        return frame
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> "TapHost":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# For a busybox guest: udhcpc runs /etc/udhcpc/default.script (which busybox
+# does not ship) with the lease in its environment. This one configures the
+# interface with iproute2-style busybox `ip`, MTU included (passt offers
+# 65520, which a vif carries thanks to feature-sg), and prints the lease.
+UDHCPC_SCRIPT = """\
+#!/bin/sh
+case "$1" in
+bound|renew)
+    ip link set "$interface" up
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route add default via "$router" dev "$interface"
+    echo "DHCP-BOUND ip=$ip mask=$mask router=$router mtu=$mtu"
+    ;;
+deconfig)
+    ip link set "$interface" up
+    ip addr flush dev "$interface"
+    ;;
+esac
+exit 0
+"""
+UDHCPC_SCRIPT_PATH = "etc/udhcpc/default.script"
+
+
+def open_host(spec: str, forwards: Sequence[ForwardSpec] = ()) -> Optional[NetHost]:
+    """``"passt"`` -> PasstHost(forwards), ``"tap:NAME"`` -> TapHost(NAME),
+    ``"none"`` -> None (a vif with nothing behind it)."""
+    if spec == "none":
+        return None
+    if spec == "passt":
+        return PasstHost(forwards)
+    if spec.startswith("tap:"):
+        if forwards:
+            raise NetHostError("port forwards need --net passt")
+        return TapHost(spec[4:])
+    raise NetHostError(f"unknown network {spec!r} (want passt, tap:NAME or none)")
+
+
+__all__ = ["UDHCPC_SCRIPT", "UDHCPC_SCRIPT_PATH", "NetHost", "PasstHost", "TapHost", "Forward", "parse_forward",
+           "open_host", "NetHostError", "ping_sockets_allowed", "find_passt"]
