@@ -2,12 +2,13 @@
 """Boot time of the default Debian guest: pvhvm against QEMU/TCG booting the
 same vmlinux and initramfs by PVH, alternated, in one run.
 
-    .venv/bin/python benches/bench_boot.py [--runs N] [--json FILE]
+    .venv/bin/python benches/bench_boot.py [--runs N] [--json FILE] [--skip-qemu]
 
 Measures, for each hypervisor, wall time from start to the first kernel line
 and to the init marker ("PVHVM-INIT-OK uptime=<s>"), and the guest's own
 uptime at the marker. Prints a table and writes JSON (medians and the
-pvhvm/QEMU ratio).
+pvhvm/QEMU ratio). benches/run_all.py runs this as part of the whole suite,
+with benches/bench_profile.py's breakdown of the pvhvm boot.
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS  # noqa: E402
+
 MARKER = re.compile(rb"PVHVM-INIT-OK uptime=([0-9.]+)")
 FIRST_LINE = re.compile(rb"\[\s*0\.0+\] Linux version")
 QEMU = "qemu-system-x86_64"
+# The pvhvm boot's command line, also used in-process by bench_profile.py.
+CMDLINE = "console=hvc0"
+MEMORY_MIB = 256
+KEYS = ("first_line_s", "marker_s", "exit_s", "guest_uptime_s")
 
 
 def timed_run(cmd: list[str], timeout: float) -> dict:
@@ -58,8 +66,63 @@ def timed_run(cmd: list[str], timeout: float) -> dict:
     p.wait()
     if marker is None:
         tail = out[-2000:].decode(errors="replace")
-        raise SystemExit(f"no init marker from {cmd[0]} (exit {p.returncode}):\n{tail}")
+        raise RuntimeError(f"no init marker from {cmd[0]} (exit {p.returncode}):\n{tail}")
     return {"first_line_s": first, "marker_s": marker, "exit_s": time.perf_counter() - t0, "guest_uptime_s": uptime}
+
+
+def commands(g) -> dict[str, list[str]]:
+    # No network card: QEMU gets none either (-nodefaults), and `--net auto`
+    # would depend on whether passt is installed here.
+    pvhvm_cmd = [sys.executable, "-m", "pvhvm", "boot", str(g.vmlinux), "--initrd", str(g.initrd),
+                 "--memory", str(MEMORY_MIB), "--cmdline", CMDLINE, "--net", "none"]
+    qemu_cmd = [QEMU, "-M", "pc", "-accel", "tcg", "-m", str(MEMORY_MIB), "-kernel", str(g.vmlinux),
+                "-initrd", str(g.initrd), "-append", "console=ttyS0 panic=-1", "-nographic", "-nodefaults",
+                "-no-reboot", "-serial", "stdio"]
+    return {"pvhvm": pvhvm_cmd, "qemu": qemu_cmd}
+
+
+def qemu_version() -> str | None:
+    if shutil.which(QEMU) is None:
+        return None
+    return subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+
+
+def measure(runs: int = 3, timeout: float = 300, skip_qemu: bool = False, log=sys.stderr) -> dict:
+    """Boot the default guest `runs` times under each hypervisor, alternated."""
+    from pvhvm.images import prepare_default_guest
+
+    g = prepare_default_guest()
+    if not skip_qemu and shutil.which(QEMU) is None:
+        raise SystemExit(f"{QEMU} not found: apt-get install qemu-system-x86 (scripts/bench does it), "
+                         "or pass --skip-qemu")
+    cmds = commands(g)
+    if skip_qemu:
+        del cmds["qemu"]
+    samples: dict[str, list[dict]] = {name: [] for name in cmds}
+    for i in range(runs):
+        for name, cmd in cmds.items():
+            r = timed_run(cmd, timeout)
+            samples[name].append(r)
+            print(f"  boot run {i + 1}/{runs} {name:6} first line {r['first_line_s']:.2f} s, "
+                  f"marker {r['marker_s']:.2f} s, guest uptime {r['guest_uptime_s']:.2f} s", file=log)
+
+    def med(name: str, key: str) -> float | None:
+        values = [r[key] for r in samples[name] if r[key] is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    summary = {name: {k: med(name, k) for k in KEYS} for name in samples}
+    result = {
+        "kernel": g.kernel_version,
+        "qemu": None if skip_qemu else qemu_version(),
+        "runs": samples,
+        "median": summary,
+    }
+    if "qemu" in summary:
+        result["ratio_marker_pvhvm_over_qemu"] = round(summary["pvhvm"]["marker_s"] / summary["qemu"]["marker_s"], 3)
+        if summary["pvhvm"]["first_line_s"] and summary["qemu"]["first_line_s"]:
+            result["ratio_first_line_pvhvm_over_qemu"] = round(
+                summary["pvhvm"]["first_line_s"] / summary["qemu"]["first_line_s"], 3)
+    return result
 
 
 def main() -> int:
@@ -67,50 +130,24 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--skip-qemu", action="store_true", help="Boot under pvhvm only.")
     args = ap.parse_args()
 
-    sys.path.insert(0, str(ROOT / "python"))
-    from pvhvm.images import prepare_default_guest
-
-    g = prepare_default_guest()
-    if shutil.which(QEMU) is None:
-        raise SystemExit(f"{QEMU} not found: apt-get install qemu-system-x86 (scripts/setup --bench does it)")
-    pvhvm_cmd = [sys.executable, "-m", "pvhvm", "boot", str(g.vmlinux), "--initrd", str(g.initrd),
-                 "--memory", "256", "--cmdline", "console=hvc0"]
-    qemu_cmd = [QEMU, "-M", "pc", "-accel", "tcg", "-m", "256", "-kernel", str(g.vmlinux), "-initrd", str(g.initrd),
-                "-append", "console=ttyS0 panic=-1", "-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio"]
-    runs: dict[str, list[dict]] = {"pvhvm": [], "qemu": []}
-    for i in range(args.runs):
-        for name, cmd in (("pvhvm", pvhvm_cmd), ("qemu", qemu_cmd)):
-            r = timed_run(cmd, args.timeout)
-            runs[name].append(r)
-            print(f"run {i + 1} {name:6} first line {r['first_line_s']:.2f} s, marker {r['marker_s']:.2f} s, "
-                  f"guest uptime {r['guest_uptime_s']:.2f} s", file=sys.stderr)
-
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name] if r[key] is not None)
-
-    summary = {
-        name: {k: round(med(name, k), 3) for k in ("first_line_s", "marker_s", "exit_s", "guest_uptime_s")}
-        for name in runs
-    }
-    result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-        "kernel": g.kernel_version,
-        "qemu": subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
-        "runs": runs,
-        "median": summary,
-        "ratio_marker_pvhvm_over_qemu": round(summary["pvhvm"]["marker_s"] / summary["qemu"]["marker_s"], 3),
-    }
-    out = args.json or ROOT / "benches" / "results" / f"boot-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+              **measure(args.runs, args.timeout, args.skip_qemu)}
+    out = args.json or RESULTS / f"boot-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'median':<28}{'pvhvm':>10}{'qemu-tcg':>10}")
+    summary = result["median"]
+    names = list(summary)
+    print(f"{'median':<28}" + "".join(f"{'qemu-tcg' if n == 'qemu' else n:>10}" for n in names))
     for k, label in (("first_line_s", "first kernel line (s)"), ("marker_s", "init marker (s)"),
                      ("guest_uptime_s", "guest uptime at marker (s)"), ("exit_s", "until exit (s)")):
-        print(f"{label:<28}{summary['pvhvm'][k]:>10.2f}{summary['qemu'][k]:>10.2f}")
-    print(f"boot to init, pvhvm / QEMU: {result['ratio_marker_pvhvm_over_qemu']:.2f}")
+        print(f"{label:<28}" + "".join(f"{summary[n][k]:>10.2f}" if summary[n][k] is not None else f"{'-':>10}"
+                                       for n in names))
+    if "ratio_marker_pvhvm_over_qemu" in result:
+        print(f"boot to init, pvhvm / QEMU: {result['ratio_marker_pvhvm_over_qemu']:.2f}")
     print(f"json: {out}")
     return 0
 

@@ -6,7 +6,8 @@ compute speed against Unicorn with no hooks (the ceiling), in one run.
 
 Writes JSON (default benches/results/core-<time>.json) and prints a table.
 The guest times itself with RDTSC; the host calibrates the TSC against its
-monotonic clock, so cycles become nanoseconds.
+monotonic clock, so cycles become nanoseconds. benches/run_all.py runs this
+as part of the whole suite.
 """
 
 from __future__ import annotations
@@ -14,38 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "guests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import build as guest_build  # noqa: E402
-
-import pvhvm  # noqa: E402
-from pvhvm import _core  # noqa: E402
+from _common import RESULTS, guests, run_bench_guest, tsc_hz  # noqa: E402
 
 # The bench guest's compute_loop (tests/guests/bench.c), 4 instructions a turn.
 LOOP_CODE = bytes.fromhex("4801f8" "4831d0" "48ffcf" "75f5" "c3")
 LOOP_ITERATIONS = 50_000_000
-
-
-def tsc_hz() -> float:
-    t0, c0 = time.perf_counter_ns(), _core.host_tsc()
-    time.sleep(0.25)
-    t1, c1 = time.perf_counter_ns(), _core.host_tsc()
-    return (c1 - c0) / ((t1 - t0) / 1e9)
-
-
-def run_guest(elf: Path) -> dict[str, int]:
-    dom = pvhvm.Domain(elf, memory_mib=32)
-    outcome = dom.run(timeout=300)
-    if outcome.exit_status != 0:
-        raise SystemExit(f"bench guest failed: {outcome}")
-    return {m[1]: int(m[2]) for m in re.finditer(r"^BENCH (\S+) (\d+)$", dom.console_output.decode(), re.M)}
+PATHS = ("vmcall", "vmmcall", "page")
 
 
 def unicorn_ceiling() -> float:
@@ -65,42 +47,79 @@ def unicorn_ceiling() -> float:
     return LOOP_ITERATIONS * 4 / dt / 1e6
 
 
+def fast_mode(speeds: list[float]) -> float:
+    """The median of the runs in the upper half of the observed range: the
+    fast engines' speed when speeds are bimodal, about the median when not."""
+    mid = (min(speeds) + max(speeds)) / 2
+    return statistics.median(v for v in speeds if v >= mid)
+
+
+def measure(runs: int = 3, hz: float | None = None) -> dict:
+    """Run the bench guest and the Unicorn ceiling `runs` times each
+    (alternated), each on a fresh engine.
+
+    The loop's speed is bimodal across Unicorn engines, with and without
+    pvhvm (about 3x apart with no hooks, 2x in pvhvm here): an engine is
+    fast or slow for its whole life, as if set by where the host places its
+    code buffer. So both the median of all runs and the median of the fast
+    runs (`fast_mode`) are reported, and the speed ratio compares fast runs
+    to fast runs; every sample is kept."""
+    elf = guests()["bench"]
+    if LOOP_CODE not in elf.read_bytes():
+        raise SystemExit("bench guest's compute_loop differs from LOOP_CODE")
+    hz = hz or tsc_hz()
+    guest_runs, ceilings = [], []
+    for _ in range(runs):
+        guest_runs.append(run_bench_guest(elf))
+        ceilings.append(unicorn_ceiling())
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in guest_runs)
+
+    guest_speeds = [r["loop_insns"] / (r["loop_cycles"] / hz) / 1e6 for r in guest_runs]
+    result = {
+        "runs": runs,
+        "tsc_mhz": round(hz / 1e6, 1),
+        "hypercall_ns": {p: round(med(f"hypercall_cycles_{p}") / hz * 1e9, 1) for p in PATHS},
+        "guest_minsn_per_s": round(statistics.median(guest_speeds), 1),
+        "guest_minsn_per_s_fast": round(fast_mode(guest_speeds), 1),
+        "unicorn_no_hooks_minsn_per_s": round(statistics.median(ceilings), 1),
+        "unicorn_no_hooks_minsn_per_s_fast": round(fast_mode(ceilings), 1),
+        "samples": {"guest_minsn_per_s": [round(v, 1) for v in guest_speeds],
+                    "unicorn_no_hooks_minsn_per_s": [round(c, 1) for c in ceilings],
+                    "hypercall_ns": {p: [round(r[f"hypercall_cycles_{p}"] / hz * 1e9, 1) for r in guest_runs]
+                                     for p in PATHS}},
+    }
+    result["guest_speed_ratio"] = round(result["guest_minsn_per_s_fast"] / result["unicorn_no_hooks_minsn_per_s_fast"],
+                                        3)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    elf = guest_build.build_all()["bench"]
-    if LOOP_CODE not in elf.read_bytes():
-        raise SystemExit("bench guest's compute_loop differs from LOOP_CODE")
-    hz = tsc_hz()
-    runs = [run_guest(elf) for _ in range(args.runs)]
-    ceilings = [unicorn_ceiling() for _ in range(args.runs)]
-
-    def med(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
-
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"machine": platform.machine(), "python": platform.python_version(), "tsc_mhz": round(hz / 1e6, 1)},
-        "runs": args.runs,
-        "hypercall_ns": {p: round(med(f"hypercall_cycles_{p}") / hz * 1e9, 1) for p in ("vmcall", "vmmcall", "page")},
-        "guest_minsn_per_s": round(med("loop_insns") / (med("loop_cycles") / hz) / 1e6, 1),
-        "unicorn_no_hooks_minsn_per_s": round(statistics.median(ceilings), 1),
+        "host": {"machine": platform.machine(), "python": platform.python_version()},
+        **measure(args.runs),
     }
-    result["guest_speed_ratio"] = round(result["guest_minsn_per_s"] / result["unicorn_no_hooks_minsn_per_s"], 3)
+    result["host"]["tsc_mhz"] = result.pop("tsc_mhz")
 
-    out = args.json or ROOT / "benches" / "results" / f"core-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.json or RESULTS / f"core-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{'metric':<38}{'value':>12}")
     for p, ns in result["hypercall_ns"].items():
         print(f"{'hypercall round trip, ' + p + ' (ns)':<38}{ns:>12.1f}")
-    print(f"{'guest compute (Minsn/s)':<38}{result['guest_minsn_per_s']:>12.1f}")
-    print(f"{'Unicorn, no hooks (Minsn/s)':<38}{result['unicorn_no_hooks_minsn_per_s']:>12.1f}")
-    print(f"{'guest speed / Unicorn ceiling':<38}{result['guest_speed_ratio']:>12.3f}")
+    print(f"{'guest compute, median (Minsn/s)':<38}{result['guest_minsn_per_s']:>12.1f}")
+    print(f"{'guest compute, fast runs (Minsn/s)':<38}{result['guest_minsn_per_s_fast']:>12.1f}")
+    print(f"{'Unicorn, no hooks, median (Minsn/s)':<38}{result['unicorn_no_hooks_minsn_per_s']:>12.1f}")
+    print(f"{'Unicorn, no hooks, fast runs (Minsn/s)':<38}{result['unicorn_no_hooks_minsn_per_s_fast']:>12.1f}")
+    print(f"{'guest / Unicorn, fast runs':<38}{result['guest_speed_ratio']:>12.3f}")
     print(f"json: {out}")
     return 0
 

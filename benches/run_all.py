@@ -1,0 +1,460 @@
+#!/usr/bin/env python3
+"""pvhvm's benchmark suite in one command: pvhvm against QEMU on the same
+work, and where pvhvm's boot time goes.
+
+    .venv/bin/python benches/run_all.py [--quick] [--skip-qemu] [--only SECTION ...]
+    .venv/bin/python benches/run_all.py --compare OLD.json            # run, then diff against OLD
+    .venv/bin/python benches/run_all.py --compare OLD.json NEW.json   # diff two runs, no run
+
+Sections (in run order):
+  core      hypercall round trip per entry path (VMCALL, VMMCALL, hypercall
+            page), guest compute speed vs Unicorn with no hooks (bench_core.py)
+  events    event channel send-to-upcall latency (self-IPI, interrupts on) and
+            one-shot timer lateness at +1 ms / +10 ms, halting and spinning
+            (bench_guests.py, guest tests/guests/bench_events.c)
+  xenstore  xenstore round trips from inside a guest over the ring page, and
+            ops/s (bench_guests.py, guest tests/guests/xsbench.c)
+  boot      the default Debian guest to its init marker under pvhvm and QEMU
+            TCG (PVH boot of the same vmlinux/initrd), alternated; medians
+            and ratios (bench_boot.py)
+  profile   the same boot in-process: core vs Python time, exits by kind,
+            hypercalls by name, exceptions and interrupts (bench_profile.py)
+  memory    peak RSS of `python -m pvhvm boot --memory 256/1024` (bench_memory.py)
+  net       ping and TCP throughput over the vif on passt (bench_net.py);
+            recorded as "not measured: <reason>" when it cannot run here
+
+Writes benches/results/suite-<time>.json (or --json FILE) and prints a table.
+The JSON (schema 1):
+
+  {"schema": 1, "when": ISO-8601, "host": {...}, "config": {...},
+   "results": {NAME: {"value": number|null, "unit": str, "label": str,
+                      "better": "lower"|"higher" (if it has a direction),
+                      "status": "not measured: ..." (only when value is null)}},
+   "details": {SECTION: raw data (runs, samples)}, "errors": {SECTION: message}}
+
+NAMEs are dotted and stable (e.g. "boot.pvhvm.init_s", "events.ipi_ns.p50");
+--compare matches them by name. Exit status 1 if a section failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, ROOT, metric, not_measured, tsc_hz  # noqa: E402
+
+SCHEMA = 1
+SECTIONS = ("core", "events", "xenstore", "boot", "profile", "memory", "net")
+MEMORY_SIZES = (256, 1024)
+TIMER_CASES = ("1ms_halt", "1ms_spin", "10ms_halt", "10ms_spin")
+NET_METRICS = {
+    "net.ping_rtt_ms.avg": ("ms", "ping the gateway, rtt avg", "lower"),
+    "net.ping_rtt_ms.max": ("ms", "ping the gateway, rtt max", "lower"),
+    "net.tcp_host_to_guest_mbit_s": ("Mbit/s", "TCP host -> guest (passt forward)", "higher"),
+    "net.tcp_guest_to_host_mbit_s": ("Mbit/s", "TCP guest -> host (via the gateway)", "higher"),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- host
+
+
+def _cmd_out(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def host_info() -> dict:
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        unicorn = version("unicorn")
+    except Exception:
+        unicorn = None
+    from bench_boot import qemu_version
+
+    commit = _cmd_out(["git", "rev-parse", "--short", "HEAD"])
+    dirty = bool(_cmd_out(["git", "status", "--porcelain", "--untracked-files=no"]))
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "unicorn": unicorn,
+        "qemu": qemu_version(),
+        "pvhvm_commit": f"{commit}{'-dirty' if dirty else ''}" if commit else None,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def run_core(ctx: dict) -> tuple[dict, dict]:
+    import bench_core
+
+    r = bench_core.measure(ctx["core_runs"], ctx["hz"])
+    res = {f"core.hypercall_ns.{p}": metric(ns, "ns", f"hypercall round trip, {p}", "lower")
+           for p, ns in r["hypercall_ns"].items()}
+    n = r["runs"]
+    res["core.guest_minsn_per_s"] = metric(r["guest_minsn_per_s"], "Minsn/s", f"guest compute loop, median of {n}",
+                                           "higher")
+    res["core.guest_minsn_per_s.fast"] = metric(r["guest_minsn_per_s_fast"], "Minsn/s",
+                                                f"guest compute loop, median of the fast runs of {n}", "higher")
+    res["core.unicorn_no_hooks_minsn_per_s"] = metric(r["unicorn_no_hooks_minsn_per_s"], "Minsn/s",
+                                                       f"same loop, Unicorn with no hooks, median of {n}", "higher")
+    res["core.unicorn_no_hooks_minsn_per_s.fast"] = metric(
+        r["unicorn_no_hooks_minsn_per_s_fast"], "Minsn/s", f"same loop, Unicorn with no hooks, fast runs of {n}",
+        "higher")
+    res["core.guest_speed_ratio"] = metric(r["guest_speed_ratio"], "ratio",
+                                           "guest / Unicorn ceiling, fast runs (speed is bimodal per engine)", "higher")
+    return res, r
+
+
+def run_events(ctx: dict) -> tuple[dict, dict]:
+    import bench_guests
+
+    r = bench_guests.events(ctx["hz"], **ctx["events_n"])
+    ctx["host"]["pvclock_tsc_mhz"] = round(r["pvclock_tsc_mhz"], 1)
+    res = {}
+    n = r["ipi_ns"]["n"]
+    for s in ("p50", "p99", "max"):
+        res[f"events.ipi_ns.{s}"] = metric(r["ipi_ns"][s], "ns", f"self-IPI send -> upcall, {s} of {n}", "lower")
+    for case in TIMER_CASES:
+        d = r[f"timer_{case}_late_us"]
+        delta, how = case.split("_")
+        how = "halting" if how == "halt" else "spinning"
+        for s in ("p50", "p99", "max"):
+            res[f"timer.{case}_late_us.{s}"] = metric(d[s], "us", f"timer +{delta}, {how}: late by, {s} of {d['n']}",
+                                                      "lower")
+        # A timer that fires before its deadline is a bug, not a good number.
+        res[f"timer.{case}_late_us.min"] = metric(d["min"], "us", f"timer +{delta}, {how}: late by, min (must be >= 0)")
+    h = r["host_sleep_1ms_late_us"]
+    for s in ("p50", "p99"):
+        res[f"timer.host_sleep_1ms_late_us.{s}"] = metric(
+            h[s], "us", f"host reference: time.sleep(1 ms) late by, {s} of {h['n']}")
+    return res, r
+
+
+def run_xenstore(ctx: dict) -> tuple[dict, dict]:
+    import bench_guests
+
+    r = bench_guests.xenstore(ctx["hz"], ctx["xs_n"])
+    res = {}
+    for phase, what in (("write_poll", "write, polling the ring"), ("read_poll", "read, polling the ring"),
+                        ("read_block", "read, blocked on the port")):
+        d = r[f"{phase}_us"]
+        for s in ("p50", "p99"):
+            res[f"xenstore.{phase}_us.{s}"] = metric(d[s], "us", f"{what}: round trip, {s} of {d['n']}", "lower")
+    res["xenstore.ops_per_s"] = metric(r["ops_per_s"], "ops/s", "writes + reads back to back (polling)", "higher")
+    return res, r
+
+
+def run_boot(ctx: dict) -> tuple[dict, dict]:
+    import bench_boot
+
+    r = bench_boot.measure(ctx["boot_runs"], ctx["timeout"], skip_qemu=ctx["skip_qemu"], log=sys.stderr)
+    ctx["host"]["guest_kernel"] = r["kernel"]
+    labels = {"first_line_s": "first kernel line", "marker_s": "init marker", "guest_uptime_s": "guest uptime at init",
+              "exit_s": "until the process exits"}
+    names = {"first_line_s": "first_line_s", "marker_s": "init_s", "guest_uptime_s": "guest_uptime_s",
+             "exit_s": "exit_s"}
+    res = {}
+    for hv in ("pvhvm", "qemu"):
+        for k, label in labels.items():
+            name = f"boot.{hv}.{names[k]}"
+            text = f"{'QEMU TCG' if hv == 'qemu' else 'pvhvm'}: {label}, median of {ctx['boot_runs']}"
+            if hv in r["median"]:
+                res[name] = metric(r["median"][hv][k], "s", text, "lower")
+            else:
+                res[name] = not_measured("s", text, "--skip-qemu", "lower")
+    for k, key in (("init", "ratio_marker_pvhvm_over_qemu"), ("first_line", "ratio_first_line_pvhvm_over_qemu")):
+        text = f"{k.replace('_', ' ')}: pvhvm / QEMU"
+        res[f"boot.ratio.{k}"] = (metric(r[key], "ratio", text, "lower") if key in r
+                                  else not_measured("ratio", text, "--skip-qemu" if ctx["skip_qemu"] else "no data",
+                                                    "lower"))
+    return res, r
+
+
+def run_profile(ctx: dict) -> tuple[dict, dict]:
+    import bench_profile
+
+    r = bench_profile.measure(ctx["timeout"])
+    res = {
+        "profile.build_s": metric(r["build_s"], "s", "Domain(...) construction (load kernel, initrd)", "lower"),
+        "profile.first_line_s": metric(r["first_line_s"], "s", "in-process: first kernel line", "lower"),
+        "profile.init_s": metric(r["marker_s"], "s", "in-process: init marker", "lower"),
+        "profile.guest_uptime_s": metric(r["guest_uptime_s"], "s", "in-process: guest uptime at init", "lower"),
+        "profile.wall_s": metric(r["wall_s"], "s", "in-process: run() until power-off", "lower"),
+        "profile.core_s": metric(r["core_s"], "s", "time in the core (Vm.run)", "lower"),
+        "profile.python_s": metric(r["python_s"], "s", "time in Python between runs (idle waits excluded)", "lower"),
+        "profile.idle_wait_s": metric(r["idle_wait_s"], "s", "Python sleeping until the guest's timer"),
+        "profile.loop_s": metric(r["loop_s"], "s", "run_until's own loop, outside _step", "lower"),
+        "profile.python_share": metric(r["python_s"] / r["wall_s"], "fraction", "Python share of the wall time",
+                                       "lower"),
+    }
+    for part, v in sorted(r["parts_s"].items()):
+        if part != "idle_wait":
+            res[f"profile.python.{part}_s"] = metric(v, "s", f"Python: {part}", "lower")
+    for kind, d in r["exits"].items():
+        res[f"profile.exits.{kind}.count"] = metric(d["count"], "count", f"run() returned {kind!r}")
+        res[f"profile.exits.{kind}.core_s"] = metric(d["core_s"], "s", f"core time of runs ending {kind!r}")
+        res[f"profile.exits.{kind}.python_s"] = metric(d["python_s"], "s", f"Python time after {kind!r} exits",
+                                                       "lower")
+        if d["wait_s"]:
+            res[f"profile.exits.{kind}.wait_s"] = metric(d["wait_s"], "s", f"idle wait after {kind!r} exits")
+    for name, n in sorted(r["hypercalls"].items(), key=lambda kv: -kv[1]):
+        res[f"profile.hypercalls.{name}"] = metric(n, "count", f"hypercall {name}")
+    res["profile.hypercalls.total"] = metric(sum(r["hypercalls"].values()), "count", "hypercalls, all")
+    res["profile.exceptions_delivered"] = metric(r["exceptions_delivered"], "count", "exceptions delivered")
+    res["profile.interrupts_delivered"] = metric(r["interrupts_delivered"], "count", "interrupts delivered")
+    res["profile.code_cache_flushes"] = not_measured("count", "code cache (TB) flushes", r["code_cache_flushes_status"])
+    res["profile.instrumentation_overhead_s"] = metric(
+        r["instrumentation_overhead_s"], "s",
+        f"estimated cost of the timing wrappers ({r['instrumentation_calls']} calls)")
+    return res, r
+
+
+def run_memory(ctx: dict) -> tuple[dict, dict]:
+    import statistics
+
+    import bench_memory
+
+    runs = ctx["memory_runs"]
+    raw: dict = {str(m): [] for m in MEMORY_SIZES}
+    for _ in range(runs):  # sizes alternated; the peak varies by +-15 MiB from run to run
+        for m in MEMORY_SIZES:
+            r = bench_memory.peak_rss(m, ctx["timeout"])
+            raw[str(m)].append(r)
+            log(f"  memory: --memory {m}: peak RSS {r['peak_rss_mib']:.1f} MiB")
+    res = {}
+    for m in MEMORY_SIZES:
+        peaks = [r["peak_rss_mib"] for r in raw[str(m)]]
+        res[f"memory.peak_rss_mib.{m}"] = metric(statistics.median(peaks), "MiB",
+                                                 f"peak RSS, `pvhvm boot --memory {m}`, median of {runs}", "lower")
+    return res, raw
+
+
+def run_net(ctx: dict) -> tuple[dict, dict]:
+    import bench_net
+
+    def placeholder(reason: str) -> dict:
+        return {name: not_measured(unit, label, reason, better) for name, (unit, label, better) in NET_METRICS.items()}
+
+    if not bench_net.backend_present():
+        return placeholder("network backend not present"), {}
+    try:
+        r = bench_net.measure(ctx["quick"], log=sys.stderr)
+    except bench_net.NotMeasured as e:
+        return placeholder(str(e)), {}
+    except Exception as e:  # the host's network (passt, DHCP) is not the suite's business
+        log(traceback.format_exc())
+        return placeholder(f"the network bench failed: {type(e).__name__}: {e}"), {"error": str(e)}
+    res = placeholder("no result")
+    if "ping_ms" in r:
+        for s in ("avg", "max"):
+            unit, label, better = NET_METRICS[f"net.ping_rtt_ms.{s}"]
+            res[f"net.ping_rtt_ms.{s}"] = metric(r["ping_ms"][s], unit, f"{label} of {r['ping_ms']['n']}", better)
+    else:
+        for s in ("avg", "max"):
+            res[f"net.ping_rtt_ms.{s}"]["status"] = r.get("ping_status", "not measured")
+    for key in ("tcp_host_to_guest_mbit_s", "tcp_guest_to_host_mbit_s"):
+        unit, label, better = NET_METRICS[f"net.{key}"]
+        if key in r:
+            res[f"net.{key}"] = metric(r[key], unit, f"{label}, {r['bytes'] >> 20} MiB", better)
+        else:
+            res[f"net.{key}"]["status"] = r.get(key.replace("_mbit_s", "_status"), "not measured")
+    return res, r
+
+
+RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot,
+           "profile": run_profile, "memory": run_memory, "net": run_net}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:.0f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.4f}" if a >= 0.0001 or v == 0 else f"{v:.2e}"
+
+
+def print_table(doc: dict, out=None) -> None:
+    out = out or sys.stdout
+    h = doc["host"]
+    print(f"pvhvm bench suite, {doc['when']}  ({h.get('cpu')}, {h.get('cpus')} CPUs, pvhvm {h.get('pvhvm_commit')}, "
+          f"{'quick' if doc['config']['quick'] else 'full'}; load {h.get('loadavg_start')} -> {h.get('loadavg_end')})",
+          file=out)
+    section = None
+    width = max((len(n) for n in doc["results"]), default=20) + 2
+    for name, e in doc["results"].items():
+        top = name.split(".", 1)[0]
+        if top != section:
+            section = top
+            print(f"\n[{section}]", file=out)
+        note = e.get("status") if e["value"] is None else e.get("label", "")
+        print(f"  {name:<{width}}{fmt(e['value']):>12} {e['unit']:<9}{note}", file=out)
+    for sec, msg in doc.get("errors", {}).items():
+        print(f"\nERROR in {sec}: {msg.splitlines()[-1] if msg else ''}", file=out)
+
+
+def compare(old: dict, new: dict, out=None, threshold: float = 0.05) -> None:
+    """Side by side by metric name, with new/old ratios. A change past
+    `threshold` in the metric's `better` direction is marked better/worse."""
+    out = out or sys.stdout
+    for doc, tag in ((old, "old"), (new, "new")):
+        h = doc.get("host", {})
+        print(f"{tag}: {doc.get('when')}  {h.get('cpu')}  pvhvm {h.get('pvhvm_commit')}  "
+              f"{'quick' if doc.get('config', {}).get('quick') else 'full'}  load {h.get('loadavg_start')}", file=out)
+    if old.get("host", {}).get("cpu") != new.get("host", {}).get("cpu"):
+        print("note: different CPUs; ratios compare machines as much as code", file=out)
+    names = list(new["results"]) + [n for n in old["results"] if n not in new["results"]]
+    width = max((len(n) for n in names), default=20) + 2
+    print(f"\n  {'metric':<{width}}{'old':>12}{'new':>12}{'new/old':>10}  unit", file=out)
+    for name in names:
+        o = old["results"].get(name, {}).get("value")
+        e = new["results"].get(name) or old["results"][name]
+        n = new["results"].get(name, {}).get("value")
+        ratio = n / o if isinstance(o, (int, float)) and isinstance(n, (int, float)) and o else None
+        mark = ""
+        if name not in old["results"]:
+            mark = "new metric"
+        elif name not in new["results"]:
+            mark = "gone"
+        elif ratio is not None and e.get("better") and abs(ratio - 1) >= threshold:
+            improved = ratio < 1 if e["better"] == "lower" else ratio > 1
+            mark = "better" if improved else "WORSE"
+        rs = f"{ratio:.3f}" if ratio is not None else "-"
+        print(f"  {name:<{width}}{fmt(o):>12}{fmt(n):>12}{rs:>10}  {e.get('unit', ''):<9}{mark}", file=out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    head, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(description=" ".join(head.split()),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+    ap.add_argument("--quick", action="store_true", help="Fewer runs and samples (CI smoke).")
+    ap.add_argument("--skip-qemu", action="store_true", help="Do not boot under QEMU (its entries: not measured).")
+    ap.add_argument("--runs", type=int, help="Boot and core runs (default 5 and 9; 1 and 3 with --quick).")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION", help=f"Run only these: {SECTIONS}.")
+    ap.add_argument("--skip", nargs="+", choices=SECTIONS, metavar="SECTION", default=[], help="Leave these out.")
+    ap.add_argument("--json", type=Path, help="Write here (default benches/results/suite-<time>.json).")
+    ap.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                    help="OLD.json: run, then diff against it. OLD.json NEW.json: diff the two, no run.")
+    ap.add_argument("--timeout", type=float, default=300, help="Per boot (s).")
+    args = ap.parse_args(argv)
+
+    if args.compare and len(args.compare) > 2:
+        ap.error("--compare takes OLD.json or OLD.json NEW.json")
+    old = json.loads(args.compare[0].read_text()) if args.compare else None
+    if old is not None and old.get("schema") != SCHEMA:
+        ap.error(f"{args.compare[0]}: schema {old.get('schema')!r}, not {SCHEMA}")
+    if args.compare and len(args.compare) == 2:
+        new = json.loads(args.compare[1].read_text())
+        compare(old, new)
+        return 0
+
+    sections = [s for s in (args.only or SECTIONS) if s not in args.skip]
+    quick = args.quick
+    ctx = {
+        "quick": quick,
+        "skip_qemu": args.skip_qemu,
+        "timeout": args.timeout,
+        "core_runs": args.runs or (3 if quick else 9),
+        "boot_runs": args.runs or (1 if quick else 5),
+        "events_n": {"ipi": 300, "t1": 50, "t10": 10} if quick else {"ipi": 2000, "t1": 200, "t10": 30},
+        "xs_n": 200 if quick else 1000,
+        "memory_runs": 1 if quick else 3,
+    }
+    started = time.time()
+    ctx["host"] = host_info()
+    if any(s in sections for s in ("boot", "profile", "memory", "net")):
+        from pvhvm.images import prepare_default_guest
+
+        log("== preparing the default guest (downloads on first use)")
+        ctx["host"]["guest_kernel"] = prepare_default_guest().kernel_version
+    ctx["hz"] = tsc_hz()
+    ctx["host"]["tsc_mhz"] = round(ctx["hz"] / 1e6, 1)
+
+    results: dict = {}
+    details: dict = {}
+    errors: dict = {}
+    for sec in sections:
+        log(f"== {sec}")
+        t0 = time.perf_counter()
+        try:
+            res, raw = RUNNERS[sec](ctx)
+            results.update(res)
+            details[sec] = raw
+        except Exception as e:  # one section failing must not lose the others
+            errors[sec] = f"{type(e).__name__}: {e}"
+            log(traceback.format_exc())
+        log(f"   {sec}: {time.perf_counter() - t0:.1f} s")
+    ctx["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    doc = {
+        "schema": SCHEMA,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "host": ctx["host"],
+        "config": {"quick": quick, "skip_qemu": args.skip_qemu, "sections": sections,
+                   "boot_runs": ctx["boot_runs"], "core_runs": ctx["core_runs"], "events_n": ctx["events_n"],
+                   "xenstore_n": ctx["xs_n"], "memory_runs": ctx["memory_runs"],
+                   "duration_s": round(time.time() - started, 1)},
+        "results": results,
+        "details": details,
+        "errors": errors,
+    }
+    out = args.json or RESULTS / f"suite-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    print_table(doc)
+    if old is not None:
+        print()
+        compare(old, doc)
+    print(f"\njson: {out}")
+    return 1 if errors else 0
+
+
+def _jsonable(x):
+    if isinstance(x, Path):
+        return str(x)
+    return repr(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The benchmark suite (benches/): its guests measure sane numbers, the boot
+profiler's accounting adds up, and run_all.py writes valid schema-1 JSON
+and compares two runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benches"))
+
+import _common  # noqa: E402
+import bench_guests  # noqa: E402
+import bench_memory  # noqa: E402
+import bench_net  # noqa: E402
+import bench_profile  # noqa: E402
+import run_all  # noqa: E402
+
+STATS = ("min", "p50", "p99", "max")
+
+
+@pytest.fixture(scope="module")
+def hz() -> float:
+    return _common.tsc_hz(0.1)
+
+
+def _ordered(d: dict) -> bool:
+    return d["min"] <= d["p50"] <= d["p99"] <= d["max"]
+
+
+def test_bench_events_guest(hz):
+    r = bench_guests.events(hz, ipi=50, t1=5, t10=2)
+    ipi = r["ipi_ns"]
+    assert ipi["n"] == 50 and _ordered(ipi)
+    # A self-IPI costs at least a hypercall, and arrives on return from it.
+    assert 10 < ipi["p50"] < 1_000_000, ipi
+    for case in bench_guests.TIMER_CASES:
+        late = r[f"timer_{case}_late_us"]
+        assert late["n"] == (5 if case.startswith("1ms") else 2) and _ordered(late), (case, late)
+        assert late["min"] > -5, f"{case}: a timer fired {-late['min']:.1f} us before its deadline"
+        assert late["p50"] < 50_000, (case, late)
+    # The guest's pvclock and the host's calibration agree on the TSC.
+    assert abs(r["pvclock_tsc_mhz"] / (hz / 1e6) - 1) < 0.02, (r["pvclock_tsc_mhz"], hz / 1e6)
+    host = r["host_sleep_1ms_late_us"]
+    assert host["n"] == 5 and _ordered(host)
+
+
+def test_xsbench_guest(hz):
+    r = bench_guests.xenstore(hz, n=50)  # the guest checks every reply and the value read back
+    for phase in ("write_poll", "read_poll", "read_block"):
+        d = r[f"{phase}_us"]
+        assert d["n"] == 50 and _ordered(d) and 0 < d["p50"] < 100_000, (phase, d)
+        # A phase's rate cannot beat its fastest round trip, nor lose to its slowest.
+        assert 1e6 / d["max"] * 0.95 <= r[f"{phase}_ops_per_s"] <= 1e6 / d["min"] * 1.01, (phase, d, r)
+    assert 0 < r["ops_per_s"]
+    assert r["block_sleeps"] >= 0
+
+
+def test_bench_guest_hypercalls(hz):
+    b = _common.run_bench_guest(_common.guests()["bench"])
+    for path in ("vmcall", "vmmcall", "page"):
+        ns = b[f"hypercall_cycles_{path}"] / hz * 1e9
+        assert 10 < ns < 100_000, (path, ns)
+    assert b["loop_insns"] == 200_000_000 and b["loop_cycles"] > 0
+
+
+def test_profiled_domain_accounts_for_every_exit(guests):
+    """The profiler's wrappers on a small guest that halts until timers
+    (idle exits, waits) and takes IPIs: every exit is counted once, and core
+    + Python + waits make up the time spent in _step."""
+    dom = bench_profile.ProfiledDomain(guests["bench_events"], cmdline="ipi=20 t1=3 t10=1", memory_mib=32)
+    outcome = dom.run(timeout=60)
+    assert outcome.exit_status == 0, dom.console_output.decode()
+    assert {k: int(v["count"]) for k, v in dom.kinds.items()} == dom.exit_counts
+    assert dom.exit_counts.get("idle", 0) >= 4  # the halting timer waits
+    assert dom.parts["idle_wait"] > 0 and dom.kinds["idle"]["wait_s"] == pytest.approx(dom.parts["idle_wait"])
+    total = sum(v["core_s"] + v["python_s"] + v["wait_s"] for v in dom.kinds.values())
+    assert total == pytest.approx(dom.step_s, rel=1e-6)
+    assert sum(v["core_s"] for v in dom.kinds.values()) == pytest.approx(dom.time_in_core, rel=1e-6)
+    assert all(v >= 0 for v in dom.parts.values())
+    assert any(k.startswith("service.") for k in dom.parts)
+    assert 0 < bench_profile.wrapper_overhead(2000) < 1e-3
+
+
+def test_peak_rss_is_the_childs_own(tmp_path):
+    """Linux carries a process's RSS high-water mark across exec, so a child
+    forked from a big process would report the parent's RSS; bench_memory
+    measures through a small helper so it does not."""
+    ballast = bytearray(300 << 20)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touched: resident
+    with open(tmp_path / "out", "wb") as out:
+        kib, status = bench_memory.measured_run([sys.executable, "-c", "x = bytearray(64 << 20); x[::4096] = "
+                                                 "b'1' * len(range(0, len(x), 4096))"], out, 60)
+    assert status == 0
+    assert 64 << 10 < kib < 200 << 10, kib  # the child's 64 MiB and Python, not our 300
+    del ballast
+
+
+def test_network_placeholder_without_backend(monkeypatch):
+    monkeypatch.setattr(bench_net, "backend_present", lambda: False)
+    res, raw = run_all.run_net({"quick": True})
+    assert raw == {} and set(res) == set(run_all.NET_METRICS)
+    for e in res.values():
+        assert e["value"] is None and e["status"] == "not measured: network backend not present"
+
+
+def _doc(results: dict, quick=True) -> dict:
+    return {"schema": 1, "when": "t", "host": {"cpu": "x"}, "config": {"quick": quick}, "results": results}
+
+
+def test_table_and_compare_format(capsys):
+    m = _common.metric
+    old = _doc({"a.x_ns": m(100.0, "ns", "x", "lower"), "a.y": m(10, "ops/s", "y", "higher"),
+                "a.gone": m(1, "count", "g")})
+    new = _doc({"a.x_ns": m(150.0, "ns", "x", "lower"), "a.y": m(12, "ops/s", "y", "higher"),
+                "b.net": _common.not_measured("ms", "n", "network backend not present")})
+    run_all.compare(old, new)
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  a.") or ln.startswith("  b.")}
+    assert "1.500" in lines["a.x_ns"] and "WORSE" in lines["a.x_ns"]
+    assert "1.200" in lines["a.y"] and "better" in lines["a.y"]
+    assert "gone" in lines["a.gone"] and "new metric" in lines["b.net"]
+    new["host"]["loadavg_start"] = new["host"]["loadavg_end"] = [0, 0, 0]
+    run_all.print_table(new)
+    out = capsys.readouterr().out
+    assert "[a]" in out and "[b]" in out and "not measured: network backend not present" in out
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_schema_1(tmp_path):
+    out = tmp_path / "suite.json"
+    p = subprocess.run([sys.executable, str(ROOT / "benches" / "run_all.py"), "--quick", "--skip-qemu",
+                        "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == 1 and doc["errors"] == {}
+    assert {"when", "host", "config", "results", "details"} <= set(doc)
+    assert doc["host"]["tsc_mhz"] > 0 and doc["config"]["quick"] is True
+    res = doc["results"]
+    for name, e in res.items():
+        assert {"value", "unit", "label"} <= set(e), name
+        if e["value"] is None:
+            assert e["status"].startswith("not measured: "), name
+        else:
+            assert isinstance(e["value"], (int, float)), name
+        assert e.get("better") in (None, "lower", "higher"), name
+    for name in ("core.hypercall_ns.vmcall", "core.hypercall_ns.vmmcall", "core.hypercall_ns.page",
+                 "core.guest_minsn_per_s", "core.unicorn_no_hooks_minsn_per_s", "events.ipi_ns.p50",
+                 "events.ipi_ns.p99", "timer.1ms_halt_late_us.p50", "timer.10ms_spin_late_us.max",
+                 "xenstore.read_poll_us.p50", "xenstore.ops_per_s", "boot.pvhvm.first_line_s", "boot.pvhvm.init_s",
+                 "boot.pvhvm.guest_uptime_s", "profile.core_s", "profile.python_s", "profile.exits.notify.count",
+                 "profile.hypercalls.total", "profile.exceptions_delivered", "profile.interrupts_delivered",
+                 "memory.peak_rss_mib.256", "memory.peak_rss_mib.1024"):
+        assert isinstance(res[name]["value"], (int, float)) and res[name]["value"] > 0, name
+    assert res["boot.qemu.init_s"]["status"] == "not measured: --skip-qemu"
+    assert res["boot.ratio.init"]["value"] is None
+    assert res["profile.code_cache_flushes"]["value"] is None
+    for name in run_all.NET_METRICS:  # measured, or a reason why not
+        assert name in res
+    # Orderings that must hold whatever the machine's load.
+    boot = {k: res[f"boot.pvhvm.{k}"]["value"] for k in ("first_line_s", "init_s", "exit_s")}
+    assert boot["first_line_s"] < boot["init_s"] <= boot["exit_s"], boot
+    assert res["profile.core_s"]["value"] + res["profile.python_s"]["value"] <= res["profile.wall_s"]["value"] * 1.01
+    assert res["events.ipi_ns.p50"]["value"] <= res["events.ipi_ns.p99"]["value"]
+    assert res["memory.peak_rss_mib.256"]["value"] > 20
+    assert "[boot]" in p.stdout and "json: " in p.stdout
+
+    # Comparing the run with itself: every measured ratio is 1.
+    p = subprocess.run([sys.executable, str(ROOT / "benches" / "run_all.py"), "--compare", str(out), str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("  core.hypercall_ns")]
+    assert rows and all(r[3] == "1.000" for r in rows), p.stdout
