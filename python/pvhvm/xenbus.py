@@ -204,7 +204,7 @@ class BackendDevice:
                          ("state", str(int(XenbusState.INITIALISING)))):
                 s.write(PRIV_DOMID, f"{self.libxl_path}/{k}", v, tx)
 
-        _in_transaction(self.store, write)
+        self.store.run_transaction(PRIV_DOMID, write)
         self.state = XenbusState.INITIALISING
         self.created = True
         self._set_state(XenbusState.INIT_WAIT)
@@ -317,22 +317,6 @@ class BackendDevice:
             pass
         if self.state not in (XenbusState.CLOSING, XenbusState.CLOSED):
             self._set_state(XenbusState.CLOSING)
-
-
-def _in_transaction(store: Store, fn: Callable[[int], None]) -> None:
-    while True:
-        tx = store.transaction_start(PRIV_DOMID)
-        try:
-            fn(tx)
-        except BaseException:
-            store.transaction_end(PRIV_DOMID, tx, commit=False)
-            raise
-        try:
-            store.transaction_end(PRIV_DOMID, tx)
-            return
-        except XenstoreError as e:
-            if e.errno != "EAGAIN":
-                raise
 
 
 __all__ = ["XenbusState", "BackendDevice", "DeviceError", "parse_state"]

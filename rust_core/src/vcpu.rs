@@ -739,15 +739,7 @@ fn write_vcpu_areas(xen: &mut crate::xen::XenState, ram: &GuestRam, ps: &PagingS
     let mut m: &GuestRam = ram;
     let x = &xen.vcpus[v as usize];
     if let Some(va) = x.runstate_area {
-        let now = xen.clock.now_ns();
-        let mut time = x.runstate_time;
-        time[x.runstate as usize] += now.saturating_sub(x.runstate_entry_ns);
-        let mut b = [0u8; 48];
-        b[0..4].copy_from_slice(&x.runstate.to_le_bytes());
-        b[8..16].copy_from_slice(&x.runstate_entry_ns.to_le_bytes());
-        for (i, t) in time.iter().enumerate() {
-            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&t.to_le_bytes());
-        }
+        let b = x.runstate_info(xen.clock.now_ns());
         let _ = mmu::write_linear(&mut m, ps, va, &b, false);
     }
     if let Some(va) = x.time_area {

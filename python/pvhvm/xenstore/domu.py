@@ -153,23 +153,6 @@ def _run(store: Store, tx: int, entries, fields: dict, domid: int, backend_domid
             store.set_perms(PRIV_DOMID, path, _perms(e.perms, domid, backend), tx)
 
 
-def _in_transaction(store: Store, fn) -> None:
-    """Run ``fn(tx)`` in a dom0 transaction, retrying on EAGAIN like libxl."""
-    while True:
-        tx = store.transaction_start(PRIV_DOMID)
-        try:
-            fn(tx)
-        except BaseException:
-            store.transaction_end(PRIV_DOMID, tx, commit=False)
-            raise
-        try:
-            store.transaction_end(PRIV_DOMID, tx)
-            return
-        except XenstoreError as e:
-            if e.errno != "EAGAIN":
-                raise
-
-
 def populate_domu(
     store: Store,
     domid: int,
@@ -238,8 +221,8 @@ def populate_domu(
     def console(tx: int) -> None:
         _run(store, tx, CONSOLE, fields, domid, console_backend_domid)
 
-    _in_transaction(store, make)
-    _in_transaction(store, build_post)
-    _in_transaction(store, console)
+    store.run_transaction(PRIV_DOMID, make)
+    store.run_transaction(PRIV_DOMID, build_post)
+    store.run_transaction(PRIV_DOMID, console)
     if introduce:
         store.introduce_domain(domid)

@@ -641,6 +641,23 @@ class Store:
         self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, dict(self._tree.nodes), self._tree.copy())
         return tx_id
 
+    def run_transaction(self, domid: int, fn) -> None:
+        """Run ``fn(tx)`` in a transaction of ``domid``, retrying on EAGAIN as
+        libxl does; abort it if ``fn`` raises."""
+        while True:
+            tx = self.transaction_start(domid)
+            try:
+                fn(tx)
+            except BaseException:
+                self.transaction_end(domid, tx, commit=False)
+                raise
+            try:
+                self.transaction_end(domid, tx)
+                return
+            except XenstoreError as e:
+                if e.errno != "EAGAIN":
+                    raise
+
     def transaction_end(self, domid: int, tx: int, commit: bool = True) -> None:
         """Commit (or with ``commit=False`` abort) a transaction. The
         transaction is finished whatever happens; a conflicting commit raises

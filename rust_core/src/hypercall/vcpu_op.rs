@@ -62,7 +62,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             Ok(0)
         }
         GET_RUNSTATE_INFO => {
-            let info = runstate_info(c, v);
+            let info = c.xen.vcpus[v as usize].runstate_info(c.xen.system_time_ns());
             c.guest.write(arg, &info)?;
             Ok(0)
         }
@@ -103,21 +103,6 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         }
         _ => Err(errno::ENOSYS),
     }
-}
-
-/// struct vcpu_runstate_info { int state; uint64_t state_entry_time; uint64_t time[4]; }
-pub fn runstate_info(c: &Call, v: u32) -> [u8; 48] {
-    let x = &c.xen.vcpus[v as usize];
-    let now = c.xen.system_time_ns();
-    let mut time = x.runstate_time;
-    time[x.runstate as usize] += now.saturating_sub(x.runstate_entry_ns);
-    let mut b = [0u8; 48];
-    b[0..4].copy_from_slice(&x.runstate.to_le_bytes());
-    b[8..16].copy_from_slice(&x.runstate_entry_ns.to_le_bytes());
-    for (i, t) in time.iter().enumerate() {
-        b[16 + 8 * i..24 + 8 * i].copy_from_slice(&t.to_le_bytes());
-    }
-    b
 }
 
 /// set_timer_op(timeout): a one-shot timer at absolute system time; 0 stops it.

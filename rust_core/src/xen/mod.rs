@@ -73,6 +73,20 @@ impl VcpuXen {
         }
     }
 
+    /// struct vcpu_runstate_info { int state; uint64_t state_entry_time;
+    /// uint64_t time[4]; } as of system time `now`.
+    pub fn runstate_info(&self, now: u64) -> [u8; 48] {
+        let mut time = self.runstate_time;
+        time[self.runstate as usize] += now.saturating_sub(self.runstate_entry_ns);
+        let mut b = [0u8; 48];
+        b[0..4].copy_from_slice(&self.runstate.to_le_bytes());
+        b[8..16].copy_from_slice(&self.runstate_entry_ns.to_le_bytes());
+        for (i, t) in time.iter().enumerate() {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&t.to_le_bytes());
+        }
+        b
+    }
+
     /// The earliest timer deadline of this vCPU.
     pub fn next_deadline(&self) -> Option<u64> {
         match (self.singleshot_ns, self.periodic.map(|p| p.next_ns)) {
