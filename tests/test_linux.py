@@ -125,3 +125,30 @@ def test_guest_panic_is_a_crash_with_a_report(guest):
     assert "shutdown (crash)" in err
     assert re.search(r"rip: [0-9a-f]{16}", err) and "last hypercalls:" in err
     assert "sched_op(shutdown" in err
+
+
+@pytest.mark.parametrize("reboot, status", [(False, 0), (True, 3)])
+def test_cli_shutdown_through_the_xenstore_socket(guest, tmp_path, reboot, status):
+    """`pvhvm shutdown SOCKET` from another process, as `xl shutdown`: the
+    guest powers off (exit 0) or reboots (exit 3) by itself."""
+    sock = tmp_path / "xs.sock"
+    boot = subprocess.Popen([sys.executable, "-m", "pvhvm", "boot", "--net", "none", "--xenstore-socket", str(sock)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        out = b""
+        import os as _os
+
+        _os.set_blocking(boot.stdout.fileno(), False)
+        while b"PVHVM-INIT-OK" not in out and time.monotonic() < deadline:
+            out += boot.stdout.read() or b""
+            time.sleep(0.05)
+        assert b"PVHVM-INIT-OK" in out
+        cmd = [sys.executable, "-m", "pvhvm", "shutdown", str(sock)] + (["--reboot"] if reboot else [])
+        assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+        assert boot.wait(60) == status
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()
+    assert not sock.exists()

@@ -12,6 +12,8 @@ BOOT_INFO_START: int
 ACPI_SLEEP_CONTROL_PORT: int
 ACPI_SLEEP_STATUS_PORT: int
 ACPI_SLP_TYP_S5: int
+RESET_CONTROL_PORT: int
+RESET_VALUE: int
 
 class CoreError(Exception): ...
 class GrantError(CoreError): ...

@@ -194,6 +194,24 @@ def inspect(
         print(f"    {n.name:<20} {n.describe()}")
 
 
+@app.command()
+def shutdown(
+    socket_path: Annotated[Path, typer.Argument(metavar="SOCKET", help="The domain's --xenstore-socket.")],
+    reboot: Annotated[bool, typer.Option("--reboot", help="Ask for a reboot instead of a power-off.")] = False,
+    domid: Annotated[int, typer.Option(help="The domain's id.")] = 1,
+) -> None:
+    """Ask a running domain to shut down cleanly, as `xl shutdown` does: write
+    its control/shutdown node through the xenstore socket it was booted with
+    (`pvhvm boot --xenstore-socket SOCKET`). The guest powers off (or
+    reboots) itself; `pvhvm boot` then exits 0 (or 3)."""
+    from .xenstore.client import xs_write
+
+    try:
+        xs_write(socket_path, f"/local/domain/{domid}/control/shutdown", "reboot" if reboot else "poweroff")
+    except PvhvmError as e:
+        raise _fail(str(e)) from None
+
+
 @app.command("fetch-guest")
 def fetch_guest(
     force: Annotated[bool, typer.Option("--force", help="Download and rebuild even if cached.")] = False,

@@ -28,6 +28,10 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0xB004;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0xB000;
 /// The S5 sleep type the DSDT's \_S5 package gives.
 pub const ACPI_SLP_TYP_S5: u32 = 5;
+/// The PC reset control register, which the FADT's RESET_REG names:
+/// writing RESET_VALUE (6: reset the CPU, full reset) reboots.
+pub const RESET_CONTROL_PORT: u16 = 0xCF9;
+pub const RESET_VALUE: u8 = 6;
 
 pub fn ram_regions(size: u64) -> Vec<RamRegion> {
     if size <= MMIO_HOLE_START {

@@ -462,5 +462,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ACPI_SLEEP_CONTROL_PORT", crate::layout::ACPI_SLEEP_CONTROL_PORT)?;
     m.add("ACPI_SLEEP_STATUS_PORT", crate::layout::ACPI_SLEEP_STATUS_PORT)?;
     m.add("ACPI_SLP_TYP_S5", crate::layout::ACPI_SLP_TYP_S5)?;
+    m.add("RESET_CONTROL_PORT", crate::layout::RESET_CONTROL_PORT)?;
+    m.add("RESET_VALUE", crate::layout::RESET_VALUE)?;
     Ok(())
 }

@@ -241,18 +241,26 @@ unsafe extern "C" fn on_port_in(_uc: *mut uc_engine, _port: u32, size: c_int, _u
     }
 }
 
-/// Port output: nothing listens but the ACPI sleep control register, where
-/// the guest's S5 request is a power-off.
+/// Port output: nothing listens but the ways a PC powers off or resets: the
+/// ACPI sleep control register (S5 is a power-off), the reset control
+/// register at 0xcf9 (the FADT's RESET_REG) and the keyboard controller's
+/// pulse-reset command; a reset is a reboot, as Xen reports it.
 unsafe extern "C" fn on_port_out(uc: *mut uc_engine, port: u32, _size: c_int, value: u32, user: *mut c_void) {
     const SLP_EN: u32 = 1 << 5;
-    if port == layout::ACPI_SLEEP_CONTROL_PORT as u32
-        && value & SLP_EN != 0
-        && (value >> 2) & 7 == layout::ACPI_SLP_TYP_S5
-    {
-        let h = &mut *(user as *mut HookData);
-        h.stop = Some(Stop::Exit(VcpuExit::Shutdown { reason: crate::abi::schedop::SHUTDOWN_POWEROFF }));
-        uc::raw_stop(uc);
-    }
+    let reason = match port {
+        p if p == layout::ACPI_SLEEP_CONTROL_PORT as u32
+            && value & SLP_EN != 0
+            && (value >> 2) & 7 == layout::ACPI_SLP_TYP_S5 =>
+        {
+            crate::abi::schedop::SHUTDOWN_POWEROFF
+        }
+        p if p == layout::RESET_CONTROL_PORT as u32 && value & 0x4 != 0 => crate::abi::schedop::SHUTDOWN_REBOOT,
+        0x64 if value & 0xff == 0xfe => crate::abi::schedop::SHUTDOWN_REBOOT,
+        _ => return,
+    };
+    let h = &mut *(user as *mut HookData);
+    h.stop = Some(Stop::Exit(VcpuExit::Shutdown { reason }));
+    uc::raw_stop(uc);
 }
 
 impl Vcpu {

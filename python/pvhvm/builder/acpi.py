@@ -100,6 +100,7 @@ FADT_LEN = SDT_HEADER.size + FADT_BODY.size
 FADT_WBINVD = 1 << 0
 FADT_PWR_BUTTON = 1 << 4  # 1: no fixed-feature power button
 FADT_SLP_BUTTON = 1 << 5  # 1: no fixed-feature sleep button
+FADT_RESET_REG_SUP = 1 << 10  # RESET_REG is valid
 FADT_HW_REDUCED_ACPI = 1 << 20
 
 # IA-PC boot architecture flags (Table 5.36).
@@ -212,9 +213,9 @@ def _fadt_body(dsdt_paddr: int) -> bytes:
         # devices or 8042 (bits 0/1 clear).
         IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT,
         0,  # reserved
-        FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_HW_REDUCED_ACPI,
-        zero_gas,  # RESET_REG: none
-        0,  # RESET_VALUE
+        FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP | FADT_HW_REDUCED_ACPI,
+        _io_gas(_core.RESET_CONTROL_PORT),  # RESET_REG: the PC reset control register
+        _core.RESET_VALUE,  # RESET_VALUE: reset the CPU (a reboot)
         0,  # ARM_BOOT_ARCH
         FADT_MINOR_REVISION,
         0,  # X_FIRMWARE_CTRL
