@@ -10,11 +10,10 @@
  *     negative value is a timer that fired early).
  * Sample counts come from the command line: "ipi=N t1=N t10=N" (defaults
  * below). Prints "BENCH key value" lines (min, p50, p99, max of each). */
-#include "common/lib.h"
+#include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
 #define HYPERVISOR_vcpu_op 24
-#define HYPERVISOR_event_channel_op 32
 #define HYPERVISOR_hvm_op 34
 #define XENMEM_add_to_physmap 7
 #define VCPUOP_set_singleshot_timer 8
@@ -26,9 +25,6 @@
 #define UPCALL_VECTOR 0xf3
 #define MAX_SAMPLES 4096
 
-struct vcpu_time_info { uint32_t version, pad0; uint64_t tsc_timestamp, system_time; uint32_t mul; int8_t shift; uint8_t flags, pad1[2]; };
-struct vcpu_info { uint8_t upcall_pending, upcall_mask, pad[6]; uint64_t pending_sel; uint64_t cr2, pad2; struct vcpu_time_info time; };
-struct shared_info { struct vcpu_info vcpu_info[32]; uint64_t pending[64]; uint64_t mask[64]; uint32_t wc_version, wc_sec, wc_nsec, wc_sec_hi; };
 
 static struct shared_info shinfo __attribute__((aligned(4096)));
 static uint64_t idt[512] __attribute__((aligned(16)));
@@ -48,51 +44,22 @@ asm(".globl upcall_entry\n"
     "  iretq\n");
 extern char upcall_entry[];
 
-/* System time (ns) at TSC value `tsc`, from the pvclock as Linux reads it. */
-static uint64_t tsc_to_ns(uint64_t tsc)
-{
-    struct vcpu_time_info *t = &shinfo.vcpu_info[0].time;
-    uint32_t v;
-    uint64_t ns;
-    do {
-        v = t->version;
-        asm volatile("" ::: "memory");
-        int64_t d = (int64_t)(tsc - t->tsc_timestamp);
-        uint64_t ad = d < 0 ? -d : d;
-        ad = t->shift >= 0 ? ad << t->shift : ad >> -t->shift;
-        uint64_t scaled = (uint64_t)(((unsigned __int128)ad * t->mul) >> 32);
-        ns = d < 0 ? t->system_time - scaled : t->system_time + scaled;
-        asm volatile("" ::: "memory");
-    } while ((v & 1) || v != t->version);
-    return ns;
-}
-
+static uint64_t tsc_to_ns(uint64_t tsc) { return pvclock_ns(&shinfo.vcpu_info[0].time, tsc); }
 static uint64_t now_ns(void) { return tsc_to_ns(rdtsc()); }
+
+static uint64_t upcall_at;
+
+static void on_port(uint32_t port)
+{
+    if (port == timer_port) { timer_tsc = upcall_at; timer_events++; }
+    if (port == ipi_port) { upcall_tsc = upcall_at; ipi_events++; }
+}
 
 void upcall_handler(void)
 {
-    uint64_t tsc = rdtsc();
-    struct vcpu_info *vi = &shinfo.vcpu_info[0];
-    while (vi->upcall_pending) {
-        vi->upcall_pending = 0;
-        uint64_t sel = __atomic_exchange_n(&vi->pending_sel, 0, __ATOMIC_SEQ_CST);
-        while (sel) {
-            int w = __builtin_ctzll(sel);
-            sel &= sel - 1;
-            uint64_t bits = shinfo.pending[w] & ~shinfo.mask[w];
-            while (bits) {
-                int b = __builtin_ctzll(bits);
-                bits &= bits - 1;
-                uint32_t port = w * 64 + b;
-                __atomic_and_fetch(&shinfo.pending[w], ~(1ULL << b), __ATOMIC_SEQ_CST);
-                if (port == timer_port) { timer_tsc = tsc; timer_events++; }
-                if (port == ipi_port) { upcall_tsc = tsc; ipi_events++; }
-            }
-        }
-    }
+    upcall_at = rdtsc();
+    evtchn_scan(&shinfo, 0, on_port);
 }
-
-static long evtchn(int cmd, void *arg) { return hypercall(HYPERVISOR_event_channel_op, cmd, (long)arg, 0, 0, 0); }
 
 static long set_timer(uint64_t deadline)
 {
@@ -100,27 +67,7 @@ static long set_timer(uint64_t deadline)
     return hypercall(HYPERVISOR_vcpu_op, VCPUOP_set_singleshot_timer, 0, (long)&t, 0, 0);
 }
 
-static void set_gate(int v, void *h)
-{
-    uint64_t a = (uint64_t)(uintptr_t)h;
-    idt[2 * v] = (a & 0xffff) | ((uint64_t)KERNEL_CS << 16) | (0x8eULL << 40) | ((a >> 16 & 0xffff) << 48);
-    idt[2 * v + 1] = a >> 32;
-}
 
-/* "key=N" from the PVH command line (hvm_start_info.cmdline_paddr @24). */
-static uint64_t arg(uint32_t start_info, const char *key, uint64_t dflt)
-{
-    const char *line = (const char *)(uintptr_t)*(uint64_t *)(uintptr_t)(start_info + 24);
-    uint64_t klen = strlen(key);
-    for (const char *s = line; s && *s; s++) {
-        if ((s == line || s[-1] == ' ') && memcmp(s, key, klen) == 0 && s[klen] == '=') {
-            uint64_t v = 0;
-            for (s += klen + 1; *s >= '0' && *s <= '9'; s++) v = v * 10 + (*s - '0');
-            return v;
-        }
-    }
-    return dflt;
-}
 
 static void sort(int64_t *a, int n)
 {
@@ -169,11 +116,11 @@ static void timer_bench(const char *name, uint64_t delta_ns, int halt, int n)
 
 int guest_main(uint32_t start_info)
 {
-    int n_ipi = clamp(arg(start_info, "ipi", 2000));
-    int n_t1 = clamp(arg(start_info, "t1", 200));
-    int n_t10 = clamp(arg(start_info, "t10", 30));
+    int n_ipi = clamp(cmdline_arg(start_info, "ipi", 2000));
+    int n_t1 = clamp(cmdline_arg(start_info, "t1", 200));
+    int n_t10 = clamp(cmdline_arg(start_info, "t10", 30));
 
-    set_gate(UPCALL_VECTOR, upcall_entry);
+    set_gate64(idt, UPCALL_VECTOR, upcall_entry, 0);
     struct { uint16_t l; uint64_t b; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
     asm volatile("lidt %0" :: "m"(idtr));
 

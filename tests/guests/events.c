@@ -3,11 +3,10 @@
  * one-shot timer, IPIs, masking, HLT and SCHEDOP_block/poll waking on time,
  * and preemption: a timer still arrives while the vCPU spins with interrupts
  * on, in ring 0 and in ring 3. The pvclock is read as Linux reads it. */
-#include "common/lib.h"
+#include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
 #define HYPERVISOR_vcpu_op 24
-#define HYPERVISOR_event_channel_op 32
 #define HYPERVISOR_hvm_op 34
 #define XENMEM_add_to_physmap 7
 #define XENMEM_memory_map 9
@@ -26,9 +25,6 @@
 #define UPCALL_VECTOR 0xf3
 #define ETIME 62
 
-struct vcpu_time_info { uint32_t version, pad0; uint64_t tsc_timestamp, system_time; uint32_t mul; int8_t shift; uint8_t flags, pad1[2]; };
-struct vcpu_info { uint8_t upcall_pending, upcall_mask, pad[6]; uint64_t pending_sel; uint64_t cr2, pad2; struct vcpu_time_info time; };
-struct shared_info { struct vcpu_info vcpu_info[32]; uint64_t pending[64]; uint64_t mask[64]; uint32_t wc_version, wc_sec, wc_nsec, wc_sec_hi; };
 
 static struct shared_info shinfo __attribute__((aligned(4096)));
 static uint64_t idt[512] __attribute__((aligned(16)));
@@ -42,23 +38,8 @@ volatile uint64_t back_rip, back_rsp, last_upcall_ns;
 static uint32_t timer_port, ipi_port;
 extern char upcall_entry[], ret_from_user[], user_spin[];
 
-static uint64_t now_ns(void)
-{
-    struct vcpu_time_info *t = &shinfo.vcpu_info[0].time;
-    uint32_t v;
-    uint64_t ns;
-    do {
-        v = t->version;
-        asm volatile("" ::: "memory");
-        uint64_t d = rdtsc() - t->tsc_timestamp;
-        d = t->shift >= 0 ? d << t->shift : d >> -t->shift;
-        ns = t->system_time + (uint64_t)(((unsigned __int128)d * t->mul) >> 32);
-        asm volatile("" ::: "memory");
-    } while ((v & 1) || v != t->version);
-    return ns;
-}
+static uint64_t now_ns(void) { return pvclock_ns(&shinfo.vcpu_info[0].time, rdtsc()); }
 
-static long evtchn(int cmd, void *arg) { return hypercall(HYPERVISOR_event_channel_op, cmd, (long)arg, 0, 0, 0); }
 
 static long set_timer(uint64_t deadline)
 {
@@ -66,38 +47,21 @@ static long set_timer(uint64_t deadline)
     return hypercall(HYPERVISOR_vcpu_op, VCPUOP_set_singleshot_timer, 0, (long)&t, 0, 0);
 }
 
+static void on_port(uint32_t port)
+{
+    if (port == timer_port) timer_events++;
+    if (port == ipi_port) ipi_events++;
+}
+
 void upcall_handler(uint64_t rip, uint64_t cs)
 {
     (void)rip;
-    struct vcpu_info *vi = &shinfo.vcpu_info[0];
     last_upcall_ns = now_ns();
     if ((cs & 3) == 3) upcall_from_user++;
-    while (vi->upcall_pending) {
-        vi->upcall_pending = 0;
-        uint64_t sel = __atomic_exchange_n(&vi->pending_sel, 0, __ATOMIC_SEQ_CST);
-        while (sel) {
-            int w = __builtin_ctzll(sel);
-            sel &= sel - 1;
-            uint64_t bits = shinfo.pending[w] & ~shinfo.mask[w];
-            while (bits) {
-                int b = __builtin_ctzll(bits);
-                bits &= bits - 1;
-                uint32_t port = w * 64 + b;
-                __atomic_and_fetch(&shinfo.pending[w], ~(1ULL << b), __ATOMIC_SEQ_CST);
-                if (port == timer_port) timer_events++;
-                if (port == ipi_port) ipi_events++;
-            }
-        }
-    }
+    evtchn_scan(&shinfo, 0, on_port);
     upcalls_seen++;
 }
 
-static void set_gate(int v, void *h, int dpl)
-{
-    uint64_t a = (uint64_t)(uintptr_t)h;
-    idt[2 * v] = (a & 0xffff) | ((uint64_t)0x08 << 16) | ((uint64_t)(0x8e | (dpl << 5)) << 40) | ((a >> 16 & 0xffff) << 48);
-    idt[2 * v + 1] = a >> 32;
-}
 
 static void setup(void)
 {
@@ -107,8 +71,8 @@ static void setup(void)
     tss.rsp0 = (uint64_t)(uintptr_t)(kstack + sizeof(kstack));
     tss.iomap = sizeof(tss);
     asm volatile("ltr %w0" :: "r"(TSS_SEL));
-    set_gate(UPCALL_VECTOR, upcall_entry, 0);
-    set_gate(0x80, ret_from_user, 3);
+    set_gate64(idt, UPCALL_VECTOR, upcall_entry, 0);
+    set_gate64(idt, 0x80, ret_from_user, 3);
     struct { uint16_t l; uint64_t b; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
     asm volatile("lidt %0" :: "m"(idtr));
 }

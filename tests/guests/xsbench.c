@@ -12,10 +12,9 @@
  * poll mode, then N reads in block mode. "n=N" on the command line sets N.
  * Prints "BENCH key value" lines: per-op cycles (min, p50, p99, max) and the
  * total cycles of each phase. */
-#include "common/lib.h"
+#include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
-#define HYPERVISOR_event_channel_op 32
 #define HYPERVISOR_hvm_op 34
 #define XENMEM_add_to_physmap 7
 #define EVTCHNOP_send 4
@@ -137,19 +136,6 @@ static void report(const char *name, int n, uint64_t total)
     printk("BENCH %s_cycles_max %ld\n", name, samples[n - 1]);
 }
 
-static uint64_t arg(uint32_t start_info, const char *key, uint64_t dflt)
-{
-    const char *line = (const char *)(uintptr_t)*(uint64_t *)(uintptr_t)(start_info + 24);
-    uint64_t klen = strlen(key);
-    for (const char *s = line; s && *s; s++) {
-        if ((s == line || s[-1] == ' ') && memcmp(s, key, klen) == 0 && s[klen] == '=') {
-            uint64_t v = 0;
-            for (s += klen + 1; *s >= '0' && *s <= '9'; s++) v = v * 10 + (*s - '0');
-            return v;
-        }
-    }
-    return dflt;
-}
 
 static const char PATH[] = "data/bench";
 
@@ -168,7 +154,7 @@ static int fmt_value(char *buf, int i)
 
 int guest_main(uint32_t start_info)
 {
-    uint64_t n64 = arg(start_info, "n", 1000);
+    uint64_t n64 = cmdline_arg(start_info, "n", 1000);
     int n = n64 < 1 ? 1 : n64 > MAX_SAMPLES ? MAX_SAMPLES : (int)n64;
 
     long pfn = hvm_get(HVM_PARAM_STORE_PFN), evt = hvm_get(HVM_PARAM_STORE_EVTCHN);
