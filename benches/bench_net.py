@@ -50,24 +50,6 @@ def backend_present() -> bool:
     return importlib.util.find_spec("pvhvm.devices.netback") is not None
 
 
-class Shell:
-    """The guest's busybox shell on hvc0 (as in tests/test_netback.py)."""
-
-    def __init__(self, dom) -> None:
-        self.dom = dom
-        self.status: int | None = None
-
-    def run(self, command: str, timeout: float = 60) -> str:
-        # The end marker is split with quotes so the echoed command line does not match it.
-        self.dom.send(f"{command}; echo PVHVM-DO''NE $?\n")
-        m = self.dom.expect(rb"PVHVM-DONE (\d+)\r?\n", timeout)
-        out = self.dom.console_output[: m.start()]
-        start = out.rfind(b"PVHVM-DO''NE")
-        text = out[start:].split(b"\n", 1)[1] if start >= 0 and b"\n" in out[start:] else b""
-        self.status = int(m.group(1))
-        return text.decode(errors="replace").replace("\r", "")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,6 +97,7 @@ def measure(quick: bool = False, log=sys.stderr) -> dict:
     import pvhvm
     from pvhvm.devices import net_host
     from pvhvm.images import prepare_default_guest
+    from pvhvm.shell import GuestShell
 
     if net_host.find_passt() is None:
         raise NotMeasured("passt is not installed (apt-get install passt)")
@@ -130,7 +113,7 @@ def measure(quick: bool = False, log=sys.stderr) -> dict:
             m = dom.expect(rb"DHCP-BOUND ip=(\S+) mask=(\d+) router=(\S+) mtu=(\d*)", 180)
             router = m.group(3).decode()
             result["mtu"] = int(m.group(4) or 0)
-            sh = Shell(dom)
+            sh = GuestShell(dom)
             sh.run("true", 60)  # the shell is up
 
             if ping_range.reason:

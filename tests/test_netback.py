@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import pvhvm
+from pvhvm.shell import GuestShell
 from pvhvm.devices import net_host
 from pvhvm.devices.net_host import PasstHost, parse_forward, ping_sockets_allowed
 from pvhvm.devices.netback import (
@@ -741,25 +742,6 @@ def net_guest():
                                  extra_files={net_host.UDHCPC_SCRIPT_PATH: net_host.UDHCPC_SCRIPT.encode()})
 
 
-class Shell:
-    """The guest's busybox shell on hvc0."""
-
-    def __init__(self, dom):
-        self.dom = dom
-        self.status = None
-
-    def run(self, command: str, timeout: float = 60) -> str:
-        """Run `command`; return what it printed. The end marker is split
-        with quotes so that the echoed command line does not match it."""
-        self.dom.send(f"{command}; echo PVHVM-DO''NE $?\n")
-        m = self.dom.expect(rb"PVHVM-DONE (\d+)\r?\n", timeout)
-        out = self.dom.console_output[: m.start()]
-        start = out.rfind(b"PVHVM-DO''NE")
-        text = out[start:].split(b"\n", 1)[1] if start >= 0 and b"\n" in out[start:] else b""
-        self.status = int(m.group(1))
-        return text.decode(errors="replace").replace("\r", "")
-
-
 def boot_linux(net_guest, host):
     dom = pvhvm.Domain(net_guest.vmlinux, initrd=net_guest.initrd, cmdline="console=hvc0 quiet",
                        memory_mib=384)
@@ -775,7 +757,7 @@ def linux_net(net_guest):
     fport = _free_port()
     host = PasstHost([(fport, GUEST_PORT)])
     dom, nb = boot_linux(net_guest, host)
-    env = {"dom": dom, "nb": nb, "host": host, "sh": Shell(dom), "fport": fport}
+    env = {"dom": dom, "nb": nb, "host": host, "sh": GuestShell(dom), "fport": fport}
     yield env
     nb.close()
     assert not host.running  # passt goes with the domain
@@ -925,7 +907,7 @@ def test_linux_hostile_ring_disconnects_only_the_vif(net_guest, caplog):
     """A frontend whose TX producer index runs away (poked from outside the
     guest) loses its vif; Linux closes its side and the domain runs on."""
     dom, nb = boot_linux(net_guest, None)
-    sh = Shell(dom)
+    sh = GuestShell(dom)
     assert nb.connected
     ring = nb.tx_ring
     struct.pack_into("<I", ring.page, 0, (ring.req_cons + 1000) & 0xFFFFFFFF)

@@ -7,6 +7,7 @@ error classes. `pvhvm._core` is the Rust core and not part of the API.
 from ._core import CoreError
 from .api import Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason, self_test
 from .errors import BuildError, GuestError, PvhvmError
+from .shell import GuestShell
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "OutcomeKind",
     "ShutdownReason",
     "HypercallRecord",
+    "GuestShell",
     "self_test",
     "PvhvmError",
     "BuildError",

@@ -69,21 +69,11 @@ static long set_timer(uint64_t deadline)
 
 
 
-static void sort(int64_t *a, int n)
-{
-    for (int gap = n / 2; gap > 0; gap /= 2)
-        for (int i = gap; i < n; i++) {
-            int64_t v = a[i];
-            int j = i;
-            for (; j >= gap && a[j - gap] > v; j -= gap) a[j] = a[j - gap];
-            a[j] = v;
-        }
-}
 
 /* min, p50, p99 (nearest rank) and max of samples[0..n). */
 static void report(const char *name, int n)
 {
-    sort(samples, n);
+    sort_i64(samples, n);
     printk("BENCH %s_n %d\n", name, n);
     printk("BENCH %s_min %ld\n", name, samples[0]);
     printk("BENCH %s_p50 %ld\n", name, samples[(n - 1) / 2]);

@@ -114,21 +114,11 @@ static uint32_t xs_request(uint32_t type, const char *a, uint32_t alen, const ch
     return r.type;
 }
 
-static void sort(int64_t *a, int n)
-{
-    for (int gap = n / 2; gap > 0; gap /= 2)
-        for (int i = gap; i < n; i++) {
-            int64_t v = a[i];
-            int j = i;
-            for (; j >= gap && a[j - gap] > v; j -= gap) a[j] = a[j - gap];
-            a[j] = v;
-        }
-}
 
 static void report(const char *name, int n, uint64_t total)
 {
     printk("BENCH %s_total_cycles %lu\n", name, total);
-    sort(samples, n);
+    sort_i64(samples, n);
     printk("BENCH %s_n %d\n", name, n);
     printk("BENCH %s_cycles_min %ld\n", name, samples[0]);
     printk("BENCH %s_cycles_p50 %ld\n", name, samples[(n - 1) / 2]);

@@ -132,3 +132,14 @@ void guest_exit(int reason)
     hypercall(HYPERVISOR_sched_op, SCHEDOP_shutdown, (long)&r, 0, 0, 0);
     for (;;) asm volatile("cli; hlt");
 }
+
+void sort_i64(int64_t *a, int n)
+{
+    for (int gap = n / 2; gap > 0; gap /= 2)
+        for (int i = gap; i < n; i++) {
+            int64_t v = a[i];
+            int j = i;
+            for (; j >= gap && a[j - gap] > v; j -= gap) a[j] = a[j - gap];
+            a[j] = v;
+        }
+}

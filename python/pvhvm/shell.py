@@ -1,0 +1,39 @@
+"""Scripting a guest's shell through its console: run a command, get its
+output and exit status back exactly, whatever the terminal echoes."""
+
+from __future__ import annotations
+
+from .api import Domain
+
+
+class GuestShell:
+    """A busybox (or any POSIX) shell on the guest's hvc0. Each command is
+    bracketed by two markers that its own echo cannot match (quotes split
+    them on the command line), so output and status are read back exactly."""
+
+    def __init__(self, dom: Domain) -> None:
+        self.dom = dom
+        self.status: int | None = None
+
+    def start(self, command: str, timeout: float = 60) -> None:
+        """Send `command` and wait until it has started (for background work)."""
+        self.dom.send(f'echo =BE""GIN=; {command}; echo =R""C=$?=\n')
+        self.dom.expect(r"=BEGIN=\r?\n", timeout)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Wait for the started command to end: (exit status, output)."""
+        m = self.dom.expect(rb"(?s)(.*?)=RC=(\d+)=", timeout)
+        self.status = int(m.group(2))
+        return self.status, m.group(1).decode(errors="replace").replace("\r", "")
+
+    def run(self, command: str, timeout: float = 60) -> str:
+        """Run `command`; return what it printed (its status is in `status`)."""
+        self.start(command, timeout)
+        return self.finish(timeout)[1]
+
+    def ok(self, command: str, timeout: float = 60) -> str:
+        """Run `command`, which must exit 0; return what it printed."""
+        out = self.run(command, timeout)
+        if self.status != 0:
+            raise AssertionError(f"`{command}` exited {self.status}: {out}")
+        return out
