@@ -84,7 +84,7 @@ def test_guest_time_runs_at_real_speed(booted):
     switched = float(re.search(r"\[\s*([0-9.]+)\] " + CLOCK_SWITCH.decode(), log).group(1))
     guest = uptime - switched
     wall = seen["marker"] - seen["switch"]
-    assert wall > 1.0
+    assert wall > 0.5  # long enough for 10% to mean something (uptime has 10 ms steps)
     assert abs(guest - wall) / wall < 0.10, (guest, wall)
     # And the whole boot: uptime trails the wall clock by the frozen window only.
     assert uptime <= seen["marker"] - seen["start"] + 0.05

@@ -115,12 +115,17 @@ def drive(dom: pvhvm.Domain, fn: Callable[[], object], timeout: float = 20.0):
                 box["expired"] = True
             dom.wake()
 
-    threading.Thread(target=work, daemon=True).start()
-    threading.Thread(target=ticker, daemon=True).start()
+    threads = [threading.Thread(target=work, daemon=True), threading.Thread(target=ticker, daemon=True)]
+    for t in threads:
+        t.start()
     try:
         dom.run_until(lambda: "done" in box or "expired" in box, timeout=timeout + 5)
     finally:
         stop.set()
+        # Let them end here: the last reference to the domain must not be
+        # dropped on another thread (the core's Vm belongs to this one).
+        for t in threads:
+            t.join(timeout=5)
     assert dom.outcome is None, f"the domain ended: {dom.outcome}"
     if "done" not in box:
         pytest.fail(f"the client did not finish within {timeout} s")

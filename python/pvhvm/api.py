@@ -390,8 +390,12 @@ class Domain:
             pattern = pattern.encode()
         rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
         found: list[re.Match] = []
+        searched = [-1]  # console length at the last search
 
         def matched() -> bool:
+            if len(self._console) == searched[0]:
+                return False  # nothing new: most exits print nothing
+            searched[0] = len(self._console)
             m = rx.search(self._console, self._expect_pos)
             if m:
                 found.append(m)

@@ -21,10 +21,15 @@ class GuestShell:
         self.dom.expect(r"=BEGIN=\r?\n", timeout)
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
-        """Wait for the started command to end: (exit status, output)."""
-        m = self.dom.expect(rb"(?s)(.*?)=RC=(\d+)=", timeout)
-        self.status = int(m.group(2))
-        return self.status, m.group(1).decode(errors="replace").replace("\r", "")
+        """Wait for the started command to end: (exit status, output not
+        consumed by an `expect` since it started)."""
+        begin = self.dom._expect_pos
+        # A plain marker, not "(.*?)=RC=": a lazy prefix makes every search
+        # quadratic in the output, and a long output is searched many times.
+        m = self.dom.expect(rb"=RC=(\d+)=", timeout)
+        self.status = int(m.group(1))
+        out = bytes(m.string[begin : m.start()])
+        return self.status, out.decode(errors="replace").replace("\r", "")
 
     def run(self, command: str, timeout: float = 60) -> str:
         """Run `command`; return what it printed (its status is in `status`)."""

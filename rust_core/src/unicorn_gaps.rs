@@ -102,7 +102,8 @@ pub const RFLAGS_NT: u64 = 1 << 14;
 pub const RFLAGS_RF: u64 = 1 << 16;
 pub const RFLAGS_VM: u64 = 1 << 17;
 
-/// Offsets inside the context blob that only `probe()` can find.
+/// Offsets inside the context blob (and one in the engine) that only
+/// `probe()` can find.
 #[derive(Debug, Clone, Copy)]
 pub struct BlobLayout {
     /// Size of Unicorn's `uc_context` header before the CPUX86State copy.
@@ -110,6 +111,8 @@ pub struct BlobLayout {
     pub error_code: usize,
     pub exception_is_int: usize,
     pub old_exception: usize,
+    /// `uc_struct.no_exit_request`, from the engine handle (see `set_exit_checks`).
+    pub no_exit_request: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -138,6 +141,10 @@ fn rd<const N: usize>(d: &[u8], off: usize) -> [u8; N] {
 }
 
 impl CpuState {
+    pub fn layout(&self) -> BlobLayout {
+        self.layout
+    }
+
     pub fn new(engine: &Engine, layout: BlobLayout) -> Result<Self, String> {
         let ctx = Context::new(engine, layout.data_offset).map_err(|e| e.to_string())?;
         Ok(Self { ctx, layout })
@@ -345,6 +352,83 @@ pub fn flat_data(selector: u16, dpl: u8) -> Segment {
 }
 
 // ---------------------------------------------------------------------------
+// The exit check after every memory access.
+
+/// Unicorn (not QEMU) emits a call to `helper_check_exit_request` after every
+/// guest load and store, so that a stop requested by a memory hook takes
+/// effect at once. The vCPU has no memory hook, and the call costs the guest
+/// about a tenth of its speed: every access becomes a helper call that
+/// spills TCG's registers.
+///
+/// With the checks off (`uc_struct.no_exit_request`, which Unicorn itself
+/// sets only for ARM IT blocks; read at translation time) a stop is seen at
+/// the start of the next translated block. The block hook's stop is exact
+/// either way (it runs before that block's own check); a stop from a device
+/// callback lands a few instructions later, at a block boundary, instead of
+/// right after the access (where RIP could point back at the access).
+/// Single-stepping (`count`) needs the checks on: its hook stops through
+/// the check after it. Flush translated code after changing this.
+pub fn set_exit_checks(engine: &Engine, layout: &BlobLayout, on: bool) {
+    // SAFETY: the offset was found in an engine of this same build by
+    // `find_no_exit_request` and confirmed by `probe()`; the field is a bool.
+    unsafe { *(engine.raw() as *mut u8).add(layout.no_exit_request) = u8::from(!on) };
+}
+
+/// Where `uc_struct.no_exit_request` is in this engine, found by the run of
+/// fields around it (Unicorn 2.1's `uc_priv.h`):
+///
+/// ```text
+/// u32 target_page_size = 4096; u32 target_page_align = 4095;
+/// u64 qemu_host_page_size; u64 qemu_real_host_page_size; int icache_linesize;
+/// int context_content = UC_CTL_CONTEXT_CPU (1); int cpu_context_size;
+/// u64 next_pc; bool hook_insert, first_tb, no_exit_request, init_done = 1;
+/// ```
+///
+/// `cpu_context_size` is what `uc_context_size` adds to its header, so the
+/// run is specific enough for a forward scan that stops at the first match
+/// (and so never reads past the field). `probe()` then checks what turning
+/// it on does. Returns the byte offset from the engine handle.
+///
+/// # Safety
+/// `uc` must be an open engine of this Unicorn build.
+unsafe fn find_no_exit_request(uc: *mut uc_engine, cpu_context_size: usize) -> Option<usize> {
+    const SCAN_LIMIT: usize = 1 << 16;
+    extern "C" {
+        fn getpagesize() -> std::ffi::c_int;
+    }
+    let host_page = getpagesize() as u64;
+    let base = uc as *const u8;
+    let u32_at = |o: usize| std::ptr::read_unaligned(base.add(o) as *const u32);
+    let u64_at = |o: usize| std::ptr::read_unaligned(base.add(o) as *const u64);
+    (0..SCAN_LIMIT).step_by(8).find_map(|a| {
+        let hit = u32_at(a) == 4096
+            && u32_at(a + 4) == 4095
+            && u64_at(a + 8) == host_page
+            && u64_at(a + 16) == host_page
+            && u32_at(a + 28) == 1
+            && u32_at(a + 32) as usize == cpu_context_size
+            && *base.add(a + 50) == 0
+            && *base.add(a + 51) == 1;
+        hit.then_some(a + 50)
+    })
+}
+
+unsafe extern "C" fn probe_mmio_read(_uc: *mut uc_engine, _offset: u64, _size: std::ffi::c_uint, _user: *mut c_void) -> u64 {
+    0
+}
+
+/// A device whose register write stops the engine, as the LAPIC's may.
+unsafe extern "C" fn probe_mmio_write(
+    uc: *mut uc_engine,
+    _offset: u64,
+    _size: std::ffi::c_uint,
+    _value: u64,
+    _user: *mut c_void,
+) {
+    unicorn_engine::uc_emu_stop(uc);
+}
+
+// ---------------------------------------------------------------------------
 // The probe / self-test.
 
 static LAYOUT: OnceLock<Result<BlobLayout, String>> = OnceLock::new();
@@ -406,7 +490,7 @@ fn probe() -> Result<BlobLayout, String> {
     eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
     eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
     eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
-    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0 };
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0 };
     let mut st = CpuState::new(&eng, provisional)?;
     st.load(&eng);
     let checks = [
@@ -468,7 +552,7 @@ fn probe() -> Result<BlobLayout, String> {
     // reset it must stay #GP. Try each candidate.
     let mut old_exception = None;
     for cand in old_candidates {
-        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand };
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0 };
         let mut st = CpuState::new(&eng, layout)?;
         st.load(&eng);
         if st.old_exception() != 13 {
@@ -485,7 +569,8 @@ fn probe() -> Result<BlobLayout, String> {
         }
     }
     let old_exception = old_exception.ok_or("resetting old_exception does not keep a second #GP a #GP")?;
-    let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception };
+    let mut layout =
+        BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception, no_exit_request: 0 };
 
     // 5. exception_is_int: 1 after INT n, 0 after a fault.
     ram[PROBE_CODE as usize..PROBE_CODE as usize + 3].copy_from_slice(&[0xcd, 0x41, 0xf4]);
@@ -532,6 +617,28 @@ fn probe() -> Result<BlobLayout, String> {
     eng.start(PROBE_CODE, 0);
     if hits.last_intr.get().is_some() || eng.read(Reg::RIP) != PROBE_CODE + 4 {
         return Err("ring 0 through the blob did not hold".into());
+    }
+
+    // 7. The exit check after memory accesses: with it, a stop from an MMIO
+    // write lands right after the store; without it, at the end of the block.
+    let cpu_context_size = unsafe { unicorn_engine::uc_context_size(eng.raw()) } - data_offset;
+    layout.no_exit_request = unsafe { find_no_exit_request(eng.raw(), cpu_context_size) }
+        .ok_or("uc_struct.no_exit_request not found")?;
+    const PROBE_MMIO: u64 = 0x10000;
+    unsafe { eng.map_mmio(PROBE_MMIO, 0x1000, Some(probe_mmio_read), Some(probe_mmio_write), std::ptr::null_mut()) }
+        .map_err(|e| e.to_string())?;
+    // mov [0x10000], al ; inc rbx ; inc rbx ; hlt
+    let code = [0x88, 0x04, 0x25, 0x00, 0x00, 0x01, 0x00, 0x48, 0xff, 0xc3, 0x48, 0xff, 0xc3, 0xf4];
+    ram[PROBE_CODE as usize..PROBE_CODE as usize + code.len()].copy_from_slice(&code);
+    for checks in [true, false, true] {
+        set_exit_checks(&eng, &layout, checks);
+        eng.flush_tb();
+        eng.write(Reg::RBX, 0);
+        eng.start(PROBE_CODE, 0);
+        let (rbx, want) = (eng.read(Reg::RBX), if checks { 0 } else { 2 });
+        if rbx != want {
+            return Err(format!("exit checks {checks}: the block went on for {rbx} of 2 instructions, expected {want}"));
+        }
     }
     drop(eng);
     drop(ram);

@@ -102,6 +102,8 @@ pub struct Vcpu {
     pub exceptions_delivered: u64,
     pub interrupts_delivered: u64,
     ticker: Ticker,
+    /// Unicorn's exit check after memory accesses is on (only while stepping).
+    exit_checks: bool,
     /// Return `Kicked` at least this often so the host stays responsive.
     pub time_slice: Duration,
 }
@@ -196,8 +198,11 @@ unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
 }
 
 /// Every translated block: stop if the ticker or the host asked. This is
-/// the only way a spinning guest is preempted, and it is exact (the stop
-/// lands before any instruction of the block has run).
+/// the only way a spinning guest is preempted, and it is exact: Unicorn
+/// runs the block hook after syncing RIP and before the block's exit check,
+/// so the stop lands before any instruction of the block has run. (A stop
+/// from another thread would land anywhere in the block, where helpers such
+/// as SYSCALL's skip our hooks once a stop is pending.)
 unsafe extern "C" fn on_block(uc: *mut uc_engine, _addr: u64, _size: u32, user: *mut c_void) {
     let h = &*(user as *const HookData);
     if (*h.kick).load(Ordering::Relaxed) {
@@ -269,6 +274,8 @@ impl Vcpu {
     pub fn new(id: u32, ram: Arc<GuestRam>, xen: *mut XenState, domid: u32) -> Result<Self, String> {
         let layout = unicorn_gaps::layout()?;
         let mut engine = Engine::new_x86_64().map_err(|e| e.to_string())?;
+        // Before any code is translated: see `set_exit_checks`.
+        unicorn_gaps::set_exit_checks(&engine, &layout, false);
         for r in ram.regions() {
             unsafe { engine.map_ptr(r.gpa, r.len, ram.host_ptr().add(r.host_offset as usize)) }
                 .map_err(|e| e.to_string())?;
@@ -326,6 +333,7 @@ impl Vcpu {
             exceptions_delivered: 0,
             interrupts_delivered: 0,
             ticker,
+            exit_checks: false,
             time_slice: Duration::from_millis(50),
         })
     }
@@ -446,6 +454,8 @@ impl Vcpu {
             if count == 0 && self.msr_watch > 0 {
                 count = self.watch_step(rip);
             }
+            // Stepping stops through Unicorn's exit checks.
+            self.set_exit_checks(count > 0);
             let err = self.engine.start(rip, count);
             match self.take_stop() {
                 Some(Stop::Exit(exit)) => {
@@ -531,6 +541,14 @@ impl Vcpu {
                 .map_err(|e| format!("mapping a Xen page at {gpa:#x}: {e}"))?;
         }
         Ok(())
+    }
+
+    fn set_exit_checks(&mut self, on: bool) {
+        if self.exit_checks != on {
+            self.exit_checks = on;
+            unicorn_gaps::set_exit_checks(&self.engine, &self.state.layout(), on);
+            self.engine.flush_tb();
+        }
     }
 
     /// Wake the vCPU loop at the next timer deadline, the end of the time
