@@ -203,10 +203,11 @@ impl Vm {
         self.domain.ram.regions().iter().map(|r| (r.gpa, r.len, r.host_offset)).collect()
     }
 
-    fn write_phys(&self, gpa: u64, data: &[u8]) -> PyResult<()> {
-        let s = self.domain.ram.slice_mut(gpa, data.len() as u64).map_err(core_err)?;
-        s.copy_from_slice(data);
-        Ok(())
+    /// Copy `data` (bytes or any contiguous buffer, e.g. a memoryview of a
+    /// mapped file: no intermediate copy) into guest RAM at `gpa`.
+    fn write_phys(&self, py: Python<'_>, gpa: u64, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<()> {
+        let s = self.domain.ram.slice_mut(gpa, data.item_count() as u64).map_err(core_err)?;
+        data.copy_to_slice(py, s)
     }
 
     fn read_phys<'py>(&self, py: Python<'py>, gpa: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {

@@ -4,6 +4,8 @@ note (xen/include/public/elfnote.h)."""
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +74,7 @@ class XenNote:
 @dataclass
 class ElfImage:
     path: Path
-    data: bytes
+    data: bytes | mmap.mmap
     elf_class: int  # 32 or 64
     machine: int
     entry: int
@@ -94,8 +96,9 @@ class ElfImage:
         loads = [s for s in self.segments if s.memsz]
         return min(s.paddr for s in loads), max(s.paddr + s.memsz for s in loads)
 
-    def segment_bytes(self, seg: Segment) -> bytes:
-        return self.data[seg.offset : seg.offset + seg.filesz]
+    def segment_bytes(self, seg: Segment) -> memoryview:
+        """The segment's file bytes, without copying them."""
+        return memoryview(self.data)[seg.offset : seg.offset + seg.filesz]
 
 
 def _decode_note(ntype: int, desc: bytes) -> object:
@@ -126,7 +129,7 @@ def _parse_notes(blob: bytes, out: list[XenNote]) -> None:
             out.append(XenNote(ntype, NOTE_NAMES.get(ntype, f"UNKNOWN_{ntype}"), desc, _decode_note(ntype, desc)))
 
 
-def parse_elf(data: bytes, path: Path = Path("<memory>")) -> ElfImage:
+def parse_elf(data: bytes | mmap.mmap, path: Path = Path("<memory>")) -> ElfImage:
     if len(data) < 52 or data[:4] != b"\x7fELF":
         raise BuildError(f"{path}: not an ELF file")
     ei_class, ei_data = data[4], data[5]
@@ -179,7 +182,11 @@ def parse_elf(data: bytes, path: Path = Path("<memory>")) -> ElfImage:
 def load_elf(path: str | Path) -> ElfImage:
     p = Path(path)
     try:
-        data = p.read_bytes()
+        # Mapped, not read: a distribution vmlinux is tens of MB, and only its
+        # headers are parsed here; the segments are copied once, into RAM.
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except FileNotFoundError:
         raise BuildError(f"{p}: no such file") from None
     except IsADirectoryError:
