@@ -162,8 +162,8 @@ fn trace_tuple(e: &TraceEntry) -> TraceTuple {
     (e.vcpu, e.nr, (a[0], a[1], a[2], a[3], a[4]), e.result, e.time_ns)
 }
 
-/// Lets the run loop leave the GIL: the domain is only ever touched by the
-/// thread that owns the (unsendable) `Vm`, which is the thread running here.
+/// Lets the run loop leave the GIL: while it runs, the `Vm` is mutably
+/// borrowed, so no other thread can reach the domain.
 struct DomainPtr(*mut Domain);
 unsafe impl Send for DomainPtr {}
 impl DomainPtr {
@@ -173,10 +173,20 @@ impl DomainPtr {
 }
 
 /// One domain: RAM, vCPU 0 and Xen's state. Built and driven by `pvhvm.Domain`.
-#[pyclass(unsendable, module = "pvhvm._core")]
+#[pyclass(module = "pvhvm._core")]
 pub struct Vm {
     domain: Domain,
 }
+
+// SAFETY: PyO3's borrow flag lets one thread at a time use the Vm, and
+// nothing in it is tied to a thread: a Unicorn engine may be driven (and
+// closed) from any thread as long as only one does at a time, and the
+// ticker thread shares only its own synchronised state. So the Vm may be
+// used from, and dropped on, whichever thread holds the last reference.
+unsafe impl Send for Vm {}
+// SAFETY: only `run` (which takes `&mut self`) leaves the GIL; every `&self`
+// method holds it throughout, so shared use is serialised by the GIL.
+unsafe impl Sync for Vm {}
 
 #[pymethods]
 impl Vm {
