@@ -158,8 +158,10 @@ def test_run_all_quick_writes_schema_1(tmp_path):
                  "memory.peak_rss_mib.256", "memory.peak_rss_mib.1024"):
         assert isinstance(res[name]["value"], (int, float)) and res[name]["value"] > 0, name
     assert res["boot.qemu.init_s"]["status"] == "not measured: --skip-qemu"
+    assert res["boot.qemu_default_cpu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.ratio.init"]["value"] is None
-    assert res["profile.code_cache_flushes"]["value"] is None
+    # At least the one at the vCPU's reset; Linux never needs single steps.
+    assert res["profile.code_cache_flushes"]["value"] >= 1
     for name in run_all.NET_METRICS:  # measured, or a reason why not
         assert name in res
     # Orderings that must hold whatever the machine's load.

@@ -498,6 +498,12 @@ class Domain:
     def exceptions_delivered(self) -> int:
         return self._vm.exceptions_delivered
 
+    @property
+    def code_cache_flushes(self) -> int:
+        """Times the core threw all translated code away (each one is paid
+        again in translation)."""
+        return self._vm.code_cache_flushes
+
     def symbolize(self, addr: int) -> str | None:
         """`function+offset` for a guest kernel address, from System.map or vmlinux."""
         if self._symbols is None:

@@ -300,6 +300,13 @@ impl Vm {
         self.domain.vcpus.iter().map(|v| v.exceptions_delivered).sum()
     }
 
+    /// Times all translated code was thrown away (reset, hypercall page,
+    /// single steps); each costs retranslating whatever runs next.
+    #[getter]
+    fn code_cache_flushes(&self) -> u64 {
+        self.domain.vcpus.iter().map(|v| v.code_cache_flushes).sum()
+    }
+
     #[getter]
     fn shutdown_code(&self) -> Option<u32> {
         self.domain.xen.shutdown_code

@@ -100,6 +100,8 @@ pub struct Vcpu {
     /// A hypercall page was requested at a guest-physical frame that is not RAM.
     bad_hypercall_page: bool,
     pub exceptions_delivered: u64,
+    /// Translated code thrown away whole (ours, and Unicorn's after a step).
+    pub code_cache_flushes: u64,
     pub interrupts_delivered: u64,
     ticker: Ticker,
     /// Unicorn's exit check after memory accesses is on (only while stepping).
@@ -331,6 +333,7 @@ impl Vcpu {
             msr_watch: 0,
             bad_hypercall_page: false,
             exceptions_delivered: 0,
+            code_cache_flushes: 0,
             interrupts_delivered: 0,
             ticker,
             exit_checks: false,
@@ -374,7 +377,7 @@ impl Vcpu {
         st.sync_hflags();
         st.store(&self.engine);
         self.engine.flush_tlb();
-        self.engine.flush_tb();
+        self.flush_code_cache();
         Ok(())
     }
 
@@ -547,8 +550,15 @@ impl Vcpu {
         if self.exit_checks != on {
             self.exit_checks = on;
             unicorn_gaps::set_exit_checks(&self.engine, &self.state.layout(), on);
-            self.engine.flush_tb();
+            // (Turning them off follows a step, after which Unicorn flushes
+            // anyway when it drops its counting hook: one flush, counted once.)
+            self.flush_code_cache();
         }
+    }
+
+    fn flush_code_cache(&mut self) {
+        self.engine.flush_tb();
+        self.code_cache_flushes += 1;
     }
 
     /// Wake the vCPU loop at the next timer deadline, the end of the time
@@ -711,7 +721,7 @@ impl Vcpu {
         let page = self.ram().slice_mut(gpa, 4096).expect("checked above");
         fill_hypercall_page(page, amd);
         // Host writes do not invalidate translated code.
-        self.engine.flush_tb();
+        self.flush_code_cache();
         true
     }
 
