@@ -37,6 +37,20 @@ volatile uint64_t upcalls_seen, timer_events, ipi_events, upcall_from_user;
 volatile uint64_t back_rip, back_rsp, last_upcall_ns;
 static uint32_t timer_port, ipi_port;
 extern char upcall_entry[], ret_from_user[], user_spin[];
+volatile uint64_t rearm_ns;
+volatile uint64_t upper_upcalls, upper_incs;
+extern uint64_t boot_pml4[];
+
+/* The identity map again in the upper half (PML4 slot 256), where a kernel
+ * runs. These run at that alias (their data accesses are RIP-relative). */
+#define UPPER_ALIAS 0xffff800000000000ULL
+static void __attribute__((noinline)) upper_spin(uint64_t before) { while (upcalls_seen == before) {} }
+static void __attribute__((noinline)) upper_count(uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        asm volatile("incq %0" : "+m"(upper_incs));
+}
+#define AT_UPPER(fn) ((void (*)(uint64_t))((uintptr_t)(fn) + UPPER_ALIAS))
 
 static uint64_t now_ns(void) { return pvclock_ns(&shinfo.vcpu_info[0].time, rdtsc()); }
 
@@ -55,10 +69,11 @@ static void on_port(uint32_t port)
 
 void upcall_handler(uint64_t rip, uint64_t cs)
 {
-    (void)rip;
     last_upcall_ns = now_ns();
     if ((cs & 3) == 3) upcall_from_user++;
+    if (rip >= UPPER_ALIAS) upper_upcalls++;
     evtchn_scan(&shinfo, 0, on_port);
+    if (rearm_ns) set_timer(now_ns() + rearm_ns);
     upcalls_seen++;
 }
 
@@ -200,6 +215,31 @@ int guest_main(uint32_t start_info)
         : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
     late = last_upcall_ns - deadline;
     check(upcall_from_user >= 1 && late < 4000000, "ring-3 spin preempted by the timer, %lu us late", late / 1000);
+
+    /* Ring 0 in the upper half, as a kernel runs: preempted too. */
+    boot_pml4[256] = boot_pml4[0];
+    asm volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
+    before = upcalls_seen; deadline = now_ns() + 10000000;
+    set_timer(deadline);
+    asm volatile("sti");
+    AT_UPPER(upper_spin)(before);
+    asm volatile("cli");
+    late = last_upcall_ns - deadline;
+    check(upper_upcalls >= 1 && late < 4000000, "upper-half ring-0 spin preempted by the timer, %lu us late",
+          late / 1000);
+    /* And exactly: a timer every 50 us stops the vCPU hundreds of times in
+     * a loop of read-modify-writes; none may run twice or be lost. */
+    enum { UPPER_ROUNDS = 1000000 };
+    uint64_t upper_before = upper_upcalls;
+    rearm_ns = 50000;
+    set_timer(now_ns() + rearm_ns);
+    asm volatile("sti");
+    AT_UPPER(upper_count)(UPPER_ROUNDS);
+    asm volatile("cli");
+    rearm_ns = 0;
+    check(upper_incs == UPPER_ROUNDS && upper_upcalls - upper_before >= 20,
+          "upper-half increments exact under preemption: %lu of %d, %lu timer upcalls there", upper_incs,
+          UPPER_ROUNDS, upper_upcalls - upper_before);
 
     check(evtchn(EVTCHNOP_close, &ipi_port) == 0, "close a port");
     struct { uint16_t dom, pad; uint32_t port, status, vcpu, u[2]; } st = { 0x7ff0, 0, ipi_port, 9, 9, {0, 0} };

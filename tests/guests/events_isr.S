@@ -46,3 +46,4 @@ user_spin:
     je 1b
     int $0x80
 2:  jmp 2b
+
