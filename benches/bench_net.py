@@ -130,7 +130,10 @@ def measure(quick: bool = False, log=sys.stderr) -> dict:
             print(f"  net: ping {result.get('ping_ms') or result.get('ping_status')}", file=log)
 
             # host -> guest
-            out = sh.run(f"nc -l -p {GUEST_PORT} > /dev/null & sleep 0.3", 60)
+            # stdin a FIFO no one writes, not the console: a background
+            # reader of the tty is stopped by SIGTTIN when the next command
+            # line arrives (see tests/test_netback.py).
+            out = sh.run(f"mkfifo /tmp/nc-in; nc -l -p {GUEST_PORT} <>/tmp/nc-in >/dev/null & sleep 0.3", 60)
             h2g: dict = {}
 
             def send() -> None:

@@ -833,8 +833,11 @@ def test_linux_tcp_64mib_both_ways(linux_net, lease):
 
     # host -> guest: a host client on 127.0.0.1:fport, which passt forwards
     # to the guest's nc -l (listening before the host connects: passt
-    # connects through to the guest straight away).
-    out = sh.run(f"nc -l -p {GUEST_PORT} > /tmp/in & sleep 0.2; netstat -ltn")
+    # connects through to the guest straight away). nc's stdin is a FIFO no
+    # one writes: on the console, a background job reading the tty is
+    # stopped by SIGTTIN when the next command line arrives (and `wait`
+    # returns); /dev/null would make nc half-close the connection at once.
+    out = sh.run(f"mkfifo /tmp/nc-in; nc -l -p {GUEST_PORT} <>/tmp/nc-in >/tmp/in & sleep 0.2; netstat -ltn")
     assert f":{GUEST_PORT} " in out, out
     result: dict = {}
 
