@@ -106,6 +106,9 @@ pub struct Vcpu {
     ticker: Ticker,
     /// Unicorn's exit check after memory accesses is on (only while stepping).
     exit_checks: bool,
+    /// When to look again for an interrupt window (an interrupt is pending
+    /// with IF=0); kept until that kick has been taken.
+    window_poll_at: Option<Instant>,
     /// Return `Kicked` at least this often so the host stays responsive.
     pub time_slice: Duration,
 }
@@ -337,6 +340,7 @@ impl Vcpu {
             interrupts_delivered: 0,
             ticker,
             exit_checks: false,
+            window_poll_at: None,
             time_slice: Duration::from_millis(50),
         })
     }
@@ -433,6 +437,9 @@ impl Vcpu {
                 }
             }
             let kicked = self.ticker.take();
+            if kicked {
+                self.window_poll_at = None;
+            }
             let id = self.id;
             let now = self.xen().clock.now_ns();
             self.xen().fire_timers(id, now);
@@ -570,7 +577,11 @@ impl Vcpu {
             wake = wake.min(Instant::now() + self.xen().clock.until(d));
         }
         if poll_window {
-            wake = wake.min(Instant::now() + Duration::from_micros(100));
+            // Not pushed back on every stop: a guest that stops every few
+            // microseconds with IF=0 (SYSCALL entry under FMASK) would never
+            // be looked at again with IF=1 and never see its interrupt.
+            let at = *self.window_poll_at.get_or_insert_with(|| Instant::now() + Duration::from_micros(100));
+            wake = wake.min(at);
         }
         self.ticker.arm(Some(wake));
     }

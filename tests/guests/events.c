@@ -36,8 +36,8 @@ static struct { int state; uint64_t entry, time[4]; } runstate;
 volatile uint64_t upcalls_seen, timer_events, ipi_events, upcall_from_user;
 volatile uint64_t back_rip, back_rsp, last_upcall_ns;
 static uint32_t timer_port, ipi_port;
-extern char upcall_entry[], ret_from_user[], user_spin[];
-volatile uint64_t rearm_ns;
+extern char upcall_entry[], ret_from_user[], user_spin[], user_stress[], stress_syscall_entry[];
+volatile uint64_t user_incs, kernel_syscalls, rearm_ns;
 volatile uint64_t upper_upcalls, upper_incs;
 extern uint64_t boot_pml4[];
 
@@ -215,6 +215,34 @@ int guest_main(uint32_t start_info)
         : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
     late = last_upcall_ns - deadline;
     check(upcall_from_user >= 1 && late < 4000000, "ring-3 spin preempted by the timer, %lu us late", late / 1000);
+
+    /* Ring 3 making back-to-back SYSCALLs (whose entry runs with IF=0)
+     * still gets its timer, and preemption there is exact: no increment
+     * runs twice, no SYSCALL is lost. */
+    enum { ROUNDS = 5000 };
+    wrmsr(0xc0000080, rdmsr(0xc0000080) | 1);                                  /* EFER.SCE */
+    wrmsr(0xc0000081, ((uint64_t)0x18 << 48) | ((uint64_t)KERNEL_CS << 32));   /* STAR */
+    wrmsr(0xc0000082, (uint64_t)(uintptr_t)stress_syscall_entry);              /* LSTAR */
+    wrmsr(0xc0000084, 0x700);                                                  /* FMASK: TF, IF, DF */
+    uint64_t user_upcalls = upcall_from_user;
+    rearm_ns = 50000;
+    set_timer(now_ns() + rearm_ns);
+    asm volatile(
+        "lea 1f(%%rip), %%rax; mov %%rax, back_rip(%%rip); mov %%rsp, back_rsp(%%rip)\n"
+        "mov %[rounds], %%rbx\n"
+        "pushq $0x23; pushq %[ursp]; pushq $0x202; pushq $0x2b; pushq %[entry]\n"
+        "iretq\n1:\n"
+        :: [rounds] "i"(ROUNDS), [ursp] "r"((uint64_t)(uintptr_t)(ustack + sizeof(ustack))), [entry] "r"(user_stress)
+        : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
+    rearm_ns = 0;
+    asm volatile("sti");
+    for (volatile int i = 0; i < 200000; i++) {} /* let the last re-armed timer fire */
+    asm volatile("cli");
+    user_upcalls = upcall_from_user - user_upcalls;
+    check(user_incs == ROUNDS && kernel_syscalls == ROUNDS,
+          "ring-3 stress exact under preemption: %lu increments, %lu syscalls of %d", user_incs, kernel_syscalls,
+          ROUNDS);
+    check(user_upcalls >= 5, "the stress was preempted in ring 3 (%lu timer upcalls there)", user_upcalls);
 
     /* Ring 0 in the upper half, as a kernel runs: preempted too. */
     boot_pml4[256] = boot_pml4[0];

@@ -47,3 +47,31 @@ user_spin:
     int $0x80
 2:  jmp 2b
 
+/* Ring-3 stress for preemption: %rbx rounds of a read-modify-write on
+ * memory, a few thousand instructions of other work (so that most stops
+ * land in ring 3) and a SYSCALL, then back to the kernel. A stop that tore an instruction
+ * would count an increment twice; one that lost a SYSCALL, a call short. */
+    .globl user_stress
+user_stress:
+1:  incq user_incs(%rip)
+    movq $200, %rcx
+3:  .rept 16
+    addq $1, %rdx
+    .endr
+    decq %rcx
+    jnz 3b
+    .rept 64
+    addq $1, %rdx
+    .endr
+    movq $7, %rax
+    syscall
+    decq %rbx
+    jnz 1b
+    int $0x80
+2:  jmp 2b
+
+/* Its SYSCALL target: count, and straight back (user stack, IF masked). */
+    .globl stress_syscall_entry
+stress_syscall_entry:
+    incq kernel_syscalls(%rip)
+    sysretq
