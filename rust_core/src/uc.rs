@@ -188,6 +188,25 @@ impl Engine {
         Ok(h)
     }
 
+    /// A hook for addresses in `[begin, end]` only (Unicorn decides at
+    /// translation time, so blocks outside the range carry no call at all).
+    ///
+    /// # Safety
+    /// As `add_hook`.
+    pub unsafe fn add_hook_range(
+        &mut self,
+        kind: HookType,
+        callback: *mut c_void,
+        user_data: *mut c_void,
+        begin: u64,
+        end: u64,
+    ) -> Result<uc_hook, UcError> {
+        let mut h: uc_hook = 0 as uc_hook;
+        check(ucs::uc_hook_add(self.handle, &mut h, kind.0 as c_int, callback, user_data, begin, end))?;
+        self.hooks.push(h);
+        Ok(h)
+    }
+
     pub fn remove_hook(&mut self, h: uc_hook) {
         unsafe { ucs::uc_hook_del(self.handle, h) };
         self.hooks.retain(|x| *x != h);

@@ -113,6 +113,9 @@ pub struct BlobLayout {
     pub old_exception: usize,
     /// `uc_struct.no_exit_request`, from the engine handle (see `set_exit_checks`).
     pub no_exit_request: usize,
+    /// `uc_struct.skip_sync_pc_on_exit`, from the engine handle (see
+    /// `forget_pc_write`).
+    pub skip_sync_pc_on_exit: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -362,10 +365,10 @@ pub fn flat_data(selector: u16, dpl: u8) -> Segment {
 ///
 /// With the checks off (`uc_struct.no_exit_request`, which Unicorn itself
 /// sets only for ARM IT blocks; read at translation time) a stop is seen at
-/// the start of the next translated block. The block hook's stop is exact
-/// either way (it runs before that block's own check); a stop from a device
-/// callback lands a few instructions later, at a block boundary, instead of
-/// right after the access (where RIP could point back at the access).
+/// the start of the next translated block. That is what makes a stop from
+/// another thread exact (ticker.rs); with the checks on it could land after
+/// a store but with RIP back at its instruction, which then ran twice. A
+/// stop from a device callback, too, lands at the next block boundary.
 /// Single-stepping (`count`) needs the checks on: its hook stops through
 /// the check after it. Flush translated code after changing this.
 pub fn set_exit_checks(engine: &Engine, layout: &BlobLayout, on: bool) {
@@ -411,6 +414,37 @@ unsafe fn find_no_exit_request(uc: *mut uc_engine, cpu_context_size: usize) -> O
             && *base.add(a + 51) == 1;
         hit.then_some(a + 50)
     })
+}
+
+/// Undo one side effect of writing RIP from a hook. `uc_reg_write(RIP)`
+/// sets `skip_sync_pc_on_exit` so that the exit it requests does not restore
+/// RIP from the translated block; but after an instruction hook (VMCALL)
+/// that exit happens outside any block and leaves the flag set. The next
+/// stop at a block start (a kick) then skips the restore and resumes at a
+/// stale RIP, from before the chained blocks that ran since. Call this
+/// right after such a write.
+///
+/// # Safety
+/// `uc` must be the engine `layout` was probed for (same build).
+pub unsafe fn forget_pc_write(uc: *mut uc_engine, layout: &BlobLayout) {
+    *(uc as *mut u8).add(layout.skip_sync_pc_on_exit) = 0;
+}
+
+/// Where `uc_struct.skip_sync_pc_on_exit` should be: the struct's last
+/// field, after `init_done` (right after `no_exit_request`), 64 `sigjmp_buf`
+/// (200 bytes each on x86-64 glibc), an int, three pointers, a u32, a
+/// pointer, an i32, a u64 and two bools. `probe()` checks that the byte
+/// there follows the flag's life (set by a RIP write, cleared by a start).
+fn skip_sync_pc_offset(no_exit_request: usize) -> usize {
+    const SIGJMP_BUF: usize = 200;
+    let align8 = |x: usize| (x + 7) & !7;
+    let jmp_bufs = align8(no_exit_request + 2);
+    let nested_level = jmp_bufs + 64 * SIGJMP_BUF;
+    let last_tb = align8(nested_level + 4);
+    let tcg_buffer_size = last_tb + 16; // after last_tb and empty_view
+    let unmapped_regions = align8(tcg_buffer_size + 4);
+    let nested = align8(unmapped_regions + 8 + 4); // after snapshot_level
+    nested + 8 + 2 // after thread_executable_entry, current_executable
 }
 
 unsafe extern "C" fn probe_mmio_read(_uc: *mut uc_engine, _offset: u64, _size: std::ffi::c_uint, _user: *mut c_void) -> u64 {
@@ -490,7 +524,7 @@ fn probe() -> Result<BlobLayout, String> {
     eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
     eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
     eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
-    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0 };
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0 };
     let mut st = CpuState::new(&eng, provisional)?;
     st.load(&eng);
     let checks = [
@@ -552,7 +586,7 @@ fn probe() -> Result<BlobLayout, String> {
     // reset it must stay #GP. Try each candidate.
     let mut old_exception = None;
     for cand in old_candidates {
-        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0 };
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0 };
         let mut st = CpuState::new(&eng, layout)?;
         st.load(&eng);
         if st.old_exception() != 13 {
@@ -570,7 +604,14 @@ fn probe() -> Result<BlobLayout, String> {
     }
     let old_exception = old_exception.ok_or("resetting old_exception does not keep a second #GP a #GP")?;
     let mut layout =
-        BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception, no_exit_request: 0 };
+        BlobLayout {
+            data_offset,
+            error_code,
+            exception_is_int: error_code + 4,
+            old_exception,
+            no_exit_request: 0,
+            skip_sync_pc_on_exit: 0,
+        };
 
     // 5. exception_is_int: 1 after INT n, 0 after a fault.
     ram[PROBE_CODE as usize..PROBE_CODE as usize + 3].copy_from_slice(&[0xcd, 0x41, 0xf4]);
@@ -639,6 +680,26 @@ fn probe() -> Result<BlobLayout, String> {
         if rbx != want {
             return Err(format!("exit checks {checks}: the block went on for {rbx} of 2 instructions, expected {want}"));
         }
+    }
+
+    // 8. skip_sync_pc_on_exit: clear after a start, set by a RIP write,
+    // cleared again by the next start.
+    set_exit_checks(&eng, &layout, true);
+    layout.skip_sync_pc_on_exit = skip_sync_pc_offset(layout.no_exit_request);
+    let (uc, off) = (eng.raw(), layout.skip_sync_pc_on_exit);
+    let flag = || unsafe { std::ptr::read_volatile((uc as *const u8).add(off)) };
+    ram[PROBE_CODE as usize] = 0xf4;
+    eng.flush_tb();
+    eng.start(PROBE_CODE, 0);
+    let after_start = flag();
+    eng.write(Reg::RIP, PROBE_CODE);
+    let after_write = flag();
+    unsafe { forget_pc_write(uc, &layout) };
+    let after_forget = flag();
+    eng.write(Reg::RIP, PROBE_CODE);
+    eng.start(PROBE_CODE, 0);
+    if (after_start, after_write, after_forget, flag()) != (0, 1, 0, 0) {
+        return Err("uc_struct.skip_sync_pc_on_exit is not where expected".into());
     }
     drop(eng);
     drop(ram);

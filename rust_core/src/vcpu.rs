@@ -10,7 +10,7 @@
 //! stopped, where the saved state is complete (`unicorn_gaps`).
 
 use std::ffi::{c_int, c_uint, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use crate::interrupts::{self, DeliveryError, Event};
 use crate::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use crate::layout;
 use crate::memory::GuestRam;
-use crate::ticker::{Kicker, Ticker};
+use crate::ticker::{KickFlags, Kicker, Ticker};
 use crate::xen::{hvm_param, write_time_info, RUNSTATE_BLOCKED, RUNSTATE_RUNNING};
 use crate::mmu::{self, PagingState};
 use crate::uc::{self, Engine, Reg};
@@ -84,8 +84,9 @@ struct HookData {
     cpuid_snapshot: uc::Context,
     /// Replaying after a rewind: CPUID answers without stopping again.
     replaying: bool,
-    /// Raised by the ticker thread or the host; polled at every block.
-    kick: *const AtomicBool,
+    layout: unicorn_gaps::BlobLayout,
+    /// Shared with the ticker (see ticker.rs).
+    kick: *const KickFlags,
 }
 
 pub struct Vcpu {
@@ -156,6 +157,7 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
     }
     uc::raw_write(uc, Reg::RAX, out.rax);
     uc::raw_write(uc, Reg::RIP, rip + 3);
+    unicorn_gaps::forget_pc_write(uc, &h.layout);
     if let Some(exit) = out.exit {
         h.stop = Some(Stop::Exit(exit));
         uc::raw_stop(uc);
@@ -202,15 +204,17 @@ unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
     uc::raw_stop(uc);
 }
 
-/// Every translated block: stop if the ticker or the host asked. This is
-/// the only way a spinning guest is preempted, and it is exact: Unicorn
-/// runs the block hook after syncing RIP and before the block's exit check,
-/// so the stop lands before any instruction of the block has run. (A stop
-/// from another thread would land anywhere in the block, where helpers such
-/// as SYSCALL's skip our hooks once a stop is pending.)
-unsafe extern "C" fn on_block(uc: *mut uc_engine, _addr: u64, _size: u32, user: *mut c_void) {
+/// Every lower-half block (user space): note that the vCPU is there, then
+/// stop if a kick is pending. Runs before any instruction of the block, so
+/// the stop is exact and the block's SYSCALL, if any, is not skipped.
+unsafe extern "C" fn on_user_block(uc: *mut uc_engine, _addr: u64, _size: u32, user: *mut c_void) {
     let h = &*(user as *const HookData);
-    if (*h.kick).load(Ordering::Relaxed) {
+    let flags = &*h.kick;
+    flags.user_blocks.store(flags.user_blocks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    if !flags.in_user_space.load(Ordering::Relaxed) {
+        flags.in_user_space.store(true, Ordering::SeqCst);
+    }
+    if flags.kick.load(Ordering::SeqCst) {
         let h = &mut *(user as *mut HookData);
         h.stop.get_or_insert(Stop::Kicked);
         uc::raw_stop(uc);
@@ -295,7 +299,8 @@ impl Vcpu {
             stop: None,
             cpuid_snapshot,
             replaying: false,
-            kick: ticker.flag(),
+            layout,
+            kick: ticker.flags(),
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -305,7 +310,9 @@ impl Vcpu {
                 .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
-                .and_then(|_| engine.add_hook(HookType::BLOCK, on_block as *mut c_void, user, None))
+                .and_then(|_| {
+                    engine.add_hook_range(HookType::BLOCK, on_user_block as *mut c_void, user, 0, crate::ticker::USER_SPACE_END)
+                })
                 .and_then(|_| {
                     engine.map_mmio(LAPIC_BASE, LAPIC_SIZE, Some(lapic_read), Some(lapic_write), user)?;
                     engine.map_mmio(
@@ -327,6 +334,7 @@ impl Vcpu {
             return Err(e);
         }
         let state = CpuState::new(&engine, layout)?;
+        ticker.set_engine(engine.raw());
         Ok(Self {
             id,
             engine,
@@ -464,9 +472,18 @@ impl Vcpu {
             if count == 0 && self.msr_watch > 0 {
                 count = self.watch_step(rip);
             }
-            // Stepping stops through Unicorn's exit checks.
+            // Stepping stops through Unicorn's exit checks; kicks must not
+            // land in a step (with the checks on they can tear instructions).
             self.set_exit_checks(count > 0);
-            let err = self.engine.start(rip, count);
+            let (err, kicked_in_run) = if count > 0 {
+                (self.engine.start(rip, count), false)
+            } else {
+                let engine = &mut self.engine;
+                match self.ticker.run(rip, || engine.start(rip, 0)) {
+                    Some(r) => r,
+                    None => continue, // a kick came first: take it above
+                }
+            };
             match self.take_stop() {
                 Some(Stop::Exit(exit)) => {
                     if let VcpuExit::Idle { .. } = exit {
@@ -497,6 +514,10 @@ impl Vcpu {
                     }
                     self.msr_watch = 64;
                 }
+                // A kick: the engine stopped at the start of a block. (If it
+                // halted just before the kick came, the guest resumes after its
+                // HLT: a spurious wake-up, which idle loops allow for.)
+                None if kicked_in_run && err == uc_error::OK => {}
                 None if count > 0 && err == uc_error::OK => {
                     if self.bad_hypercall_page {
                         // WRMSR to a frame that is not RAM: Xen injects #GP.
@@ -577,11 +598,14 @@ impl Vcpu {
             wake = wake.min(Instant::now() + self.xen().clock.until(d));
         }
         if poll_window {
-            // Not pushed back on every stop: a guest that stops every few
-            // microseconds with IF=0 (SYSCALL entry under FMASK) would never
-            // be looked at again with IF=1 and never see its interrupt.
+            // Keep the look-again time until that kick has been taken: a
+            // guest that stops every few microseconds with IF=0 (SYSCALL
+            // entry under FMASK) would otherwise push it back for ever and
+            // never see its interrupt.
             let at = *self.window_poll_at.get_or_insert_with(|| Instant::now() + Duration::from_micros(100));
             wake = wake.min(at);
+        } else {
+            self.window_poll_at = None;
         }
         self.ticker.arm(Some(wake));
     }
@@ -766,6 +790,8 @@ impl Vcpu {
 
 impl Drop for Vcpu {
     fn drop(&mut self) {
+        // No kick may reach the engine once it is closed.
+        self.ticker.set_engine(std::ptr::null_mut());
         // Close the engine first: its hooks point at HookData.
         let engine = std::mem::replace(&mut self.engine, Engine::closed());
         drop(engine);
