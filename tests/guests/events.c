@@ -260,7 +260,7 @@ int guest_main(uint32_t start_info)
           late / 1000);
     /* And exactly: a timer every 50 us stops the vCPU hundreds of times in
      * a loop of read-modify-writes; none may run twice or be lost. */
-    enum { UPPER_ROUNDS = 1000000 };
+    enum { UPPER_ROUNDS = 4000000 };
     uint64_t upper_before = upper_upcalls;
     rearm_ns = 50000;
     set_timer(now_ns() + rearm_ns);
