@@ -368,6 +368,17 @@ class Store:
             raise XenstoreError("ENOENT", f"no transaction {tx}")
         return t
 
+    def _operand(
+        self, domid: int, path: str, tx: int, allow_special: bool = False
+    ) -> tuple[Optional[_Transaction], str, _Tree]:
+        """The transaction, canonical name and tree an operation on `path`
+        works on; inside a transaction the name joins its read/write set."""
+        t = self._tx(domid, tx)
+        name = self.canonical(domid, path, allow_special=allow_special)
+        if t is not None:
+            t.touched.add(name)
+        return t, name, self._tree_for(t)
+
     def has_transaction(self, domid: int, tx: int, conn_id: Optional[int] = None) -> bool:
         """Whether ``tx`` is an open transaction of ``domid`` (and, if given,
         of connection ``conn_id``)."""
@@ -433,18 +444,12 @@ class Store:
     # ------------------------------------------------------------ operations
 
     def read(self, domid: int, path: str, tx: int = 0) -> bytes:
-        t = self._tx(domid, tx)
-        name = self.canonical(domid, path)
-        if t is not None:
-            t.touched.add(name)
-        return self._get(self._tree_for(t), domid, name, _R).value
+        _, name, tree = self._operand(domid, path, tx)
+        return self._get(tree, domid, name, _R).value
 
     def directory(self, domid: int, path: str, tx: int = 0) -> list[str]:
-        t = self._tx(domid, tx)
-        name = self.canonical(domid, path)
-        if t is not None:
-            t.touched.add(name)
-        return list(self._get(self._tree_for(t), domid, name, _R).children)
+        _, name, tree = self._operand(domid, path, tx)
+        return list(self._get(tree, domid, name, _R).children)
 
     def directory_part(self, domid: int, path: str, offset: int, tx: int = 0) -> tuple[int, bytes]:
         """xenstored's DIRECTORY_PART: (generation of the node, chunk), where
@@ -452,11 +457,8 @@ class Store:
         of the full list, as many whole names as fit in one reply next to the
         generation, plus one more NUL once the end of the list is reached
         (an offset past the end gives just that NUL)."""
-        t = self._tx(domid, tx)
-        name = self.canonical(domid, path)
-        if t is not None:
-            t.touched.add(name)
-        node = self._get(self._tree_for(t), domid, name, _R)
+        _, name, tree = self._operand(domid, path, tx)
+        node = self._get(tree, domid, name, _R)
         blob = b"".join(c.encode() + b"\0" for c in node.children)
         offset = max(0, offset)
         if offset >= len(blob):
@@ -497,11 +499,7 @@ class Store:
         self._emit(t, [self._event(tree, name, True, node.perms)])
 
     def mkdir(self, domid: int, path: str, tx: int = 0) -> None:
-        t = self._tx(domid, tx)
-        name = self.canonical(domid, path)
-        tree = self._tree_for(t)
-        if t is not None:
-            t.touched.add(name)
+        t, name, tree = self._operand(domid, path, tx)
         try:
             self._get(tree, domid, name, _W)
         except XenstoreError as e:
@@ -541,11 +539,7 @@ class Store:
         return tree.nodes[name]
 
     def rm(self, domid: int, path: str, tx: int = 0) -> None:
-        t = self._tx(domid, tx)
-        name = self.canonical(domid, path)
-        tree = self._tree_for(t)
-        if t is not None:
-            t.touched.add(name)
+        t, name, tree = self._operand(domid, path, tx)
         try:
             node = self._get(tree, domid, name, _W)
         except XenstoreError as e:
@@ -584,11 +578,8 @@ class Store:
         return updates, events
 
     def get_perms(self, domid: int, path: str, tx: int = 0) -> list[Perm]:
-        t = self._tx(domid, tx)
-        name = self.canonical(domid, path, allow_special=True)
-        if t is not None:
-            t.touched.add(name)
-        return list(self._get(self._tree_for(t), domid, name, _R).perms)
+        _, name, tree = self._operand(domid, path, tx, allow_special=True)
+        return list(self._get(tree, domid, name, _R).perms)
 
     def set_perms(self, domid: int, path: str, perms: Iterable[Union[str, Perm]], tx: int = 0) -> None:
         t = self._tx(domid, tx)
