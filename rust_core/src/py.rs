@@ -33,22 +33,39 @@ pub struct GuestMemory {
     ram: Arc<GuestRam>,
 }
 
+/// Export `len` bytes of guest RAM at `ptr` through the buffer protocol,
+/// kept alive by `owner` (which holds the RAM's `Arc`).
+///
+/// # Safety
+/// `view` comes from Python's buffer protocol; `ptr..ptr+len` is guest RAM.
+unsafe fn fill_buffer(
+    py: Python<'_>,
+    owner: *mut ffi::PyObject,
+    view: *mut ffi::Py_buffer,
+    ptr: *mut u8,
+    len: u64,
+    readonly: bool,
+    flags: c_int,
+) -> PyResult<()> {
+    let ret = ffi::PyBuffer_FillInfo(
+        view,
+        owner,
+        ptr as *mut c_void,
+        len as ffi::Py_ssize_t,
+        readonly as c_int,
+        flags,
+    );
+    if ret == -1 {
+        return Err(PyErr::fetch(py));
+    }
+    Ok(())
+}
+
 #[pymethods]
 impl GuestMemory {
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let ram = &slf.get().ram;
-        let ret = ffi::PyBuffer_FillInfo(
-            view,
-            slf.as_ptr(),
-            ram.host_ptr() as *mut c_void,
-            ram.size() as ffi::Py_ssize_t,
-            0,
-            flags,
-        );
-        if ret == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        fill_buffer(slf.py(), slf.as_ptr(), view, ram.host_ptr(), ram.size(), false, flags)
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
@@ -79,18 +96,7 @@ impl GrantMapping {
             return Err(GrantError::new_err(("unmapped", -5i16)));
         }
         let s = slf.ram.slice_mut(slf.gpa, slf.len).map_err(core_err)?;
-        let ret = ffi::PyBuffer_FillInfo(
-            view,
-            slf.as_ptr(),
-            s.as_mut_ptr() as *mut c_void,
-            slf.len as ffi::Py_ssize_t,
-            (!slf.writable) as c_int,
-            flags,
-        );
-        if ret == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        fill_buffer(slf.py(), slf.as_ptr(), view, s.as_mut_ptr(), slf.len, !slf.writable, flags)
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
