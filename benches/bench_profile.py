@@ -12,7 +12,9 @@ plus the host work after it), `_drain`, `_poll`, `_handle` and each ring
 service. From those it reports wall time in the core vs in Python, and per
 exit kind the count, the core time of the runs that ended that way and the
 Python time spent after them (split into host work and idle waits: the
-`_poll(timeout)` calls that sleep until the guest's next timer). Hypercalls
+`_poll(timeout)` calls that sleep on host sources when the domain has no
+timer armed; the waits for a timer happen in the core, which counts them
+in `Domain.idle_waits`). Hypercalls
 by name, exceptions and interrupts delivered come from the core's counters.
 Code-cache (TB) flushes come from the core's counter (all of them: Unicorn
 flushes by itself only when its 1 GiB code buffer fills, and after a
@@ -190,7 +192,8 @@ def measure(timeout: float = 300) -> dict:
         "exits": {k: dict(v) for k, v in sorted(dom.kinds.items(), key=lambda kv: -kv[1]["count"])},
         "hypercalls": dom.hypercall_counts(),
         "exceptions_delivered": dom.exceptions_delivered,
-        "interrupts_delivered": dom._vm.interrupts_delivered,
+        "interrupts_delivered": dom.interrupts_delivered,
+        "core_idle_waits": dom.idle_waits,  # timer waits slept in the core
         "code_cache_flushes": dom.code_cache_flushes,
         "instrumentation_calls": dom.wrapped_calls,
         "instrumentation_overhead_s": overhead,

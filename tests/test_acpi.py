@@ -114,7 +114,7 @@ def test_tables_parse_back(nr_vcpus):
     lapic_addr, madt_flags = struct.unpack_from("<II", madt, 36)
     assert lapic_addr == 0xFEE00000 and madt_flags == 0  # PCAT_COMPAT off
     assert madt[8] >= 5  # online-capable bit is defined from MADT revision 5
-    assert lapics(madt) == [(i, i, 1) for i in range(nr_vcpus)]
+    assert lapics(madt) == [(i, 2 * i, 1) for i in range(nr_vcpus)]
 
     assert len(t.blob) < 8192
 
@@ -129,7 +129,7 @@ def test_sizes_for_one_and_32_vcpus():
 def test_online_capable_vcpus():
     t = build_acpi_tables(BASE, 8, online_vcpus=3)
     _, madt = parse(BASE, t.blob, t.rsdp_paddr)["madt"]
-    assert lapics(madt) == [(i, i, 1) for i in range(3)] + [(i, i, 2) for i in range(3, 8)]
+    assert lapics(madt) == [(i, 2 * i, 1) for i in range(3)] + [(i, 2 * i, 2) for i in range(3, 8)]
 
 
 def test_other_base_and_oem():
@@ -147,7 +147,7 @@ def test_other_base_and_oem():
     [
         {"base": BASE + 8, "nr_vcpus": 1},
         {"base": BASE, "nr_vcpus": 0},
-        {"base": BASE, "nr_vcpus": 256},
+        {"base": BASE, "nr_vcpus": 129},
         {"base": BASE, "nr_vcpus": 4, "online_vcpus": 0},
         {"base": BASE, "nr_vcpus": 4, "online_vcpus": 5},
         {"base": (1 << 32) - 0x100, "nr_vcpus": 1},

@@ -5,7 +5,7 @@ error classes. `pvhvm._core` is the Rust core and not part of the API.
 """
 
 from ._core import CoreError
-from .api import Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason, self_test
+from .api import MAX_VCPUS, Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason, self_test
 from .errors import BuildError, GuestError, PvhvmError
 from .shell import GuestShell
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Domain",
+    "MAX_VCPUS",
     "Outcome",
     "OutcomeKind",
     "ShutdownReason",

@@ -33,6 +33,8 @@ HVM_PARAM_STORE_EVTCHN = 2
 HVM_PARAM_CONSOLE_PFN = 17
 HVM_PARAM_CONSOLE_EVTCHN = 18
 PAGE = 4096
+# The most vCPUs a domain may have.
+MAX_VCPUS = _core.MAX_VCPUS
 
 
 class ShutdownReason(enum.IntEnum):
@@ -148,13 +150,19 @@ class Domain:
         net=None,
         net_forwards=(),
         mac: str | None = None,
+        vcpus: int = 1,
     ) -> None:
         """`net`: the vif's host side: "passt" (user-mode networking, no
         root), "tap:NAME" (root), a NetHost object, or None/"none" for no
         network card. `net_forwards`: host ports that reach the guest with
-        passt ("8080:80", (2222, 22), "udp:5353:53")."""
+        passt ("8080:80", (2222, 22), "udp:5353:53"). `vcpus`: 1 to
+        MAX_VCPUS virtual CPUs (xl's `vcpus`); vCPU 0 starts at the kernel's
+        entry, the guest brings up the others."""
         if not isinstance(memory_mib, int) or memory_mib <= 0:
             raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
+        if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+            raise BuildError(f"vcpus must be a number from 1 to {MAX_VCPUS}, not {vcpus!r}")
+        self.vcpus = vcpus
         self.name = name
         self.domid = domid
         self.system_map = Path(system_map) if system_map is not None else None
@@ -176,7 +184,7 @@ class Domain:
         placement.console_ring = layout.carve(PAGE, "console ring")
         placement.store_ring = layout.carve(PAGE, "xenstore ring")
         placement.acpi = layout.carve(PAGE, "ACPI tables", E820_ACPI)
-        acpi = build_acpi_tables(placement.acpi, nr_vcpus=1)
+        acpi = build_acpi_tables(placement.acpi, nr_vcpus=vcpus)
         placement.rsdp = acpi.rsdp_paddr
 
         initrd_data = None
@@ -192,7 +200,7 @@ class Domain:
         self.placement = placement
         self.cmdline = cmdline
 
-        self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes)
+        self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)
         for seg in self.image.segments:
             if seg.filesz:
                 self._vm.write_phys(seg.paddr, self.image.segment_bytes(seg))
@@ -214,6 +222,7 @@ class Domain:
         # How often run() returned, by exit kind, and the wall time spent in
         # the core vs in Python between runs (for benches/ and profiling).
         self.exit_counts: dict[str, int] = {}
+        self.last_exit: _core.Exit | None = None
         self.time_in_core = 0.0
         self.time_in_host = 0.0
         self.started_at: float | None = None  # time.monotonic() of the first run()
@@ -229,7 +238,7 @@ class Domain:
         self.console = ConsoleBackend(self._page(placement.console_ring),
                                       notify=lambda: vm.notify_guest(self.console_port), sink=self._on_console)
         self.store = Store()
-        populate_domu(self.store, domid, name, str(self.uuid), memory_kib=memory_mib * 1024, vcpus=1,
+        populate_domu(self.store, domid, name, str(self.uuid), memory_kib=memory_mib * 1024, vcpus=vcpus,
                       console_ring_ref=placement.console_ring // PAGE, console_port=self.console_port,
                       store_ring_ref=placement.store_ring // PAGE, store_port=self.store_port)
         self.xenstore = RingConnection(self._page(placement.store_ring), self.store, domid,
@@ -242,7 +251,10 @@ class Domain:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
-        self._kicker = self._vm.kicker()
+        # While every vCPU idles the core sleeps itself, until a timer or
+        # until one of these sources is ready (the selector's own fd).
+        self._vm.set_host_fd(self._selector.fileno())
+        self._waker = self._vm.waker()
         self._soon: list[Callable[[], None]] = []
         # The store for host tools, as xenstored's socket (XENSTORED_PATH).
         self.xenstore_socket: XenstoreSocketServer | None = None
@@ -275,7 +287,7 @@ class Domain:
 
     def wake(self) -> None:
         """From any thread: make the run loop look at its event sources soon."""
-        self._kicker.kick()
+        self._waker.wake()
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
@@ -367,6 +379,7 @@ class Domain:
         t0 = time.perf_counter()
         exit = self._vm.run()
         t1 = time.perf_counter()
+        self.last_exit = exit
         self.time_in_core += t1 - t0
         self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
         self._drain()
@@ -414,29 +427,26 @@ class Domain:
 
     def _handle(self, exit: _core.Exit, progressed: bool) -> Outcome | None:
         kind = exit.kind
-        if kind in ("console", "notify", "kicked"):
+        if kind in ("console", "notify", "kicked", "host_io"):
             return None
         if kind == "shutdown":
             return Outcome(OutcomeKind.SHUTDOWN, ShutdownReason(exit.reason))
         if kind == "idle":
+            # Every vCPU waits with no timer armed: only a host source
+            # (console, xenstore socket, network) can wake the domain.
             if progressed:
                 return None
-            if exit.deadline_ns is not None:
-                delay = (exit.deadline_ns - self._vm.system_time_ns()) / 1e9
-                if delay > 0:
-                    self._poll(delay)
-                return None
             if self._has_sources:
-                self._poll(None)  # a console or socket may still wake the guest
+                self._poll(None)
                 return None
             return Outcome(OutcomeKind.HUNG, message="blocked waiting for an event that nothing can send")
-        if kind == "halted":
-            why = "interrupts disabled" if not exit.interrupts_enabled else "no interrupt source"
-            return Outcome(OutcomeKind.HUNG, message=f"HLT with {why}")
+        if kind == "hung":
+            return Outcome(OutcomeKind.HUNG, message=exit.message or "nothing can wake the domain")
+        where = f"vcpu{exit.vcpu}: " if exit.vcpu is not None and self.vcpus > 1 else ""
         if kind == "triple_fault":
             chain = " -> ".join(str(v) for v in exit.chain)
-            return Outcome(OutcomeKind.TRIPLE_FAULT, message=f"vectors {chain}" if chain else "unexpected stop")
-        return Outcome(OutcomeKind.ERROR, message=exit.message or "unknown")
+            return Outcome(OutcomeKind.TRIPLE_FAULT, message=where + (f"vectors {chain}" if chain else "unexpected stop"))
+        return Outcome(OutcomeKind.ERROR, message=where + (exit.message or "unknown"))
 
     def _drain(self) -> None:
         out = self._vm.take_console_output()
@@ -486,7 +496,15 @@ class Domain:
         return self._vm.read_linear(va, length, vcpu)
 
     def registers(self, vcpu: int = 0) -> dict[str, int]:
+        """vCPU `vcpu`'s registers (between runs)."""
         return dict(self._vm.registers(vcpu))
+
+    def vcpu_status(self, vcpu: int = 0) -> dict:
+        """vCPU `vcpu`'s state: online, activity (running, halted, blocked,
+        polling, wait_for_sipi), runstate and the time spent in each
+        (running, runnable, blocked, offline, ns), exceptions and interrupts
+        delivered."""
+        return dict(self._vm.vcpu_status(vcpu))
 
     def hypercall_counts(self) -> dict[str, int]:
         return {hypercalls.name(nr): n for nr, n in sorted(self._vm.hypercall_counts().items())}
@@ -497,6 +515,21 @@ class Domain:
     @property
     def exceptions_delivered(self) -> int:
         return self._vm.exceptions_delivered
+
+    @property
+    def interrupts_delivered(self) -> int:
+        return self._vm.interrupts_delivered
+
+    @property
+    def idle_waits(self) -> int:
+        """Times the core slept with every vCPU idle (until a timer or a
+        host source), without coming back to Python."""
+        return self._vm.idle_waits
+
+    @property
+    def context_switches(self) -> int:
+        """Times the engine went from one vCPU's registers to another's."""
+        return self._vm.context_switches
 
     @property
     def code_cache_flushes(self) -> int:
@@ -513,17 +546,26 @@ class Domain:
         return self._symbols.lookup(addr) if self._symbols else None
 
     def crash_report(self) -> str:
-        """Registers and the last hypercalls, as xenctx and `xl dmesg` would show."""
-        regs = self.registers()
+        """Every vCPU's registers and the last hypercalls, as xenctx and
+        `xl dmesg` would show them. The vCPU the domain ended on comes first."""
+        first = self.last_exit.vcpu if self.last_exit is not None and self.last_exit.vcpu is not None else 0
         lines = [f"domain {self.name} (domid {self.domid}): {self.outcome}"]
-        sym = self.symbolize(regs["rip"])
-        if sym:
-            lines.append(f"  rip is at {sym}")
         order = ["rip", "rflags", "cs", "ss", "cpl", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "cr0", "cr2", "cr3", "cr4", "efer",
                  "fs_base", "gs_base"]
-        for i in range(0, len(order), 4):
-            lines.append("  " + "  ".join(f"{k:>7}: {regs[k]:016x}" for k in order[i : i + 4]))
+        for v in [first] + [v for v in range(self.vcpus) if v != first]:
+            status = self.vcpu_status(v)
+            if self.vcpus > 1:
+                if v != first and not status["online"]:
+                    lines.append(f"vcpu{v}: offline")
+                    continue
+                lines.append(f"vcpu{v}: {status['activity']}")
+            regs = self.registers(v)
+            sym = self.symbolize(regs["rip"])
+            if sym:
+                lines.append(f"  rip is at {sym}")
+            for i in range(0, len(order), 4):
+                lines.append("  " + "  ".join(f"{k:>7}: {regs[k]:016x}" for k in order[i : i + 4]))
         recent = self.recent_hypercalls()
         if recent:
             lines.append("last hypercalls:")
@@ -553,4 +595,4 @@ def self_test() -> dict[str, int]:
     return dict(_core.self_test())
 
 
-__all__ = ["Domain", "Outcome", "OutcomeKind", "ShutdownReason", "HypercallRecord", "self_test", "EXIT_STATUS"]
+__all__ = ["MAX_VCPUS", "Domain", "Outcome", "OutcomeKind", "ShutdownReason", "HypercallRecord", "self_test", "EXIT_STATUS"]

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__, _core
-from .api import Domain, HypercallRecord, OutcomeKind
+from .api import MAX_VCPUS, Domain, HypercallRecord, OutcomeKind
 from .builder import load_elf
 from .errors import PvhvmError
 from .terminal import Detached, Terminal, parse_escape
@@ -52,6 +52,16 @@ DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen"
 SHELL_FLAG = "pvhvm.shell"
 
 
+def _vcpus(spec: str) -> int:
+    try:
+        n = int(spec, 10)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_VCPUS:
+        raise _fail(f"--vcpus must be a number from 1 to {MAX_VCPUS}, not {spec!r}")
+    return n
+
+
 def _escape_key(spec: str) -> bytes | None:
     try:
         return parse_escape(spec)
@@ -69,6 +79,9 @@ def boot(
     initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk, passed as the first module.")] = None,
     cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = DEFAULT_CMDLINE,
     memory: Annotated[int, typer.Option(help="Guest memory in MiB.")] = 256,
+    vcpus: Annotated[
+        str, typer.Option("--vcpus", metavar="N", help=f"Virtual CPUs, 1 to {MAX_VCPUS} (xl's vcpus).")
+    ] = "1",
     trace: Annotated[bool, typer.Option("--trace", help="Print every hypercall to stderr.")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds.")] = None,
     system_map: Annotated[
@@ -126,6 +139,7 @@ def boot(
     detached with the escape key); 129 SIGHUP; 143 SIGTERM.
     """
     escape = _escape_key(escape_char)
+    nr_vcpus = _vcpus(vcpus)
     term = Terminal(escape=escape)
 
     def show(rec: HypercallRecord) -> None:
@@ -146,7 +160,7 @@ def boot(
             cmdline = " ".join([cmdline, *(f for f in flags if f not in cmdline.split())]).strip()
         dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=term.write,
                      trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
-                     net=net, net_forwards=forward or ())
+                     net=net, net_forwards=forward or (), vcpus=nr_vcpus)
     except (PvhvmError, _core.CoreError) as e:
         raise _fail(str(e)) from None
     if xenstore_socket is not None:

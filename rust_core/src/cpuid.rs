@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use crate::lapic::apic_id_of;
 use crate::mmu::PHYS_ADDR_BITS;
 use crate::uc::{Engine, Reg};
 
@@ -65,11 +66,12 @@ fn read_native() -> Result<HashMap<(u32, u32), Cpuid>, String> {
     Ok(t)
 }
 
-/// The CPUID policy of one vCPU.
+/// The CPUID policy of a domain, answered for one vCPU at a time.
 #[derive(Debug, Clone)]
 pub struct CpuidPolicy {
     pub vcpu_id: u32,
     pub domid: u32,
+    pub nr_vcpus: u32,
 }
 
 impl CpuidPolicy {
@@ -89,10 +91,22 @@ impl CpuidPolicy {
                 // Not offered: MONITOR/MWAIT, VMX, x2APIC, TSC deadline, AVX, RDRAND: none
                 // of them is something this vCPU can back.
                 r.ecx &= !((1 << 3) | (1 << 5) | (1 << 21) | (1 << 24) | (1 << 28) | (1 << 30));
-                // Initial APIC id and one logical processor per package.
-                r.ebx = (r.ebx & 0x0000_ffff) | (self.vcpu_id << 24) | (1 << 16);
+                // Initial APIC id and one logical processor per package:
+                // each vCPU is a package of its own (no SMT, no cores to
+                // share caches with), as the MADT lists them.
+                r.ebx = (r.ebx & 0x0000_ffff) | (apic_id_of(self.vcpu_id) << 24) | (1 << 16);
+                r.edx &= !(1 << 28); // HTT
                 r
             }
+            4 => {
+                // Deterministic cache parameters: one core, one thread per cache.
+                let mut r = n.unwrap_or_default();
+                r.eax &= 0x3fff;
+                r
+            }
+            // No extended topology leaves: Linux then takes the topology
+            // from leaf 1 and the MADT, where each vCPU is one package.
+            0xb | 0x1f => Cpuid::default(),
             7 => {
                 let mut r = n.unwrap_or_default();
                 // No LA57 (the page walk is 4-level), no PKU, no AVX2 family.
@@ -133,7 +147,7 @@ mod tests {
 
     #[test]
     fn xen_leaves() {
-        let p = CpuidPolicy { vcpu_id: 2, domid: 7 };
+        let p = CpuidPolicy { vcpu_id: 2, domid: 7, nr_vcpus: 4 };
         let sig = p.query(0x4000_0000, 0);
         let mut s = Vec::new();
         for r in [sig.ebx, sig.ecx, sig.edx] {
@@ -145,12 +159,14 @@ mod tests {
         assert_eq!(p.query(0x4000_0002, 0).ebx, 0x4000_0000);
         let f = p.query(0x4000_0004, 0);
         assert_eq!((f.ebx, f.ecx), (2, 7));
+        assert_eq!(p.query(1, 0).ebx >> 24, 4, "APIC ID is twice the vCPU id, as Xen gives it");
+        assert_eq!(p.query(0xb, 0), Cpuid::default());
         assert_eq!(p.query(0x4000_0100, 0), Cpuid::default());
     }
 
     #[test]
     fn native_features_with_hypervisor_bit() {
-        let p = CpuidPolicy { vcpu_id: 0, domid: 1 };
+        let p = CpuidPolicy { vcpu_id: 0, domid: 1, nr_vcpus: 1 };
         let l1 = p.query(1, 0);
         assert_ne!(l1.ecx & (1 << 31), 0);
         assert_eq!(l1.ecx & (1 << 28), 0, "no AVX");

@@ -1,28 +1,533 @@
-//! A domain: guest RAM, Xen's domain-wide state and the vCPUs, owned together.
+//! A domain: guest RAM, Xen's domain-wide state, the vCPUs and the engine
+//! they run on, and the run loop.
+//!
+//! `run()` is KVM-like: it runs the vCPUs until the host is needed (a
+//! shutdown, console output, a notification for a host port, host I/O,
+//! an idle domain with nothing armed, an error) and returns an `Exit`
+//! naming the vCPU. In between it schedules the vCPUs round-robin on this
+//! thread (sched.rs), runs each one's slice (`run_slice`: interrupt
+//! injection, the engine, what its hooks stopped for), and when every vCPU
+//! waits it sleeps here until the earliest timer or a wake-up (waker.rs),
+//! without returning to the host.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use unicorn_engine::uc_error;
+
+use crate::cpu::{Cpu, Stop};
+use crate::exit::{Exit, ExitReason};
+use crate::interrupts::{self, DeliveryError, Event};
 use crate::memory::GuestRam;
-use crate::vcpu::{Vcpu, VcpuExit};
-use crate::xen::XenState;
+use crate::mmu;
+use crate::sched::{self, Next, RoundRobin, View};
+use crate::uc::{self, Reg};
+use crate::unicorn_gaps::{self, RFLAGS_IF};
+use crate::vcpu::{Activity, Vcpu, RUNSTATE_RUNNING};
+use crate::waker::{Wait, Waker};
+use crate::xen::evtchn::VIRQ_TIMER;
+use crate::xen::{DomainState, SharedState};
+
+/// The most vCPUs a domain may have (xl's `vcpus`, within what the 2-level
+/// event ABI and the MADT here describe).
+pub const MAX_VCPUS: u32 = 64;
+
+/// How a vCPU's slice ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// Its time is up, or another vCPU should run now.
+    Preempted,
+    /// It halted, blocked or went down.
+    Idle,
+    /// The host is needed.
+    Exit(ExitReason),
+}
+
+enum Inject {
+    Done,
+    /// In an interrupt shadow (after STI, MOV SS): step one instruction first.
+    Shadow,
+    /// IF=0 (or real mode): look again soon.
+    Masked,
+}
 
 pub struct Domain {
-    // Drop order: vCPUs (and their engines) before the state they point to.
+    // Drop order: the engine (and its hooks) before the state they point to.
+    cpu: Cpu,
     pub vcpus: Vec<Vcpu>,
-    pub xen: Box<XenState>,
-    pub ram: Arc<GuestRam>,
+    pub state: DomainState,
+    rr: RoundRobin,
+    /// A host descriptor (Python's event loop) that ends an idle wait.
+    pub host_fd: Option<RawFd>,
+    /// `run()` returns at least this often, so the host stays responsive.
+    pub time_slice: Duration,
+    /// Times the domain slept with every vCPU idle.
+    pub idle_waits: u64,
 }
 
 impl Domain {
-    pub fn new(memory_bytes: u64, domid: u32, uuid: [u8; 16]) -> Result<Self, String> {
+    pub fn new(memory_bytes: u64, domid: u32, uuid: [u8; 16], nr_vcpus: u32) -> Result<Self, String> {
+        if !(1..=MAX_VCPUS).contains(&nr_vcpus) {
+            return Err(format!("a domain has 1 to {MAX_VCPUS} vCPUs, not {nr_vcpus}"));
+        }
         let ram = Arc::new(GuestRam::new(memory_bytes).map_err(|e| e.to_string())?);
-        let mut xen = Box::new(XenState::new(domid, uuid, ram.clone(), 1));
-        let xen_ptr: *mut XenState = &mut *xen;
-        let vcpu = Vcpu::new(0, ram.clone(), xen_ptr, domid)?;
-        Ok(Self { vcpus: vec![vcpu], xen, ram })
+        let cpu = Cpu::new(ram.clone(), domid, nr_vcpus)?;
+        let waker = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
+        waker.set_kicker(cpu.kicker());
+        let shared = Arc::new(SharedState::new(ram, domid as u16, nr_vcpus, waker));
+        let state = DomainState::new(domid, uuid, shared, nr_vcpus);
+        let vcpus = (0..nr_vcpus).map(|i| Ok(Vcpu::new(i, cpu.power_on_state()?))).collect::<Result<_, String>>()?;
+        Ok(Self {
+            cpu,
+            vcpus,
+            state,
+            rr: RoundRobin::default(),
+            host_fd: None,
+            time_slice: Duration::from_millis(50),
+            idle_waits: 0,
+        })
     }
 
-    pub fn run(&mut self) -> VcpuExit {
-        self.vcpus[0].run()
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.state.ram
+    }
+
+    pub fn shared(&self) -> &Arc<SharedState> {
+        &self.state.shared
+    }
+
+    /// vCPU 0 at the PVH entry (the other vCPUs wait for the guest to bring them up).
+    pub fn set_pvh_entry(&mut self, entry: u64, start_info: u64) -> Result<(), String> {
+        self.vcpus[0].set_pvh_entry(&self.state.ram, entry, start_info)?;
+        self.cpu.forget_tlb_of(0);
+        self.cpu.flush_code_cache();
+        Ok(())
+    }
+
+    pub fn code_cache_flushes(&self) -> u64 {
+        self.cpu.code_cache_flushes
+    }
+
+    pub fn context_switches(&self) -> u64 {
+        self.cpu.context_switches
+    }
+
+    /// Run until the host is needed.
+    pub fn run(&mut self) -> Exit {
+        let host_end = Instant::now() + self.time_slice;
+        loop {
+            let now = self.state.system_time_ns();
+            self.fire_timers(now);
+            self.wake_idle(now);
+            if self.state.shared.waker.take_host_attention() {
+                return Exit::domain(ExitReason::Kicked);
+            }
+            let views: Vec<View> = self.vcpus.iter().map(|v| self.view(v)).collect();
+            match self.rr.next(&views) {
+                Next::Run { vcpu, alone } => {
+                    let end = if alone { host_end } else { host_end.min(Instant::now() + sched::VCPU_SLICE) };
+                    if let SliceEnd::Exit(reason) = self.run_slice(vcpu, end) {
+                        return Exit::of(vcpu, reason);
+                    }
+                }
+                Next::Hung => {
+                    return Exit::domain(ExitReason::Hung { why: self.why_hung() });
+                }
+                Next::Wait { deadline } => {
+                    if deadline.is_none() && self.host_fd.is_none() {
+                        return Exit::domain(ExitReason::Idle);
+                    }
+                    let mut until = host_end;
+                    if let Some(d) = deadline {
+                        until = until.min(Instant::now() + self.state.clock.until(d));
+                    } else {
+                        // Nothing armed: the host's sources are all that can
+                        // wake the domain; let it decide whether it is hung.
+                        return Exit::domain(ExitReason::Idle);
+                    }
+                    self.idle_waits += 1;
+                    let timeout = until.saturating_duration_since(Instant::now());
+                    if self.state.shared.waker.wait(self.host_fd, Some(timeout)) == Wait::HostReady {
+                        return Exit::domain(ExitReason::HostIo);
+                    }
+                }
+            }
+            if Instant::now() >= host_end {
+                return Exit::domain(ExitReason::Kicked);
+            }
+        }
+    }
+
+    fn view(&self, v: &Vcpu) -> View {
+        let halted_for_good = v.activity == Activity::Halted && !v.nmi_pending && v.regs.rflags() & RFLAGS_IF == 0;
+        View {
+            runnable: v.is_running(),
+            deadline: v.deadline(),
+            stuck: v.down || v.activity == Activity::WaitForSipi || halted_for_good,
+        }
+    }
+
+    fn why_hung(&self) -> String {
+        let halted = self.vcpus.iter().filter(|v| !v.down && v.activity == Activity::Halted).count();
+        if halted > 0 {
+            format!("HLT with interrupts disabled ({halted} of {} vCPUs; the rest down)", self.vcpus.len())
+        } else {
+            "every vCPU is down".into()
+        }
+    }
+
+    /// Fire every vCPU's due timers. Returns the vCPUs whose VIRQ_TIMER was raised.
+    fn fire_timers(&mut self, now: u64) -> u64 {
+        let mut woken = 0u64;
+        for v in self.vcpus.iter_mut() {
+            if v.timers.fire(now) {
+                let ev = self.state.shared.ports();
+                if let Some(port) = ev.find_virq(VIRQ_TIMER, v.id) {
+                    if let Some(t) = ev.raise(&self.state.ram, port) {
+                        woken |= 1 << t;
+                    }
+                }
+            }
+        }
+        woken
+    }
+
+    /// Wake the vCPUs whose wait is over. Returns the vCPUs woken.
+    fn wake_idle(&mut self, now: u64) -> u64 {
+        let mut woken = 0u64;
+        for i in 0..self.vcpus.len() {
+            if self.wait_is_over(i, now) {
+                let v = &mut self.vcpus[i];
+                v.activity = Activity::Running;
+                v.poll_deadline = None;
+                woken |= 1 << i;
+            }
+        }
+        woken
+    }
+
+    /// Whether vCPU `i`, halted, blocked or polling, may go on.
+    fn wait_is_over(&self, i: usize, now: u64) -> bool {
+        let v = &self.vcpus[i];
+        if v.down {
+            return false;
+        }
+        let ram = &self.state.ram;
+        match &v.activity {
+            Activity::Running | Activity::WaitForSipi => false,
+            Activity::Halted => {
+                v.nmi_pending || (v.regs.rflags() & RFLAGS_IF != 0 && self.next_interrupt(i).is_some())
+            }
+            Activity::Blocked => v.nmi_pending || self.state.ports().upcall_pending(ram, v.id),
+            Activity::Polling { ports } => {
+                let ev = self.state.ports();
+                v.poll_deadline.is_some_and(|d| d <= now)
+                    || ev.upcall_pending(ram, v.id)
+                    || ports.iter().any(|&p| ev.is_pending(ram, p))
+            }
+        }
+    }
+
+    /// The vector to deliver next to vCPU `i`: a LAPIC vector (an IPI) or
+    /// the event channel upcall (its own vector, else the domain's callback
+    /// vector), the higher of the two.
+    fn next_interrupt(&self, i: usize) -> Option<u8> {
+        let v = &self.vcpus[i];
+        let lapic = v.lapic.highest_pending();
+        let upcall = v
+            .upcall_vector
+            .or(self.state.callback_vector())
+            .filter(|_| self.state.ports().upcall_pending(&self.state.ram, v.id));
+        lapic.max(upcall)
+    }
+
+    fn set_runstate(&mut self, i: usize, state: u32) {
+        let now = self.state.system_time_ns();
+        let v = &mut self.vcpus[i];
+        if v.runstate.set(state, now) && v.runstate_area.is_some() {
+            v.write_areas(&self.state.ram, &self.state.clock, &v.regs.paging());
+        }
+    }
+
+    /// Run vCPU `id` until its slice ends (`until`), it idles, or the host
+    /// is needed. Its registers are on the engine for the length of the
+    /// slice and back in its `Vcpu` after it.
+    fn run_slice(&mut self, id: u32, until: Instant) -> SliceEnd {
+        let i = id as usize;
+        self.cpu.load(&mut self.vcpus[i]);
+        self.set_runstate(i, RUNSTATE_RUNNING);
+        let end = self.slice_loop(i, until);
+        self.cpu.save(&mut self.vcpus[i]);
+        let rs = self.vcpus[i].idle_runstate();
+        self.set_runstate(i, rs);
+        end
+    }
+
+    fn slice_loop(&mut self, i: usize, until: Instant) -> SliceEnd {
+        loop {
+            if let Some(ev) = self.vcpus[i].pending_exception.take() {
+                if let Err(e) = self.deliver(i, ev) {
+                    return SliceEnd::Exit(match e {
+                        DeliveryError::TripleFault { chain } => ExitReason::TripleFault { chain },
+                        DeliveryError::Unsupported(s) => ExitReason::Error { message: s },
+                    });
+                }
+                self.vcpus[i].exceptions_delivered += 1;
+            }
+            let kicked = self.cpu.take_kick();
+            if kicked {
+                self.vcpus[i].window_poll_at = None;
+            }
+            if self.vcpus[i].down {
+                return SliceEnd::Idle;
+            }
+            let now = self.state.system_time_ns();
+            let others = (self.fire_timers(now) | self.wake_idle(now)) & !(1 << i);
+            let news = self.state.shared.waker.take_vcpu_events();
+            if kicked {
+                if Instant::now() >= until {
+                    return SliceEnd::Preempted;
+                }
+                // Someone else woke up: give them the engine (the round
+                // robin comes back here). Host attention ends the run.
+                let other_runnable = self.vcpus.iter().any(|v| v.id as usize != i && v.is_running());
+                if (others != 0 || news) && other_runnable {
+                    return SliceEnd::Preempted;
+                }
+                if self.state.shared.waker.take_host_attention() {
+                    // Leave it for run() to see.
+                    self.state.shared.waker.wake_host();
+                    return SliceEnd::Preempted;
+                }
+            }
+
+            let mut count = 0;
+            let mut poll_window = false;
+            let wanted = if self.vcpus[i].nmi_pending { Some(Event::external(interrupts::NMI)) } else { self.next_interrupt(i).map(Event::external) };
+            if let Some(ev) = wanted {
+                match self.try_inject(i, ev) {
+                    Inject::Done => {}
+                    Inject::Shadow => count = 1,
+                    // No hook sees STI, POPF or IRET, so look again soon.
+                    Inject::Masked => poll_window = true,
+                }
+            }
+            self.arm_ticker(i, until, poll_window);
+
+            let rip = self.cpu.read(Reg::RIP);
+            if count == 0 && self.cpu.msr_watch > 0 {
+                count = self.cpu.watch_step(rip);
+            }
+            let Some((err, kicked_in_run)) = self.cpu.start(&mut self.state, &mut self.vcpus, rip, count) else {
+                continue; // a kick came first: take it above
+            };
+            let (stop, exception) = self.cpu.take_stop();
+            if let Some(vector) = exception {
+                if stop != Some(Stop::WatchHypercallMsr) {
+                    let ev = self.exception_event(i, vector);
+                    self.vcpus[i].pending_exception = Some(ev);
+                }
+            }
+            match stop {
+                Some(Stop::Exit(reason)) => return SliceEnd::Exit(reason),
+                Some(Stop::Block) => {
+                    let now = self.state.system_time_ns();
+                    if self.vcpus[i].down || !self.wait_is_over(i, now) {
+                        return SliceEnd::Idle;
+                    }
+                    self.vcpus[i].activity = Activity::Running;
+                    self.vcpus[i].poll_deadline = None;
+                }
+                Some(Stop::Yield) => {
+                    if self.vcpus.iter().any(|v| v.id as usize != i && v.is_running()) {
+                        return SliceEnd::Preempted;
+                    }
+                }
+                Some(Stop::Kicked) => {}
+                Some(Stop::Remap) => {
+                    let maps = std::mem::take(&mut self.state.pending_maps);
+                    if let Err(message) = self.cpu.map_overlays(maps) {
+                        return SliceEnd::Exit(ExitReason::Error { message });
+                    }
+                }
+                Some(Stop::Syscall) => self.syscall(i),
+                Some(Stop::WatchHypercallMsr) => self.cpu.begin_msr_watch(),
+                None if exception.is_some() => {}
+                // A kick: the engine stopped at the start of a block. (If it
+                // halted just before the kick came, the guest resumes after its
+                // HLT: a spurious wake-up, which idle loops allow for.)
+                None if kicked_in_run && err == uc_error::OK => {}
+                None if count > 0 && err == uc_error::OK => {
+                    if self.cpu.bad_hypercall_page {
+                        // WRMSR to a frame that is not RAM: Xen injects #GP.
+                        self.cpu.bad_hypercall_page = false;
+                        self.cpu.write(Reg::RIP, rip);
+                        self.vcpus[i].pending_exception = Some(Event::exception(interrupts::GP, Some(0)));
+                    }
+                }
+                None if err == uc_error::OK => {
+                    let mut b = [0u8; 1];
+                    let ip = self.cpu.linear_ip();
+                    let halted = self.cpu.read_linear(ip.wrapping_sub(1), &mut b).is_ok() && b[0] == 0xf4;
+                    if !halted {
+                        return SliceEnd::Exit(ExitReason::TripleFault { chain: vec![] });
+                    }
+                    // HLT: go on at once if an interrupt can be taken now,
+                    // else idle until one can.
+                    let now = self.state.system_time_ns();
+                    self.fire_timers(now);
+                    let v = &self.vcpus[i];
+                    let can_take = self.cpu.read(Reg::RFLAGS) & RFLAGS_IF != 0 && self.next_interrupt(i).is_some();
+                    if !(v.nmi_pending || can_take) {
+                        self.vcpus[i].activity = Activity::Halted;
+                        return SliceEnd::Idle;
+                    }
+                }
+                None => {
+                    // No memory hook reports the address: Unicorn keeps
+                    // stores to once-executed pages on its slow path while
+                    // any such hook exists (docs/unicorn.md).
+                    let what = match err {
+                        uc_error::READ_UNMAPPED | uc_error::WRITE_UNMAPPED | uc_error::FETCH_UNMAPPED => {
+                            "guest access to unbacked guest-physical memory: "
+                        }
+                        _ => "",
+                    };
+                    return SliceEnd::Exit(ExitReason::Error {
+                        message: format!("{what}{} at rip {:#x}", uc::strerror(err), self.cpu.read(Reg::RIP)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Wake the running vCPU at the end of its slice, the next timer of any
+    /// vCPU (a halted one may need to run), or shortly to look for an
+    /// interrupt window.
+    fn arm_ticker(&mut self, i: usize, until: Instant, poll_window: bool) {
+        let mut wake = until;
+        if let Some(d) = self.vcpus.iter().filter(|v| !v.down).filter_map(|v| v.deadline()).min() {
+            wake = wake.min(Instant::now() + self.state.clock.until(d));
+        }
+        let v = &mut self.vcpus[i];
+        if poll_window {
+            // Keep the look-again time until that kick has been taken: a
+            // guest that stops every few microseconds with IF=0 (SYSCALL
+            // entry under FMASK) would otherwise push it back for ever and
+            // never see its interrupt.
+            let at = *v.window_poll_at.get_or_insert_with(|| Instant::now() + Duration::from_micros(100));
+            wake = wake.min(at);
+        } else {
+            v.window_poll_at = None;
+        }
+        self.cpu.arm(Some(wake));
+    }
+
+    /// Deliver an external interrupt or NMI to the running vCPU `i` if it
+    /// can take one now.
+    fn try_inject(&mut self, i: usize, ev: Event) -> Inject {
+        let nmi = ev.vector == interrupts::NMI && self.vcpus[i].nmi_pending;
+        if !nmi && self.cpu.read(Reg::RFLAGS) & RFLAGS_IF == 0 {
+            return Inject::Masked;
+        }
+        let engine = self.cpu.engine();
+        let v = &mut self.vcpus[i];
+        v.regs.load(engine);
+        if v.regs.cr(0) & mmu::CR0_PE == 0 {
+            // Real mode (a trampoline on its way up): not delivered here.
+            return Inject::Masked;
+        }
+        if v.regs.interrupt_shadow() {
+            return Inject::Shadow;
+        }
+        match interrupts::deliver(&mut v.regs, &self.state.ram, ev) {
+            Ok(()) => {
+                v.regs.store(engine);
+                if nmi {
+                    v.nmi_pending = false;
+                } else {
+                    v.lapic.clear_pending(ev.vector);
+                }
+                v.interrupts_delivered += 1;
+            }
+            // A fault while delivering: the processor raises it instead.
+            Err(DeliveryError::TripleFault { .. }) | Err(DeliveryError::Unsupported(_)) => {
+                v.pending_exception = Some(Event::exception(interrupts::GP, Some(0)));
+            }
+        }
+        Inject::Done
+    }
+
+    fn exception_event(&mut self, i: usize, vector: u8) -> Event {
+        let engine = self.cpu.engine();
+        let st = &mut self.vcpus[i].regs;
+        st.load(engine);
+        if st.exception_is_int() {
+            // INT n is CD ib; INT3, INTO and INT1 are one byte.
+            let rip = self.cpu.linear_ip();
+            let mut b = [0u8; 2];
+            let two = self.cpu.read_linear(rip.wrapping_sub(2), &mut b).is_ok() && b == [0xcd, vector];
+            Event::software(vector, if two { 2 } else { 1 })
+        } else {
+            let ec = interrupts::has_error_code(vector).then(|| st.error_code());
+            Event::exception(vector, ec)
+        }
+    }
+
+    fn deliver(&mut self, i: usize, ev: Event) -> Result<(), DeliveryError> {
+        let engine = self.cpu.engine();
+        let st = &mut self.vcpus[i].regs;
+        st.load(engine);
+        interrupts::deliver(st, &self.state.ram, ev)?;
+        st.store(engine);
+        Ok(())
+    }
+
+    fn syscall(&mut self, i: usize) {
+        let msrs = self.cpu.syscall_msrs();
+        let engine = self.cpu.engine();
+        let st = &mut self.vcpus[i].regs;
+        st.load(engine);
+        // Unicorn's SYSCALL only advanced RIP past the instruction.
+        let next = st.rip();
+        match interrupts::emulate_syscall(st, next, &msrs) {
+            Ok(()) => st.store(engine),
+            Err(ev) => {
+                self.cpu.write(Reg::RIP, next.wrapping_sub(2));
+                self.vcpus[i].pending_exception = Some(ev);
+            }
+        }
+    }
+
+    /// vCPU `id`'s registers (outside `run`, where they are in its `Vcpu`).
+    pub fn registers(&self, id: usize) -> Option<Vec<(&'static str, u64)>> {
+        let v = self.vcpus.get(id)?;
+        let st = &v.regs;
+        const NAMES: [&str; 16] =
+            ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+        let mut out: Vec<(&'static str, u64)> = NAMES.iter().enumerate().map(|(i, n)| (*n, st.reg(i))).collect();
+        out.extend([
+            ("rip", st.rip()),
+            ("rflags", st.rflags()),
+            ("cs", st.seg(unicorn_gaps::R_CS).selector as u64),
+            ("ss", st.seg(unicorn_gaps::R_SS).selector as u64),
+            ("cpl", st.cpl() as u64),
+            ("cr0", st.cr(0)),
+            ("cr2", st.cr(2)),
+            ("cr3", st.cr(3)),
+            ("cr4", st.cr(4)),
+            ("efer", st.efer()),
+            ("fs_base", st.seg(unicorn_gaps::R_FS).base),
+            ("gs_base", st.seg(unicorn_gaps::R_GS).base),
+        ]);
+        Some(out)
+    }
+
+    /// Read guest-linear memory through vCPU `id`'s page tables.
+    pub fn read_linear(&self, id: usize, va: u64, buf: &mut [u8]) -> Result<(), String> {
+        let v = self.vcpus.get(id).ok_or("no such vCPU")?;
+        let mut m: &GuestRam = &self.state.ram;
+        mmu::read_linear(&mut m, &v.regs.paging(), va, buf, false).map_err(|e| format!("{e:?}"))
     }
 }

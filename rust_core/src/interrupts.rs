@@ -13,6 +13,7 @@ use crate::unicorn_gaps::*;
 
 pub const DE: u8 = 0;
 pub const DB: u8 = 1;
+pub const NMI: u8 = 2;
 pub const BP: u8 = 3;
 pub const OF: u8 = 4;
 pub const UD: u8 = 6;
@@ -102,7 +103,7 @@ impl std::fmt::Display for DeliveryError {
 }
 
 fn paging_of(st: &CpuState) -> PagingState {
-    PagingState { cr0: st.cr(0), cr3: st.cr(3), cr4: st.cr(4), efer: st.efer() }
+    st.paging()
 }
 
 /// Deliver `ev`, turning faults raised on the way into the events the

@@ -1,22 +1,27 @@
 //! pvhvm's core: a Xen hypervisor for PVH guests on Unicorn, in user space.
 //! Python (`pvhvm`) builds domains and runs device models; this crate owns
 //! guest RAM, the vCPUs and everything on the per-instruction and
-//! per-hypercall path.
+//! per-hypercall path. docs/architecture.md has the module map.
 
 pub mod abi;
+pub mod cpu;
 pub mod cpuid;
 pub mod domain;
+pub mod exit;
 pub mod hypercall;
+pub mod hypercall_log;
 pub mod interrupts;
 pub mod lapic;
 pub mod layout;
 pub mod memory;
 pub mod mmu;
 mod py;
+pub mod sched;
 pub mod ticker;
 pub mod uc;
 pub mod unicorn_gaps;
 pub mod vcpu;
+pub mod waker;
 pub mod xen;
 
 use pyo3::prelude::*;

@@ -5,6 +5,8 @@
 //! Every access from the host side goes through `slice`/`slice_mut`, which
 //! bound-check the guest-physical range: the guest is untrusted.
 
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8};
+
 use crate::layout;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +15,8 @@ pub enum MemError {
     OutOfRange { gpa: u64, len: u64 },
     #[error("cannot allocate {0} bytes of guest RAM")]
     Alloc(u64),
+    #[error("guest-physical address {0:#x} is not naturally aligned for an atomic access")]
+    Misaligned(u64),
 }
 
 /// One contiguous piece of guest-physical RAM and where it sits in the host buffer.
@@ -132,6 +136,38 @@ impl GuestRam {
     pub fn slice_mut(&self, gpa: u64, len: u64) -> Result<&mut [u8], MemError> {
         let p = self.host_addr(gpa, len).ok_or(MemError::OutOfRange { gpa, len })?;
         Ok(unsafe { std::slice::from_raw_parts_mut(p, len as usize) })
+    }
+
+    /// The guest word at `gpa` as an atomic. The guest updates event
+    /// bitmaps, selectors and grant flags with LOCK'd instructions; the host
+    /// side must update them with atomic operations too, never by reading
+    /// and writing back (a bit the guest set in between would be lost).
+    pub fn atomic_u64(&self, gpa: u64) -> Result<&AtomicU64, MemError> {
+        self.atomic::<AtomicU64>(gpa)
+    }
+
+    pub fn atomic_u32(&self, gpa: u64) -> Result<&AtomicU32, MemError> {
+        self.atomic::<AtomicU32>(gpa)
+    }
+
+    pub fn atomic_u16(&self, gpa: u64) -> Result<&AtomicU16, MemError> {
+        self.atomic::<AtomicU16>(gpa)
+    }
+
+    pub fn atomic_u8(&self, gpa: u64) -> Result<&AtomicU8, MemError> {
+        self.atomic::<AtomicU8>(gpa)
+    }
+
+    fn atomic<T>(&self, gpa: u64) -> Result<&T, MemError> {
+        let size = std::mem::size_of::<T>() as u64;
+        if gpa % size != 0 {
+            return Err(MemError::Misaligned(gpa));
+        }
+        let p = self.host_addr(gpa, size).ok_or(MemError::OutOfRange { gpa, len: size })?;
+        // SAFETY: in bounds (checked above), naturally aligned (host pages
+        // are page-aligned, so host alignment follows guest alignment), and
+        // the atomic types have the layout of the plain integers.
+        Ok(unsafe { &*(p as *const T) })
     }
 
     pub fn is_ram(&self, gpa: u64, len: u64) -> bool {
@@ -277,6 +313,19 @@ mod tests {
         assert!(!ram.is_ram(gpa, 1));
         assert!(ram.remove_overlay(gpa));
         assert!(ram.slice(gpa, 8).is_err());
+    }
+
+    #[test]
+    fn atomics_are_bounded_and_aligned() {
+        use std::sync::atomic::Ordering;
+        let ram = GuestRam::new(1 << 20).unwrap();
+        ram.atomic_u64(0x1000).unwrap().fetch_or(1 << 5, Ordering::SeqCst);
+        assert_eq!(ram.slice(0x1000, 1).unwrap()[0], 1 << 5);
+        assert_eq!(ram.atomic_u64(0x1004).err(), Some(MemError::Misaligned(0x1004)));
+        assert!(ram.atomic_u64((1 << 20) - 4).is_err());
+        assert!(ram.atomic_u16(0x1001).is_err());
+        assert!(ram.atomic_u8((1 << 20) - 1).is_ok());
+        assert!(ram.atomic_u8(1 << 20).is_err());
     }
 
     #[test]

@@ -10,9 +10,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::domain::Domain;
-use crate::hypercall::TraceEntry;
+use crate::exit::ExitReason;
+use crate::hypercall_log::TraceEntry;
 use crate::memory::GuestRam;
-use crate::vcpu::VcpuExit;
+use crate::vcpu::Activity;
+use crate::xen::SharedState;
 
 create_exception!(_core, CoreError, PyException, "The hypervisor core refused or failed.");
 create_exception!(_core, GrantError, CoreError, "A grant reference the device model may not use (GNTST_* name).");
@@ -107,13 +109,13 @@ impl GrantMapping {
 }
 
 /// Why `Vm.run()` returned. `kind` is one of: shutdown, console, notify,
-/// kicked, idle, halted, triple_fault, error.
+/// kicked, host_io, idle, hung, triple_fault, error; `vcpu` the vCPU it
+/// came from (None for the domain as a whole).
 #[pyclass(frozen, get_all, module = "pvhvm._core")]
 pub struct Exit {
     kind: &'static str,
+    vcpu: Option<u32>,
     reason: Option<u32>,
-    deadline_ns: Option<u64>,
-    interrupts_enabled: Option<bool>,
     chain: Vec<u8>,
     message: Option<String>,
 }
@@ -122,37 +124,34 @@ pub struct Exit {
 impl Exit {
     fn __repr__(&self) -> String {
         format!(
-            "Exit(kind={:?}, reason={:?}, deadline_ns={:?}, interrupts_enabled={:?}, chain={:?}, message={:?})",
-            self.kind, self.reason, self.deadline_ns, self.interrupts_enabled, self.chain, self.message
+            "Exit(kind={:?}, vcpu={:?}, reason={:?}, chain={:?}, message={:?})",
+            self.kind, self.vcpu, self.reason, self.chain, self.message
         )
     }
 }
 
-impl From<VcpuExit> for Exit {
-    fn from(e: VcpuExit) -> Self {
-        let mut x =
-            Exit { kind: "", reason: None, deadline_ns: None, interrupts_enabled: None, chain: vec![], message: None };
-        match e {
-            VcpuExit::Shutdown { reason } => {
+impl From<crate::exit::Exit> for Exit {
+    fn from(e: crate::exit::Exit) -> Self {
+        let mut x = Exit { kind: "", vcpu: e.vcpu, reason: None, chain: vec![], message: None };
+        match e.reason {
+            ExitReason::Shutdown { reason } => {
                 x.kind = "shutdown";
                 x.reason = Some(reason);
             }
-            VcpuExit::ConsoleOutput => x.kind = "console",
-            VcpuExit::Notify => x.kind = "notify",
-            VcpuExit::Kicked => x.kind = "kicked",
-            VcpuExit::Idle { deadline_ns } => {
-                x.kind = "idle";
-                x.deadline_ns = deadline_ns;
+            ExitReason::ConsoleOutput => x.kind = "console",
+            ExitReason::Notify => x.kind = "notify",
+            ExitReason::Kicked => x.kind = "kicked",
+            ExitReason::HostIo => x.kind = "host_io",
+            ExitReason::Idle => x.kind = "idle",
+            ExitReason::Hung { why } => {
+                x.kind = "hung";
+                x.message = Some(why);
             }
-            VcpuExit::Halted { interrupts_enabled } => {
-                x.kind = "halted";
-                x.interrupts_enabled = Some(interrupts_enabled);
-            }
-            VcpuExit::TripleFault { chain } => {
+            ExitReason::TripleFault { chain } => {
                 x.kind = "triple_fault";
                 x.chain = chain;
             }
-            VcpuExit::Error { message } => {
+            ExitReason::Error { message } => {
                 x.kind = "error";
                 x.message = Some(message);
             }
@@ -178,7 +177,17 @@ impl DomainPtr {
     }
 }
 
-/// One domain: RAM, vCPU 0 and Xen's state. Built and driven by `pvhvm.Domain`.
+fn activity_name(a: &Activity) -> &'static str {
+    match a {
+        Activity::Running => "running",
+        Activity::Halted => "halted",
+        Activity::Blocked => "blocked",
+        Activity::Polling { .. } => "polling",
+        Activity::WaitForSipi => "wait_for_sipi",
+    }
+}
+
+/// One domain: RAM, the vCPUs and Xen's state. Built and driven by `pvhvm.Domain`.
 #[pyclass(module = "pvhvm._core")]
 pub struct Vm {
     domain: Domain,
@@ -197,8 +206,8 @@ unsafe impl Sync for Vm {}
 #[pymethods]
 impl Vm {
     #[new]
-    #[pyo3(signature = (memory_bytes, domid = 1, uuid = None))]
-    fn new(memory_bytes: u64, domid: u32, uuid: Option<&[u8]>) -> PyResult<Self> {
+    #[pyo3(signature = (memory_bytes, domid = 1, uuid = None, vcpus = 1))]
+    fn new(memory_bytes: u64, domid: u32, uuid: Option<&[u8]>, vcpus: u32) -> PyResult<Self> {
         let mut u = [0u8; 16];
         if let Some(b) = uuid {
             if b.len() != 16 {
@@ -206,42 +215,41 @@ impl Vm {
             }
             u.copy_from_slice(b);
         }
-        Ok(Self { domain: Domain::new(memory_bytes, domid, u).map_err(core_err)? })
+        Ok(Self { domain: Domain::new(memory_bytes, domid, u, vcpus).map_err(core_err)? })
     }
 
     #[getter]
     fn memory(&self) -> GuestMemory {
-        GuestMemory { ram: self.domain.ram.clone() }
+        GuestMemory { ram: self.domain.ram().clone() }
     }
 
     /// [(guest-physical start, length, host offset)] of every RAM region.
     fn ram_regions(&self) -> Vec<(u64, u64, u64)> {
-        self.domain.ram.regions().iter().map(|r| (r.gpa, r.len, r.host_offset)).collect()
+        self.domain.ram().regions().iter().map(|r| (r.gpa, r.len, r.host_offset)).collect()
     }
 
     /// Copy `data` (bytes or any contiguous buffer, e.g. a memoryview of a
     /// mapped file: no intermediate copy) into guest RAM at `gpa`.
     fn write_phys(&self, py: Python<'_>, gpa: u64, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<()> {
-        let s = self.domain.ram.slice_mut(gpa, data.item_count() as u64).map_err(core_err)?;
+        let s = self.domain.ram().slice_mut(gpa, data.item_count() as u64).map_err(core_err)?;
         data.copy_to_slice(py, s)
     }
 
     fn read_phys<'py>(&self, py: Python<'py>, gpa: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
-        let s = self.domain.ram.slice(gpa, length).map_err(core_err)?;
+        let s = self.domain.ram().slice(gpa, length).map_err(core_err)?;
         Ok(PyBytes::new(py, s))
     }
 
     /// Read guest-linear memory through vCPU `vcpu`'s page tables.
     #[pyo3(signature = (va, length, vcpu = 0))]
     fn read_linear<'py>(&self, py: Python<'py>, va: u64, length: usize, vcpu: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let v = self.domain.vcpus.get(vcpu).ok_or_else(|| PyValueError::new_err("no such vCPU"))?;
         let mut buf = vec![0u8; length];
-        v.read_linear(va, &mut buf).map_err(|e| core_err(format!("{e:?}")))?;
+        self.domain.read_linear(vcpu, va, &mut buf).map_err(core_err)?;
         Ok(PyBytes::new(py, &buf))
     }
 
     fn set_pvh_entry(&mut self, entry: u64, start_info: u64) -> PyResult<()> {
-        self.domain.vcpus[0].set_pvh_entry(entry, start_info).map_err(core_err)
+        self.domain.set_pvh_entry(entry, start_info).map_err(core_err)
     }
 
     /// Run the guest until the host is needed. Releases the GIL meanwhile.
@@ -251,39 +259,68 @@ impl Vm {
         exit.into()
     }
 
+    /// A descriptor (Python's event loop) whose readiness ends the
+    /// domain's idle wait with a `host_io` exit; None to forget it.
+    #[pyo3(signature = (fd = None))]
+    fn set_host_fd(&mut self, fd: Option<i32>) {
+        self.domain.host_fd = fd;
+    }
+
+    #[getter]
+    fn vcpus(&self) -> usize {
+        self.domain.vcpus.len()
+    }
+
+    /// vCPU `vcpu`'s scheduling state: online, activity, runstate,
+    /// exceptions and interrupts delivered.
+    fn vcpu_status<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
+        let v = self.domain.vcpus.get(vcpu).ok_or_else(|| PyValueError::new_err("no such vCPU"))?;
+        let d = PyDict::new(py);
+        d.set_item("online", !v.down)?;
+        d.set_item("activity", activity_name(&v.activity))?;
+        d.set_item("runstate", ["running", "runnable", "blocked", "offline"][v.runstate.state as usize])?;
+        let now = self.domain.state.system_time_ns();
+        let mut time = v.runstate.time;
+        time[v.runstate.state as usize] += now.saturating_sub(v.runstate.entry_ns);
+        d.set_item("runstate_ns", time.to_vec())?;
+        d.set_item("exceptions", v.exceptions_delivered)?;
+        d.set_item("interrupts", v.interrupts_delivered)?;
+        Ok(d)
+    }
+
     fn take_console_output<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let out = std::mem::take(&mut self.domain.xen.console_out);
+        let out = std::mem::take(&mut self.domain.state.console_out);
         PyBytes::new(py, &out)
     }
 
     fn push_console_input(&mut self, data: &[u8]) {
-        self.domain.xen.console_in.extend(data.iter().copied());
+        self.domain.state.console_in.extend(data.iter().copied());
     }
 
     #[getter]
     fn get_tracing(&self) -> bool {
-        self.domain.xen.log.tracing
+        self.domain.state.log.tracing
     }
 
     #[setter]
     fn set_tracing(&mut self, on: bool) {
-        self.domain.xen.log.tracing = on;
+        self.domain.state.log.tracing = on;
     }
 
     /// Drain the hypercall trace: [(vcpu, nr, (a0..a4), result, time_ns)].
     fn take_trace(&mut self) -> Vec<TraceTuple> {
-        self.domain.xen.log.take_trace().iter().map(trace_tuple).collect()
+        self.domain.state.log.take_trace().iter().map(trace_tuple).collect()
     }
 
-    /// The last hypercalls (kept even with tracing off).
+    /// The last hypercalls of every vCPU (kept even with tracing off), oldest first.
     fn recent_hypercalls(&self) -> Vec<TraceTuple> {
-        self.domain.xen.log.recent().iter().map(trace_tuple).collect()
+        self.domain.state.log.recent().iter().map(trace_tuple).collect()
     }
 
     /// {hypercall number: calls so far}
     fn hypercall_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (nr, &n) in self.domain.xen.log.counts.iter().enumerate() {
+        for (nr, &n) in self.domain.state.log.counts.iter().enumerate() {
             if n > 0 {
                 d.set_item(nr, n)?;
             }
@@ -292,10 +329,10 @@ impl Vm {
     }
 
     #[pyo3(signature = (vcpu = 0))]
-    fn registers<'py>(&mut self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
-        let v = self.domain.vcpus.get_mut(vcpu).ok_or_else(|| PyValueError::new_err("no such vCPU"))?;
+    fn registers<'py>(&self, py: Python<'py>, vcpu: usize) -> PyResult<Bound<'py, PyDict>> {
+        let regs = self.domain.registers(vcpu).ok_or_else(|| PyValueError::new_err("no such vCPU"))?;
         let d = PyDict::new(py);
-        for (k, val) in v.registers() {
+        for (k, val) in regs {
             d.set_item(k, val)?;
         }
         Ok(d)
@@ -310,38 +347,51 @@ impl Vm {
     /// single steps); each costs retranslating whatever runs next.
     #[getter]
     fn code_cache_flushes(&self) -> u64 {
-        self.domain.vcpus.iter().map(|v| v.code_cache_flushes).sum()
+        self.domain.code_cache_flushes()
+    }
+
+    /// Times the engine switched from one vCPU's registers to another's.
+    #[getter]
+    fn context_switches(&self) -> u64 {
+        self.domain.context_switches()
+    }
+
+    /// Times the domain slept in the core with every vCPU idle.
+    #[getter]
+    fn idle_waits(&self) -> u64 {
+        self.domain.idle_waits
     }
 
     #[getter]
     fn shutdown_code(&self) -> Option<u32> {
-        self.domain.xen.shutdown_code
+        self.domain.state.shutdown_code
     }
 
     fn system_time_ns(&self) -> u64 {
-        self.domain.xen.system_time_ns()
+        self.domain.state.system_time_ns()
     }
 
     /// The E820 map XENMEM_memory_map hands out: [(addr, size, type)].
     fn set_memory_map(&mut self, entries: Vec<(u64, u64, u32)>) {
-        self.domain.xen.memory_map = entries;
+        self.domain.state.memory_map = entries;
     }
 
     /// Set an HVM parameter, as the toolstack does (STORE_PFN, CONSOLE_EVTCHN …).
     fn set_hvm_param(&mut self, index: usize, value: u64) -> PyResult<()> {
-        let slot = self.domain.xen.hvm_params.get_mut(index).ok_or_else(|| PyValueError::new_err("no such HVM param"))?;
+        let slot =
+            self.domain.state.hvm_params.get_mut(index).ok_or_else(|| PyValueError::new_err("no such HVM param"))?;
         *slot = value;
         Ok(())
     }
 
     fn get_hvm_param(&self, index: usize) -> PyResult<u64> {
-        self.domain.xen.hvm_params.get(index).copied().ok_or_else(|| PyValueError::new_err("no such HVM param"))
+        self.domain.state.hvm_params.get(index).copied().ok_or_else(|| PyValueError::new_err("no such HVM param"))
     }
 
     /// A guest event channel port whose far end is the host (a device model).
     fn bind_host_port(&mut self) -> PyResult<u32> {
         use crate::xen::evtchn::{PortState, DOMID_HOST};
-        let ev = &mut self.domain.xen.evtchn;
+        let mut ev = self.domain.shared().ports();
         let port = ev.alloc(PortState::Unbound { remote: DOMID_HOST }, 0).map_err(|e| core_err(format!("{e:?}")))?;
         ev.set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
             .map_err(|e| core_err(format!("{e:?}")))?;
@@ -352,7 +402,7 @@ impl Vm {
     /// (EVTCHNOP_alloc_unbound with remote domain 0), as a backend does.
     fn bind_guest_port(&mut self, port: u32) -> PyResult<()> {
         use crate::xen::evtchn::{PortState, DOMID_HOST};
-        let ev = &mut self.domain.xen.evtchn;
+        let mut ev = self.domain.shared().ports();
         match ev.get(port).map(|p| p.state) {
             Some(PortState::Unbound { remote: DOMID_HOST }) => ev
                 .set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
@@ -363,19 +413,12 @@ impl Vm {
 
     /// Ports the guest notified since the last call.
     fn take_notifications(&mut self) -> Vec<u32> {
-        self.domain.xen.host_notifications.drain(..).collect()
+        self.domain.shared().ports().take_host_notifications()
     }
 
     /// Raise a guest port from the host side. False if the port is not the host's.
     fn notify_guest(&mut self, port: u32) -> bool {
-        use crate::xen::evtchn::{PortState, DOMID_HOST};
-        match self.domain.xen.evtchn.get(port).map(|p| p.state) {
-            Some(PortState::Interdomain { remote: DOMID_HOST, .. }) => {
-                self.domain.xen.raise(port);
-                true
-            }
-            _ => false,
-        }
+        self.domain.shared().notify_guest(port)
     }
 
     /// Copy `length` bytes at `offset` out of the page the guest granted
@@ -383,22 +426,25 @@ impl Vm {
     #[pyo3(signature = (gref, offset, length, domid = 0))]
     fn grant_read<'py>(&self, py: Python<'py>, gref: u32, offset: u64, length: usize, domid: u16) -> PyResult<Bound<'py, PyBytes>> {
         let mut buf = vec![0u8; length];
-        self.domain.xen.gnttab.read(&self.domain.ram, gref, domid, offset, &mut buf).map_err(grant_err)?;
+        let shared = self.domain.shared();
+        shared.grants().read(&shared.ram, gref, domid, offset, &mut buf).map_err(grant_err)?;
         Ok(PyBytes::new(py, &buf))
     }
 
     /// Copy `data` into a granted page at `offset` (the grant must be writable).
     #[pyo3(signature = (gref, offset, data, domid = 0))]
     fn grant_write(&self, gref: u32, offset: u64, data: &[u8], domid: u16) -> PyResult<()> {
-        self.domain.xen.gnttab.write(&self.domain.ram, gref, domid, offset, data).map_err(grant_err)
+        let shared = self.domain.shared();
+        shared.grants().write(&shared.ram, gref, domid, offset, data).map_err(grant_err)
     }
 
     /// Map a granted page for a device model; the guest sees it in use
     /// (GTF_reading/GTF_writing) until `grant_unmap`.
     #[pyo3(signature = (gref, writable = false, domid = 0))]
     fn grant_map(&mut self, gref: u32, writable: bool, domid: u16) -> PyResult<GrantMapping> {
-        let ram = self.domain.ram.clone();
-        let g = self.domain.xen.gnttab.map(&ram, gref, domid, writable).map_err(grant_err)?;
+        let shared = self.domain.shared();
+        let ram = shared.ram.clone();
+        let g = shared.grants().map(&ram, gref, domid, writable).map_err(grant_err)?;
         Ok(GrantMapping { ram, gref, writable, gpa: g.gpa, len: g.len, live: true })
     }
 
@@ -407,26 +453,26 @@ impl Vm {
             return Err(GrantError::new_err(("GNTST_bad_handle", -5i16)));
         }
         mapping.live = false;
-        self.domain.xen.gnttab.unmap(&self.domain.ram, mapping.gref, mapping.writable).map_err(grant_err)
+        let shared = self.domain.shared();
+        shared.grants().unmap(&shared.ram, mapping.gref, mapping.writable).map_err(grant_err)
     }
 
     /// (version, shared frames placed, status frames placed)
     fn grant_table_info(&self) -> (u32, usize, usize) {
-        let g = &self.domain.xen.gnttab;
+        let g = self.domain.shared().grants();
         (g.version, g.frames.iter().flatten().count(), g.status_frames.iter().flatten().count())
     }
 
-    /// A thread-safe handle that stops `run()` soon (returns `kicked`).
-    fn kicker(&self) -> Kicker {
-        Kicker { inner: self.domain.vcpus[0].kicker() }
+    /// A thread-safe handle that makes a running `run()` return soon
+    /// (`kicked`) and ends its idle wait.
+    fn waker(&self) -> Waker {
+        Waker { shared: self.domain.shared().clone() }
     }
 
     /// `run()` returns `kicked` at least this often (ms).
     #[setter]
     fn set_time_slice_ms(&mut self, ms: u64) {
-        for v in &mut self.domain.vcpus {
-            v.time_slice = std::time::Duration::from_millis(ms.max(1));
-        }
+        self.domain.time_slice = std::time::Duration::from_millis(ms.max(1));
     }
 
     #[getter]
@@ -435,16 +481,16 @@ impl Vm {
     }
 }
 
-/// Stops a running `Vm.run()` from another thread.
+/// Brings a running `Vm.run()` back to its caller, from any thread.
 #[pyclass(frozen, module = "pvhvm._core")]
-pub struct Kicker {
-    inner: crate::ticker::Kicker,
+pub struct Waker {
+    shared: Arc<SharedState>,
 }
 
 #[pymethods]
-impl Kicker {
-    fn kick(&self) {
-        self.inner.kick();
+impl Waker {
+    fn wake(&self) {
+        self.shared.waker.wake_host();
     }
 }
 
@@ -470,7 +516,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Vm>()?;
     m.add_class::<Exit>()?;
     m.add_class::<GuestMemory>()?;
-    m.add_class::<Kicker>()?;
+    m.add_class::<Waker>()?;
+    m.add("MAX_VCPUS", crate::domain::MAX_VCPUS)?;
     m.add_class::<GrantMapping>()?;
     m.add("GrantError", m.py().get_type::<GrantError>())?;
     m.add_function(wrap_pyfunction!(self_test, m)?)?;

@@ -153,6 +153,16 @@ impl CpuState {
         Ok(Self { ctx, layout })
     }
 
+    /// Make this state a copy of `other` (same build, same layout).
+    pub fn copy_from(&mut self, other: &CpuState) {
+        self.ctx.data_mut().copy_from_slice(other.ctx.data());
+    }
+
+    /// The paging mode and tables this state translates with.
+    pub fn paging(&self) -> crate::mmu::PagingState {
+        crate::mmu::PagingState { cr0: self.cr(0), cr3: self.cr(3), cr4: self.cr(4), efer: self.efer() }
+    }
+
     pub fn load(&mut self, engine: &Engine) {
         self.ctx.save(engine).expect("uc_context_save cannot fail on a valid engine");
     }
@@ -257,6 +267,12 @@ impl CpuState {
     }
     pub fn set_gdt(&mut self, base: u64, limit: u32) {
         self.set_seg_at(OFF_GDT, Segment { selector: 0, base, limit, flags: 0 })
+    }
+    pub fn set_idt(&mut self, base: u64, limit: u32) {
+        self.set_seg_at(OFF_IDT, Segment { selector: 0, base, limit, flags: 0 })
+    }
+    pub fn set_ldt(&mut self, s: Segment) {
+        self.set_seg_at(OFF_LDT, s)
     }
     pub fn idt(&self) -> (u64, u32) {
         let s = self.seg_at(OFF_IDT);

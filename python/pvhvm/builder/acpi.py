@@ -123,9 +123,10 @@ MADT_LAPIC = struct.Struct("<BBBBI")
 MADT_TYPE_LAPIC = 0
 LAPIC_ENABLED = 1 << 0
 LAPIC_ONLINE_CAPABLE = 1 << 1
-# xAPIC IDs are 8 bits and 0xFF is the broadcast ID; more vCPUs would need
-# Processor Local x2APIC structures.
-MAX_VCPUS = 255
+# xAPIC IDs are 8 bits and 0xFF is the broadcast ID; vCPU n has APIC ID 2n
+# (Xen's convention, which the core's LAPIC and CPUID follow), so 128 fit.
+# More would need Processor Local x2APIC structures.
+MAX_VCPUS = 128
 
 XSDT_REVISION = 1
 DSDT_REVISION = 2  # AML integers are 64-bit
@@ -228,6 +229,11 @@ def _fadt_body(dsdt_paddr: int) -> bytes:
     )
 
 
+def apic_id_of(vcpu: int) -> int:
+    """The APIC ID of vCPU ``vcpu``, as Xen numbers them (twice the vCPU id)."""
+    return 2 * vcpu
+
+
 def _madt_body(nr_vcpus: int, online_vcpus: int) -> bytes:
     # Flags 0: PCAT_COMPAT off, there is no dual 8259 PIC. No I/O APIC
     # structure either: a PVH guest has no emulated I/O APIC (its interrupts
@@ -235,8 +241,9 @@ def _madt_body(nr_vcpus: int, online_vcpus: int) -> bytes:
     out = bytearray(MADT_BODY.pack(LAPIC_DEFAULT_ADDR, 0))
     for vcpu in range(nr_vcpus):
         flags = LAPIC_ENABLED if vcpu < online_vcpus else LAPIC_ONLINE_CAPABLE
-        # Processor UID = APIC ID = vCPU index.
-        out += MADT_LAPIC.pack(MADT_TYPE_LAPIC, MADT_LAPIC.size, vcpu, vcpu, flags)
+        # Processor UID = vCPU id (Linux's Xen code takes its vCPU id from
+        # it); APIC ID as the vCPU's LAPIC and CPUID report it.
+        out += MADT_LAPIC.pack(MADT_TYPE_LAPIC, MADT_LAPIC.size, vcpu, apic_id_of(vcpu), flags)
     return bytes(out)
 
 

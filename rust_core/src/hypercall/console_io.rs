@@ -4,7 +4,7 @@
 
 use super::{Call, HcResult};
 use crate::abi::{consoleio, errno};
-use crate::vcpu::VcpuExit;
+use crate::exit::ExitReason;
 
 /// Bytes copied per step, so a huge count never means a huge host buffer.
 const CHUNK: u64 = 4096;
@@ -20,19 +20,19 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             while done < count {
                 let n = CHUNK.min(count - done) as usize;
                 c.guest.read(buf.wrapping_add(done), &mut chunk[..n])?;
-                c.xen.console_write(&chunk[..n]);
+                c.dom.console_write(&chunk[..n]);
                 done += n as u64;
             }
             if count > 0 {
-                c.exit = Some(VcpuExit::ConsoleOutput);
+                c.exit_with(ExitReason::ConsoleOutput);
             }
             Ok(0)
         }
         consoleio::READ => {
-            let n = (count as usize).min(c.xen.console_in.len());
-            let data: Vec<u8> = c.xen.console_in.iter().take(n).copied().collect();
+            let n = (count as usize).min(c.dom.console_in.len());
+            let data: Vec<u8> = c.dom.console_in.iter().take(n).copied().collect();
             c.guest.write(buf, &data)?;
-            c.xen.console_in.drain(..n);
+            c.dom.console_in.drain(..n);
             Ok(n as i64)
         }
         _ => Err(errno::ENOSYS),

@@ -1,9 +1,9 @@
-//! HYPERVISOR_event_channel_op (event_channel.h), 2-level ABI only.
+//! HYPERVISOR_event_channel_op (event_channel.h), 2-level ABI only. Every
+//! operation takes the port lock (`DomainState::ports`) for its length.
 
 use super::{Call, HcResult, DOMID_SELF};
 use crate::abi::errno;
-use crate::vcpu::VcpuExit;
-use crate::xen::evtchn::{virq_is_per_vcpu, EvtchnError, PortState, NR_VIRQS};
+use crate::xen::evtchn::{virq_is_per_vcpu, EvtchnError, PortState, Sent, NR_PORTS, NR_VIRQS};
 
 const BIND_INTERDOMAIN: u64 = 0;
 const BIND_VIRQ: u64 = 1;
@@ -32,7 +32,7 @@ fn map_err(e: EvtchnError) -> i64 {
 
 pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
     let [cmd, arg, ..] = args;
-    let nr_vcpus = c.xen.vcpus.len() as u32;
+    let nr_vcpus = c.vcpus.len() as u32;
     match cmd {
         BIND_VIRQ => {
             // struct evtchn_bind_virq { uint32_t virq; uint32_t vcpu; evtchn_port_t port; }
@@ -44,10 +44,13 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if vcpu >= nr_vcpus {
                 return Err(errno::ENOENT);
             }
-            if c.xen.evtchn.find_virq(virq, vcpu).is_some() {
-                return Err(errno::EEXIST);
-            }
-            let port = c.xen.evtchn.alloc(PortState::Virq(virq), vcpu).map_err(map_err)?;
+            let port = {
+                let mut ev = c.dom.ports();
+                if ev.find_virq(virq, vcpu).is_some() {
+                    return Err(errno::EEXIST);
+                }
+                ev.alloc(PortState::Virq(virq), vcpu).map_err(map_err)?
+            };
             c.guest.write_u32(arg + 8, port)?;
             Ok(0)
         }
@@ -57,7 +60,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if vcpu >= nr_vcpus {
                 return Err(errno::ENOENT);
             }
-            let port = c.xen.evtchn.alloc(PortState::Ipi, vcpu).map_err(map_err)?;
+            let port = c.dom.ports().alloc(PortState::Ipi, vcpu).map_err(map_err)?;
             c.guest.write_u32(arg + 4, port)?;
             Ok(0)
         }
@@ -66,9 +69,9 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             c.check_self(c.guest.read_u16(arg)?)?;
             let mut remote = c.guest.read_u16(arg + 2)?;
             if remote == DOMID_SELF {
-                remote = c.xen.domid as u16;
+                remote = c.dom.domid as u16;
             }
-            let port = c.xen.evtchn.alloc(PortState::Unbound { remote }, 0).map_err(map_err)?;
+            let port = c.dom.ports().alloc(PortState::Unbound { remote }, 0).map_err(map_err)?;
             c.guest.write_u32(arg + 4, port)?;
             Ok(0)
         }
@@ -77,36 +80,38 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             let mut remote = c.guest.read_u16(arg)?;
             let remote_port = c.guest.read_u32(arg + 4)?;
             if remote == DOMID_SELF {
-                remote = c.xen.domid as u16;
+                remote = c.dom.domid as u16;
             }
-            if remote as u32 != c.xen.domid {
+            if remote as u32 != c.dom.domid {
                 // Host-side ports are bound by the host, not by the guest.
                 return Err(errno::EINVAL);
             }
-            let peer = c.xen.evtchn.get(remote_port).ok_or(errno::EINVAL)?;
-            if peer.state != (PortState::Unbound { remote }) {
-                return Err(errno::EINVAL);
-            }
-            let local = c.xen.evtchn.alloc(PortState::Interdomain { remote, remote_port }, 0).map_err(map_err)?;
-            c.xen
-                .evtchn
-                .set_state(remote_port, PortState::Interdomain { remote, remote_port: local })
-                .map_err(map_err)?;
+            let local = {
+                let mut ev = c.dom.ports();
+                let peer = ev.get(remote_port).ok_or(errno::EINVAL)?;
+                if peer.state != (PortState::Unbound { remote }) {
+                    return Err(errno::EINVAL);
+                }
+                let local = ev.alloc(PortState::Interdomain { remote, remote_port }, 0).map_err(map_err)?;
+                ev.set_state(remote_port, PortState::Interdomain { remote, remote_port: local }).map_err(map_err)?;
+                local
+            };
             c.guest.write_u32(arg + 8, local)?;
             Ok(0)
         }
         CLOSE => {
             let port = c.guest.read_u32(arg)?;
-            c.xen.evtchn.close(port).map_err(map_err)?;
+            c.dom.ports().close(port).map_err(map_err)?;
             Ok(0)
         }
         SEND => {
             let port = c.guest.read_u32(arg)?;
-            if c.xen.guest_send(port).map_err(|_| errno::EINVAL)? {
-                c.exit_with(VcpuExit::Notify);
+            let sent = c.dom.ports().guest_send(&c.dom.ram, port).map_err(map_err)?;
+            match sent {
+                Sent::Local(target) => c.notified(target),
+                Sent::Host => c.exit_with(crate::exit::ExitReason::Notify),
+                Sent::Dropped => {}
             }
-            // A local port may have made an upcall due.
-            c.recheck = true;
             Ok(0)
         }
         STATUS => {
@@ -114,8 +119,9 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             c.check_self(c.guest.read_u16(arg)?)?;
             let port = c.guest.read_u32(arg + 4)?;
             let mut out = [0u8; 16];
-            let (status, vcpu) = match c.xen.evtchn.get(port) {
-                None if port < crate::xen::evtchn::NR_PORTS => (STAT_CLOSED, 0),
+            let found = c.dom.ports().get(port);
+            let (status, vcpu) = match found {
+                None if port < NR_PORTS => (STAT_CLOSED, 0),
                 None => return Err(errno::EINVAL),
                 Some(p) => {
                     let s = match p.state {
@@ -150,19 +156,25 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if vcpu >= nr_vcpus {
                 return Err(errno::ENOENT);
             }
-            let p = c.xen.evtchn.get(port).ok_or(errno::EINVAL)?;
+            let mut ev = c.dom.ports();
+            let p = ev.get(port).ok_or(errno::EINVAL)?;
             match p.state {
+                // Per-vCPU VIRQs and IPIs stay on the vCPU they were bound for.
                 PortState::Virq(v) if virq_is_per_vcpu(v) => return Err(errno::EINVAL),
                 PortState::Ipi => return Err(errno::EINVAL),
                 _ => {}
             }
-            c.xen.evtchn.set_vcpu(port, vcpu).map_err(map_err)?;
+            ev.set_vcpu(port, vcpu).map_err(map_err)?;
             Ok(0)
         }
         UNMASK => {
             let port = c.guest.read_u32(arg)?;
-            c.xen.evtchn.get(port).ok_or(errno::EINVAL)?;
-            c.recheck |= c.xen.unmask(port);
+            let target = {
+                let ev = c.dom.ports();
+                ev.get(port).ok_or(errno::EINVAL)?;
+                ev.unmask(&c.dom.ram, port)
+            };
+            c.notified(target);
             Ok(0)
         }
         // FIFO (init_control, expand_array, set_priority) and reset: not offered.

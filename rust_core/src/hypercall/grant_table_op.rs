@@ -20,7 +20,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         QUERY_SIZE => {
             // struct gnttab_query_size { domid_t dom; uint32_t nr_frames; uint32_t max_nr_frames; int16_t status; }
             c.check_self(c.guest.read_u16(uop)?)?;
-            let nr = c.xen.gnttab.frames.len() as u32;
+            let nr = c.dom.grants().frames.len() as u32;
             let mut out = [0u8; 10];
             out[0..4].copy_from_slice(&nr.max(1).to_le_bytes());
             out[4..8].copy_from_slice(&MAX_FRAMES.to_le_bytes());
@@ -33,20 +33,21 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if v != 1 && v != 2 {
                 return Err(errno::EINVAL);
             }
-            if v != c.xen.gnttab.version {
+            let mut gt = c.dom.grants();
+            if v != gt.version {
                 // Xen refuses to switch while the backend holds grants.
-                if c.xen.gnttab.in_use() {
+                if gt.in_use() {
                     return Err(errno::EBUSY);
                 }
-                c.xen.gnttab.version = v;
-                c.xen.gnttab.status_frames.clear();
+                gt.version = v;
+                gt.status_frames.clear();
             }
             Ok(0)
         }
         GET_VERSION => {
             // struct gnttab_get_version { domid_t dom; uint16_t pad; uint32_t version; }
             c.check_self(c.guest.read_u16(uop)?)?;
-            let v = c.xen.gnttab.version;
+            let v = c.dom.grants().version;
             c.guest.write_u32(uop + 4, v)?;
             Ok(0)
         }
@@ -56,15 +57,17 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             c.check_self(c.guest.read_u16(uop)?)?;
             let nr = c.guest.read_u32(uop + 4)?;
             let list = c.guest.read_u64(uop + 16)?;
-            let gt = &c.xen.gnttab;
-            let status: i16 = if gt.version != 2 || nr > gt.nr_status_frames() { -1 } else { 0 };
+            let (status, gfns) = {
+                let gt = c.dom.grants();
+                if gt.version != 2 || nr > gt.nr_status_frames() {
+                    (-1i16, Vec::new())
+                } else {
+                    let gfns: Vec<u8> =
+                        gt.status_frames.iter().take(nr as usize).flat_map(|f| (f.unwrap_or(0) >> 12).to_le_bytes()).collect();
+                    (0, gfns)
+                }
+            };
             if status == 0 {
-                let gfns: Vec<u8> = gt
-                    .status_frames
-                    .iter()
-                    .take(nr as usize)
-                    .flat_map(|f| (f.unwrap_or(0) >> 12).to_le_bytes())
-                    .collect();
                 c.guest.write(list, &gfns)?;
             }
             c.guest.write(uop + 8, &status.to_le_bytes())?;

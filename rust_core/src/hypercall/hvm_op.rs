@@ -25,7 +25,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 return Err(errno::EINVAL);
             }
             if op == GET_PARAM {
-                let v = c.xen.hvm_params[index];
+                let v = c.dom.hvm_params[index];
                 c.guest.write(arg + 8, &v.to_le_bytes())?;
                 return Ok(0);
             }
@@ -40,7 +40,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                     return Err(errno::EINVAL);
                 }
             }
-            c.xen.hvm_params[index] = v;
+            c.dom.hvm_params[index] = v;
+            c.effects.recheck = true;
             Ok(0)
         }
         SET_EVTCHN_UPCALL_VECTOR => {
@@ -51,7 +52,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if b[0] < 0x10 {
                 return Err(errno::EINVAL);
             }
-            let x = c.xen.vcpus.get_mut(vcpu as usize).ok_or(errno::ENOENT)?;
+            let x = c.vcpus.get_mut(vcpu as usize).ok_or(errno::ENOENT)?;
             x.upcall_vector = Some(b[0]);
             Ok(0)
         }

@@ -22,20 +22,20 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
     let [cmd, arg, ..] = args;
     match cmd & MEMOP_CMD_MASK {
         MAXIMUM_RAM_PAGE => {
-            let top = c.xen.ram.regions().iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+            let top = c.dom.ram.regions().iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
             Ok((top >> 12) as i64 - 1)
         }
         CURRENT_RESERVATION | MAXIMUM_RESERVATION => {
             c.check_self(c.guest.read_u16(arg)?)?;
-            Ok((c.xen.ram.size() >> 12) as i64)
+            Ok((c.dom.ram.size() >> 12) as i64)
         }
         MEMORY_MAP => {
             // struct xen_memory_map { unsigned int nr_entries; XEN_GUEST_HANDLE(void) buffer; }
             let nr = c.guest.read_u32(arg)? as usize;
             let buffer = c.guest.read_u64(arg + 8)?;
-            let n = nr.min(c.xen.memory_map.len());
+            let n = nr.min(c.dom.memory_map.len());
             let mut bytes = Vec::with_capacity(n * 20);
-            for &(addr, size, kind) in &c.xen.memory_map[..n] {
+            for &(addr, size, kind) in &c.dom.memory_map[..n] {
                 // struct e820entry is packed: 20 bytes.
                 bytes.extend_from_slice(&addr.to_le_bytes());
                 bytes.extend_from_slice(&size.to_le_bytes());
@@ -50,10 +50,15 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             // struct xen_remove_from_physmap { domid_t domid; xen_pfn_t gpfn; }
             c.check_self(c.guest.read_u16(arg)?)?;
             let gpa = c.guest.read_u64(arg + 8)? << 12;
-            if c.xen.shared_info == Some(gpa) {
-                c.xen.shared_info = None;
+            {
+                let mut ev = c.dom.ports();
+                if ev.shared_info() == Some(gpa) {
+                    ev.set_shared_info(None);
+                }
             }
-            for f in c.xen.gnttab.frames.iter_mut().chain(c.xen.gnttab.status_frames.iter_mut()) {
+            let mut gt = c.dom.grants();
+            let gt = &mut *gt;
+            for f in gt.frames.iter_mut().chain(gt.status_frames.iter_mut()) {
                 if *f == Some(gpa) {
                     *f = None;
                 }
@@ -75,16 +80,18 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
     match space {
         SPACE_SHARED_INFO => {
             // shared_info replaces a RAM frame the guest chose (Linux gives one).
-            if idx != 0 || !c.xen.ram.is_ram(gpa, 4096) {
+            if idx != 0 || !c.dom.ram.is_ram(gpa, 4096) {
                 return Err(errno::EINVAL);
             }
-            c.xen.place_shared_info(gpa);
+            c.dom.place_shared_info(gpa);
+            // Every vCPU's vcpu_info may have moved with it.
+            c.effects.recheck = true;
             Ok(0)
         }
         SPACE_GRANT_TABLE => {
             let status = idx & IDX_GRANT_STATUS != 0;
             let idx = idx & !IDX_GRANT_STATUS;
-            if status && c.xen.gnttab.version != 2 {
+            if status && c.dom.grants().version != 2 {
                 return Err(errno::EINVAL);
             }
             if idx >= MAX_GRANT_FRAMES as u64 {
@@ -92,22 +99,23 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
             }
             // A RAM frame is used in place; a frame in the guest's unpopulated
             // space (Linux's usual choice) gets a host page mapped there.
-            if !c.xen.ram.is_ram(gpa, 4096) && c.xen.ram.slice(gpa, 4096).is_err() {
+            if !c.dom.ram.is_ram(gpa, 4096) && c.dom.ram.slice(gpa, 4096).is_err() {
                 if gpa < crate::layout::HIGH_RAM_START && gpa >= crate::layout::MMIO_HOLE_START {
                     return Err(errno::EINVAL);
                 }
-                let host = c.xen.ram.add_overlay(gpa).map_err(|_| errno::ENOMEM)?;
-                c.xen.pending_maps.push((gpa, host as usize));
-                c.remap = true;
+                let host = c.dom.ram.add_overlay(gpa).map_err(|_| errno::ENOMEM)?;
+                c.dom.pending_maps.push((gpa, host as usize));
+                c.effects.remap = true;
             }
             let i = idx as usize;
-            let frames = if status { &mut c.xen.gnttab.status_frames } else { &mut c.xen.gnttab.frames };
+            let mut gt = c.dom.grants();
+            let frames = if status { &mut gt.status_frames } else { &mut gt.frames };
             if frames.len() <= i {
                 frames.resize(i + 1, None);
             }
             if frames[i].is_none() {
                 // A fresh grant frame holds no grants.
-                c.xen.ram.slice_mut(gpa, 4096).map_err(|_| errno::EINVAL)?.fill(0);
+                c.dom.ram.slice_mut(gpa, 4096).map_err(|_| errno::EINVAL)?.fill(0);
             }
             frames[i] = Some(gpa);
             Ok(0)

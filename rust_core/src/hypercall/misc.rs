@@ -14,8 +14,8 @@ pub fn vm_assist(c: &mut Call, args: [u64; 5]) -> HcResult {
         return Err(errno::EINVAL);
     }
     match cmd {
-        VMASST_CMD_ENABLE => c.xen.vm_assist |= 1 << kind,
-        VMASST_CMD_DISABLE => c.xen.vm_assist &= !(1 << kind),
+        VMASST_CMD_ENABLE => c.dom.vm_assist |= 1 << kind,
+        VMASST_CMD_DISABLE => c.dom.vm_assist &= !(1 << kind),
         _ => return Err(errno::ENOSYS),
     }
     Ok(0)

@@ -58,7 +58,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         }
         xenver::PAGESIZE => Ok(4096),
         xenver::GUEST_HANDLE => {
-            let uuid = c.xen.uuid;
+            let uuid = c.dom.uuid;
             c.guest.write(arg, &uuid).map(|_| 0)
         }
         // Xen's default policy keeps its command line and build id from domUs.

@@ -1,31 +1,46 @@
-//! Event channels, 2-level ABI (event_channel.h): the port table and the
-//! pending/mask bitmaps in shared_info, the selector and upcall flag in
-//! vcpu_info. FIFO is not offered (EVTCHNOP_init_control fails, and Linux
-//! falls back to 2-level).
+//! Event channels, 2-level ABI (event_channel.h): the port table, where the
+//! pending/mask bitmaps (shared_info) and each vCPU's selector and upcall
+//! flag (vcpu_info) live, and the host's notifications. FIFO is not offered
+//! (EVTCHNOP_init_control fails and Linux falls back to 2-level).
 //!
 //! Domain 0 is the host: ports whose remote end is domain 0 belong to device
-//! models in Python. A guest send on one becomes a notification for the host;
-//! the host raises the guest end with `raise`.
+//! models. A guest send on one is queued for the host; the host raises the
+//! guest's end with `raise`.
+//!
+//! Locking: the domain keeps one `EventChannels` behind its port lock
+//! (`SharedState::evtchn`). The bits themselves are guest memory that the
+//! guest's vCPUs update with LOCK'd instructions, so they are only ever
+//! changed here with atomic operations (test-and-set, test-and-clear), in
+//! the order Xen's `evtchn_2l_set_pending`/`evtchn_2l_unmask` use.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::SeqCst;
 
 use crate::memory::GuestRam;
 
 /// Ports a 64-bit guest can name under the 2-level ABI (64 words of 64 bits).
 pub const NR_PORTS: u32 = 64 * 64;
 pub const DOMID_HOST: u16 = 0;
+/// vcpu_info slots in shared_info (MAX_VIRT_CPUS); later vCPUs must
+/// register theirs.
+pub const SHARED_INFO_VCPUS: u32 = 32;
 
 // shared_info offsets (xen.h, x86-64 layout).
-const SI_PENDING: u64 = 2048;
-const SI_MASK: u64 = 2560;
+pub const SI_PENDING: u64 = 2048;
+pub const SI_MASK: u64 = 2560;
+pub const VCPU_INFO_SIZE: u64 = 64;
 // vcpu_info offsets.
 pub const VI_UPCALL_PENDING: u64 = 0;
 pub const VI_UPCALL_MASK: u64 = 1;
 pub const VI_PENDING_SEL: u64 = 8;
+pub const VI_TIME: u64 = 32;
 
 pub const VIRQ_TIMER: u32 = 0;
 pub const VIRQ_DEBUG: u32 = 1;
 pub const VIRQ_CONSOLE: u32 = 2;
 pub const NR_VIRQS: u32 = 24;
-/// VIRQs bound per vCPU (the rest are global and live on vCPU 0).
+/// VIRQs bound per vCPU (Xen's `virq_is_global` is false for these); the
+/// rest are global and live on vCPU 0.
 pub fn virq_is_per_vcpu(virq: u32) -> bool {
     matches!(virq, 0 | 1 | 6 | 7 | 8 | 12)
 }
@@ -48,12 +63,6 @@ pub struct Port {
     pub vcpu: u32,
 }
 
-#[derive(Debug)]
-pub struct EventChannels {
-    ports: Vec<Port>,
-    domid: u16,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EvtchnError {
     Invalid,
@@ -61,14 +70,48 @@ pub enum EvtchnError {
     Busy,
 }
 
+/// Where a guest send went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Raised a port of this domain; `Some(vcpu)` if it became pending and
+    /// that vCPU may need waking.
+    Local(Option<u32>),
+    /// Queued for the host (a device model's port).
+    Host,
+    /// Unbound, or bound to a domain that does not exist: dropped, as Xen does.
+    Dropped,
+}
+
+#[derive(Debug)]
+pub struct EventChannels {
+    ports: Vec<Port>,
+    domid: u16,
+    /// Where shared_info (and so the bitmaps) is, once the guest placed it.
+    shared_info: Option<u64>,
+    /// vcpu_info registered by VCPUOP_register_vcpu_info, per vCPU.
+    vcpu_info: Vec<Option<u64>>,
+    /// Guest ports the guest notified and the host has not collected.
+    host_notifications: VecDeque<u32>,
+}
+
 impl EventChannels {
-    pub fn new(domid: u16) -> Self {
-        // Port 0 is never valid.
-        Self { ports: vec![Port { state: PortState::Free, vcpu: 0 }; 1], domid }
+    pub fn new(domid: u16, nr_vcpus: u32) -> Self {
+        Self {
+            // Port 0 is never valid.
+            ports: vec![Port { state: PortState::Free, vcpu: 0 }; 1],
+            domid,
+            shared_info: None,
+            vcpu_info: vec![None; nr_vcpus as usize],
+            host_notifications: VecDeque::new(),
+        }
     }
 
     pub fn domid(&self) -> u16 {
         self.domid
+    }
+
+    pub fn nr_vcpus(&self) -> u32 {
+        self.vcpu_info.len() as u32
     }
 
     pub fn get(&self, port: u32) -> Option<Port> {
@@ -99,7 +142,8 @@ impl EventChannels {
                 }
             }
         }
-        self.ports[port as usize].state = PortState::Free;
+        self.ports[port as usize] = Port { state: PortState::Free, vcpu: 0 };
+        self.host_notifications.retain(|&p| p != port);
         Ok(p.state)
     }
 
@@ -134,96 +178,136 @@ impl EventChannels {
             })
             .collect()
     }
-}
 
-/// Bitmap access to shared_info and vcpu_info in guest RAM. All of it is
-/// bounds-checked by `GuestRam`; a shared_info that is not RAM simply does
-/// nothing (the hypercall that placed it already refused that).
-pub struct EventBits<'a> {
-    pub ram: &'a GuestRam,
-    pub shared_info: u64,
-}
+    // -- where the bits live ------------------------------------------------
 
-fn word_gpa(base: u64, port: u32) -> (u64, u64) {
-    (base + (port as u64 / 64) * 8, 1u64 << (port % 64))
-}
-
-impl EventBits<'_> {
-    fn read_u64(&self, gpa: u64) -> u64 {
-        self.ram.slice(gpa, 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).unwrap_or(0)
+    pub fn shared_info(&self) -> Option<u64> {
+        self.shared_info
     }
-    fn write_u64(&self, gpa: u64, v: u64) {
-        if let Ok(s) = self.ram.slice_mut(gpa, 8) {
-            s.copy_from_slice(&v.to_le_bytes());
+
+    pub fn set_shared_info(&mut self, gpa: Option<u64>) {
+        self.shared_info = gpa;
+    }
+
+    /// Where vCPU `v`'s vcpu_info lives: registered, or its slot in shared_info.
+    pub fn vcpu_info(&self, v: u32) -> Option<u64> {
+        let registered = *self.vcpu_info.get(v as usize)?;
+        registered.or_else(|| {
+            self.shared_info.filter(|_| v < SHARED_INFO_VCPUS).map(|si| si + VCPU_INFO_SIZE * v as u64)
+        })
+    }
+
+    pub fn vcpu_info_registered(&self, v: u32) -> bool {
+        self.vcpu_info.get(v as usize).is_some_and(|r| r.is_some())
+    }
+
+    pub fn register_vcpu_info(&mut self, v: u32, gpa: u64) {
+        if let Some(slot) = self.vcpu_info.get_mut(v as usize) {
+            *slot = Some(gpa);
         }
     }
 
-    pub fn is_pending(&self, port: u32) -> bool {
-        let (gpa, bit) = word_gpa(self.shared_info + SI_PENDING, port);
-        self.read_u64(gpa) & bit != 0
+    // -- the 2-level bits ---------------------------------------------------
+
+    fn word<'r>(&self, ram: &'r GuestRam, array: u64, port: u32) -> Option<(&'r std::sync::atomic::AtomicU64, u64)> {
+        if port >= NR_PORTS {
+            return None;
+        }
+        let si = self.shared_info?;
+        let w = ram.atomic_u64(si + array + (port as u64 / 64) * 8).ok()?;
+        Some((w, 1u64 << (port % 64)))
     }
 
-    pub fn is_masked(&self, port: u32) -> bool {
-        let (gpa, bit) = word_gpa(self.shared_info + SI_MASK, port);
-        self.read_u64(gpa) & bit != 0
+    pub fn is_pending(&self, ram: &GuestRam, port: u32) -> bool {
+        self.word(ram, SI_PENDING, port).is_some_and(|(w, bit)| w.load(SeqCst) & bit != 0)
     }
 
-    pub fn clear_mask(&self, port: u32) {
-        let (gpa, bit) = word_gpa(self.shared_info + SI_MASK, port);
-        self.write_u64(gpa, self.read_u64(gpa) & !bit);
+    pub fn is_masked(&self, ram: &GuestRam, port: u32) -> bool {
+        self.word(ram, SI_MASK, port).is_some_and(|(w, bit)| w.load(SeqCst) & bit != 0)
     }
 
-    pub fn clear_pending(&self, port: u32) {
-        let (gpa, bit) = word_gpa(self.shared_info + SI_PENDING, port);
-        self.write_u64(gpa, self.read_u64(gpa) & !bit);
+    /// Whether vCPU `v` has an event upcall waiting.
+    pub fn upcall_pending(&self, ram: &GuestRam, v: u32) -> bool {
+        self.vcpu_info(v)
+            .and_then(|vi| ram.atomic_u8(vi + VI_UPCALL_PENDING).ok())
+            .is_some_and(|b| b.load(SeqCst) != 0)
     }
 
-    /// Set the port pending; unless masked, flag its word in the vCPU's
-    /// selector and set upcall_pending. Returns whether an upcall is now due.
-    pub fn raise(&self, port: u32, vcpu_info: Option<u64>) -> bool {
-        let (gpa, bit) = word_gpa(self.shared_info + SI_PENDING, port);
-        let w = self.read_u64(gpa);
-        if w & bit != 0 {
+    /// Flag `port`'s word in vCPU `v`'s selector; if that was news, set its
+    /// upcall flag. Returns whether the upcall became pending.
+    fn mark(&self, ram: &GuestRam, port: u32, v: u32) -> bool {
+        let Some(vi) = self.vcpu_info(v) else { return false };
+        let Ok(sel) = ram.atomic_u64(vi + VI_PENDING_SEL) else { return false };
+        let bit = 1u64 << (port / 64);
+        if sel.fetch_or(bit, SeqCst) & bit != 0 {
             return false;
         }
-        self.write_u64(gpa, w | bit);
-        if self.is_masked(port) {
-            return false;
-        }
-        self.select(port, vcpu_info)
+        ram.atomic_u8(vi + VI_UPCALL_PENDING).is_ok_and(|u| u.swap(1, SeqCst) == 0)
     }
 
-    /// After an unmask: deliver what became visible.
-    pub fn unmask(&self, port: u32, vcpu_info: Option<u64>) -> bool {
-        self.clear_mask(port);
-        self.is_pending(port) && self.select(port, vcpu_info)
+    /// Set `port` pending (Xen's evtchn_2l_set_pending). Returns the port's
+    /// vCPU if the port became pending: an unmasked port may have made its
+    /// upcall due, and a vCPU polling the port must look again.
+    pub fn raise(&self, ram: &GuestRam, port: u32) -> Option<u32> {
+        let p = self.get(port)?;
+        let (pending, bit) = self.word(ram, SI_PENDING, port)?;
+        if pending.fetch_or(bit, SeqCst) & bit != 0 {
+            return None;
+        }
+        if !self.is_masked(ram, port) {
+            self.mark(ram, port, p.vcpu);
+        }
+        Some(p.vcpu)
     }
 
-    fn select(&self, port: u32, vcpu_info: Option<u64>) -> bool {
-        let Some(vi) = vcpu_info else { return false };
-        let sel = self.read_u64(vi + VI_PENDING_SEL);
-        let sbit = 1u64 << (port / 64);
-        if sel & sbit == 0 {
-            self.write_u64(vi + VI_PENDING_SEL, sel | sbit);
-        }
-        if let Ok(b) = self.ram.slice_mut(vi + VI_UPCALL_PENDING, 1) {
-            b[0] = 1;
-        }
-        true
+    /// Clear `port`'s mask; deliver it if it was pending (evtchn_2l_unmask).
+    /// Returns the vCPU whose upcall became pending.
+    pub fn unmask(&self, ram: &GuestRam, port: u32) -> Option<u32> {
+        let p = self.get(port)?;
+        let (mask, bit) = self.word(ram, SI_MASK, port)?;
+        let was_masked = mask.fetch_and(!bit, SeqCst) & bit != 0;
+        (was_masked && self.is_pending(ram, port) && self.mark(ram, port, p.vcpu)).then_some(p.vcpu)
     }
-}
 
-pub fn upcall_pending(ram: &GuestRam, vcpu_info: u64) -> bool {
-    ram.slice(vcpu_info + VI_UPCALL_PENDING, 1).map(|b| b[0] != 0).unwrap_or(false)
+    /// EVTCHNOP_send from the guest.
+    pub fn guest_send(&mut self, ram: &GuestRam, port: u32) -> Result<Sent, EvtchnError> {
+        let p = self.get(port).ok_or(EvtchnError::Invalid)?;
+        Ok(match p.state {
+            PortState::Virq(_) | PortState::Ipi => Sent::Local(self.raise(ram, port)),
+            PortState::Interdomain { remote, remote_port } if remote == self.domid => {
+                Sent::Local(self.raise(ram, remote_port))
+            }
+            PortState::Interdomain { remote: DOMID_HOST, .. } => {
+                if !self.host_notifications.contains(&port) {
+                    self.host_notifications.push_back(port);
+                }
+                Sent::Host
+            }
+            _ => Sent::Dropped,
+        })
+    }
+
+    pub fn take_host_notifications(&mut self) -> Vec<u32> {
+        self.host_notifications.drain(..).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SI: u64 = 0x10000;
+
+    fn setup() -> (GuestRam, EventChannels) {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        let mut ev = EventChannels::new(1, 2);
+        ev.set_shared_info(Some(SI));
+        (ram, ev)
+    }
+
     #[test]
     fn port_allocation_and_close() {
-        let mut ev = EventChannels::new(1);
+        let mut ev = EventChannels::new(1, 1);
         let a = ev.alloc(PortState::Virq(VIRQ_TIMER), 0).unwrap();
         let b = ev.alloc(PortState::Ipi, 0).unwrap();
         assert_eq!((a, b), (1, 2));
@@ -238,7 +322,7 @@ mod tests {
 
     #[test]
     fn runs_out_of_ports() {
-        let mut ev = EventChannels::new(1);
+        let mut ev = EventChannels::new(1, 1);
         for _ in 1..NR_PORTS {
             ev.alloc(PortState::Ipi, 0).unwrap();
         }
@@ -246,21 +330,79 @@ mod tests {
     }
 
     #[test]
-    fn raise_sets_bits_in_guest_memory() {
-        let ram = GuestRam::new(1 << 20).unwrap();
-        let bits = EventBits { ram: &ram, shared_info: 0x10000 };
-        let vi = 0x10000; // vcpu_info[0] is at the start of shared_info
-        assert!(bits.raise(70, Some(vi)));
-        assert!(bits.is_pending(70));
-        assert_eq!(ram.slice(vi + VI_PENDING_SEL, 8).unwrap()[0], 0b10);
-        assert!(upcall_pending(&ram, vi));
+    fn raise_sets_bits_of_the_ports_vcpu() {
+        let (ram, mut ev) = setup();
+        for _ in 0..70 {
+            ev.alloc(PortState::Ipi, 1).unwrap();
+        }
+        let vi1 = SI + VCPU_INFO_SIZE; // vCPU 1's slot in shared_info
+        assert_eq!(ev.raise(&ram, 70), Some(1));
+        assert!(ev.is_pending(&ram, 70));
+        assert_eq!(ram.slice(vi1 + VI_PENDING_SEL, 8).unwrap()[0], 0b10);
+        assert!(ev.upcall_pending(&ram, 1));
+        assert!(!ev.upcall_pending(&ram, 0));
         // Raising again is a no-op; a masked port stays quiet until unmasked.
-        assert!(!bits.raise(70, Some(vi)));
-        ram.slice_mut(vi, 1).unwrap()[0] = 0;
-        ram.slice_mut(0x10000 + SI_MASK, 8).unwrap()[0] = 1 << 3;
-        assert!(!bits.raise(3, Some(vi)));
-        assert!(!upcall_pending(&ram, vi));
-        assert!(bits.unmask(3, Some(vi)));
-        assert!(upcall_pending(&ram, vi));
+        assert_eq!(ev.raise(&ram, 70), None);
+        ram.slice_mut(vi1, 1).unwrap()[0] = 0;
+        ram.slice_mut(vi1 + VI_PENDING_SEL, 8).unwrap().fill(0);
+        ram.slice_mut(SI + SI_MASK, 8).unwrap()[0] = 1 << 3;
+        assert_eq!(ev.raise(&ram, 3), Some(1), "pending even when masked (pollers look)");
+        assert!(!ev.upcall_pending(&ram, 1));
+        assert_eq!(ev.unmask(&ram, 3), Some(1));
+        assert!(ev.upcall_pending(&ram, 1));
+        assert_eq!(ev.unmask(&ram, 3), None, "already unmasked");
+    }
+
+    #[test]
+    fn registered_vcpu_info_and_the_32_slot_limit() {
+        let mut ev = EventChannels::new(1, 40);
+        assert_eq!(ev.vcpu_info(0), None, "no shared_info yet");
+        ev.set_shared_info(Some(SI));
+        assert_eq!(ev.vcpu_info(31), Some(SI + 31 * 64));
+        assert_eq!(ev.vcpu_info(32), None);
+        ev.register_vcpu_info(32, 0x20040);
+        assert_eq!(ev.vcpu_info(32), Some(0x20040));
+        assert_eq!(ev.vcpu_info(40), None);
+    }
+
+    #[test]
+    fn bits_are_set_atomically_against_a_concurrent_guest() {
+        // Another thread plays a guest vCPU setting pending bits in the same
+        // words with LOCK OR while the host raises the other ports: a
+        // read-then-write on either side would lose bits.
+        let (ram, mut ev) = setup();
+        for _ in 1..NR_PORTS {
+            ev.alloc(PortState::Ipi, 0).unwrap();
+        }
+        let ram = std::sync::Arc::new(ram);
+        let guest = {
+            let ram = ram.clone();
+            std::thread::spawn(move || {
+                for port in (0..NR_PORTS as u64).step_by(2) {
+                    ram.atomic_u64(SI + SI_PENDING + (port / 64) * 8).unwrap().fetch_or(1 << (port % 64), SeqCst);
+                }
+            })
+        };
+        for port in (1..NR_PORTS).step_by(2) {
+            assert_eq!(ev.raise(&ram, port), Some(0));
+        }
+        guest.join().unwrap();
+        for w in 0..64 {
+            assert_eq!(ram.atomic_u64(SI + SI_PENDING + w * 8).unwrap().load(SeqCst), u64::MAX, "word {w}");
+        }
+    }
+
+    #[test]
+    fn sends_go_local_to_the_host_or_nowhere() {
+        let (ram, mut ev) = setup();
+        let ipi = ev.alloc(PortState::Ipi, 1).unwrap();
+        let host = ev.alloc(PortState::Interdomain { remote: DOMID_HOST, remote_port: 0 }, 0).unwrap();
+        let unbound = ev.alloc(PortState::Unbound { remote: 5 }, 0).unwrap();
+        assert_eq!(ev.guest_send(&ram, ipi), Ok(Sent::Local(Some(1))));
+        assert_eq!(ev.guest_send(&ram, host), Ok(Sent::Host));
+        assert_eq!(ev.guest_send(&ram, host), Ok(Sent::Host));
+        assert_eq!(ev.take_host_notifications(), vec![host]);
+        assert_eq!(ev.guest_send(&ram, unbound), Ok(Sent::Dropped));
+        assert_eq!(ev.guest_send(&ram, 999), Err(EvtchnError::Invalid));
     }
 }

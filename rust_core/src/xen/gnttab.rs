@@ -9,6 +9,7 @@
 //! GTF_writing, so the guest sees the page in use and cannot revoke it.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::SeqCst;
 
 use crate::memory::GuestRam;
 
@@ -130,11 +131,50 @@ impl GrantTable {
         ram.slice(gpa, 2).map(|s| u16::from_le_bytes([s[0], s[1]])).map_err(|_| GrantError::BadRef)
     }
 
-    fn update_flags(&self, ram: &GuestRam, gref: u32, set: u16, clear: u16) -> Result<(), GrantError> {
-        let gpa = self.flags_gpa(gref)?;
-        let s = ram.slice_mut(gpa, 2).map_err(|_| GrantError::BadRef)?;
-        let v = (u16::from_le_bytes([s[0], s[1]]) | set) & !clear;
-        s.copy_from_slice(&v.to_le_bytes());
+    /// Whether an entry's flags and domid let `backend` access it.
+    fn permits(flags: u16, domid: u16, backend: u16, write: bool) -> Result<(), GrantError> {
+        if flags & GTF_TYPE_MASK != GTF_PERMIT_ACCESS || domid != backend {
+            return Err(GrantError::PermissionDenied);
+        }
+        if write && flags & GTF_READONLY != 0 {
+            return Err(GrantError::PermissionDenied);
+        }
+        Ok(())
+    }
+
+    /// Mark `gref` in use (GTF_reading, and GTF_writing for a write) if it
+    /// still lets `backend` in, in one step the guest cannot get between:
+    /// the guest revokes a grant with a compare-and-swap that fails while
+    /// the in-use flags are set, so they are set here with a compare-and-swap
+    /// that fails if the guest revoked or changed the entry meanwhile (as
+    /// Xen's `_set_status_v1/v2` do).
+    fn acquire(&self, ram: &GuestRam, gref: u32, backend: u16, write: bool) -> Result<(), GrantError> {
+        let e = self.entry_gpa(gref)?;
+        let in_use = if write { GTF_READING | GTF_WRITING } else { GTF_READING };
+        if self.version == 1 {
+            // flags (u16) and domid (u16) are one 32-bit word.
+            let word = ram.atomic_u32(e).map_err(|_| GrantError::BadRef)?;
+            let mut cur = word.load(SeqCst);
+            loop {
+                Self::permits(cur as u16, (cur >> 16) as u16, backend, write)?;
+                match word.compare_exchange(cur, cur | in_use as u32, SeqCst, SeqCst) {
+                    Ok(_) => return Ok(()),
+                    Err(now) => cur = now,
+                }
+            }
+        }
+        // v2: the in-use flags live in the status frame: set them, then
+        // look at the entry again and back out if the guest revoked it.
+        let status = ram.atomic_u16(self.flags_gpa(gref)?).map_err(|_| GrantError::BadRef)?;
+        let read_entry = || -> Result<(u16, u16), GrantError> { Ok((Self::read_u16(ram, e)?, Self::read_u16(ram, e + 2)?)) };
+        let (flags, domid) = read_entry()?;
+        Self::permits(flags, domid, backend, write)?;
+        let before = status.fetch_or(in_use, SeqCst);
+        let (flags, domid) = read_entry()?;
+        if let Err(err) = Self::permits(flags, domid, backend, write) {
+            status.fetch_and(!(in_use & !before), SeqCst);
+            return Err(err);
+        }
         Ok(())
     }
 
@@ -156,13 +196,7 @@ impl GrantTable {
         }
         let e = self.entry_gpa(gref)?;
         let flags = Self::read_u16(ram, e)?;
-        let domid = Self::read_u16(ram, e + 2)?;
-        if flags & GTF_TYPE_MASK != GTF_PERMIT_ACCESS || domid != backend {
-            return Err(GrantError::PermissionDenied);
-        }
-        if write && flags & GTF_READONLY != 0 {
-            return Err(GrantError::PermissionDenied);
-        }
+        Self::permits(flags, Self::read_u16(ram, e + 2)?, backend, write)?;
         let entry = ram.slice(e, self.entry_size()).map_err(|_| GrantError::BadRef)?;
         let (frame, win_off, win_len) = if self.version == 2 {
             let frame = u64::from_le_bytes(entry[8..16].try_into().unwrap());
@@ -191,34 +225,45 @@ impl GrantTable {
         Ok(Granted { gpa, len, writable: write })
     }
 
+    /// Check, mark in use, and check again under the flags (the guest may
+    /// have rewritten the entry between the first check and the acquire).
+    fn begin(&self, ram: &GuestRam, gref: u32, backend: u16, offset: u64, len: u64, write: bool) -> Result<Granted, GrantError> {
+        self.check(ram, gref, backend, offset, len, write)?;
+        self.acquire(ram, gref, backend, write)?;
+        self.check(ram, gref, backend, offset, len, write).inspect_err(|_| {
+            let _ = self.release(ram, gref);
+        })
+    }
+
     /// Copy out of a granted page (GNTTABOP_copy with a guest source).
     pub fn read(&self, ram: &GuestRam, gref: u32, backend: u16, offset: u64, buf: &mut [u8]) -> Result<(), GrantError> {
-        let g = self.check(ram, gref, backend, offset, buf.len() as u64, false)?;
-        self.update_flags(ram, gref, GTF_READING, 0)?;
-        buf.copy_from_slice(ram.slice(g.gpa, g.len).map_err(|_| GrantError::BadPage)?);
-        self.release(ram, gref, false)
+        let g = self.begin(ram, gref, backend, offset, buf.len() as u64, false)?;
+        let copied = ram.slice(g.gpa, g.len).map(|s| buf.copy_from_slice(s)).map_err(|_| GrantError::BadPage);
+        self.release(ram, gref)?;
+        copied
     }
 
     /// Copy into a granted page.
     pub fn write(&self, ram: &GuestRam, gref: u32, backend: u16, offset: u64, data: &[u8]) -> Result<(), GrantError> {
-        let g = self.check(ram, gref, backend, offset, data.len() as u64, true)?;
-        self.update_flags(ram, gref, GTF_READING | GTF_WRITING, 0)?;
-        ram.slice_mut(g.gpa, g.len).map_err(|_| GrantError::BadPage)?.copy_from_slice(data);
-        self.release(ram, gref, true)
+        let g = self.begin(ram, gref, backend, offset, data.len() as u64, true)?;
+        let copied = ram.slice_mut(g.gpa, g.len).map(|s| s.copy_from_slice(data)).map_err(|_| GrantError::BadPage);
+        self.release(ram, gref)?;
+        copied
     }
 
     /// Map a whole granted page (or its sub-page window) for the backend.
     /// The in-use flags stay set until `unmap`.
     pub fn map(&mut self, ram: &GuestRam, gref: u32, backend: u16, write: bool) -> Result<Granted, GrantError> {
-        let e = self.entry_gpa(gref).map_err(|_| GrantError::BadRef)?;
+        if self.frames.is_empty() {
+            return Err(GrantError::General);
+        }
+        let e = self.entry_gpa(gref)?;
         let window = if self.version == 2 && Self::read_u16(ram, e)? & GTF_SUB_PAGE != 0 {
-            ram.slice(e + 6, 2).map(|s| u16::from_le_bytes([s[0], s[1]]) as u64).map_err(|_| GrantError::BadRef)?
+            Self::read_u16(ram, e + 6)? as u64
         } else {
             PAGE
         };
-        let g = self.check(ram, gref, backend, 0, window, write)?;
-        let set = if write { GTF_READING | GTF_WRITING } else { GTF_READING };
-        self.update_flags(ram, gref, set, 0)?;
+        let g = self.begin(ram, gref, backend, 0, window, write)?;
         let m = self.mapped.entry(gref).or_default();
         if write {
             m.1 += 1;
@@ -238,13 +283,12 @@ impl GrantTable {
         if *m == (0, 0) {
             self.mapped.remove(&gref);
         }
-        self.release(ram, gref, write)
+        self.release(ram, gref)
     }
 
     /// Clear the in-use flags an access set, unless mappings still hold them.
-    fn release(&self, ram: &GuestRam, gref: u32, write: bool) -> Result<(), GrantError> {
+    fn release(&self, ram: &GuestRam, gref: u32) -> Result<(), GrantError> {
         let (readers, writers) = self.mapped.get(&gref).copied().unwrap_or((0, 0));
-        let _ = write;
         let mut clear = 0;
         if writers == 0 {
             clear |= GTF_WRITING;
@@ -252,7 +296,9 @@ impl GrantTable {
         if readers == 0 && writers == 0 {
             clear |= GTF_READING;
         }
-        self.update_flags(ram, gref, 0, clear)
+        let flags = ram.atomic_u16(self.flags_gpa(gref)?).map_err(|_| GrantError::BadRef)?;
+        flags.fetch_and(!clear, SeqCst);
+        Ok(())
     }
 }
 
@@ -280,7 +326,7 @@ mod tests {
 
     #[test]
     fn v1_checks() {
-        let (ram, mut gt) = setup(1);
+        let (ram, gt) = setup(1);
         ram.slice_mut(0x20000, 4).unwrap().copy_from_slice(b"data");
         v1_entry(&ram, 3, GTF_PERMIT_ACCESS, 0, 0x20);
         v1_entry(&ram, 4, GTF_PERMIT_ACCESS | GTF_READONLY, 0, 0x20);
@@ -319,6 +365,21 @@ mod tests {
         assert_eq!(GrantTable::read_u16(&ram, 0x10008).unwrap(), GTF_PERMIT_ACCESS);
         assert!(!gt.in_use());
         assert_eq!(gt.unmap(&ram, 1, true), Err(GrantError::BadRef));
+    }
+
+    #[test]
+    fn a_revoked_or_changed_entry_is_not_acquired() {
+        let (ram, gt) = setup(1);
+        v1_entry(&ram, 2, GTF_PERMIT_ACCESS | GTF_READONLY, 0, 0x20);
+        assert_eq!(gt.acquire(&ram, 2, 0, true), Err(GrantError::PermissionDenied));
+        gt.acquire(&ram, 2, 0, false).unwrap();
+        // The guest's revoke (cmpxchg flags -> 0 unless in use) now fails.
+        let word = ram.atomic_u32(0x10000 + 2 * 8).unwrap();
+        let permit = (GTF_PERMIT_ACCESS | GTF_READONLY) as u32;
+        assert!(word.compare_exchange(permit, 0, SeqCst, SeqCst).is_err());
+        gt.release(&ram, 2).unwrap();
+        assert!(word.compare_exchange(permit, 0, SeqCst, SeqCst).is_ok());
+        assert_eq!(gt.acquire(&ram, 2, 0, false), Err(GrantError::PermissionDenied));
     }
 
     #[test]

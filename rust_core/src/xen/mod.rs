@@ -1,18 +1,35 @@
-//! Xen's domain-wide state: shared_info, per-vCPU Xen state (vcpu_info,
-//! timers, upcall vector, runstate), event channels, HVM parameters, the
-//! memory map, the hypervisor console and the hypercall log.
+//! Xen's domain-wide state, and who may touch it when.
+//!
+//! * `DomainState` belongs to the domain's run thread, the one thread on
+//!   which all of its vCPUs run (round-robin, see domain.rs): HVM
+//!   parameters, the memory map, the hypervisor console, the hypercall
+//!   log, the clock. Hypercall handlers get it as `&mut` for the length of
+//!   one call; Python reaches it only between runs (the `Vm`'s borrow).
+//! * `SharedState` is what other threads may reach while vCPUs run: the
+//!   event channels behind the port lock and the grant table behind the
+//!   grant lock (QEMU's xen_evtchn.c and xen_gnttab.c keep the same two
+//!   locks), guest RAM, and the waker that brings the run loop back.
+//!   Neither lock is held across `uc_emu_start`, nor one while taking the
+//!   other. Guest-visible bits under them (pending/mask bitmaps,
+//!   selectors, grant flags) are changed with atomic operations, because
+//!   the guest changes the same words with LOCK'd instructions.
+//!
+//! Per-vCPU state (timers, runstate, registrations, LAPIC) lives in each
+//! `vcpu::Vcpu`; only the location of each vcpu_info is also kept by the
+//! event channels, which need it to deliver.
 
 pub mod evtchn;
 pub mod gnttab;
 pub mod time;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::hypercall::HypercallLog;
-use crate::lapic::Lapic;
+use crate::hypercall_log::HypercallLog;
 use crate::memory::GuestRam;
-use evtchn::{EventBits, EventChannels, PortState, DOMID_HOST};
+use crate::waker::Waker;
+use evtchn::{EventChannels, PortState, DOMID_HOST, VI_TIME};
+use gnttab::GrantTable;
 use time::Clock;
 
 /// HVM_PARAM_* (hvm/params.h) the core knows by number.
@@ -28,117 +45,99 @@ pub mod hvm_param {
 /// What the host's console output buffer may hold before old output is dropped.
 pub const CONSOLE_OUT_CAP: usize = 16 << 20;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PeriodicTimer {
-    pub period_ns: u64,
-    pub next_ns: u64,
+// shared_info: the wall clock (xen.h, x86-64 layout).
+const SI_WC_VERSION: usize = 3072;
+const SI_WC_SEC: usize = 3076;
+const SI_WC_NSEC: usize = 3080;
+const SI_WC_SEC_HI: usize = 3084;
+
+fn unpoison<T>(r: std::sync::LockResult<MutexGuard<'_, T>>) -> MutexGuard<'_, T> {
+    r.unwrap_or_else(|e| e.into_inner())
 }
 
-/// RUNSTATE_* (vcpu.h).
-pub const RUNSTATE_RUNNING: u32 = 0;
-pub const RUNSTATE_BLOCKED: u32 = 2;
-
-#[derive(Debug, Clone)]
-pub struct VcpuXen {
-    /// vcpu_info registered with VCPUOP_register_vcpu_info (guest-physical).
-    pub vcpu_info: Option<u64>,
-    /// HVMOP_set_evtchn_upcall_vector.
-    pub upcall_vector: Option<u8>,
-    pub singleshot_ns: Option<u64>,
-    pub periodic: Option<PeriodicTimer>,
-    /// Guest-virtual addresses given by VCPUOP_register_{runstate,vcpu_time}_memory_area.
-    pub runstate_area: Option<u64>,
-    pub time_area: Option<u64>,
-    pub runstate: u32,
-    pub runstate_entry_ns: u64,
-    pub runstate_time: [u64; 4],
-    pub lapic: Lapic,
-    pub online: bool,
+/// The domain state other threads may reach while the vCPUs run.
+pub struct SharedState {
+    pub ram: Arc<GuestRam>,
+    evtchn: Mutex<EventChannels>,
+    gnttab: Mutex<GrantTable>,
+    pub waker: Waker,
 }
 
-impl VcpuXen {
-    pub fn new(id: u32) -> Self {
+impl SharedState {
+    pub fn new(ram: Arc<GuestRam>, domid: u16, nr_vcpus: u32, waker: Waker) -> Self {
         Self {
-            vcpu_info: None,
-            upcall_vector: None,
-            singleshot_ns: None,
-            periodic: None,
-            runstate_area: None,
-            time_area: None,
-            runstate: RUNSTATE_RUNNING,
-            runstate_entry_ns: 0,
-            runstate_time: [0; 4],
-            lapic: Lapic::new(id),
-            online: id == 0,
+            ram,
+            evtchn: Mutex::new(EventChannels::new(domid, nr_vcpus)),
+            gnttab: Mutex::new(GrantTable::new()),
+            waker,
         }
     }
 
-    /// struct vcpu_runstate_info { int state; uint64_t state_entry_time;
-    /// uint64_t time[4]; } as of system time `now`.
-    pub fn runstate_info(&self, now: u64) -> [u8; 48] {
-        let mut time = self.runstate_time;
-        time[self.runstate as usize] += now.saturating_sub(self.runstate_entry_ns);
-        let mut b = [0u8; 48];
-        b[0..4].copy_from_slice(&self.runstate.to_le_bytes());
-        b[8..16].copy_from_slice(&self.runstate_entry_ns.to_le_bytes());
-        for (i, t) in time.iter().enumerate() {
-            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&t.to_le_bytes());
-        }
-        b
+    /// The port lock.
+    pub fn ports(&self) -> MutexGuard<'_, EventChannels> {
+        unpoison(self.evtchn.lock())
     }
 
-    /// The earliest timer deadline of this vCPU.
-    pub fn next_deadline(&self) -> Option<u64> {
-        match (self.singleshot_ns, self.periodic.map(|p| p.next_ns)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    /// The grant lock.
+    pub fn grants(&self) -> MutexGuard<'_, GrantTable> {
+        unpoison(self.gnttab.lock())
+    }
+
+    /// Raise the guest's end of a host port, from any thread, and wake the
+    /// run loop. False if the port does not belong to the host.
+    pub fn notify_guest(&self, port: u32) -> bool {
+        let ev = self.ports();
+        match ev.get(port).map(|p| p.state) {
+            Some(PortState::Interdomain { remote: DOMID_HOST, .. }) => {
+                let raised = ev.raise(&self.ram, port);
+                drop(ev);
+                if raised.is_some() {
+                    self.waker.wake_vcpus();
+                }
+                true
+            }
+            _ => false,
         }
     }
 }
 
-pub struct XenState {
+/// The domain state that belongs to the run thread.
+pub struct DomainState {
     pub domid: u32,
     pub uuid: [u8; 16],
     pub ram: Arc<GuestRam>,
     pub clock: Clock,
+    pub shared: Arc<SharedState>,
     pub console_out: Vec<u8>,
     pub console_in: VecDeque<u8>,
     pub log: HypercallLog,
     pub shutdown_code: Option<u32>,
-    pub shared_info: Option<u64>,
-    pub vcpus: Vec<VcpuXen>,
-    pub evtchn: EventChannels,
     pub hvm_params: [u64; hvm_param::NR],
     /// E820 map for XENMEM_memory_map: (addr, size, type).
     pub memory_map: Vec<(u64, u64, u32)>,
-    /// Guest ports the guest has notified and the host has not collected.
-    pub host_notifications: VecDeque<u32>,
     pub vm_assist: u64,
-    pub gnttab: gnttab::GrantTable,
-    /// Overlay pages (guest-physical, host address) the vCPUs must map.
+    /// Overlay pages (guest-physical, host address) the engine must map.
     pub pending_maps: Vec<(u64, usize)>,
+    pub nr_vcpus: u32,
 }
 
-impl XenState {
-    pub fn new(domid: u32, uuid: [u8; 16], ram: Arc<GuestRam>, nr_vcpus: u32) -> Self {
+impl DomainState {
+    pub fn new(domid: u32, uuid: [u8; 16], shared: Arc<SharedState>, nr_vcpus: u32) -> Self {
         Self {
             domid,
             uuid,
-            ram,
+            ram: shared.ram.clone(),
             clock: Clock::new(),
+            shared,
             console_out: Vec::new(),
             console_in: VecDeque::new(),
-            log: HypercallLog::default(),
+            log: HypercallLog::new(nr_vcpus),
             shutdown_code: None,
-            shared_info: None,
-            vcpus: (0..nr_vcpus).map(VcpuXen::new).collect(),
-            evtchn: EventChannels::new(domid as u16),
             hvm_params: [0; hvm_param::NR],
             memory_map: Vec::new(),
-            host_notifications: VecDeque::new(),
             vm_assist: 0,
-            gnttab: gnttab::GrantTable::new(),
             pending_maps: Vec::new(),
+            nr_vcpus,
         }
     }
 
@@ -147,98 +146,26 @@ impl XenState {
         self.clock.now_ns()
     }
 
-    /// Where vCPU `v`'s vcpu_info lives: registered, or its slot in shared_info.
-    pub fn vcpu_info_gpa(&self, v: u32) -> Option<u64> {
-        let x = self.vcpus.get(v as usize)?;
-        x.vcpu_info.or_else(|| self.shared_info.filter(|_| v < 32).map(|si| si + 64 * v as u64))
+    pub fn ports(&self) -> MutexGuard<'_, EventChannels> {
+        self.shared.ports()
     }
 
-    fn bits(&self) -> Option<EventBits<'_>> {
-        self.shared_info.map(|si| EventBits { ram: &self.ram, shared_info: si })
-    }
-
-    /// Raise a local port (pending bit, selector, upcall flag).
-    pub fn raise(&mut self, port: u32) -> bool {
-        let Some(p) = self.evtchn.get(port) else { return false };
-        let vi = self.vcpu_info_gpa(p.vcpu);
-        self.bits().map(|b| b.raise(port, vi)).unwrap_or(false)
-    }
-
-    pub fn unmask(&mut self, port: u32) -> bool {
-        let vcpu = self.evtchn.get(port).map(|p| p.vcpu).unwrap_or(0);
-        let vi = self.vcpu_info_gpa(vcpu);
-        self.bits().map(|b| b.unmask(port, vi)).unwrap_or(false)
-    }
-
-    pub fn is_pending(&self, port: u32) -> bool {
-        self.bits().map(|b| b.is_pending(port)).unwrap_or(false)
-    }
-
-    /// EVTCHNOP_send from the guest. Returns true if the host must be told.
-    pub fn guest_send(&mut self, port: u32) -> Result<bool, ()> {
-        let p = self.evtchn.get(port).ok_or(())?;
-        match p.state {
-            PortState::Virq(_) | PortState::Ipi => {
-                self.raise(port);
-                Ok(false)
-            }
-            PortState::Interdomain { remote, remote_port } if remote as u32 == self.domid => {
-                self.raise(remote_port);
-                Ok(false)
-            }
-            PortState::Interdomain { remote: DOMID_HOST, .. } => {
-                if !self.host_notifications.contains(&port) {
-                    self.host_notifications.push_back(port);
-                }
-                Ok(true)
-            }
-            // Unbound, or bound to a domain that does not exist: dropped.
-            _ => Ok(false),
-        }
-    }
-
-    /// Raise VIRQ `virq` on vCPU `v`, if the guest bound it.
-    pub fn raise_virq(&mut self, virq: u32, v: u32) -> bool {
-        match self.evtchn.find_virq(virq, v) {
-            Some(port) => self.raise(port),
-            None => false,
-        }
-    }
-
-    /// Fire vCPU `v`'s timers that are due at `now`.
-    pub fn fire_timers(&mut self, v: u32, now: u64) {
-        let Some(x) = self.vcpus.get_mut(v as usize) else { return };
-        let mut fire = false;
-        if let Some(d) = x.singleshot_ns {
-            if d <= now {
-                x.singleshot_ns = None;
-                fire = true;
-            }
-        }
-        if let Some(p) = x.periodic.as_mut() {
-            if p.next_ns <= now {
-                fire = true;
-                let missed = (now - p.next_ns) / p.period_ns + 1;
-                p.next_ns += missed * p.period_ns;
-            }
-        }
-        if fire {
-            self.raise_virq(evtchn::VIRQ_TIMER, v);
-        }
+    pub fn grants(&self) -> MutexGuard<'_, GrantTable> {
+        self.shared.grants()
     }
 
     /// Refresh the pvclock in vCPU `v`'s vcpu_info (version odd while writing).
-    pub fn update_vcpu_time(&mut self, v: u32) -> Option<[u8; 32]> {
-        let vi = self.vcpu_info_gpa(v)?;
-        let body = self.clock.time_info();
-        write_time_info(&self.ram, vi + 32, &body);
-        Some(body)
+    pub fn update_vcpu_time(&self, v: u32) {
+        if let Some(vi) = self.ports().vcpu_info(v) {
+            write_time_info(&self.ram, vi + VI_TIME, &self.clock.time_info());
+        }
     }
 
     /// Put shared_info at guest-physical `gpa` (a RAM page), with the wall clock.
     pub fn place_shared_info(&mut self, gpa: u64) -> bool {
         let Ok(page) = self.ram.slice_mut(gpa, 4096) else { return false };
-        match self.shared_info {
+        let old = self.ports().shared_info();
+        match old {
             Some(old) if old != gpa => {
                 // Move the live contents, as the page is Xen's, not the frame's.
                 if let Ok(o) = self.ram.slice(old, 4096) {
@@ -250,20 +177,21 @@ impl XenState {
             None => {
                 page.fill(0);
                 // Every port masked until the guest unmasks it, as Xen starts them.
-                page[2560..3072].fill(0xff);
+                page[evtchn::SI_MASK as usize..evtchn::SI_MASK as usize + 512].fill(0xff);
             }
         }
-        self.shared_info = Some(gpa);
+        self.ports().set_shared_info(Some(gpa));
         let wall = self.clock.boot_wall;
         let sec = wall.as_secs();
         let p = self.ram.slice_mut(gpa, 4096).expect("checked");
-        let ver = u32::from_le_bytes(p[3072..3076].try_into().unwrap()).wrapping_add(1) | 1;
-        p[3072..3076].copy_from_slice(&ver.to_le_bytes());
-        p[3076..3080].copy_from_slice(&(sec as u32).to_le_bytes());
-        p[3080..3084].copy_from_slice(&wall.subsec_nanos().to_le_bytes());
-        p[3084..3088].copy_from_slice(&((sec >> 32) as u32).to_le_bytes());
-        p[3072..3076].copy_from_slice(&ver.wrapping_add(1).to_le_bytes());
-        for v in 0..self.vcpus.len() as u32 {
+        let field = |off: usize| off..off + 4;
+        let ver = u32::from_le_bytes(p[field(SI_WC_VERSION)].try_into().unwrap()).wrapping_add(1) | 1;
+        p[field(SI_WC_VERSION)].copy_from_slice(&ver.to_le_bytes());
+        p[field(SI_WC_SEC)].copy_from_slice(&(sec as u32).to_le_bytes());
+        p[field(SI_WC_NSEC)].copy_from_slice(&wall.subsec_nanos().to_le_bytes());
+        p[field(SI_WC_SEC_HI)].copy_from_slice(&((sec >> 32) as u32).to_le_bytes());
+        p[field(SI_WC_VERSION)].copy_from_slice(&ver.wrapping_add(1).to_le_bytes());
+        for v in 0..self.nr_vcpus {
             self.update_vcpu_time(v);
         }
         true
@@ -273,6 +201,13 @@ impl XenState {
         if self.console_out.len() < CONSOLE_OUT_CAP {
             self.console_out.extend_from_slice(data);
         }
+    }
+
+    /// The event upcall vector of the domain (HVM_PARAM_CALLBACK_IRQ of
+    /// type 2), used by vCPUs without a vector of their own.
+    pub fn callback_vector(&self) -> Option<u8> {
+        let callback = self.hvm_params[hvm_param::CALLBACK_IRQ];
+        (callback >> 56 == 2).then_some(callback as u8)
     }
 }
 

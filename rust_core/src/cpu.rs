@@ -1,0 +1,651 @@
+//! The engine the domain's vCPUs run on, and its hooks.
+//!
+//! One Unicorn engine serves every vCPU of a domain, in turn: a vCPU's
+//! registers are loaded into the engine for its time slice and saved back
+//! after it (`load`/`save`), as QEMU's single-threaded round-robin TCG
+//! runs several CPUs. One engine rather than one per vCPU because
+//! (docs/unicorn.md): LOCK'd instructions are not atomic between engines
+//! on different threads, so vCPUs share one thread anyway; and an engine
+//! only notices writes to code it translated when they come through
+//! itself: with an engine per vCPU, code that one vCPU patches (Linux's
+//! static keys, alternatives, text_poke) would stay stale in the others'
+//! translation caches. One engine also translates the kernel once, not
+//! once per vCPU.
+//!
+//! Hooks run inside Unicorn and only record why they stopped the engine
+//! (`Stop`), except hypercalls, CPUID, port I/O and LAPIC accesses, which
+//! are served in the hook without leaving the engine. Anything that edits
+//! hidden CPU state happens after the engine has stopped, where the saved
+//! state is complete (`unicorn_gaps`).
+
+use std::ffi::{c_int, c_uint, c_void};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use unicorn_engine::{uc_engine, uc_error, HookType, X86Insn};
+
+use crate::cpuid::{CpuidPolicy, XEN_CPUID_BASE, XEN_HYPERCALL_MSR};
+use crate::exit::ExitReason;
+use crate::hypercall::{self, Call};
+use crate::interrupts;
+use crate::lapic::{self, IpiKind, LAPIC_BASE, LAPIC_SIZE};
+use crate::layout;
+use crate::memory::GuestRam;
+use crate::mmu::{self, PagingState};
+use crate::ticker::{KickFlags, Kicker, Ticker};
+use crate::uc::{self, Engine, Reg};
+use crate::unicorn_gaps::{self, BlobLayout, CpuState};
+use crate::vcpu::Vcpu;
+use crate::xen::DomainState;
+
+pub const MSR_EFER: u32 = 0xc000_0080;
+pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+pub const MSR_CSTAR: u32 = 0xc000_0083;
+pub const MSR_FMASK: u32 = 0xc000_0084;
+
+const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+
+/// Why a hook stopped the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// Look again before going on: a kick, a timer or event changed, an
+    /// interrupt for this vCPU.
+    Kicked,
+    /// Xen placed pages outside RAM: map them before the guest goes on.
+    Remap,
+    Syscall,
+    WatchHypercallMsr,
+    /// The vCPU blocked or polls (SCHEDOP_block/poll): its slice ends.
+    Block,
+    /// Another vCPU was woken (an IPI, an event): end this slice so that it
+    /// runs soon.
+    Yield,
+    Exit(ExitReason),
+}
+
+/// What the hooks reach while the engine runs, set for each `start`.
+/// Raw pointers: the hooks are called behind Rust's back, and the slice
+/// loop holds no reference to these while the engine runs.
+struct RunCtx {
+    dom: *mut DomainState,
+    vcpus: *mut Vec<Vcpu>,
+}
+
+/// Heap-allocated and reached only through a raw pointer: Unicorn's
+/// callbacks write to it, so no `&mut` to it may be live across `uc_emu_start`.
+struct HookData {
+    ram: Arc<GuestRam>,
+    ctx: RunCtx,
+    /// The vCPU whose registers the engine holds.
+    current: u32,
+    cpuid: CpuidPolicy,
+    stop: Option<Stop>,
+    /// An exception Unicorn raised (RIP at the faulting instruction, or
+    /// after INT n). Kept apart from `stop`: with Unicorn's exit checks
+    /// off, a stop requested mid-block lets the block go on, and a fault
+    /// later in it must not erase the earlier reason (or the reverse).
+    exception: Option<u8>,
+    /// CPU state at the last CPUID of leaf base+2 (see `on_cpuid`).
+    cpuid_snapshot: uc::Context,
+    /// Replaying after a rewind: CPUID answers without stopping again.
+    replaying: bool,
+    layout: BlobLayout,
+    /// The engine's state at power-on (what INIT resets a vCPU to).
+    pristine: CpuState,
+    /// Shared with the ticker (see ticker.rs).
+    kick: *const KickFlags,
+}
+
+impl Stop {
+    /// When two reasons meet in one run, the one that needs more of the
+    /// loop wins (the others are implied by it or harmless to drop).
+    fn rank(&self) -> u8 {
+        match self {
+            Stop::Kicked => 0,
+            Stop::Yield => 1,
+            Stop::Syscall => 2,
+            Stop::WatchHypercallMsr => 3,
+            Stop::Remap => 4,
+            Stop::Block => 5,
+            Stop::Exit(_) => 6,
+        }
+    }
+}
+
+impl HookData {
+    /// Record why the engine stops.
+    fn stop(&mut self, uc: *mut uc_engine, why: Stop) {
+        if self.stop.as_ref().is_none_or(|s| s.rank() < why.rank()) {
+            self.stop = Some(why);
+        }
+        unsafe { uc::raw_stop(uc) };
+    }
+}
+
+pub struct Cpu {
+    // Field order matters: the engine (and its hooks) goes before HookData.
+    engine: Engine,
+    hooks: *mut HookData,
+    ticker: Ticker,
+    /// Scratch state for editing the loaded vCPU's hidden state.
+    pub scratch: CpuState,
+    /// Unicorn's exit check after memory accesses is on (only while stepping).
+    exit_checks: bool,
+    /// Translated code thrown away whole (ours, and Unicorn's after a step).
+    pub code_cache_flushes: u64,
+    /// Times another vCPU's registers were loaded.
+    pub context_switches: u64,
+    /// The vCPU whose translations the TLB holds.
+    tlb_owner: Option<u32>,
+    /// Instructions left to watch for the hypercall-page WRMSR.
+    pub msr_watch: u32,
+    /// A hypercall page was requested at a guest-physical frame that is not RAM.
+    pub bad_hypercall_page: bool,
+}
+
+unsafe fn paging_of_raw(uc: *mut uc_engine) -> PagingState {
+    PagingState {
+        cr0: uc::raw_read(uc, Reg::CR0),
+        cr3: uc::raw_read(uc, Reg::CR3),
+        cr4: uc::raw_read(uc, Reg::CR4),
+        efer: uc::raw_read_msr(uc, MSR_EFER),
+    }
+}
+
+/// The linear address of the next instruction: CS base + IP in real mode,
+/// RIP otherwise (every protected-mode code segment we run is flat).
+unsafe fn linear_ip_raw(uc: *mut uc_engine) -> u64 {
+    let rip = uc::raw_read(uc, Reg::RIP);
+    if uc::raw_read(uc, Reg::CR0) & mmu::CR0_PE == 0 {
+        (uc::raw_read(uc, Reg::CS) << 4) + (rip & 0xffff)
+    } else {
+        rip
+    }
+}
+
+unsafe extern "C" fn on_interrupt(uc: *mut uc_engine, intno: u32, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    h.exception = Some(intno as u8);
+    uc::raw_stop(uc);
+}
+
+/// #UD: VMCALL/VMMCALL are hypercalls, anything else is a real #UD.
+unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> bool {
+    let h = &mut *(user as *mut HookData);
+    let ps = paging_of_raw(uc);
+    let mut code = [0u8; 3];
+    let mut m: &GuestRam = &h.ram;
+    let fetched = mmu::read_linear(&mut m, &ps, linear_ip_raw(uc), &mut code, false).is_ok();
+    if !fetched || (code != VMCALL && code != VMMCALL) {
+        h.exception = Some(interrupts::UD);
+        uc::raw_stop(uc);
+        return true;
+    }
+    let rip = uc::raw_read(uc, Reg::RIP);
+    let nr = uc::raw_read(uc, Reg::RAX);
+    let args = [
+        uc::raw_read(uc, Reg::RDI),
+        uc::raw_read(uc, Reg::RSI),
+        uc::raw_read(uc, Reg::RDX),
+        uc::raw_read(uc, Reg::R10),
+        uc::raw_read(uc, Reg::R8),
+    ];
+    let cpl = (uc::raw_read(uc, Reg::CS) & 3) as u8;
+    let (dom, vcpus) = (&mut *h.ctx.dom, &mut *h.ctx.vcpus);
+    let me = h.current;
+    let mut call = Call::new(&h.ram, ps, dom, vcpus, &h.pristine, me, cpl);
+    let rax = hypercall::dispatch(&mut call, nr, args);
+    let fx = call.effects;
+    if fx.refresh_areas {
+        let clock = dom.clock;
+        vcpus[me as usize].write_areas(&h.ram, &clock, &ps);
+    }
+    uc::raw_write(uc, Reg::RAX, rax);
+    uc::raw_write(uc, Reg::RIP, rip + 3);
+    unicorn_gaps::forget_pc_write(uc, &h.layout);
+    if let Some(exit) = fx.exit {
+        h.stop(uc, Stop::Exit(exit));
+    } else if fx.block {
+        h.stop(uc, Stop::Block);
+    } else if fx.remap {
+        h.stop(uc, Stop::Remap);
+    } else if fx.woke_other {
+        h.stop(uc, Stop::Yield);
+    } else if fx.recheck {
+        h.stop(uc, Stop::Kicked);
+    }
+    true
+}
+
+unsafe extern "C" fn on_cpuid(uc: *mut uc_engine, user: *mut c_void) -> c_int {
+    let h = &mut *(user as *mut HookData);
+    let leaf = uc::raw_read(uc, Reg::RAX) as u32;
+    let sub = uc::raw_read(uc, Reg::RCX) as u32;
+    if leaf == XEN_CPUID_BASE + 2 && !h.replaying {
+        // The guest is about to write the hypercall-page MSR, which Unicorn
+        // neither faults nor lets us hook; and a stop requested here only lands
+        // at the end of this translated block, past the WRMSR perhaps.
+        // Snapshot the state before this CPUID (RIP at it, EFLAGS made whole:
+        // inside a block QEMU keeps the arithmetic flags apart) so that the
+        // run loop can rewind and replay the block one instruction at a time.
+        if h.cpuid_snapshot.save_raw(uc).is_ok() {
+            let rip = uc::raw_read(uc, Reg::RIP);
+            let rflags = uc::raw_read(uc, Reg::RFLAGS);
+            unicorn_gaps::patch_rip_rflags(h.cpuid_snapshot.data_mut(), rip, rflags);
+            h.stop(uc, Stop::WatchHypercallMsr);
+        }
+    }
+    let r = h.cpuid.query(leaf, sub);
+    uc::raw_write(uc, Reg::RAX, r.eax as u64);
+    uc::raw_write(uc, Reg::RBX, r.ebx as u64);
+    uc::raw_write(uc, Reg::RCX, r.ecx as u64);
+    uc::raw_write(uc, Reg::RDX, r.edx as u64);
+    1
+}
+
+unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    h.stop(uc, Stop::Syscall);
+}
+
+/// Every lower-half block (user space): note that the vCPU is there, then
+/// stop if a kick is pending. Runs before any instruction of the block, so
+/// the stop is exact and the block's SYSCALL, if any, is not skipped.
+unsafe extern "C" fn on_user_block(uc: *mut uc_engine, _addr: u64, _size: u32, user: *mut c_void) {
+    let h = &*(user as *const HookData);
+    let flags = &*h.kick;
+    flags.user_blocks.store(flags.user_blocks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    if !flags.in_user_space.load(Ordering::Relaxed) {
+        flags.in_user_space.store(true, Ordering::SeqCst);
+    }
+    if flags.kick.load(Ordering::SeqCst) {
+        let h = &mut *(user as *mut HookData);
+        h.stop(uc, Stop::Kicked);
+    }
+}
+
+unsafe extern "C" fn lapic_read(_uc: *mut uc_engine, offset: u64, _size: c_uint, user: *mut c_void) -> u64 {
+    let h = &*(user as *const HookData);
+    let vcpus = &*h.ctx.vcpus;
+    vcpus[h.current as usize].lapic.read(offset) as u64
+}
+
+unsafe extern "C" fn lapic_write(uc: *mut uc_engine, offset: u64, _size: c_uint, value: u64, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    let vcpus = &mut *h.ctx.vcpus;
+    let me = h.current;
+    let Some(ipi) = vcpus[me as usize].lapic.write(offset, value as u32) else { return };
+    let mut why = None;
+    for t in lapic::targets(ipi, me, vcpus.iter().map(|v| &v.lapic)) {
+        if t == me {
+            // INIT and start-up to oneself are not delivered (Linux never
+            // sends them); an interrupt or NMI is taken at the next stop.
+            if !matches!(ipi.kind, IpiKind::Init | IpiKind::Startup(_)) && vcpus[me as usize].accept_ipi(ipi.kind, &h.pristine) {
+                why.get_or_insert(Stop::Kicked);
+            }
+        } else if vcpus[t as usize].accept_ipi(ipi.kind, &h.pristine) {
+            why = Some(Stop::Yield);
+        }
+    }
+    if let Some(w) = why {
+        h.stop(uc, w);
+    }
+}
+
+/// The rest of the MMIO hole: absent hardware reads as all ones.
+unsafe extern "C" fn absent_read(_uc: *mut uc_engine, _offset: u64, _size: c_uint, _user: *mut c_void) -> u64 {
+    u64::MAX
+}
+
+unsafe extern "C" fn absent_write(_uc: *mut uc_engine, _offset: u64, _size: c_uint, _value: u64, _user: *mut c_void) {}
+
+/// Port input: no device answers yet, so all ones, as on an empty bus.
+unsafe extern "C" fn on_port_in(_uc: *mut uc_engine, _port: u32, size: c_int, _user: *mut c_void) -> u32 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    }
+}
+
+/// Port output: nothing listens but the ways a PC powers off or resets: the
+/// ACPI sleep control register (S5 is a power-off), the reset control
+/// register at 0xcf9 (the FADT's RESET_REG) and the keyboard controller's
+/// pulse-reset command; a reset is a reboot, as Xen reports it.
+unsafe extern "C" fn on_port_out(uc: *mut uc_engine, port: u32, _size: c_int, value: u32, user: *mut c_void) {
+    const SLP_EN: u32 = 1 << 5;
+    let reason = match port {
+        p if p == layout::ACPI_SLEEP_CONTROL_PORT as u32
+            && value & SLP_EN != 0
+            && (value >> 2) & 7 == layout::ACPI_SLP_TYP_S5 =>
+        {
+            crate::abi::schedop::SHUTDOWN_POWEROFF
+        }
+        p if p == layout::RESET_CONTROL_PORT as u32 && value & 0x4 != 0 => crate::abi::schedop::SHUTDOWN_REBOOT,
+        0x64 if value & 0xff == 0xfe => crate::abi::schedop::SHUTDOWN_REBOOT,
+        _ => return,
+    };
+    let h = &mut *(user as *mut HookData);
+    h.stop(uc, Stop::Exit(ExitReason::Shutdown { reason }));
+}
+
+impl Cpu {
+    /// The engine with guest RAM mapped and all hooks installed.
+    pub fn new(ram: Arc<GuestRam>, domid: u32, nr_vcpus: u32) -> Result<Self, String> {
+        let layout = unicorn_gaps::layout()?;
+        let mut engine = Engine::new_x86_64().map_err(|e| e.to_string())?;
+        // Before any code is translated: see `set_exit_checks`.
+        unicorn_gaps::set_exit_checks(&engine, &layout, false);
+        for r in ram.regions() {
+            unsafe { engine.map_ptr(r.gpa, r.len, ram.host_ptr().add(r.host_offset as usize)) }
+                .map_err(|e| e.to_string())?;
+        }
+        let cpuid_snapshot = uc::Context::new(&engine, layout.data_offset).map_err(|e| e.to_string())?;
+        let mut pristine = CpuState::new(&engine, layout)?;
+        pristine.load(&engine);
+        let ticker = Ticker::new();
+        let hooks = Box::into_raw(Box::new(HookData {
+            ram,
+            ctx: RunCtx { dom: std::ptr::null_mut(), vcpus: std::ptr::null_mut() },
+            current: 0,
+            cpuid: CpuidPolicy { vcpu_id: 0, domid, nr_vcpus },
+            stop: None,
+            exception: None,
+            cpuid_snapshot,
+            replaying: false,
+            layout,
+            pristine,
+            kick: ticker.flags(),
+        }));
+        let user = hooks as *mut c_void;
+        let hooks_ok = unsafe {
+            engine.add_hook(HookType::INTR, on_interrupt as *mut c_void, user, None)
+                .and_then(|_| engine.add_hook(HookType::INSN_INVALID, on_invalid_insn as *mut c_void, user, None))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_cpuid as *mut c_void, user, Some(X86Insn::CPUID)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
+                .and_then(|_| {
+                    engine.add_hook_range(HookType::BLOCK, on_user_block as *mut c_void, user, 0, crate::ticker::USER_SPACE_END)
+                })
+                .and_then(|_| {
+                    engine.map_mmio(LAPIC_BASE, LAPIC_SIZE, Some(lapic_read), Some(lapic_write), user)?;
+                    engine.map_mmio(
+                        layout::MMIO_HOLE_START,
+                        LAPIC_BASE - layout::MMIO_HOLE_START,
+                        Some(absent_read),
+                        Some(absent_write),
+                        user,
+                    )?;
+                    let after = LAPIC_BASE + LAPIC_SIZE;
+                    engine.map_mmio(after, (1u64 << 32) - after, Some(absent_read), Some(absent_write), user)
+                        .map(|_| 0)
+                })
+        }
+        .map_err(|e| e.to_string());
+        if let Err(e) = hooks_ok {
+            drop(engine);
+            unsafe { drop(Box::from_raw(hooks)) };
+            return Err(e);
+        }
+        let scratch = CpuState::new(&engine, layout)?;
+        ticker.set_engine(engine.raw());
+        Ok(Self {
+            engine,
+            hooks,
+            ticker,
+            scratch,
+            exit_checks: false,
+            code_cache_flushes: 0,
+            context_switches: 0,
+            tlb_owner: None,
+            msr_watch: 0,
+            bad_hypercall_page: false,
+        })
+    }
+
+    fn hooks(&self) -> &HookData {
+        unsafe { &*self.hooks }
+    }
+
+    /// A fresh register state for vCPU `id` (the engine's power-on state).
+    pub fn power_on_state(&self) -> Result<CpuState, String> {
+        let mut st = CpuState::new(&self.engine, self.hooks().layout)?;
+        st.copy_from(&self.hooks().pristine);
+        Ok(st)
+    }
+
+    pub fn pristine(&self) -> &CpuState {
+        &self.hooks().pristine
+    }
+
+    pub fn layout(&self) -> BlobLayout {
+        self.hooks().layout
+    }
+
+    /// Put vCPU `v`'s registers on the engine. The TLB (and Unicorn's
+    /// per-CPU jump cache) hold the last vCPU's translations: flushed when
+    /// another vCPU comes on. Translated code is kept: it is keyed on the
+    /// physical page and the CPU mode, so all vCPUs share it.
+    pub fn load(&mut self, v: &mut Vcpu) {
+        v.regs.store(&self.engine);
+        if self.tlb_owner != Some(v.id) {
+            self.engine.flush_tlb();
+            if self.tlb_owner.is_some() {
+                self.context_switches += 1;
+            }
+            self.tlb_owner = Some(v.id);
+        }
+        let h = unsafe { &mut *self.hooks };
+        h.current = v.id;
+        h.cpuid.vcpu_id = v.id;
+    }
+
+    /// Take the running vCPU's registers back off the engine.
+    pub fn save(&mut self, v: &mut Vcpu) {
+        v.regs.load(&self.engine);
+        if self.msr_watch > 0 {
+            // A watch cannot span slices (another vCPU may run next).
+            self.msr_watch = 0;
+            unsafe { (*self.hooks).replaying = false };
+        }
+    }
+
+    /// The TLB no longer matches vCPU `v`'s registers (edited outside its slice).
+    pub fn forget_tlb_of(&mut self, v: u32) {
+        if self.tlb_owner == Some(v) {
+            self.tlb_owner = None;
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Run the loaded vCPU from `rip` (`count` > 0: single-step) with the
+    /// hooks reaching `dom` and `vcpus`. Returns the engine's result and
+    /// whether a kick stopped it, or `None` if a kick was already pending
+    /// (take it first).
+    pub fn start(&mut self, dom: &mut DomainState, vcpus: &mut Vec<Vcpu>, rip: u64, count: usize) -> Option<(uc_error, bool)> {
+        // Stepping stops through Unicorn's exit checks; kicks must not
+        // land in a step (with the checks on they can tear instructions).
+        self.set_exit_checks(count > 0);
+        unsafe { (*self.hooks).ctx = RunCtx { dom, vcpus } };
+        let r = if count > 0 {
+            Some((self.engine.start(rip, count), false))
+        } else {
+            let engine = &mut self.engine;
+            self.ticker.run(rip, || engine.start(rip, 0))
+        };
+        unsafe { (*self.hooks).ctx = RunCtx { dom: std::ptr::null_mut(), vcpus: std::ptr::null_mut() } };
+        r
+    }
+
+    /// Why the engine stopped, if a hook said so, and the exception it
+    /// raised, if any.
+    pub fn take_stop(&mut self) -> (Option<Stop>, Option<u8>) {
+        unsafe { ((*self.hooks).stop.take(), (*self.hooks).exception.take()) }
+    }
+
+    /// Take the pending kick; returns whether there was one.
+    pub fn take_kick(&self) -> bool {
+        self.ticker.take()
+    }
+
+    /// Kick the engine at `when` (replacing any earlier request).
+    pub fn arm(&self, when: Option<std::time::Instant>) {
+        self.ticker.arm(when);
+    }
+
+    pub fn kicker(&self) -> Kicker {
+        self.ticker.kicker()
+    }
+
+    pub fn map_overlays(&mut self, maps: Vec<(u64, usize)>) -> Result<(), String> {
+        for (gpa, host) in maps {
+            unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }
+                .map_err(|e| format!("mapping a Xen page at {gpa:#x}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn set_exit_checks(&mut self, on: bool) {
+        if self.exit_checks != on {
+            self.exit_checks = on;
+            unicorn_gaps::set_exit_checks(&self.engine, &self.layout(), on);
+            // (Turning them off follows a step, after which Unicorn flushes
+            // anyway when it drops its counting hook: one flush, counted once.)
+            self.flush_code_cache();
+        }
+    }
+
+    pub fn flush_code_cache(&mut self) {
+        self.engine.flush_tb();
+        self.code_cache_flushes += 1;
+    }
+
+    pub fn read(&self, reg: Reg) -> u64 {
+        self.engine.read(reg)
+    }
+
+    pub fn write(&self, reg: Reg, v: u64) {
+        self.engine.write(reg, v)
+    }
+
+    /// The loaded vCPU's paging state.
+    pub fn paging(&self) -> PagingState {
+        unsafe { paging_of_raw(self.engine.raw()) }
+    }
+
+    /// The loaded vCPU's next-instruction linear address.
+    pub fn linear_ip(&self) -> u64 {
+        unsafe { linear_ip_raw(self.engine.raw()) }
+    }
+
+    /// Read guest-linear memory with the loaded vCPU's page tables.
+    pub fn read_linear(&self, va: u64, buf: &mut [u8]) -> Result<(), mmu::WalkError> {
+        let ps = self.paging();
+        let mut m: &GuestRam = &self.hooks().ram;
+        mmu::read_linear(&mut m, &ps, va, buf, false)
+    }
+
+    /// After a CPUID of leaf base+2: rewind to the snapshot taken at it and
+    /// replay one instruction at a time, watching for the WRMSR.
+    pub fn begin_msr_watch(&mut self) {
+        unsafe {
+            (*self.hooks).cpuid_snapshot.restore(&self.engine).ok();
+            (*self.hooks).replaying = true;
+        }
+        self.msr_watch = 64;
+    }
+
+    /// Before single-stepping the instruction at `rip`: is it the WRMSR we
+    /// wait for? Returns the step count for `start` (0 ends the watch).
+    pub fn watch_step(&mut self, rip: u64) -> usize {
+        self.msr_watch -= 1;
+        if self.msr_watch == 0 {
+            unsafe { (*self.hooks).replaying = false };
+        }
+        let mut b = [0u8; 1];
+        if self.read_linear(rip, &mut b).is_ok() && b[0] == 0xf4 {
+            self.msr_watch = 0;
+            unsafe { (*self.hooks).replaying = false };
+            return 0;
+        }
+        if self.check_wrmsr(rip) {
+            self.msr_watch = 0;
+        }
+        1
+    }
+
+    /// If the instruction at `at` is WRMSR to Xen's MSR, fill the hypercall
+    /// page it names.
+    fn check_wrmsr(&mut self, at: u64) -> bool {
+        let mut b = [0u8; 2];
+        if self.read_linear(at, &mut b).is_err() || b != [0x0f, 0x30] {
+            return false;
+        }
+        if self.engine.read(Reg::RCX) as u32 != XEN_HYPERCALL_MSR {
+            return false;
+        }
+        self.msr_watch = 0;
+        unsafe { (*self.hooks).replaying = false };
+        let value = (self.engine.read(Reg::RDX) << 32) | (self.engine.read(Reg::RAX) & 0xffff_ffff);
+        let gpa = value & !0xfff;
+        let page_index = value & 0xfff;
+        let ram = self.hooks().ram.clone();
+        if page_index != 0 || ram.slice(gpa, 4096).is_err() {
+            self.bad_hypercall_page = true;
+            return true;
+        }
+        let amd = {
+            let v = self.hooks().cpuid.query(0, 0);
+            v.ebx == u32::from_le_bytes(*b"Auth")
+        };
+        let page = ram.slice_mut(gpa, 4096).expect("checked above");
+        fill_hypercall_page(page, amd);
+        // Host writes do not invalidate translated code.
+        self.flush_code_cache();
+        true
+    }
+
+    /// The MSRs SYSCALL reads.
+    pub fn syscall_msrs(&self) -> interrupts::SyscallMsrs {
+        interrupts::SyscallMsrs {
+            star: self.engine.read_msr(MSR_STAR),
+            lstar: self.engine.read_msr(MSR_LSTAR),
+            cstar: self.engine.read_msr(MSR_CSTAR),
+            fmask: self.engine.read_msr(MSR_FMASK),
+        }
+    }
+
+    pub fn read_msr(&self, index: u32) -> u64 {
+        self.engine.read_msr(index)
+    }
+}
+
+impl Drop for Cpu {
+    fn drop(&mut self) {
+        // No kick may reach the engine once it is closed.
+        self.ticker.set_engine(std::ptr::null_mut());
+        // Close the engine first: its hooks point at HookData.
+        let engine = std::mem::replace(&mut self.engine, Engine::closed());
+        drop(engine);
+        unsafe { drop(Box::from_raw(self.hooks)) };
+    }
+}
+
+/// Xen's HVM hypercall page: 32-byte stubs `mov $nr, %eax; vmcall; ret`
+/// (VMMCALL on AMD).
+pub fn fill_hypercall_page(page: &mut [u8], amd: bool) {
+    page.fill(0xcc);
+    for nr in 0..(4096 / 32) {
+        let stub = &mut page[nr * 32..nr * 32 + 9];
+        stub[0] = 0xb8;
+        stub[1..5].copy_from_slice(&(nr as u32).to_le_bytes());
+        stub[5..8].copy_from_slice(if amd { &VMMCALL } else { &VMCALL });
+        stub[8] = 0xc3;
+    }
+}

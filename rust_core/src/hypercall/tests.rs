@@ -1,0 +1,415 @@
+//! Every hypercall family against a real domain state and real vCPU
+//! states (a Unicorn engine for their registers), with the guest's
+//! arguments in guest RAM and paging off, so guest-linear is physical.
+
+use std::sync::Arc;
+
+use super::{dispatch, Call, Effects};
+use crate::abi::{errno, hc};
+use crate::cpu::Cpu;
+use crate::exit::ExitReason;
+use crate::memory::GuestRam;
+use crate::mmu::PagingState;
+use crate::vcpu::{Activity, Vcpu};
+use crate::waker::Waker;
+use crate::xen::evtchn::{PortState, VIRQ_CONSOLE, VIRQ_TIMER};
+use crate::xen::{DomainState, SharedState};
+
+const ARG: u64 = 0x1000; // where a test puts a hypercall's argument struct
+const SHARED_INFO: u64 = 0x10000;
+
+struct Fixture {
+    cpu: Cpu,
+    dom: DomainState,
+    vcpus: Vec<Vcpu>,
+}
+
+fn fixture(nr_vcpus: u32) -> Fixture {
+    let ram = Arc::new(GuestRam::new(16 << 20).unwrap());
+    let cpu = Cpu::new(ram.clone(), 1, nr_vcpus).unwrap();
+    let shared = Arc::new(SharedState::new(ram, 1, nr_vcpus, Waker::new().unwrap()));
+    let dom = DomainState::new(1, [7; 16], shared, nr_vcpus);
+    let vcpus = (0..nr_vcpus).map(|i| Vcpu::new(i, cpu.power_on_state().unwrap())).collect();
+    Fixture { cpu, dom, vcpus }
+}
+
+impl Fixture {
+    fn call_as(&mut self, vcpu: u32, cpl: u8, nr: u64, args: &[u64]) -> (i64, Effects) {
+        let ram = self.dom.ram.clone();
+        let mut a = [0u64; 5];
+        a[..args.len()].copy_from_slice(args);
+        let paging_off = PagingState { cr0: 1, cr3: 0, cr4: 0, efer: 0 };
+        let mut c = Call::new(&ram, paging_off, &mut self.dom, &mut self.vcpus, self.cpu.pristine(), vcpu, cpl);
+        let rax = dispatch(&mut c, nr, a) as i64;
+        (rax, c.effects)
+    }
+
+    fn call(&mut self, vcpu: u32, nr: u64, args: &[u64]) -> i64 {
+        self.call_as(vcpu, 0, nr, args).0
+    }
+
+    fn put(&self, gpa: u64, bytes: &[u8]) {
+        self.dom.ram.slice_mut(gpa, bytes.len() as u64).unwrap().copy_from_slice(bytes);
+    }
+
+    fn get(&self, gpa: u64, len: u64) -> Vec<u8> {
+        self.dom.ram.slice(gpa, len).unwrap().to_vec()
+    }
+
+    fn u32_at(&self, gpa: u64) -> u32 {
+        u32::from_le_bytes(self.get(gpa, 4).try_into().unwrap())
+    }
+
+    /// shared_info placed at SHARED_INFO (XENMEM_add_to_physmap).
+    fn with_shared_info(mut self) -> Self {
+        let mut a = Vec::new();
+        a.extend(0x7ff0u16.to_le_bytes()); // DOMID_SELF
+        a.extend(0u16.to_le_bytes());
+        a.extend(0u32.to_le_bytes()); // XENMAPSPACE_shared_info
+        a.extend(0u64.to_le_bytes()); // idx
+        a.extend((SHARED_INFO >> 12).to_le_bytes());
+        self.put(ARG, &a);
+        assert_eq!(self.call(0, hc::MEMORY_OP, &[7, ARG]), 0);
+        self
+    }
+
+    fn bind(&mut self, vcpu: u32, op: u64, args: &[u32]) -> Result<u32, i64> {
+        let bytes: Vec<u8> = args.iter().chain([0u32].iter()).flat_map(|w| w.to_le_bytes()).collect();
+        self.put(ARG, &bytes);
+        match self.call(vcpu, hc::EVENT_CHANNEL_OP, &[op, ARG]) {
+            0 => Ok(self.u32_at(ARG + 4 * args.len() as u64)),
+            e => Err(-e),
+        }
+    }
+}
+
+const E: fn(i64) -> i64 = |e| -e;
+
+#[test]
+fn user_mode_and_unknown_hypercalls_are_refused() {
+    let mut f = fixture(1);
+    assert_eq!(f.call_as(0, 3, hc::XEN_VERSION, &[0]).0, E(errno::EPERM));
+    assert_eq!(f.call(0, 60, &[1, 2, 3]), E(errno::ENOSYS));
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[0]), 0x40013);
+    assert_eq!(f.dom.log.counts[hc::XEN_VERSION as usize], 2);
+}
+
+#[test]
+fn xen_version_copies_out_or_faults() {
+    let mut f = fixture(1);
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[1, ARG]), 0);
+    assert_eq!(&f.get(ARG, 9), b".0-pvhvm\0");
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[1, 0xffff_f000]), E(errno::EFAULT));
+    f.put(ARG, &1u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[6, ARG]), E(errno::EINVAL), "feature submap 1 does not exist");
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[9, ARG]), E(errno::EPERM), "Xen's command line is not a domU's");
+}
+
+#[test]
+fn console_io_writes_for_the_host_and_reads_its_input() {
+    let mut f = fixture(1);
+    f.put(ARG, b"hello");
+    let (rax, fx) = f.call_as(0, 0, hc::CONSOLE_IO, &[0, 5, ARG]);
+    assert_eq!((rax, fx.exit), (0, Some(ExitReason::ConsoleOutput)));
+    assert_eq!(f.dom.console_out, b"hello");
+    f.dom.console_in.extend(b"abc");
+    assert_eq!(f.call(0, hc::CONSOLE_IO, &[1, 2, ARG + 0x100]), 2);
+    assert_eq!(f.get(ARG + 0x100, 2), b"ab");
+    assert_eq!(f.call(0, hc::CONSOLE_IO, &[0, 5, 0xffff_fff0]), E(errno::EFAULT));
+    assert_eq!(f.call(0, hc::CONSOLE_IO, &[7, 0, 0]), E(errno::ENOSYS));
+}
+
+#[test]
+fn sched_op_shutdown_block_and_poll() {
+    let mut f = fixture(2).with_shared_info();
+    f.put(ARG, &9u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::SCHED_OP, &[2, ARG]), E(errno::EINVAL), "no SHUTDOWN_ reason 9");
+    f.put(ARG, &3u32.to_le_bytes());
+    let (rax, fx) = f.call_as(0, 0, hc::SCHED_OP, &[2, ARG]);
+    assert_eq!((rax, fx.exit), (0, Some(ExitReason::Shutdown { reason: 3 })));
+    assert_eq!(f.call(0, hc::SCHED_OP, &[4, ARG]), E(errno::EPERM), "remote_shutdown is the toolstack's");
+
+    // Block with nothing pending: the vCPU blocks. With an upcall pending: it goes on.
+    let (_, fx) = f.call_as(1, 0, hc::SCHED_OP, &[1, 0]);
+    assert!(fx.block);
+    assert_eq!(f.vcpus[1].activity, Activity::Blocked);
+    let port = f.bind(0, 7, &[0]).unwrap(); // an IPI for vCPU 0
+    f.dom.ports().unmask(&f.dom.ram, port);
+    f.dom.ports().raise(&f.dom.ram, port);
+    let (_, fx) = f.call_as(0, 0, hc::SCHED_OP, &[1, 0]);
+    assert!(!fx.block);
+
+    // Poll: too many ports, a port out of range, a pending port, a timeout.
+    let poll = |f: &Fixture, nr: u32, timeout: u64| {
+        let mut a = Vec::new();
+        a.extend((ARG + 0x100).to_le_bytes());
+        a.extend(nr.to_le_bytes());
+        a.extend(0u32.to_le_bytes());
+        a.extend(timeout.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    poll(&f, 129, 0);
+    assert_eq!(f.call(1, hc::SCHED_OP, &[3, ARG]), E(errno::EINVAL));
+    f.put(ARG + 0x100, &4096u32.to_le_bytes());
+    poll(&f, 1, 0);
+    assert_eq!(f.call(1, hc::SCHED_OP, &[3, ARG]), E(errno::EINVAL));
+    f.put(ARG + 0x100, &port.to_le_bytes());
+    let (rax, fx) = f.call_as(1, 0, hc::SCHED_OP, &[3, ARG]);
+    assert_eq!((rax, fx.block), (0, false), "the port is pending already");
+    let other = f.bind(0, 7, &[1]).unwrap();
+    f.put(ARG + 0x100, &other.to_le_bytes());
+    poll(&f, 1, 123_456);
+    let (rax, fx) = f.call_as(1, 0, hc::SCHED_OP, &[3, ARG]);
+    assert_eq!((rax, fx.block), (0, true));
+    assert_eq!(f.vcpus[1].activity, Activity::Polling { ports: vec![other] });
+    assert_eq!(f.vcpus[1].poll_deadline, Some(123_456));
+    poll(&f, 1, 0);
+    assert_eq!(f.call(1, hc::SCHED_OP, &[3, 0xffff_fff0]), E(errno::EFAULT));
+}
+
+#[test]
+fn memory_op_places_shared_info_and_grant_frames() {
+    let mut f = fixture(1);
+    f.dom.memory_map = vec![(0, 0x9f000, 1), (0x100000, 0xf00000, 1)];
+    let mut a = Vec::new();
+    a.extend(5u32.to_le_bytes());
+    a.extend(0u32.to_le_bytes());
+    a.extend((ARG + 0x100).to_le_bytes());
+    f.put(ARG, &a);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[9, ARG]), 0);
+    assert_eq!(f.u32_at(ARG), 2, "nr_entries written back");
+    assert_eq!(f.get(ARG + 0x100 + 20, 8), 0x100000u64.to_le_bytes());
+
+    let physmap = |f: &Fixture, domid: u16, space: u32, idx: u64, gpfn: u64| {
+        let mut a = Vec::new();
+        a.extend(domid.to_le_bytes());
+        a.extend(0u16.to_le_bytes());
+        a.extend(space.to_le_bytes());
+        a.extend(idx.to_le_bytes());
+        a.extend(gpfn.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    physmap(&f, 5, 0, 0, 0x10);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), E(errno::ESRCH), "another domain");
+    physmap(&f, 0x7ff0, 0, 1, 0x10);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), E(errno::EINVAL), "shared_info has one frame");
+    physmap(&f, 0x7ff0, 0, 0, 0x10);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), 0);
+    assert_eq!(f.dom.ports().shared_info(), Some(0x10000));
+    assert_eq!(f.get(0x10000 + 2560, 8), [0xff; 8], "ports start masked");
+    physmap(&f, 0x7ff0, 1, 0, 0x20);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), 0);
+    physmap(&f, 0x7ff0, 1, 64, 0x21);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), E(errno::EINVAL), "past the grant frames");
+    physmap(&f, 0x7ff0, 1, 1, 0x1_0000_0);
+    let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[7, ARG]);
+    assert_eq!((rax, fx.remap), (0, true), "a frame outside RAM gets a host page mapped");
+    assert_eq!(f.dom.grants().frames.len(), 2);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[63, ARG]), E(errno::ENOSYS));
+}
+
+#[test]
+fn hvm_op_params_and_upcall_vectors() {
+    let mut f = fixture(2);
+    let param = |f: &Fixture, index: u32, value: u64| {
+        let mut a = Vec::new();
+        a.extend(0x7ff0u16.to_le_bytes());
+        a.extend(0u16.to_le_bytes());
+        a.extend(index.to_le_bytes());
+        a.extend(value.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    param(&f, 0, (2 << 56) | 0xf3);
+    assert_eq!(f.call(0, hc::HVM_OP, &[0, ARG]), 0);
+    assert_eq!(f.dom.callback_vector(), Some(0xf3));
+    param(&f, 0, (1 << 56) | 5);
+    assert_eq!(f.call(0, hc::HVM_OP, &[0, ARG]), E(errno::EINVAL), "only vector callbacks");
+    param(&f, 1, 0);
+    assert_eq!(f.call(0, hc::HVM_OP, &[0, ARG]), E(errno::EPERM), "STORE_PFN is the toolstack's");
+    param(&f, 40, 0);
+    assert_eq!(f.call(0, hc::HVM_OP, &[1, ARG]), E(errno::EINVAL));
+    f.dom.hvm_params[2] = 9;
+    param(&f, 2, 0);
+    assert_eq!(f.call(0, hc::HVM_OP, &[1, ARG]), 0);
+    assert_eq!(f.get(ARG + 8, 8), 9u64.to_le_bytes());
+    f.put(ARG, &[1, 0, 0, 0, 0xe0]);
+    assert_eq!(f.call(0, hc::HVM_OP, &[23, ARG]), 0);
+    assert_eq!(f.vcpus[1].upcall_vector, Some(0xe0));
+    f.put(ARG, &[2, 0, 0, 0, 0xe0]);
+    assert_eq!(f.call(0, hc::HVM_OP, &[23, ARG]), E(errno::ENOENT));
+    assert_eq!(f.call(0, hc::HVM_OP, &[9, 0]), E(errno::ENOSYS), "pagetable_dying: no shadow paging");
+}
+
+fn hvm_context_64(rip: u64, cr0: u64, efer: u64) -> Vec<u8> {
+    let mut ctx = vec![0u8; 128];
+    ctx[0..4].copy_from_slice(&1u32.to_le_bytes()); // VCPU_HVM_MODE_64B
+    let regs = 8;
+    ctx[regs + 4 * 8..regs + 5 * 8].copy_from_slice(&0x9000u64.to_le_bytes()); // rsp
+    ctx[regs + 8 * 8..regs + 9 * 8].copy_from_slice(&rip.to_le_bytes());
+    ctx[regs + 9 * 8..regs + 10 * 8].copy_from_slice(&2u64.to_le_bytes()); // rflags
+    ctx[regs + 10 * 8..regs + 11 * 8].copy_from_slice(&cr0.to_le_bytes());
+    ctx[regs + 11 * 8..regs + 12 * 8].copy_from_slice(&0x5000u64.to_le_bytes()); // cr3
+    ctx[regs + 12 * 8..regs + 13 * 8].copy_from_slice(&0x20u64.to_le_bytes()); // cr4: PAE
+    ctx[regs + 13 * 8..regs + 14 * 8].copy_from_slice(&efer.to_le_bytes());
+    ctx
+}
+
+#[test]
+fn vcpu_op_brings_a_vcpu_up_and_down() {
+    let mut f = fixture(3);
+    let (pe_pg, lme) = (0x8000_0001u64, 0x100u64);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 3, 0]), E(errno::ENOENT));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 0, "vCPU 1 is down");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[1, 1, 0]), E(errno::EINVAL), "up before initialise");
+    f.put(ARG, &hvm_context_64(0x40_0000, 0x1, lme));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EINVAL), "64-bit mode needs paging");
+    f.put(ARG, &hvm_context_64(0x40_0000, pe_pg, 0));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EINVAL), "64-bit mode needs EFER.LME");
+    let mut bad_mode = hvm_context_64(0x40_0000, pe_pg, lme);
+    bad_mode[0] = 7;
+    f.put(ARG, &bad_mode);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EINVAL));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, 0xffff_fff0]), E(errno::EFAULT));
+    f.put(ARG, &hvm_context_64(0x40_0000, pe_pg, lme));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), 0);
+    let st = &f.vcpus[1].regs;
+    assert_eq!((st.rip(), st.reg(4), st.cr(3)), (0x40_0000, 0x9000, 0x5000));
+    assert!(st.in_64bit_code() && st.cpl() == 0);
+    assert_eq!(st.efer() & 0x500, 0x500, "LME and LMA");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EEXIST));
+    let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[1, 1, 0]);
+    assert!(rax == 0 && fx.woke_other);
+    assert!(f.vcpus[1].is_running());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 1);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[2, 1, 0]), 0);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 0);
+    let (_, fx) = f.call_as(2, 0, hc::VCPU_OP, &[2, 2, 0]);
+    assert!(fx.block, "a vCPU that takes itself down stops at once");
+}
+
+#[test]
+fn vcpu_op_timers_and_registrations() {
+    let mut f = fixture(2).with_shared_info();
+    let now = f.dom.system_time_ns();
+    let shot = |f: &Fixture, at: u64, flags: u32| {
+        let mut a = at.to_le_bytes().to_vec();
+        a.extend(flags.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    shot(&f, now + 1_000_000_000, 0);
+    assert_eq!(f.call(1, hc::VCPU_OP, &[8, 0, ARG]), E(errno::EINVAL), "another vCPU's one-shot timer");
+    let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[8, 0, ARG]);
+    assert!(rax == 0 && fx.recheck);
+    assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(now + 1_000_000_000));
+    shot(&f, 1, 1);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[8, 0, ARG]), E(errno::ETIME), "VCPU_SSHOTTMR_future in the past");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[9, 0, 0]), 0);
+    assert_eq!(f.vcpus[0].timers.singleshot_ns, None);
+    f.put(ARG, &999_999u64.to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), E(errno::EINVAL), "periods under 1 ms");
+    f.put(ARG, &4_000_000u64.to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), 0);
+    assert!(f.vcpus[1].timers.periodic.is_some());
+    assert_eq!(f.call(0, hc::SET_TIMER_OP, &[now + 5]), 0);
+    assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(now + 5));
+
+    // vcpu_info: another vCPU's, aligned, once.
+    let reg = |f: &Fixture, mfn: u64, offset: u32| {
+        let mut a = mfn.to_le_bytes().to_vec();
+        a.extend(offset.to_le_bytes());
+        a.extend(0u32.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    reg(&f, 0x30, 4);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "misaligned");
+    reg(&f, 0x30, 4064);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "crosses the page");
+    reg(&f, 0x30, 0x40);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), 0);
+    assert_eq!(f.dom.ports().vcpu_info(1), Some(0x30040));
+    assert_ne!(f.u32_at(0x30040 + 32), 0, "pvclock version written");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "only once");
+    f.put(ARG, &0x7000u64.to_le_bytes());
+    let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[5, 1, ARG]);
+    assert!(rax == 0 && !fx.refresh_areas, "another vCPU's area is written when it runs");
+    assert_eq!(f.vcpus[1].runstate_area, Some(0x7000));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[4, 1, ARG]), 0);
+    assert_eq!(f.u32_at(ARG), 3, "vCPU 1 is offline");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[11, 0, 0]), E(errno::ENOSYS));
+}
+
+#[test]
+fn event_channels_across_vcpus() {
+    let mut f = fixture(3).with_shared_info();
+    // Per-vCPU VIRQs on any vCPU, global ones only on vCPU 0, once each.
+    let timer1 = f.bind(0, 1, &[VIRQ_TIMER, 1]).unwrap();
+    assert_eq!(f.bind(0, 1, &[VIRQ_TIMER, 1]), Err(errno::EEXIST));
+    assert_eq!(f.bind(0, 1, &[VIRQ_CONSOLE, 1]), Err(errno::EINVAL));
+    assert_eq!(f.bind(0, 1, &[VIRQ_TIMER, 3]), Err(errno::ENOENT));
+    assert_eq!(f.bind(0, 1, &[24, 0]), Err(errno::EINVAL));
+    assert_eq!(f.dom.ports().get(timer1).map(|p| (p.state, p.vcpu)), Some((PortState::Virq(VIRQ_TIMER), 1)));
+    // An IPI for vCPU 2, sent by vCPU 0: the selector and upcall flag of vCPU 2.
+    let ipi2 = f.bind(2, 7, &[2]).unwrap();
+    assert_eq!(f.bind(0, 7, &[3]), Err(errno::ENOENT));
+    f.put(ARG, &ipi2.to_le_bytes());
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[9, ARG]), 0); // unmask
+    let (rax, fx) = f.call_as(0, 0, hc::EVENT_CHANNEL_OP, &[4, ARG]);
+    assert!(rax == 0 && fx.woke_other && !fx.recheck);
+    assert!(f.dom.ports().upcall_pending(&f.dom.ram, 2));
+    assert!(!f.dom.ports().upcall_pending(&f.dom.ram, 0));
+    // IPIs and per-vCPU VIRQs cannot move; an unbound port can.
+    let bind_vcpu = |f: &mut Fixture, port: u32, vcpu: u32| {
+        f.put(ARG, &[port.to_le_bytes(), vcpu.to_le_bytes()].concat());
+        f.call(0, hc::EVENT_CHANNEL_OP, &[8, ARG])
+    };
+    assert_eq!(bind_vcpu(&mut f, ipi2, 1), E(errno::EINVAL));
+    assert_eq!(bind_vcpu(&mut f, timer1, 0), E(errno::EINVAL));
+    let mut a = 0x7ff0u16.to_le_bytes().to_vec();
+    a.extend(0x7ff0u16.to_le_bytes());
+    a.extend(0u32.to_le_bytes());
+    f.put(ARG, &a);
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[6, ARG]), 0);
+    let unbound = f.u32_at(ARG + 4);
+    assert_eq!(bind_vcpu(&mut f, unbound, 2), 0);
+    assert_eq!(bind_vcpu(&mut f, unbound, 9), E(errno::ENOENT));
+    assert_eq!(bind_vcpu(&mut f, 999, 0), E(errno::EINVAL));
+    // Status of a closed port and of the IPI; close; a send to nothing.
+    let mut st = 0x7ff0u16.to_le_bytes().to_vec();
+    st.extend([0, 0]);
+    st.extend(ipi2.to_le_bytes());
+    f.put(ARG, &st);
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[5, ARG]), 0);
+    assert_eq!((f.u32_at(ARG + 8), f.u32_at(ARG + 12)), (5, 2), "EVTCHNSTAT_ipi on vCPU 2");
+    f.put(ARG, &ipi2.to_le_bytes());
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[3, ARG]), 0);
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[3, ARG]), E(errno::EINVAL));
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[4, ARG]), E(errno::EINVAL));
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[11, ARG]), E(errno::ENOSYS), "no FIFO ABI");
+}
+
+#[test]
+fn grant_table_op_versions_and_sizes() {
+    let mut f = fixture(1);
+    assert_eq!(f.call(0, hc::GRANT_TABLE_OP, &[6, ARG, 2]), E(errno::EINVAL), "count must be 1");
+    f.put(ARG, &0x7ff0u16.to_le_bytes());
+    assert_eq!(f.call(0, hc::GRANT_TABLE_OP, &[6, ARG, 1]), 0);
+    assert_eq!((f.u32_at(ARG + 4), f.u32_at(ARG + 8)), (1, 64));
+    f.put(ARG, &3u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::GRANT_TABLE_OP, &[8, ARG, 1]), E(errno::EINVAL));
+    f.put(ARG, &2u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::GRANT_TABLE_OP, &[8, ARG, 1]), 0);
+    f.put(ARG, &0x7ff0u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::GRANT_TABLE_OP, &[10, ARG, 1]), 0);
+    assert_eq!(f.u32_at(ARG + 4), 2);
+    assert_eq!(f.call(0, hc::GRANT_TABLE_OP, &[0, ARG, 1]), E(errno::ENOSYS), "map is a backend's");
+}
+
+#[test]
+fn vm_assist_allows_only_the_runstate_update_flag() {
+    let mut f = fixture(1);
+    assert_eq!(f.call(0, hc::VM_ASSIST, &[0, 5]), 0);
+    assert_eq!(f.dom.vm_assist, 1 << 5);
+    assert_eq!(f.call(0, hc::VM_ASSIST, &[0, 1]), E(errno::EINVAL));
+    assert_eq!(f.call(0, hc::VM_ASSIST, &[1, 5]), 0);
+    assert_eq!(f.dom.vm_assist, 0);
+}
