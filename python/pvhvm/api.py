@@ -478,6 +478,18 @@ class Domain:
         self.store.write(0, f"/local/domain/{self.domid}/control/shutdown", action)
         self.xenstore.service()
 
+    def set_online_vcpus(self, n: int) -> None:
+        """As `xl vcpu-set`: mark vCPUs 0..n-1 available and the rest not in
+        the domain's xenstore (cpu/N/availability); the guest's Xen CPU
+        hotplug driver then takes them online or offline itself. Call it on
+        the run loop's thread, or through call_soon_threadsafe."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.vcpus:
+            raise ValueError(f"online vCPUs must be 1 to {self.vcpus}, not {n!r}")
+        home = f"/local/domain/{self.domid}"
+        for v in range(self.vcpus):
+            self.store.write(0, f"{home}/cpu/{v}/availability", "online" if v < n else "offline")
+        self.xenstore.service()
+
     def send_console_input(self, data: bytes) -> None:
         """Type into hvc0 (and the hypervisor console's read side)."""
         self.console.send_input(data)

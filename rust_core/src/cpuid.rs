@@ -17,6 +17,9 @@ pub const XEN_MINOR: u32 = 19;
 // Leaf 0x40000004 EAX flags.
 const XEN_HVM_CPUID_VCPU_ID_PRESENT: u32 = 1 << 3;
 const XEN_HVM_CPUID_DOMID_PRESENT: u32 = 1 << 4;
+/// HVMOP_set_evtchn_upcall_vector is available (Xen 4.17 and later always
+/// say so): Linux then takes events through a vector per vCPU.
+const XEN_HVM_CPUID_UPCALL_VECTOR: u32 = 1 << 6;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cpuid {
@@ -129,7 +132,7 @@ impl CpuidPolicy {
             0x4000_0002 => Cpuid { eax: 1, ebx: XEN_HYPERCALL_MSR, ..Default::default() },
             0x4000_0003 => Cpuid::default(),
             0x4000_0004 => Cpuid {
-                eax: XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT,
+                eax: XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT | XEN_HVM_CPUID_UPCALL_VECTOR,
                 ebx: self.vcpu_id,
                 ecx: self.domid,
                 edx: 0,

@@ -101,7 +101,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         }
         CLOSE => {
             let port = c.guest.read_u32(arg)?;
-            c.dom.ports().close(port).map_err(map_err)?;
+            c.dom.ports().close(&c.dom.ram, port).map_err(map_err)?;
             Ok(0)
         }
         SEND => {

@@ -132,8 +132,15 @@ impl EventChannels {
         Ok(port as u32)
     }
 
-    pub fn close(&mut self, port: u32) -> Result<PortState, EvtchnError> {
+    /// Close `port`. Its pending bit is cleared (in `ram`, if shared_info
+    /// is placed), as Xen's evtchn_free does: the port number is reused by
+    /// the next bind, which must not find an old event on it (Linux binds
+    /// its spinlock-kick IPI with a handler that BUG()s if it ever runs).
+    pub fn close(&mut self, ram: &GuestRam, port: u32) -> Result<PortState, EvtchnError> {
         let p = self.get(port).ok_or(EvtchnError::Invalid)?;
+        if let Some((pending, bit)) = self.word(ram, SI_PENDING, port) {
+            pending.fetch_and(!bit, SeqCst);
+        }
         // A loopback interdomain peer goes back to unbound.
         if let PortState::Interdomain { remote, remote_port } = p.state {
             if remote == self.domid && remote_port != port {
@@ -307,17 +314,19 @@ mod tests {
 
     #[test]
     fn port_allocation_and_close() {
-        let mut ev = EventChannels::new(1, 1);
+        let (ram, mut ev) = setup();
         let a = ev.alloc(PortState::Virq(VIRQ_TIMER), 0).unwrap();
         let b = ev.alloc(PortState::Ipi, 0).unwrap();
         assert_eq!((a, b), (1, 2));
         assert_eq!(ev.find_virq(VIRQ_TIMER, 0), Some(1));
-        ev.close(a).unwrap();
+        ev.raise(&ram, a);
+        ev.close(&ram, a).unwrap();
         assert!(ev.get(a).is_none());
         assert_eq!(ev.alloc(PortState::Unbound { remote: 0 }, 0).unwrap(), 1);
+        assert!(!ev.is_pending(&ram, 1), "a reused port starts with no event on it");
         assert_eq!(ev.host_ports(), vec![(1, PortState::Unbound { remote: 0 })]);
-        assert_eq!(ev.close(0), Err(EvtchnError::Invalid));
-        assert_eq!(ev.close(4095), Err(EvtchnError::Invalid));
+        assert_eq!(ev.close(&ram, 0), Err(EvtchnError::Invalid));
+        assert_eq!(ev.close(&ram, 4095), Err(EvtchnError::Invalid));
     }
 
     #[test]
