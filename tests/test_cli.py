@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from pvhvm import BuildError, Domain
+
 from conftest import PVH_NOTE, make_elf64
 
 PVHVM = [sys.executable, "-m", "pvhvm"]
@@ -78,6 +80,24 @@ def test_bad_memory(guests, mem, needle):
 def test_non_numeric_memory(guests):
     p = pvhvm("boot", guests["hello"], "--memory", "lots")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("vcpus", ["0", "-1", "65", "1000", "four", "2.5", ""])
+def test_bad_vcpus(guests, vcpus):
+    one_line_error(pvhvm("boot", guests["hello"], "--vcpus", vcpus), "--vcpus must be a number from 1 to 64")
+
+
+def test_vcpus_boot(guests):
+    """A guest that knows nothing of SMP boots with several vCPUs: the
+    others stay down, as on Xen."""
+    p = pvhvm("boot", guests["hello"], "--memory", "32", "--vcpus", "64")
+    assert p.returncode == 0, p.stderr
+
+
+def test_python_api_refuses_bad_vcpus(guests):
+    for bad in (0, 65, -1, True, 2.0, "2"):
+        with pytest.raises(BuildError, match="vcpus must be a number from 1 to 64"):
+            Domain(guests["hello"], memory_mib=32, vcpus=bad)
 
 
 def test_inspect(guests):

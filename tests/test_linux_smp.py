@@ -43,6 +43,18 @@ def smp(guest):
     dom.close()
 
 
+@pytest.fixture(autouse=True)
+def report_a_dead_domain(request):
+    """If the domain ended under a test, show how: the console's last lines
+    and every vCPU's registers (pytest prints them with the failure)."""
+    yield
+    if "smp" in request.fixturenames:
+        dom, _ = request.getfixturevalue("smp")
+        if dom.outcome is not None and dom.outcome.reason is not pvhvm.ShutdownReason.POWEROFF:
+            print(dom.console_output.decode(errors="replace")[-5000:])
+            print(dom.crash_report())
+
+
 def interrupts(sh: GuestShell) -> dict[str, list[int]]:
     """/proc/interrupts as {name: [count per CPU]} (per-CPU Xen IRQs by
     their action name, e.g. timer2, and the summary rows, e.g. RES)."""

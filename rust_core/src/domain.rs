@@ -531,3 +531,88 @@ impl Domain {
         mmu::read_linear(&mut m, &v.regs.paging(), va, buf, false).map_err(|e| format!("{e:?}"))
     }
 }
+
+/// The run loop against tiny guests of a few instructions (real Unicorn,
+/// no kernel): each exit, named by its vCPU, and the scheduler's decisions
+/// when vCPUs halt, block or start others.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CODE: u64 = 0x10_0000;
+
+    fn domain(vcpus: u32, code: &[(u64, &[u8])]) -> Domain {
+        let mut d = Domain::new(4 << 20, 1, [0; 16], vcpus).unwrap();
+        for (gpa, bytes) in code {
+            d.ram().slice_mut(*gpa, bytes.len() as u64).unwrap().copy_from_slice(bytes);
+        }
+        d.set_pvh_entry(CODE, 0x2000).unwrap();
+        d
+    }
+
+    /// 32-bit: mov dword [addr], value
+    fn store32(addr: u32, value: u32) -> Vec<u8> {
+        let mut v = vec![0xc7, 0x05];
+        v.extend(addr.to_le_bytes());
+        v.extend(value.to_le_bytes());
+        v
+    }
+
+    #[test]
+    fn hlt_with_interrupts_off_is_hung() {
+        let mut d = domain(1, &[(CODE, &[0xfa, 0xf4])]); // cli; hlt
+        let e = d.run();
+        assert!(matches!(e.reason, ExitReason::Hung { ref why } if why.contains("HLT with interrupts disabled")), "{e:?}");
+        assert_eq!(d.vcpus[0].activity, Activity::Halted);
+    }
+
+    #[test]
+    fn blocked_with_nothing_armed_is_idle_for_the_host() {
+        // mov eax, 29 (sched_op); mov edi, 1 (block); vmcall; hlt
+        let code = [0xb8, 29, 0, 0, 0, 0xbf, 1, 0, 0, 0, 0x0f, 0x01, 0xc1, 0xf4];
+        let mut d = domain(1, &[(CODE, &code)]);
+        assert_eq!(d.run(), Exit::domain(ExitReason::Idle));
+        assert_eq!(d.vcpus[0].activity, Activity::Blocked);
+        assert_eq!(d.vcpus[0].idle_runstate(), crate::vcpu::RUNSTATE_BLOCKED);
+    }
+
+    #[test]
+    fn a_fault_with_no_idt_is_a_triple_fault_of_its_vcpu() {
+        let mut d = domain(1, &[(CODE, &[0x0f, 0x0b])]); // ud2
+        let e = d.run();
+        assert_eq!(e.vcpu, Some(0));
+        assert!(matches!(e.reason, ExitReason::TripleFault { ref chain } if chain[0] == 6), "{e:?}");
+    }
+
+    #[test]
+    fn init_and_startup_ipis_start_an_ap_in_real_mode() {
+        // vCPU 0 (32-bit, paging off): INIT and STARTUP (vector 8: 0x8000)
+        // to APIC ID 2, then halts with interrupts off for good.
+        let mut bsp = Vec::new();
+        bsp.extend(store32(0xfee0_0310, 2 << 24));
+        bsp.extend(store32(0xfee0_0300, 0xc500));
+        bsp.extend(store32(0xfee0_0300, 0x0608));
+        bsp.extend([0xfa, 0xf4]);
+        // vCPU 1 (16-bit real mode at 0x800:0): SCHEDOP_shutdown(soft_reset)
+        // with its argument at 0x9100: a hypercall from real mode.
+        let ap = [
+            0x66, 0xb8, 29, 0, 0, 0, // mov eax, 29
+            0x66, 0xbf, 2, 0, 0, 0, // mov edi, 2 (SCHEDOP_shutdown)
+            0x66, 0xbe, 0x00, 0x91, 0, 0, // mov esi, 0x9100
+            0x0f, 0x01, 0xc1, // vmcall
+            0xf4,
+        ];
+        let mut d = domain(2, &[(CODE, &bsp), (0x8000, &ap), (0x9100, &5u32.to_le_bytes())]);
+        assert!(d.vcpus[1].down && !d.vcpus[1].initialised);
+        let e = d.run();
+        assert_eq!(e, Exit::of(1, ExitReason::Shutdown { reason: 5 }));
+        let st = &d.vcpus[1].regs;
+        assert_eq!(st.seg(crate::unicorn_gaps::R_CS).base, 0x8000);
+        assert_eq!(st.cr(0) & 1, 0, "still in real mode");
+        assert!(d.vcpus[1].initialised && !d.vcpus[1].down);
+        // The start-up IPI ended vCPU 0's slice before its HLT (the woken
+        // vCPU runs first).
+        assert_eq!(d.vcpus[0].activity, Activity::Running);
+        assert!(d.context_switches() >= 1);
+    }
+}

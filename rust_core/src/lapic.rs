@@ -159,6 +159,11 @@ impl Lapic {
         None
     }
 
+    /// Software-enabled (SVR bit 8): only then does it accept interrupts.
+    pub fn enabled(&self) -> bool {
+        self.regs[(REG_SVR >> 4) as usize] & (1 << 8) != 0
+    }
+
     /// Whether this APIC is a target of `dest` (a destination field, not a
     /// shorthand): physical by APIC ID, logical by LDR in the flat or
     /// cluster model; 0xff is everyone.

@@ -7,7 +7,7 @@
 //!   Unicorn's exit check after every memory access
 //!   (`unicorn_gaps::set_exit_checks`): the request is seen at the start of
 //!   the next translated block. (With the checks on it tore instructions:
-//!   unicorn.md, "Preemption".) A RIP written by a hook must be forgotten
+//!   docs/unicorn.md, "Stopping the engine".) A RIP written by a hook must be forgotten
 //!   for it (`unicorn_gaps::forget_pc_write`).
 //! * In user space (the lower half) a pending stop is not harmless: the
 //!   SYSCALL helper then skips our hook and retires the instruction as a

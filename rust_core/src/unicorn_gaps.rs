@@ -1,5 +1,5 @@
 //! Everything pvhvm does around Unicorn's gaps as the CPU of a full OS, in one
-//! place (see shared notes, unicorn.md):
+//! place (docs/unicorn.md has the measurements behind them):
 //!
 //! * Unicorn never delivers exceptions to the guest IDT, and its register API
 //!   in 64-bit mode sets only the selector of CS/SS (no hidden base, limit,

@@ -40,6 +40,26 @@ pub enum Activity {
     WaitForSipi,
 }
 
+/// A guest area Xen keeps up to date: by guest-virtual address (the
+/// *_memory_area calls, translated with the vCPU's page tables at each
+/// update) or guest-physical (the *_phys_area calls of Xen 4.18 and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    Virtual(u64),
+    Physical(u64),
+}
+
+impl Area {
+    fn gpa(self, ram: &GuestRam, ps: &PagingState, len: u64) -> Option<u64> {
+        let mut m: &GuestRam = ram;
+        let gpa = match self {
+            Area::Physical(gpa) => gpa,
+            Area::Virtual(va) => mmu::translate(&mut m, ps, va, mmu::Access::Write, false).ok()?,
+        };
+        (gpa & 0xfff <= 4096 - len).then_some(gpa)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeriodicTimer {
     pub period_ns: u64,
@@ -133,9 +153,9 @@ pub struct Vcpu {
     /// HVMOP_set_evtchn_upcall_vector.
     pub upcall_vector: Option<u8>,
     pub runstate: Runstate,
-    /// Guest-virtual addresses given by VCPUOP_register_{runstate,vcpu_time}_memory_area.
-    pub runstate_area: Option<u64>,
-    pub time_area: Option<u64>,
+    /// Where VCPUOP_register_{runstate,vcpu_time}_{memory,phys}_area put them.
+    pub runstate_area: Option<Area>,
+    pub time_area: Option<Area>,
     pub lapic: Lapic,
     /// When to look again for an interrupt window (an interrupt is pending
     /// with IF=0); kept until that kick has been taken.
@@ -204,50 +224,66 @@ impl Vcpu {
     /// it simply sees nothing, as with Xen.
     pub fn write_areas(&self, ram: &GuestRam, clock: &Clock, ps: &PagingState) {
         let mut m: &GuestRam = ram;
-        if let Some(va) = self.runstate_area {
-            let _ = mmu::write_linear(&mut m, ps, va, &self.runstate.info(clock.now_ns()), false);
-        }
-        if let Some(va) = self.time_area {
-            if let Ok(gpa) = mmu::translate(&mut m, ps, va, mmu::Access::Write, false) {
-                if gpa & 0xfff <= 4096 - 32 {
-                    write_time_info(ram, gpa, &clock.time_info());
+        match self.runstate_area {
+            // A virtual area may cross a page: copy through the page tables.
+            Some(Area::Virtual(va)) => {
+                let _ = mmu::write_linear(&mut m, ps, va, &self.runstate.info(clock.now_ns()), false);
+            }
+            Some(a @ Area::Physical(_)) => {
+                if let Some(s) = a.gpa(ram, ps, 48).and_then(|g| ram.slice_mut(g, 48).ok()) {
+                    s.copy_from_slice(&self.runstate.info(clock.now_ns()));
                 }
             }
+            None => {}
+        }
+        if let Some(gpa) = self.time_area.and_then(|a| a.gpa(ram, ps, 32)) {
+            write_time_info(ram, gpa, &clock.time_info());
         }
     }
 
     /// An IPI arrived (`pristine`: the engine's power-on state, for INIT).
     /// Returns whether it may change what the vCPU does next.
+    /// As Xen's vlapic_accept_irq and vlapic_init_sipi_one do.
     pub fn accept_ipi(&mut self, kind: IpiKind, pristine: &CpuState) -> bool {
         match kind {
-            IpiKind::Fixed(v) | IpiKind::LowestPriority(v) => {
+            // Only into an enabled LAPIC.
+            IpiKind::Fixed(v) | IpiKind::LowestPriority(v) if self.lapic.enabled() => {
                 self.lapic.set_pending(v);
                 true
             }
             IpiKind::Nmi => {
                 self.nmi_pending = true;
+                // An NMI wakes an initialised vCPU that is down.
+                if self.initialised {
+                    self.down = false;
+                }
                 true
             }
-            IpiKind::Init => {
+            // INIT to a vCPU never started does nothing.
+            IpiKind::Init if self.initialised => {
                 self.init(pristine);
                 true
             }
-            IpiKind::Startup(vector) if self.activity == Activity::WaitForSipi => {
+            // A start-up IPI starts only a vCPU that is not initialised:
+            // the second of Linux's two is harmless.
+            IpiKind::Startup(vector) if !self.initialised => {
                 self.start_real_mode(vector);
                 true
             }
-            IpiKind::Startup(_) | IpiKind::InitDeassert | IpiKind::Ignored => false,
+            _ => false,
         }
     }
 
-    /// INIT: registers back to power-on, waiting for a start-up IPI. Xen's
-    /// per-vCPU registrations (vcpu_info, timers, areas) survive, as they
-    /// do in Xen's vlapic INIT.
+    /// INIT: registers and LAPIC back to power-on (the APIC ID kept), down
+    /// until a start-up IPI. Xen's per-vCPU registrations (vcpu_info,
+    /// runstate area, timers) survive, as in Xen's vcpu_reset.
     fn init(&mut self, pristine: &CpuState) {
         self.regs.copy_from(pristine);
         self.lapic.reset(self.id);
         self.activity = Activity::WaitForSipi;
+        self.initialised = false;
         self.down = true;
+        self.poll_deadline = None;
         self.pending_exception = None;
         self.nmi_pending = false;
         self.window_poll_at = None;
@@ -274,6 +310,7 @@ impl Vcpu {
         let cs = (vector as u16) << 8;
         st.set_seg(unicorn_gaps::R_CS, Segment { selector: cs, base: (cs as u64) << 4, limit: 0xffff, flags: real_mode_flags(0x9b) });
         st.set_tr(Segment { selector: 0, base: 0, limit: 0xffff, flags: real_mode_flags(0x8b) });
+        st.set_ldt(Segment { selector: 0, base: 0, limit: 0xffff, flags: real_mode_flags(0x82) });
         st.set_gdt(0, 0xffff);
         st.set_idt(0, 0xffff);
         st.end_exception();

@@ -10,7 +10,7 @@ use crate::cpu::Cpu;
 use crate::exit::ExitReason;
 use crate::memory::GuestRam;
 use crate::mmu::PagingState;
-use crate::vcpu::{Activity, Vcpu};
+use crate::vcpu::{Activity, Area, Vcpu};
 use crate::waker::Waker;
 use crate::xen::evtchn::{PortState, VIRQ_CONSOLE, VIRQ_TIMER};
 use crate::xen::{DomainState, SharedState};
@@ -270,21 +270,72 @@ fn vcpu_op_brings_a_vcpu_up_and_down() {
     f.put(ARG, &bad_mode);
     assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EINVAL));
     assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, 0xffff_fff0]), E(errno::EFAULT));
+    f.put(ARG, &hvm_context_64(0x8000_0000_0000, pe_pg, lme));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EINVAL), "non-canonical RIP");
+    let mut pad = hvm_context_64(0x40_0000, pe_pg, lme);
+    pad[4] = 1;
+    f.put(ARG, &pad);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EINVAL), "pad must be 0");
     f.put(ARG, &hvm_context_64(0x40_0000, pe_pg, lme));
     assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), 0);
     let st = &f.vcpus[1].regs;
     assert_eq!((st.rip(), st.reg(4), st.cr(3)), (0x40_0000, 0x9000, 0x5000));
     assert!(st.in_64bit_code() && st.cpl() == 0);
     assert_eq!(st.efer() & 0x500, 0x500, "LME and LMA");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 0, "initialised, still down until VCPUOP_up");
     assert_eq!(f.call(0, hc::VCPU_OP, &[0, 1, ARG]), E(errno::EEXIST));
     let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[1, 1, 0]);
     assert!(rax == 0 && fx.woke_other);
     assert!(f.vcpus[1].is_running());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[1, 1, 0]), 0, "up again: nothing to do");
     assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 1);
-    assert_eq!(f.call(0, hc::VCPU_OP, &[2, 1, 0]), 0);
-    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 0);
-    let (_, fx) = f.call_as(2, 0, hc::VCPU_OP, &[2, 2, 0]);
+    let (_, fx) = f.call_as(1, 0, hc::VCPU_OP, &[2, 1, 0]);
     assert!(fx.block, "a vCPU that takes itself down stops at once");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[3, 1, 0]), 0);
+    // The last vCPU up going down powers the domain off, as on Xen.
+    let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[2, 0, 0]);
+    assert_eq!((rax, fx.exit), (0, Some(ExitReason::Shutdown { reason: 0 })));
+}
+
+/// A 32-bit protected-mode context: flat code and data, a TSS.
+fn hvm_context_32(cs_ar: u16, ss_ar: u16, tr_ar: u16, eip: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 128];
+    let r = 8;
+    let put32 = |ctx: &mut Vec<u8>, off: usize, v: u32| ctx[r + off..r + off + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut ctx, 32, eip);
+    put32(&mut ctx, 36, 0x2);
+    put32(&mut ctx, 40, 0x1); // CR0.PE
+    for i in 0..4 {
+        put32(&mut ctx, 84 + 4 * i, 0xfffff); // limits, page-granular
+    }
+    put32(&mut ctx, 100, 0x67);
+    for (i, ar) in [cs_ar, 0xc93, ss_ar, 0xc93, tr_ar].iter().enumerate() {
+        ctx[r + 104 + 2 * i..r + 106 + 2 * i].copy_from_slice(&ar.to_le_bytes());
+    }
+    ctx
+}
+
+#[test]
+fn vcpu_op_initialise_checks_a_32_bit_context_as_xen_does() {
+    let mut f = fixture(2);
+    let try_ctx = |f: &mut Fixture, ctx: Vec<u8>| {
+        f.put(ARG, &ctx);
+        f.call(0, hc::VCPU_OP, &[0, 1, ARG])
+    };
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc93, 0xc93, 0x8b, 0x1000)), E(errno::EINVAL), "CS must be code");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc9b, 0x8b, 0x1000)), E(errno::EINVAL), "SS must be writable data");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc93, 0x93, 0x1000)), E(errno::EINVAL), "TR must be a TSS");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xcf3, 0x8b, 0x1000)), E(errno::EINVAL), "SS.DPL = CS.DPL");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0x1c9b, 0xc93, 0x8b, 0x1000)), E(errno::EINVAL), "reserved bits");
+    let mut byte_limit = hvm_context_32(0x49b, 0xc93, 0x8b, 0x20000);
+    byte_limit[8 + 84..8 + 88].copy_from_slice(&0xffffu32.to_le_bytes());
+    assert_eq!(try_ctx(&mut f, byte_limit), E(errno::EINVAL), "EIP past a byte-granular CS limit");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc93, 0x89, 0x1234)), 0, "an available TSS is made busy");
+    let st = &f.vcpus[1].regs;
+    assert_eq!(st.rip(), 0x1234);
+    assert!(!st.in_64bit_code() && st.cr(0) & 1 == 1);
+    assert_eq!(st.seg(crate::unicorn_gaps::R_CS).limit, 0xffff_ffff);
+    assert_eq!(st.tr().flags >> 8 & 0xf, 0xb);
 }
 
 #[test]
@@ -302,7 +353,8 @@ fn vcpu_op_timers_and_registrations() {
     assert!(rax == 0 && fx.recheck);
     assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(now + 1_000_000_000));
     shot(&f, 1, 1);
-    assert_eq!(f.call(0, hc::VCPU_OP, &[8, 0, ARG]), E(errno::ETIME), "VCPU_SSHOTTMR_future in the past");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[8, 0, ARG]), 0, "Xen 4.18+ ignores VCPU_SSHOTTMR_future: fires at once");
+    assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(1));
     assert_eq!(f.call(0, hc::VCPU_OP, &[9, 0, 0]), 0);
     assert_eq!(f.vcpus[0].timers.singleshot_ns, None);
     f.put(ARG, &999_999u64.to_le_bytes());
@@ -321,21 +373,35 @@ fn vcpu_op_timers_and_registrations() {
         f.put(ARG, &a);
     };
     reg(&f, 0x30, 4);
-    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "misaligned");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::ENXIO), "misaligned");
     reg(&f, 0x30, 4064);
-    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "crosses the page");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::ENXIO), "crosses the page");
+    reg(&f, 0x1_0000_0, 0x40);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "not RAM");
     reg(&f, 0x30, 0x40);
-    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), 0);
+    let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[10, 1, ARG]);
+    assert!(rax == 0 && fx.woke_other);
     assert_eq!(f.dom.ports().vcpu_info(1), Some(0x30040));
     assert_ne!(f.u32_at(0x30040 + 32), 0, "pvclock version written");
-    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "only once");
+    assert_eq!(f.get(0x30040 + 8, 8), [0xff; 8], "every selector word flagged after the move");
+    assert!(f.dom.ports().upcall_pending(&f.dom.ram, 1));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EBUSY), "only once");
     f.put(ARG, &0x7000u64.to_le_bytes());
     let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[5, 1, ARG]);
     assert!(rax == 0 && !fx.refresh_areas, "another vCPU's area is written when it runs");
-    assert_eq!(f.vcpus[1].runstate_area, Some(0x7000));
+    assert_eq!(f.vcpus[1].runstate_area, Some(Area::Virtual(0x7000)));
+    f.put(ARG, &0x8ffcu64.to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[14, 1, ARG]), E(errno::ENXIO), "a physical area must not cross a page");
+    f.put(ARG, &0x8008u64.to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[15, 1, ARG]), 0);
+    assert_eq!(f.vcpus[1].time_area, Some(Area::Physical(0x8008)));
     assert_eq!(f.call(0, hc::VCPU_OP, &[4, 1, ARG]), 0);
     assert_eq!(f.u32_at(ARG), 3, "vCPU 1 is offline");
-    assert_eq!(f.call(0, hc::VCPU_OP, &[11, 0, 0]), E(errno::ENOSYS));
+    assert_eq!(f.call(0, hc::VCPU_OP, &[11, 1, ARG]), E(errno::EINVAL), "send_nmi takes no argument");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[11, 1, 0]), 0);
+    assert!(f.vcpus[1].nmi_pending);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[12, 0, ARG]), E(errno::EINVAL), "get_physid is the hardware domain's");
+    assert_eq!(f.call(0, hc::VCPU_OP, &[16, 0, 0]), E(errno::ENOSYS));
 }
 
 #[test]

@@ -6,8 +6,9 @@ use super::{Call, HcResult};
 use crate::abi::errno;
 use crate::mmu;
 use crate::unicorn_gaps::{self, Segment};
-use crate::vcpu::{Activity, PeriodicTimer};
-use crate::xen::evtchn::VCPU_INFO_SIZE;
+use crate::exit::ExitReason;
+use crate::vcpu::{Activity, Area, PeriodicTimer};
+use crate::xen::evtchn::{VCPU_INFO_SIZE, VI_PENDING_SEL};
 
 const INITIALISE: u64 = 0;
 const UP: u64 = 1;
@@ -20,10 +21,12 @@ const STOP_PERIODIC_TIMER: u64 = 7;
 const SET_SINGLESHOT_TIMER: u64 = 8;
 const STOP_SINGLESHOT_TIMER: u64 = 9;
 const REGISTER_VCPU_INFO: u64 = 10;
+const SEND_NMI: u64 = 11;
+const GET_PHYSID: u64 = 12;
 const REGISTER_VCPU_TIME_MEMORY_AREA: u64 = 13;
+const REGISTER_RUNSTATE_PHYS_AREA: u64 = 14;
+const REGISTER_VCPU_TIME_PHYS_AREA: u64 = 15;
 
-/// VCPU_SSHOTTMR_future: fail with -ETIME if the deadline has passed.
-const SSHOTTMR_FUTURE: u32 = 1;
 const MIN_PERIOD_NS: u64 = 1_000_000;
 
 /// struct vcpu_hvm_context: { uint32_t mode; uint32_t pad; union cpu_regs }.
@@ -49,7 +52,9 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             let target = &mut c.vcpus[v as usize];
             target.regs.copy_from(pristine);
             set_hvm_context(&mut target.regs, &ctx)?;
+            // Initialised but still down: it runs after VCPUOP_up.
             target.initialised = true;
+            target.down = true;
             target.activity = Activity::Running;
             Ok(0)
         }
@@ -60,14 +65,16 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             }
             if target.down {
                 target.down = false;
-                if target.activity == Activity::WaitForSipi {
-                    target.activity = Activity::Running;
-                }
                 c.effects.woke_other = true;
             }
             Ok(0)
         }
         DOWN => {
+            if c.vcpus.iter().all(|x| x.id == v || x.down) {
+                // Taking the last vCPU down powers the domain off (Xen's domain_shutdown).
+                c.exit_with(ExitReason::Shutdown { reason: crate::abi::schedop::SHUTDOWN_POWEROFF });
+                return Ok(0);
+            }
             // The vCPU stops where it is; VCPUOP_up resumes it there.
             c.vcpus[v as usize].down = true;
             if own {
@@ -80,29 +87,55 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             // struct vcpu_register_vcpu_info { uint64_t mfn; uint32_t offset; uint32_t rsvd; }
             let mfn = c.guest.read_u64(arg)?;
             let offset = c.guest.read_u32(arg + 8)? as u64;
-            // Naturally aligned: the guest and Xen update its words atomically.
-            if offset + VCPU_INFO_SIZE > 4096 || offset % 8 != 0 || c.dom.ports().vcpu_info_registered(v) {
-                return Err(errno::EINVAL);
+            // As Xen's map_guest_area: within one page, naturally aligned
+            // (the guest and Xen update its words atomically), once.
+            if offset + VCPU_INFO_SIZE > 4096 || offset % 8 != 0 {
+                return Err(errno::ENXIO);
             }
-            let gpa = mfn.checked_mul(4096).ok_or(errno::EINVAL)? + offset;
-            let Ok(dst) = c.dom.ram.slice_mut(gpa, VCPU_INFO_SIZE) else { return Err(errno::EINVAL) };
-            // Carry over what the old location held (pending flags, time).
+            let gpa = mfn.checked_mul(4096).filter(|g| c.dom.ram.is_ram(*g, 4096)).ok_or(errno::EINVAL)? + offset;
+            if c.dom.ports().vcpu_info_registered(v) {
+                return Err(errno::EBUSY);
+            }
+            let dst = c.dom.ram.slice_mut(gpa, VCPU_INFO_SIZE).map_err(|_| errno::EINVAL)?;
+            // Carry over what the old location held (pending flags, time),
+            // then flag every selector word and the upcall, so that nothing
+            // pending is lost in the move (a spurious upcall, as with Xen).
             let old = c.dom.ports().vcpu_info(v).and_then(|o| c.dom.ram.slice(o, VCPU_INFO_SIZE).ok().map(|s| s.to_vec()));
             match old {
                 Some(o) => dst.copy_from_slice(&o),
                 None => dst.fill(0),
             }
+            dst[VI_PENDING_SEL as usize..VI_PENDING_SEL as usize + 8].fill(0xff);
+            dst[0] = 1;
             c.dom.ports().register_vcpu_info(v, gpa);
             c.dom.update_vcpu_time(v);
+            c.notified(Some(v));
             Ok(0)
         }
         REGISTER_RUNSTATE_MEMORY_AREA | REGISTER_VCPU_TIME_MEMORY_AREA => {
             let addr = c.guest.read_u64(arg)?;
             let x = &mut c.vcpus[v as usize];
             let area = if cmd == REGISTER_RUNSTATE_MEMORY_AREA { &mut x.runstate_area } else { &mut x.time_area };
-            *area = (addr != 0).then_some(addr);
+            *area = (addr != 0).then_some(Area::Virtual(addr));
             // Written now through the caller's page tables if it is the
             // caller's; another vCPU's is written when that vCPU next runs.
+            c.effects.refresh_areas = own;
+            Ok(0)
+        }
+        REGISTER_RUNSTATE_PHYS_AREA | REGISTER_VCPU_TIME_PHYS_AREA => {
+            // struct vcpu_register_{runstate,time}_phys_area { uint64_t addr; }
+            let addr = c.guest.read_u64(arg)?;
+            let len = if cmd == REGISTER_RUNSTATE_PHYS_AREA { 48 } else { 32 };
+            if addr % 8 != 0 || (addr & 0xfff) + len > 4096 {
+                return Err(errno::ENXIO);
+            }
+            if addr != u64::MAX && !c.dom.ram.is_ram(addr & !0xfff, 4096) {
+                return Err(errno::EINVAL);
+            }
+            let x = &mut c.vcpus[v as usize];
+            let area = if cmd == REGISTER_RUNSTATE_PHYS_AREA { &mut x.runstate_area } else { &mut x.time_area };
+            // An all-ones address unregisters.
+            *area = (addr != u64::MAX).then_some(Area::Physical(addr));
             c.effects.refresh_areas = own;
             Ok(0)
         }
@@ -116,11 +149,10 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 return Err(errno::EINVAL);
             }
             // struct vcpu_set_singleshot_timer { uint64_t timeout_abs_ns; uint32_t flags; }
+            // Xen 4.18 and later ignore the flags (VCPU_SSHOTTMR_future
+            // included): a deadline in the past fires at once.
             let deadline = c.guest.read_u64(arg)?;
-            let flags = c.guest.read_u32(arg + 8)?;
-            if flags & SSHOTTMR_FUTURE != 0 && deadline < c.dom.system_time_ns() {
-                return Err(errno::ETIME);
-            }
+            c.guest.read_u32(arg + 8)?;
             c.me().timers.singleshot_ns = Some(deadline);
             c.effects.recheck = true;
             Ok(0)
@@ -146,6 +178,16 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             c.vcpus[v as usize].timers.periodic = None;
             Ok(0)
         }
+        SEND_NMI => {
+            if arg != 0 {
+                return Err(errno::EINVAL);
+            }
+            c.vcpus[v as usize].nmi_pending = true;
+            c.notified(Some(v));
+            Ok(0)
+        }
+        // The physical CPU's id is for the hardware domain only.
+        GET_PHYSID => Err(errno::EINVAL),
         _ => Err(errno::ENOSYS),
     }
 }
@@ -174,112 +216,159 @@ fn ar_to_flags(ar: u16) -> u32 {
     ((ar & 0xff) << 8) | ((ar & 0xf00) << 12)
 }
 
-/// A segment as Xen's arch_set_info_hvm_guest accepts it: present, a code
-/// segment for CS, a writable data segment for SS, a data or readable code
-/// segment (or null) for DS/ES; byte-granular limits below 1 MiB, page
-/// granular ones ending in 0xfff.
-fn check_segment(ar: u16, limit: u32, which: usize) -> Result<(), i64> {
-    let (kind, s, present, g) = (ar & 0xf, ar & 0x10 != 0, ar & 0x80 != 0, ar & 0x800 != 0);
+/// The segments `set_hvm_context` loads from a 32-bit context.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seg {
+    Cs,
+    Ds,
+    Ss,
+    Es,
+    Tr,
+}
+
+/// A segment's attributes as Xen's check_segment accepts them (returning
+/// them with the accessed bit set, and the busy bit for TR).
+fn check_segment(ar: u16, which: Seg) -> Result<u16, i64> {
     if ar & 0xf000 != 0 {
         return Err(errno::EINVAL);
     }
-    if which != unicorn_gaps::R_CS && which != unicorn_gaps::R_SS && ar == 0 {
-        return Ok(()); // a null data segment
+    if ar == 0 {
+        // Null: allowed for DS and ES only.
+        return if matches!(which, Seg::Ds | Seg::Es) { Ok(0) } else { Err(errno::EINVAL) };
     }
-    if !present || !s {
+    let (kind, s, present) = (ar & 0xf, ar & 0x10 != 0, ar & 0x80 != 0);
+    if !present {
+        return Err(errno::EINVAL);
+    }
+    if which == Seg::Tr {
+        // A 32-bit TSS (available or busy), a system segment.
+        if s || kind & 0x7 != 0x1 || kind & 0x8 == 0 {
+            return Err(errno::EINVAL);
+        }
+        return Ok(ar | 0x2);
+    }
+    if !s {
         return Err(errno::EINVAL);
     }
     let code = kind & 0x8 != 0;
     let ok = match which {
-        unicorn_gaps::R_CS => code,
-        unicorn_gaps::R_SS => !code && kind & 0x2 != 0,
+        Seg::Cs => code,
+        Seg::Ss => !code && kind & 0x2 != 0,
+        // Data, or readable code (not execute-only).
         _ => !code || kind & 0x2 != 0,
     };
-    if !ok || (g && limit & 0xfff != 0xfff) || (!g && limit > 0xfffff) {
+    if !ok {
         return Err(errno::EINVAL);
     }
-    Ok(())
+    Ok(ar | 0x1)
 }
 
-/// Load a `vcpu_hvm_context` (hvm_vcpu.h) into `st`, with the checks Xen
-/// makes (-EINVAL for an unknown mode, a bad segment, or control
-/// registers that do not describe a consistent mode).
+fn dpl(ar: u16) -> u16 {
+    (ar >> 5) & 3
+}
+
+/// A segment limit as the processor applies it (page granular with G).
+fn scaled_limit(limit: u32, ar: u16) -> u64 {
+    if ar & 0x800 != 0 {
+        ((limit as u64) << 12) | 0xfff
+    } else {
+        limit as u64
+    }
+}
+
+/// CR4 bits a guest may set here: what this vCPU's CPUID offers (no VMX,
+/// SMX, LA57, PKE, CET).
+const CR4_VALID: u64 = 0x7ff | (1 << 11) | (1 << 16) | (1 << 17) | (1 << 18) | (1 << 20) | (1 << 21);
+const EFER_VALID: u64 = mmu::EFER_SCE | mmu::EFER_LME | mmu::EFER_LMA | mmu::EFER_NXE;
+/// The architectural RFLAGS bits (CF .. ID); bit 1 always reads 1.
+const RFLAGS_VALID: u64 = 0x3f_7fd5;
+
+/// Load a `vcpu_hvm_context` (hvm_vcpu.h) into `st`, with the checks Xen's
+/// arch_set_info_hvm_guest makes (-EINVAL for a nonzero pad, an unknown
+/// mode, a bad segment, registers that do not describe a consistent mode).
+/// What the context does not name (FS, GS, LDTR, GDTR, IDTR) is left as it
+/// was.
 pub fn set_hvm_context(st: &mut unicorn_gaps::CpuState, ctx: &[u8; HVM_CONTEXT_SIZE]) -> Result<(), i64> {
     let mode = u32_at(ctx, 0);
+    if u32_at(ctx, 4) != 0 {
+        return Err(errno::EINVAL);
+    }
     let r = &ctx[8..];
-    let (cr0, cr3, cr4, efer);
+    let (cr0, cr3, cr4, efer, rflags);
     match mode {
         HVM_MODE_32B => {
-            // eax, ecx, edx, ebx, esp, ebp, esi, edi, eip, eflags; cr0, cr3, cr4; pad; efer;
-            // cs/ds/ss/es/tr base; the same limits; the same attributes.
+            // eax, ecx, edx, ebx, esp, ebp, esi, edi, eip, eflags; cr0, cr3, cr4; pad1; efer;
+            // cs/ds/ss/es/tr base; the same limits; the same attributes; pad2[3].
+            if u32_at(r, 52) != 0 || r[114..120].iter().any(|&b| b != 0) {
+                return Err(errno::EINVAL);
+            }
+            let segs = [(Seg::Cs, 0usize), (Seg::Ds, 1), (Seg::Ss, 2), (Seg::Es, 3), (Seg::Tr, 4)];
+            let mut loaded = [(0u32, 0u32, 0u16); 5];
+            for (which, i) in segs {
+                let ar = check_segment(u16_at(r, 104 + 2 * i), which)?;
+                loaded[i] = (u32_at(r, 64 + 4 * i), u32_at(r, 84 + 4 * i), ar);
+            }
+            let [cs, ds, ss, es, tr] = loaded;
+            let eip = u32_at(r, 32) as u64;
+            if eip > scaled_limit(cs.1, cs.2) || dpl(ss.2) != dpl(cs.2) {
+                return Err(errno::EINVAL);
+            }
+            if [ds, es].iter().any(|d| d.2 != 0 && dpl(d.2) > dpl(cs.2)) {
+                return Err(errno::EINVAL);
+            }
             for i in 0..8 {
                 st.set_reg(i, u32_at(r, 4 * i) as u64);
             }
-            st.set_rip(u32_at(r, 32) as u64);
-            st.set_rflags(u32_at(r, 36) as u64);
+            st.set_rip(eip);
+            rflags = u32_at(r, 36) as u64;
             (cr0, cr3, cr4) = (u32_at(r, 40) as u64, u32_at(r, 44) as u64, u32_at(r, 48) as u64);
             efer = u64_at(r, 56);
-            let segs = [
-                (unicorn_gaps::R_CS, 0usize),
-                (unicorn_gaps::R_DS, 1),
-                (unicorn_gaps::R_SS, 2),
-                (unicorn_gaps::R_ES, 3),
-            ];
-            for (reg, i) in segs {
-                let (base, limit, ar) = (u32_at(r, 64 + 4 * i), u32_at(r, 84 + 4 * i), u16_at(r, 104 + 2 * i));
-                check_segment(ar, limit, reg)?;
-                let selector = if ar == 0 { 0 } else { (8 * (i + 1)) as u16 };
-                st.set_seg(reg, Segment { selector, base: base as u64, limit, flags: ar_to_flags(ar) });
+            if efer & mmu::EFER_LMA != 0 && efer & mmu::EFER_LME == 0 {
+                return Err(errno::EINVAL);
             }
-            for reg in [unicorn_gaps::R_FS, unicorn_gaps::R_GS] {
-                st.set_seg(reg, Segment::default());
-            }
-            let (tr_base, tr_limit, tr_ar) = (u32_at(r, 80), u32_at(r, 100), u16_at(r, 112));
-            let tr_ar = if tr_ar == 0 { 0x8b } else { tr_ar };
-            st.set_tr(Segment { selector: 0, base: tr_base as u64, limit: tr_limit, flags: ar_to_flags(tr_ar) });
+            let seg = |(base, limit, ar): (u32, u32, u16), selector: u16| Segment {
+                selector: if ar == 0 { 0 } else { selector },
+                base: base as u64,
+                limit: scaled_limit(limit, ar) as u32,
+                flags: ar_to_flags(ar),
+            };
+            st.set_seg(unicorn_gaps::R_CS, seg(cs, 0x08));
+            st.set_seg(unicorn_gaps::R_DS, seg(ds, 0x10));
+            st.set_seg(unicorn_gaps::R_SS, seg(ss, 0x10));
+            st.set_seg(unicorn_gaps::R_ES, seg(es, 0x10));
+            st.set_tr(seg(tr, 0x18));
         }
         HVM_MODE_64B => {
             // rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, rip, rflags, cr0, cr3, cr4, efer.
+            let rip = u64_at(r, 64);
+            (cr0, cr3, cr4, efer) = (u64_at(r, 80), u64_at(r, 88), u64_at(r, 96), u64_at(r, 104));
+            if !mmu::is_canonical(rip) || cr0 & mmu::CR0_PG == 0 || cr4 & mmu::CR4_PAE == 0 || efer & mmu::EFER_LME == 0 {
+                return Err(errno::EINVAL);
+            }
             for i in 0..8 {
                 st.set_reg(i, u64_at(r, 8 * i));
             }
-            st.set_rip(u64_at(r, 64));
-            st.set_rflags(u64_at(r, 72));
-            (cr0, cr3, cr4, efer) = (u64_at(r, 80), u64_at(r, 88), u64_at(r, 96), u64_at(r, 104));
-            // Flat segments, CS a 64-bit code segment, a 64-bit TSS.
+            st.set_rip(rip);
+            rflags = u64_at(r, 72);
+            // Flat segments, CS a 64-bit code segment, a 64-bit busy TSS.
             st.set_seg(unicorn_gaps::R_CS, Segment { selector: 0x08, base: 0, limit: !0, flags: ar_to_flags(0xa9b) });
             for reg in [unicorn_gaps::R_DS, unicorn_gaps::R_SS, unicorn_gaps::R_ES] {
                 st.set_seg(reg, Segment { selector: 0x10, base: 0, limit: !0, flags: ar_to_flags(0xc93) });
             }
-            for reg in [unicorn_gaps::R_FS, unicorn_gaps::R_GS] {
-                st.set_seg(reg, Segment::default());
-            }
             st.set_tr(Segment { selector: 0x18, base: 0, limit: 0x67, flags: ar_to_flags(0x8b) });
-            let long = cr0 & mmu::CR0_PG != 0 && cr0 & mmu::CR0_PE != 0 && cr4 & mmu::CR4_PAE != 0;
-            if !long || efer & mmu::EFER_LME == 0 {
-                return Err(errno::EINVAL);
-            }
         }
         _ => return Err(errno::EINVAL),
     }
-    // Paging needs protection; long mode needs PAE and LME.
-    if cr0 & mmu::CR0_PG != 0 && cr0 & mmu::CR0_PE == 0 {
+    if cr4 & !CR4_VALID != 0 || efer & !EFER_VALID != 0 || (cr0 & mmu::CR0_PG != 0 && cr0 & mmu::CR0_PE == 0) {
         return Err(errno::EINVAL);
     }
-    let mut efer = efer & !mmu::EFER_LMA;
-    if cr0 & mmu::CR0_PG != 0 && efer & mmu::EFER_LME != 0 {
-        if cr4 & mmu::CR4_PAE == 0 {
-            return Err(errno::EINVAL);
-        }
-        efer |= mmu::EFER_LMA;
-    }
+    // LMA follows LME, as Xen sets it.
+    let efer = if efer & mmu::EFER_LME != 0 { efer | mmu::EFER_LMA } else { efer };
+    st.set_rflags((rflags & RFLAGS_VALID) | 2);
     st.set_cr(0, cr0 | (1 << 4)); // ET is hard-wired
-    st.set_cr(2, 0);
     st.set_cr(3, cr3);
     st.set_cr(4, cr4);
     st.set_efer(efer);
-    st.set_gdt(0, 0);
-    st.set_idt(0, 0);
     st.end_exception();
     st.clear_interrupt_shadow();
     st.sync_hflags();

@@ -39,10 +39,10 @@ pub const VIRQ_TIMER: u32 = 0;
 pub const VIRQ_DEBUG: u32 = 1;
 pub const VIRQ_CONSOLE: u32 = 2;
 pub const NR_VIRQS: u32 = 24;
-/// VIRQs bound per vCPU (Xen's `virq_is_global` is false for these); the
-/// rest are global and live on vCPU 0.
+/// VIRQs bound per vCPU: TIMER, DEBUG, XENOPROF, XENPMU (Xen's
+/// `get_virq_type`); the rest are global and bound on vCPU 0.
 pub fn virq_is_per_vcpu(virq: u32) -> bool {
-    matches!(virq, 0 | 1 | 6 | 7 | 8 | 12)
+    matches!(virq, 0 | 1 | 7 | 13)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
