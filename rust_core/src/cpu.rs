@@ -34,7 +34,7 @@ use crate::memory::GuestRam;
 use crate::mmu::{self, PagingState};
 use crate::ticker::{KickFlags, Kicker, Ticker};
 use crate::uc::{self, Engine, Reg};
-use crate::unicorn_gaps::{self, BlobLayout, CpuState};
+use crate::unicorn_gaps::{self, BlobLayout, CpuState, InterruptLine};
 use crate::vcpu::Vcpu;
 use crate::xen::DomainState;
 
@@ -96,6 +96,10 @@ struct HookData {
     pristine: CpuState,
     /// Shared with the ticker (see ticker.rs).
     kick: *const KickFlags,
+    /// The interrupt line and whether it was just acknowledged: the vCPU
+    /// reached a point where it can take an interrupt (IF=1, no shadow).
+    line: Option<InterruptLine>,
+    window_open: bool,
 }
 
 impl Stop {
@@ -167,8 +171,24 @@ unsafe fn linear_ip_raw(uc: *mut uc_engine) -> u64 {
 
 unsafe extern "C" fn on_interrupt(uc: *mut uc_engine, intno: u32, user: *mut c_void) {
     let h = &mut *(user as *mut HookData);
-    h.exception = Some(intno as u8);
+    // The #GP right after an acknowledge is QEMU giving up the delivery of
+    // ACK_VECTOR, not the guest's.
+    if !(intno == interrupts::GP as u32 && h.window_open) {
+        h.exception = Some(intno as u8);
+    }
     uc::raw_stop(uc);
+}
+
+/// The interrupt line's acknowledge (unicorn_gaps::InterruptLine): the
+/// vCPU can take an interrupt here. Any other read of the page (the guest
+/// poking at it) sees the same value and nothing else happens.
+unsafe extern "C" fn ack_read(uc: *mut uc_engine, offset: u64, size: c_uint, user: *mut c_void) -> u64 {
+    let h = &mut *(user as *mut HookData);
+    if offset == unicorn_gaps::VMCB_INT_VECTOR && size == 4 && h.line.as_ref().is_some_and(|l| l.acknowledge()) {
+        h.window_open = true;
+        h.stop(uc, Stop::Kicked);
+    }
+    unicorn_gaps::ACK_VECTOR
 }
 
 /// #UD: VMCALL/VMMCALL are hypercalls, anything else is a real #UD.
@@ -345,6 +365,7 @@ impl Cpu {
         let cpuid_snapshot = uc::Context::new(&engine, layout.data_offset).map_err(|e| e.to_string())?;
         let mut pristine = CpuState::new(&engine, layout)?;
         pristine.load(&engine);
+        pristine.set_vm_vmcb(layout::INTERRUPT_ACK_PAGE);
         let ticker = Ticker::new();
         let hooks = Box::into_raw(Box::new(HookData {
             ram,
@@ -358,6 +379,8 @@ impl Cpu {
             layout,
             pristine,
             kick: ticker.flags(),
+            line: None,
+            window_open: false,
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -380,7 +403,11 @@ impl Cpu {
                         user,
                     )?;
                     let after = LAPIC_BASE + LAPIC_SIZE;
-                    engine.map_mmio(after, (1u64 << 32) - after, Some(absent_read), Some(absent_write), user)
+                    let ack = layout::INTERRUPT_ACK_PAGE;
+                    engine.map_mmio(after, ack - after, Some(absent_read), Some(absent_write), user)?;
+                    engine.map_mmio(ack, layout::PAGE_SIZE, Some(ack_read), Some(absent_write), user)?;
+                    let rest = ack + layout::PAGE_SIZE;
+                    engine.map_mmio(rest, (1u64 << 32) - rest, Some(absent_read), Some(absent_write), user)
                         .map(|_| 0)
                 })
         }
@@ -391,6 +418,8 @@ impl Cpu {
             return Err(e);
         }
         let scratch = CpuState::new(&engine, layout)?;
+        // SAFETY: the engine is initialised (RAM mapped) and of the probed build.
+        unsafe { (*hooks).line = Some(InterruptLine::new(engine.raw(), &layout)) };
         ticker.set_engine(engine.raw());
         Ok(Self {
             engine,
@@ -487,6 +516,23 @@ impl Cpu {
     /// raised, if any.
     pub fn take_stop(&mut self) -> (Option<Stop>, Option<u8>) {
         unsafe { ((*self.hooks).stop.take(), (*self.hooks).exception.take()) }
+    }
+
+    /// Raise the interrupt line: the next run stops (`window_opened`) as
+    /// soon as the vCPU can take an interrupt.
+    pub fn raise_line(&self) {
+        if let Some(l) = &self.hooks().line {
+            l.raise();
+        }
+    }
+
+    /// After a run: lower the line (it must not outlive the vCPU's turn),
+    /// and say whether it was acknowledged.
+    pub fn window_opened(&mut self) -> bool {
+        if let Some(l) = &self.hooks().line {
+            l.lower();
+        }
+        std::mem::take(unsafe { &mut (*self.hooks).window_open })
     }
 
     /// Take the pending kick; returns whether there was one.

@@ -46,10 +46,12 @@ pub enum SliceEnd {
 
 enum Inject {
     Done,
-    /// In an interrupt shadow (after STI, MOV SS): step one instruction first.
+    /// In an interrupt shadow (after STI, MOV SS).
     Shadow,
-    /// IF=0 (or real mode): look again soon.
+    /// IF=0.
     Masked,
+    /// Real mode (a trampoline on its way up): not delivered here.
+    RealMode,
 }
 
 pub struct Domain {
@@ -163,6 +165,7 @@ impl Domain {
         let halted_for_good = v.activity == Activity::Halted && !v.nmi_pending && v.regs.rflags() & RFLAGS_IF == 0;
         View {
             runnable: v.is_running(),
+            boosted: v.boosted,
             deadline: v.deadline(),
             stuck: v.down || v.activity == Activity::WaitForSipi || halted_for_good,
         }
@@ -201,6 +204,7 @@ impl Domain {
                 let v = &mut self.vcpus[i];
                 v.activity = Activity::Running;
                 v.poll_deadline = None;
+                v.boosted = true;
                 woken |= 1 << i;
             }
         }
@@ -256,6 +260,7 @@ impl Domain {
     fn run_slice(&mut self, id: u32, until: Instant) -> SliceEnd {
         let i = id as usize;
         self.cpu.load(&mut self.vcpus[i]);
+        self.vcpus[i].boosted = false;
         self.set_runstate(i, RUNSTATE_RUNNING);
         let end = self.slice_loop(i, until);
         self.cpu.save(&mut self.vcpus[i]);
@@ -304,13 +309,19 @@ impl Domain {
 
             let mut count = 0;
             let mut poll_window = false;
-            let wanted = if self.vcpus[i].nmi_pending { Some(Event::external(interrupts::NMI)) } else { self.next_interrupt(i).map(Event::external) };
+            let nmi = self.vcpus[i].nmi_pending;
+            let wanted = if nmi { Some(Event::external(interrupts::NMI)) } else { self.next_interrupt(i).map(Event::external) };
             if let Some(ev) = wanted {
                 match self.try_inject(i, ev) {
                     Inject::Done => {}
-                    Inject::Shadow => count = 1,
-                    // No hook sees STI, POPF or IRET, so look again soon.
-                    Inject::Masked => poll_window = true,
+                    // An NMI ignores IF: step past the shadow.
+                    Inject::Shadow if nmi => count = 1,
+                    // IF=0 or a shadow: the interrupt line stops the vCPU
+                    // the moment it can take the interrupt (after STI and
+                    // the next instruction, POPF, IRET).
+                    Inject::Shadow | Inject::Masked => self.cpu.raise_line(),
+                    // Real mode: no line; look again soon.
+                    Inject::RealMode => poll_window = true,
                 }
             }
             self.arm_ticker(i, until, poll_window);
@@ -323,6 +334,15 @@ impl Domain {
                 continue; // a kick came first: take it above
             };
             let (stop, exception) = self.cpu.take_stop();
+            if self.cpu.window_opened() {
+                // QEMU recorded its aborted delivery of the acknowledge as
+                // an exception in flight: forget it (see InterruptLine).
+                let engine = self.cpu.engine();
+                let st = &mut self.vcpus[i].regs;
+                st.load(engine);
+                st.end_exception();
+                st.store(engine);
+            }
             if let Some(vector) = exception {
                 if stop != Some(Stop::WatchHypercallMsr) {
                     let ev = self.exception_event(i, vector);
@@ -371,7 +391,25 @@ impl Domain {
                     let ip = self.cpu.linear_ip();
                     let halted = self.cpu.read_linear(ip.wrapping_sub(1), &mut b).is_ok() && b[0] == 0xf4;
                     if !halted {
-                        return SliceEnd::Exit(ExitReason::TripleFault { chain: vec![] });
+                        // Unicorn's own check_exception saw a fault on top
+                        // of #DF and stopped the CPU ("Triple fault"), or
+                        // something stopped the engine with no reason.
+                        let engine = self.cpu.engine();
+                        let st = &mut self.vcpus[i].regs;
+                        st.load(engine);
+                        let old = st.old_exception();
+                        return SliceEnd::Exit(if old >= 0 {
+                            ExitReason::TripleFault { chain: vec![old as u8] }
+                        } else {
+                            ExitReason::Error {
+                                message: format!(
+                                    "the engine stopped with no reason at {:#x} (cpl {}, kicked {kicked_in_run}, rflags {:#x})",
+                                    st.rip(),
+                                    st.cpl(),
+                                    st.rflags()
+                                ),
+                            }
+                        });
                     }
                     // HLT: go on at once if an interrupt can be taken now,
                     // else idle until one can.
@@ -435,8 +473,7 @@ impl Domain {
         let v = &mut self.vcpus[i];
         v.regs.load(engine);
         if v.regs.cr(0) & mmu::CR0_PE == 0 {
-            // Real mode (a trampoline on its way up): not delivered here.
-            return Inject::Masked;
+            return Inject::RealMode;
         }
         if v.regs.interrupt_shadow() {
             return Inject::Shadow;

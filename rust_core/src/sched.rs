@@ -5,10 +5,12 @@
 //! A domain's vCPUs share one host thread and one engine (cpu.rs), so they
 //! run in turn: round-robin over the runnable ones, each for `VCPU_SLICE`
 //! while others wait, for as long as it likes when it is the only one.
-//! A slice also ends when its vCPU halts or blocks, and early when it wakes
-//! another vCPU (an IPI, an event, VCPUOP_up): the woken one should see it
-//! about as soon as it would on parallel hardware, and the sender of an IPI
-//! usually waits for the answer anyway (Linux's smp_call_function spins).
+//! A slice also ends when its vCPU halts or blocks, and early when another
+//! vCPU wakes (an IPI, an event, its timer, VCPUOP_up). A vCPU that has just
+//! woken from a wait is boosted, as in Xen's credit scheduler: it runs
+//! before the others that were already runnable, so it sees its interrupt
+//! about as soon as it would on parallel hardware (and the sender of an
+//! IPI usually waits for the answer anyway: Linux's smp_call_function spins).
 
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ pub const VCPU_SLICE: Duration = Duration::from_millis(1);
 pub struct View {
     /// Up, and not waiting for anything.
     pub runnable: bool,
+    /// Woken from a wait since it last ran: goes first.
+    pub boosted: bool,
     /// Its earliest timer or poll timeout (system time), while it waits.
     pub deadline: Option<u64>,
     /// Nothing can ever wake it: down, waiting for a start-up IPI, or
@@ -48,12 +52,14 @@ pub struct RoundRobin {
 }
 
 impl RoundRobin {
-    /// The next decision: the first runnable vCPU after the last one run.
+    /// The next decision: the first boosted runnable vCPU after the last
+    /// one run, else the first runnable one.
     pub fn next(&mut self, views: &[View]) -> Next {
         let n = views.len() as u32;
         let start = self.last.map_or(0, |l| l + 1);
         let runnable: Vec<u32> = (0..n).map(|k| (start + k) % n).filter(|&v| views[v as usize].runnable).collect();
-        if let Some(&vcpu) = runnable.first() {
+        let boosted = runnable.iter().copied().find(|&v| views[v as usize].boosted);
+        if let Some(vcpu) = boosted.or(runnable.first().copied()) {
             self.last = Some(vcpu);
             return Next::Run { vcpu, alone: runnable.len() == 1 };
         }
@@ -69,13 +75,16 @@ mod tests {
     use super::*;
 
     fn run() -> View {
-        View { runnable: true, deadline: None, stuck: false }
+        View { runnable: true, boosted: false, deadline: None, stuck: false }
+    }
+    fn woken() -> View {
+        View { boosted: true, ..run() }
     }
     fn wait(deadline: Option<u64>) -> View {
-        View { runnable: false, deadline, stuck: false }
+        View { runnable: false, boosted: false, deadline, stuck: false }
     }
     fn stuck() -> View {
-        View { runnable: false, deadline: None, stuck: true }
+        View { runnable: false, boosted: false, deadline: None, stuck: true }
     }
 
     #[test]
@@ -92,6 +101,16 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![0, 2, 3, 0]);
         assert_eq!(rr.next(&[wait(None), run()]), Next::Run { vcpu: 1, alone: true });
+    }
+
+    #[test]
+    fn a_woken_vcpu_goes_before_those_already_runnable() {
+        let mut rr = RoundRobin::default();
+        assert_eq!(rr.next(&[run(), run(), run(), woken()]), Next::Run { vcpu: 3, alone: false });
+        // Then the round robin goes on from it.
+        assert_eq!(rr.next(&[run(), run(), run(), run()]), Next::Run { vcpu: 0, alone: false });
+        assert_eq!(rr.next(&[run(), woken(), run(), woken()]), Next::Run { vcpu: 1, alone: false });
+        assert_eq!(rr.next(&[run(), run(), run(), woken()]), Next::Run { vcpu: 3, alone: false });
     }
 
     #[test]

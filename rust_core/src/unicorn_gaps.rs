@@ -22,6 +22,7 @@
 //! workaround does not hold on this Unicorn build, no domain starts.
 
 use std::ffi::c_void;
+
 use std::sync::OnceLock;
 
 use unicorn_engine::{uc_engine, HookType};
@@ -116,6 +117,13 @@ pub struct BlobLayout {
     /// `uc_struct.skip_sync_pc_on_exit`, from the engine handle (see
     /// `forget_pc_write`).
     pub skip_sync_pc_on_exit: usize,
+    /// The interrupt line (see `InterruptLine`): `uc_struct.cpu` from the
+    /// engine handle, `CPUState.interrupt_request` from the CPU, and
+    /// `CPUX86State.vm_vmcb` in the blob.
+    pub uc_cpu: usize,
+    pub interrupt_request: usize,
+    pub env_ptr: usize,
+    pub vm_vmcb: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -291,7 +299,14 @@ impl CpuState {
     pub fn end_exception(&mut self) {
         self.set_u32_at(self.layout.old_exception, u32::MAX);
     }
-    fn old_exception(&self) -> i32 {
+    /// Where QEMU reads the VIRQ line's vector (see `InterruptLine`).
+    pub fn set_vm_vmcb(&mut self, gpa: u64) {
+        let off = self.layout.vm_vmcb;
+        self.set_u64_at(off, gpa)
+    }
+
+    /// The exception QEMU's check_exception last recorded (-1: none).
+    pub fn old_exception(&self) -> i32 {
         self.u32_at(self.layout.old_exception) as i32
     }
 
@@ -479,6 +494,143 @@ unsafe extern "C" fn probe_mmio_write(
 }
 
 // ---------------------------------------------------------------------------
+// An interrupt line: exact interrupt windows.
+
+/// QEMU's `CPU_INTERRUPT_VIRQ` bit in `CPUState.interrupt_request`.
+const CPU_INTERRUPT_VIRQ: u32 = 0x100;
+/// `offsetof(struct vmcb, control.int_vector)`: where QEMU reads the VIRQ
+/// line's vector, relative to `CPUX86State.vm_vmcb`.
+pub const VMCB_INT_VECTOR: u64 = 0x64;
+/// What the acknowledge answers: a vector past any IDT, so QEMU gives up
+/// the delivery with #GP(`ACK_ERROR_CODE`) before it touches guest state.
+pub const ACK_VECTOR: u64 = 0x1000;
+/// The error code of that #GP (vector × 16 + 2 on Unicorn's 64-bit path);
+/// no real #GP has it (selectors and IDT indexes are below 0x10000).
+pub const ACK_ERROR_CODE: u32 = 0x10002;
+
+/// Unicorn has no way to inject an interrupt, and no hook sees STI, POPF
+/// or IRET, so an interrupt pending while the guest runs with IF=0 cannot
+/// be delivered the moment IF comes back. QEMU's VIRQ line can tell us:
+/// raise it, and QEMU itself checks it at every return to its main loop
+/// (which STI + one instruction, POPF and IRET all cause), and once IF=1
+/// with no interrupt shadow it "acknowledges" by reading the vector at
+/// `vm_vmcb + 0x64`. `vm_vmcb` points at an MMIO page of ours, whose read
+/// callback lowers the line, stops the engine and answers `ACK_VECTOR`, so
+/// that QEMU aborts its own delivery (a #GP with `ACK_ERROR_CODE`, nothing
+/// executed or pushed). The vCPU loop then delivers the interrupt itself,
+/// exactly at the window. (Measured exact; docs/unicorn.md.)
+pub struct InterruptLine {
+    request: *const std::sync::atomic::AtomicU32,
+    old_exception: *mut i32,
+}
+
+// SAFETY: the pointers are into the engine, which outlives the line (the
+// `Cpu` owns both), and are only used on the engine's thread.
+unsafe impl Send for InterruptLine {}
+
+impl InterruptLine {
+    /// # Safety
+    /// `uc` must be an open, initialised engine of this build (`layout`
+    /// probed on the same build).
+    pub unsafe fn new(uc: *mut uc_engine, layout: &BlobLayout) -> Self {
+        let cpu = *((uc as *const u8).add(layout.uc_cpu) as *const *mut u8);
+        let env = *(cpu.add(layout.env_ptr) as *const *mut u8);
+        Self {
+            request: cpu.add(layout.interrupt_request) as *const std::sync::atomic::AtomicU32,
+            old_exception: env.add(layout.old_exception) as *mut i32,
+        }
+    }
+
+    pub fn raise(&self) {
+        unsafe { (*self.request).fetch_or(CPU_INTERRUPT_VIRQ, std::sync::atomic::Ordering::SeqCst) };
+    }
+
+    /// Lower the line; returns whether it was raised.
+    pub fn lower(&self) -> bool {
+        unsafe { (*self.request).fetch_and(!CPU_INTERRUPT_VIRQ, std::sync::atomic::Ordering::SeqCst) & CPU_INTERRUPT_VIRQ != 0 }
+    }
+
+    /// For the acknowledge callback: lower the line and forget the
+    /// exception QEMU is about to raise for it, so that check_exception
+    /// does not make a #DF of the next one. Returns whether it was raised.
+    pub fn acknowledge(&self) -> bool {
+        let raised = self.lower();
+        if raised {
+            unsafe { std::ptr::write_volatile(self.old_exception, -1) };
+        }
+        raised
+    }
+}
+
+/// Read `buf.len()` bytes at `addr` of our own memory without faulting on
+/// an unmapped address (the engine's structures are scanned blind).
+fn read_own(addr: usize, buf: &mut [u8]) -> bool {
+    let local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut c_void, iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: addr as *mut c_void, iov_len: buf.len() };
+    // SAFETY: process_vm_readv on ourselves copies into `buf`, or fails.
+    unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == buf.len() as isize }
+}
+
+fn read_own_u64(addr: usize) -> Option<u64> {
+    let mut b = [0u8; 8];
+    read_own(addr, &mut b).then(|| u64::from_le_bytes(b))
+}
+
+/// `uc_struct.cpu` and `CPUState.env_ptr`: a pointer in the engine to a
+/// structure holding the pair (env, env - 16) = (`env_ptr`,
+/// `icount_decr_ptr`), where env begins with the registers just written
+/// (RAX = `a`, RBX = `b`). Then `interrupt_request`: after `nr_cores` and
+/// `nr_threads` (1, 1), the first u32 of -1 is `cflags_next_tb`, and the
+/// next one (0) is it.
+fn find_interrupt_line(uc: *mut uc_engine, a: u64, b: u64) -> Option<(usize, usize, usize)> {
+    let base = uc as usize;
+    for uc_cpu in (0..4096).step_by(8) {
+        let Some(cpu) = read_own_u64(base + uc_cpu).filter(|p| *p != 0 && p % 8 == 0) else { continue };
+        for env_ptr in (0..1024).step_by(8) {
+            let (Some(env), Some(icount)) = (read_own_u64(cpu as usize + env_ptr), read_own_u64(cpu as usize + env_ptr + 8))
+            else {
+                continue;
+            };
+            if env < 16 || icount != env - 16 {
+                continue;
+            }
+            if read_own_u64(env as usize) != Some(a) || read_own_u64(env as usize + 24) != Some(b) {
+                continue;
+            }
+            let mut words = [0u8; 64];
+            if !read_own(cpu as usize, &mut words) {
+                return None;
+            }
+            let w = |i: usize| u32::from_le_bytes(words[4 * i..4 * i + 4].try_into().unwrap());
+            if w(0) != 1 || w(1) != 1 {
+                return None;
+            }
+            let cflags = (2..15).find(|&i| w(i) == u32::MAX)?;
+            if w(cflags + 1) != 0 {
+                return None;
+            }
+            return Some((uc_cpu, env_ptr, 4 * (cflags + 1)));
+        }
+    }
+    None
+}
+
+/// The probe's acknowledge page: counts acknowledges, as the vCPU's does.
+struct ProbeAck {
+    line: Option<InterruptLine>,
+    acks: std::cell::Cell<u32>,
+}
+
+unsafe extern "C" fn probe_ack_read(uc: *mut uc_engine, offset: u64, size: std::ffi::c_uint, user: *mut c_void) -> u64 {
+    let a = &*(user as *const ProbeAck);
+    if offset == VMCB_INT_VECTOR && size == 4 && a.line.as_ref().is_some_and(|l| l.acknowledge()) {
+        a.acks.set(a.acks.get() + 1);
+        unicorn_engine::uc_emu_stop(uc);
+    }
+    ACK_VECTOR
+}
+
+// ---------------------------------------------------------------------------
 // The probe / self-test.
 
 static LAYOUT: OnceLock<Result<BlobLayout, String>> = OnceLock::new();
@@ -540,7 +692,7 @@ fn probe() -> Result<BlobLayout, String> {
     eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
     eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
     eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
-    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0 };
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0 };
     let mut st = CpuState::new(&eng, provisional)?;
     st.load(&eng);
     let checks = [
@@ -602,7 +754,7 @@ fn probe() -> Result<BlobLayout, String> {
     // reset it must stay #GP. Try each candidate.
     let mut old_exception = None;
     for cand in old_candidates {
-        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0 };
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0 };
         let mut st = CpuState::new(&eng, layout)?;
         st.load(&eng);
         if st.old_exception() != 13 {
@@ -627,6 +779,10 @@ fn probe() -> Result<BlobLayout, String> {
             old_exception,
             no_exit_request: 0,
             skip_sync_pc_on_exit: 0,
+            uc_cpu: 0,
+            interrupt_request: 0,
+            env_ptr: 0,
+            vm_vmcb: 0,
         };
 
     // 5. exception_is_int: 1 after INT n, 0 after a fault.
@@ -717,7 +873,76 @@ fn probe() -> Result<BlobLayout, String> {
     if (after_start, after_write, after_forget, flag()) != (0, 1, 0, 0) {
         return Err("uc_struct.skip_sync_pc_on_exit is not where expected".into());
     }
+
+    // 9. The interrupt line: find it, then check that an acknowledge comes
+    // at once with IF=1, not with IF=0, and right after STI's shadow.
+    set_exit_checks(&eng, &layout, false);
+    eng.write(Reg::RAX, MAGIC_A);
+    eng.write(Reg::RBX, MAGIC_B);
+    let (uc_cpu, env_ptr, interrupt_request) =
+        find_interrupt_line(eng.raw(), MAGIC_A, MAGIC_B).ok_or("QEMU's CPUState (interrupt_request) not found")?;
+    layout.uc_cpu = uc_cpu;
+    layout.env_ptr = env_ptr;
+    layout.interrupt_request = interrupt_request;
+    // vm_vmcb follows old_exception (an int, padding, then the u64).
+    layout.vm_vmcb = (old_exception + 4 + 7) & !7;
+    const PROBE_ACK: u64 = 0x20000;
+    let ack = Box::new(ProbeAck { line: None, acks: std::cell::Cell::new(0) });
+    unsafe {
+        eng.map_mmio(PROBE_ACK, 0x1000, Some(probe_ack_read), None, &*ack as *const ProbeAck as *mut c_void)
+    }
+    .map_err(|e| e.to_string())?;
+    let ack = Box::into_raw(ack);
+    let result = (|| -> Result<(), String> {
+        let line = unsafe { InterruptLine::new(eng.raw(), &layout) };
+        let mut st = CpuState::new(&eng, layout)?;
+        st.load(&eng);
+        if st.u64_at(layout.vm_vmcb) != 0 {
+            return Err("CPUX86State.vm_vmcb is not where expected".into());
+        }
+        st.set_vm_vmcb(PROBE_ACK);
+        st.store(&eng);
+        unsafe { (*ack).line = Some(InterruptLine::new(eng.raw(), &layout)) };
+        // 0x1000: inc rcx; hlt    0x1004: sti; nop; inc rcx; hlt
+        let code = [0x48, 0xff, 0xc1, 0xf4, 0xfb, 0x90, 0x48, 0xff, 0xc1, 0xf4];
+        ram[PROBE_CODE as usize..PROBE_CODE as usize + code.len()].copy_from_slice(&code);
+        eng.flush_tb();
+        let run = |eng: &mut Engine, rflags: u64, at: u64, raise: bool| -> (u32, Option<u32>, u64, u64) {
+            eng.write(Reg::RCX, 0);
+            eng.write(Reg::RFLAGS, rflags);
+            if raise {
+                line.raise();
+            }
+            unsafe { (*ack).acks.set(0) };
+            hits.last_intr.set(None);
+            eng.start(at, 0);
+            (unsafe { (*ack).acks.get() }, hits.last_intr.get(), eng.read(Reg::RIP), eng.read(Reg::RCX))
+        };
+        let fresh = |eng: &Engine, st: &mut CpuState| {
+            st.load(eng);
+            st.end_exception();
+            st.store(eng);
+        };
+        let (acks, intr, rip, rcx) = run(&mut eng, 0x202, PROBE_CODE, true);
+        st.load(&eng);
+        if (acks, intr, rip, rcx, st.error_code()) != (1, Some(13), PROBE_CODE, 0, ACK_ERROR_CODE) || line.lower() {
+            return Err(format!("IF=1: acknowledge {acks}, exception {intr:?}, rip {rip:#x}, rcx {rcx}"));
+        }
+        fresh(&eng, &mut st);
+        let (acks, _, rip, rcx) = run(&mut eng, 0x2, PROBE_CODE, true);
+        if (acks, rip, rcx) != (0, PROBE_CODE + 4, 1) || !line.lower() {
+            return Err(format!("IF=0: acknowledge {acks}, rip {rip:#x}, rcx {rcx}"));
+        }
+        line.raise();
+        let (acks, _, rip, rcx) = run(&mut eng, 0x2, PROBE_CODE + 4, false);
+        if (acks, rip, rcx) != (1, PROBE_CODE + 6, 0) {
+            return Err(format!("STI: acknowledge {acks}, rip {rip:#x} (want {:#x}), rcx {rcx}", PROBE_CODE + 6));
+        }
+        Ok(())
+    })();
     drop(eng);
+    unsafe { drop(Box::from_raw(ack)) };
+    result.map_err(|e| format!("the interrupt line: {e}"))?;
     drop(ram);
     Ok(layout)
 }

@@ -144,6 +144,9 @@ pub struct Vcpu {
     /// Xen's _VPF_down: not to be scheduled (never brought up, VCPUOP_down).
     pub down: bool,
     pub activity: Activity,
+    /// Woken from a wait (or brought up) since it last ran: the scheduler
+    /// runs it first (sched.rs).
+    pub boosted: bool,
     /// SCHEDOP_poll's timeout (system time).
     pub poll_deadline: Option<u64>,
     /// An exception to deliver before the vCPU goes on.
@@ -175,6 +178,7 @@ impl Vcpu {
             initialised: bsp,
             down: !bsp,
             activity: if bsp { Activity::Running } else { Activity::WaitForSipi },
+            boosted: false,
             poll_deadline: None,
             pending_exception: None,
             nmi_pending: false,
@@ -254,8 +258,9 @@ impl Vcpu {
             IpiKind::Nmi => {
                 self.nmi_pending = true;
                 // An NMI wakes an initialised vCPU that is down.
-                if self.initialised {
+                if self.initialised && self.down {
                     self.down = false;
+                    self.boosted = true;
                 }
                 true
             }
@@ -318,6 +323,7 @@ impl Vcpu {
         st.sync_hflags();
         self.initialised = true;
         self.down = false;
+        self.boosted = true;
         self.activity = Activity::Running;
     }
 

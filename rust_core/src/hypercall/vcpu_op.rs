@@ -65,6 +65,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             }
             if target.down {
                 target.down = false;
+                target.boosted = true;
                 c.effects.woke_other = true;
             }
             Ok(0)
