@@ -36,10 +36,11 @@ def tsc_hz(seconds: float = 0.25) -> float:
     return (c1 - c0) / ((t1 - t0) / 1e9)
 
 
-def run_bench_guest(elf: Path, cmdline: str = "", memory_mib: int = 32, timeout: float = 300) -> dict[str, int]:
+def run_bench_guest(elf: Path, cmdline: str = "", memory_mib: int = 32, timeout: float = 300,
+                    vcpus: int = 1) -> dict[str, int]:
     """Boot a bench guest; return its "BENCH key value" lines. Fails unless
     it powered off and printed no FAIL line."""
-    dom = pvhvm.Domain(elf, cmdline=cmdline, memory_mib=memory_mib)
+    dom = pvhvm.Domain(elf, cmdline=cmdline, memory_mib=memory_mib, vcpus=vcpus)
     outcome = dom.run(timeout=timeout)
     out = dom.console_output.decode(errors="replace")
     if outcome.exit_status != 0 or re.search(r"^FAIL", out, re.M):

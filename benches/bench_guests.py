@@ -4,6 +4,9 @@
 * event channels (tests/guests/bench_events.c): a self-IPI's send-to-upcall
   latency, and one-shot timer lateness (+1 ms and +10 ms, halting with
   "sti; hlt" and spinning with interrupts on) against the pvclock;
+* IPIs between two vCPUs (tests/guests/smp.c with bench=N): vCPU 0 sends
+  to vCPU 1, which answers at once; vCPU 0 halts until the answer. Through
+  event channels (as Linux sends its IPIs) and through the LAPIC;
 * xenstore (tests/guests/xsbench.c): request/reply round trips over the
   ring page with pvhvm's built-in xenstore, polling the ring and blocking
   on the store port; ops/s.
@@ -46,6 +49,13 @@ def events(hz: float, ipi: int = 2000, t1: int = 200, t10: int = 30) -> dict:
     return out
 
 
+def smp_ipi(hz: float, n: int = 1000) -> dict:
+    """Round trips between vCPU 0 and vCPU 1 in us: {"evtchn"|"lapic": {stat: value}}."""
+    b = run_bench_guest(guests()["smp"], cmdline=f"bench={n}", vcpus=2)
+    return {kind: {s: b[f"ipi_rtt_{kind}_cycles_{s}"] / hz * 1e6 for s in STATS} | {"n": b[f"ipi_rtt_{kind}_cycles_n"]}
+            for kind in ("evtchn", "lapic")}
+
+
 def host_sleep_lateness(n: int, seconds: float = 0.001) -> dict:
     """The host's own floor for timer accuracy: how late time.sleep(1 ms)
     wakes up here (timer slack, scheduling), in us."""
@@ -81,7 +91,8 @@ def main() -> int:
     hz = tsc_hz()
     ev = events(hz, *((300, 50, 10) if args.quick else ()))
     xs = xenstore(hz, 200 if args.quick else 1000)
-    print(json.dumps({"tsc_mhz": hz / 1e6, "events": ev, "xenstore": xs}, indent=2))
+    smp = smp_ipi(hz, 200 if args.quick else 1000)
+    print(json.dumps({"tsc_mhz": hz / 1e6, "events": ev, "xenstore": xs, "smp_ipi_us": smp}, indent=2))
     return 0
 
 

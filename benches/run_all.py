@@ -17,6 +17,10 @@ Sections (in run order):
   boot      the default Debian guest to its init marker under pvhvm and QEMU
             TCG (PVH boot of the same vmlinux/initrd), alternated; medians
             and ratios (bench_boot.py)
+  smp       several vCPUs: the default guest to its init marker with 1, 2
+            and 4 vCPUs under pvhvm (--vcpus) and QEMU TCG (-smp, same CPU
+            model), alternated; IPI round trips between two vCPUs
+            (bench_boot.py, bench_guests.py with tests/guests/smp.c)
   profile   the same boot in-process: core vs Python time, exits by kind,
             hypercalls by name, exceptions and interrupts (bench_profile.py)
   memory    peak RSS of `python -m pvhvm boot --memory 256/1024` (bench_memory.py)
@@ -53,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, metric, not_measured, tsc_hz  # noqa: E402
 
 SCHEMA = 1
-SECTIONS = ("core", "events", "xenstore", "boot", "profile", "memory", "net")
+SECTIONS = ("core", "events", "xenstore", "boot", "smp", "profile", "memory", "net")
 MEMORY_SIZES = (256, 1024)
 TIMER_CASES = ("1ms_halt", "1ms_spin", "10ms_halt", "10ms_spin")
 NET_METRICS = {
@@ -204,6 +208,33 @@ def run_boot(ctx: dict) -> tuple[dict, dict]:
     return res, r
 
 
+def run_smp(ctx: dict) -> tuple[dict, dict]:
+    import bench_boot
+    import bench_guests
+
+    ipi = bench_guests.smp_ipi(ctx["hz"], ctx["smp_ipi_n"])
+    res = {}
+    for kind, how in (("evtchn", "event channel"), ("lapic", "LAPIC")):
+        d = ipi[kind]
+        for s in ("p50", "p99"):
+            res[f"smp.ipi_rtt_us.{kind}.{s}"] = metric(
+                d[s], "us", f"IPI vCPU 0 -> 1 -> 0 by {how}, {s} of {d['n']}", "lower")
+    boot = bench_boot.measure_smp((1, 2, 4), ctx["boot_runs"], ctx["timeout"], skip_qemu=ctx["skip_qemu"],
+                                  log=sys.stderr)
+    for n in boot["vcpus"]:
+        for hv, who in (("pvhvm", "pvhvm --vcpus"), ("qemu", f"QEMU TCG -cpu {bench_boot.QEMU_SAME_CPU} -smp")):
+            text = f"{who} {n}: init marker, median of {ctx['boot_runs']}"
+            key = f"{hv}_{n}"
+            res[f"smp.boot.{key}.init_s"] = (metric(boot["median_init_s"][key], "s", text, "lower")
+                                             if key in boot["median_init_s"]
+                                             else not_measured("s", text, "--skip-qemu", "lower"))
+        text = f"boot to init with {n} vCPUs: pvhvm / QEMU (same CPU model)"
+        res[f"smp.boot.ratio.{n}"] = (metric(boot["ratio_pvhvm_over_qemu"][n], "ratio", text, "lower")
+                                      if n in boot["ratio_pvhvm_over_qemu"]
+                                      else not_measured("ratio", text, "--skip-qemu", "lower"))
+    return res, {"ipi_us": ipi, "boot": boot}
+
+
 def run_profile(ctx: dict) -> tuple[dict, dict]:
     import bench_profile
 
@@ -296,7 +327,7 @@ def run_net(ctx: dict) -> tuple[dict, dict]:
     return res, r
 
 
-RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot,
+RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot, "smp": run_smp,
            "profile": run_profile, "memory": run_memory, "net": run_net}
 
 
@@ -405,11 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         "boot_runs": args.runs or (1 if quick else 5),
         "events_n": {"ipi": 300, "t1": 50, "t10": 10} if quick else {"ipi": 2000, "t1": 200, "t10": 30},
         "xs_n": 200 if quick else 1000,
+        "smp_ipi_n": 200 if quick else 1000,
         "memory_runs": 1 if quick else 3,
     }
     started = time.time()
     ctx["host"] = host_info()
-    if any(s in sections for s in ("boot", "profile", "memory", "net")):
+    if any(s in sections for s in ("boot", "smp", "profile", "memory", "net")):
         from pvhvm.images import prepare_default_guest
 
         log("== preparing the default guest (downloads on first use)")

@@ -69,6 +69,14 @@ def test_bench_guest_hypercalls(hz):
     assert b["loop_insns"] == 200_000_000 and b["loop_cycles"] > 0
 
 
+def test_smp_ipi_round_trips(hz):
+    """IPIs between two vCPUs of the smp guest, both ways, both mechanisms."""
+    r = bench_guests.smp_ipi(hz, 100)
+    for kind in ("evtchn", "lapic"):
+        d = r[kind]
+        assert d["n"] == 100 and 0 < d["min"] <= d["p50"] <= d["p99"] <= d["max"] < 1e6, (kind, d)
+
+
 def test_profiled_domain_accounts_for_every_exit(guests):
     """The profiler's wrappers on a small guest that halts until timers
     (slept in the core, not in Python) and takes IPIs: every exit is
@@ -155,11 +163,13 @@ def test_run_all_quick_writes_schema_1(tmp_path):
                  "xenstore.read_poll_us.p50", "xenstore.ops_per_s", "boot.pvhvm.first_line_s", "boot.pvhvm.init_s",
                  "boot.pvhvm.guest_uptime_s", "profile.core_s", "profile.python_s", "profile.exits.notify.count",
                  "profile.hypercalls.total", "profile.exceptions_delivered", "profile.interrupts_delivered",
-                 "memory.peak_rss_mib.256", "memory.peak_rss_mib.1024"):
+                 "memory.peak_rss_mib.256", "memory.peak_rss_mib.1024", "smp.ipi_rtt_us.evtchn.p50",
+                 "smp.ipi_rtt_us.lapic.p50", "smp.boot.pvhvm_1.init_s", "smp.boot.pvhvm_4.init_s"):
         assert isinstance(res[name]["value"], (int, float)) and res[name]["value"] > 0, name
     assert res["boot.qemu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.qemu_default_cpu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.ratio.init"]["value"] is None
+    assert res["smp.boot.qemu_2.init_s"]["status"] == "not measured: --skip-qemu"
     # At least the one at the vCPU's reset; Linux never needs single steps.
     assert res["profile.code_cache_flushes"]["value"] >= 1
     for name in run_all.NET_METRICS:  # measured, or a reason why not

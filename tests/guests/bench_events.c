@@ -70,16 +70,6 @@ static long set_timer(uint64_t deadline)
 
 
 
-/* min, p50, p99 (nearest rank) and max of samples[0..n). */
-static void report(const char *name, int n)
-{
-    sort_i64(samples, n);
-    printk("BENCH %s_n %d\n", name, n);
-    printk("BENCH %s_min %ld\n", name, samples[0]);
-    printk("BENCH %s_p50 %ld\n", name, samples[(n - 1) / 2]);
-    printk("BENCH %s_p99 %ld\n", name, samples[(99 * n + 99) / 100 - 1]);
-    printk("BENCH %s_max %ld\n", name, samples[n - 1]);
-}
 
 static int clamp(uint64_t n) { return n < 1 ? 1 : n > MAX_SAMPLES ? MAX_SAMPLES : (int)n; }
 
@@ -101,7 +91,7 @@ static void timer_bench(const char *name, uint64_t delta_ns, int halt, int n)
         }
         samples[i] = (int64_t)(tsc_to_ns(timer_tsc) - deadline);
     }
-    report(name, n);
+    bench_report(name, samples, n);
 }
 
 int guest_main(uint32_t start_info)
@@ -148,7 +138,7 @@ int guest_main(uint32_t start_info)
     }
     asm volatile("cli" ::: "memory");
     check(missed == 0, "every IPI arrived on return from the send (%d spins)", missed);
-    report("ipi_cycles", n_ipi);
+    bench_report("ipi_cycles", samples, n_ipi);
 
     timer_bench("timer_1ms_halt_ns", 1000000, 1, n_t1);
     timer_bench("timer_1ms_spin_ns", 1000000, 0, n_t1);

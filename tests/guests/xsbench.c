@@ -118,12 +118,12 @@ static uint32_t xs_request(uint32_t type, const char *a, uint32_t alen, const ch
 static void report(const char *name, int n, uint64_t total)
 {
     printk("BENCH %s_total_cycles %lu\n", name, total);
-    sort_i64(samples, n);
     printk("BENCH %s_n %d\n", name, n);
-    printk("BENCH %s_cycles_min %ld\n", name, samples[0]);
-    printk("BENCH %s_cycles_p50 %ld\n", name, samples[(n - 1) / 2]);
-    printk("BENCH %s_cycles_p99 %ld\n", name, samples[(99 * n + 99) / 100 - 1]);
-    printk("BENCH %s_cycles_max %ld\n", name, samples[n - 1]);
+    char key[64];
+    uint64_t len = strlen(name);
+    memcpy(key, name, len);
+    memcpy(key + len, "_cycles", 8);
+    bench_report(key, samples, n);
 }
 
 

@@ -143,3 +143,13 @@ void sort_i64(int64_t *a, int n)
             a[j] = v;
         }
 }
+
+void bench_report(const char *name, int64_t *samples, int n)
+{
+    sort_i64(samples, n);
+    printk("BENCH %s_n %d\n", name, n);
+    printk("BENCH %s_min %ld\n", name, samples[0]);
+    printk("BENCH %s_p50 %ld\n", name, samples[(n - 1) / 2]);
+    printk("BENCH %s_p99 %ld\n", name, samples[(99 * n + 99) / 100 - 1]); /* nearest rank */
+    printk("BENCH %s_max %ld\n", name, samples[n - 1]);
+}

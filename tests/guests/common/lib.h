@@ -44,6 +44,8 @@ void *memset(void *d, int c, uint64_t n);
 void *memcpy(void *d, const void *s, uint64_t n);
 int memcmp(const void *a, const void *b, uint64_t n);
 void sort_i64(int64_t *a, int n); /* ascending, in place (benchmark samples) */
+/* "BENCH <name>_{n,min,p50,p99,max} value" lines of samples[0..n) (sorted in place). */
+void bench_report(const char *name, int64_t *samples, int n);
 
 static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
 {
