@@ -101,7 +101,14 @@ def alternate(cmds: dict[str, list[str]], runs: int, timeout: float, log) -> dic
     samples: dict[str, list[dict]] = {name: [] for name in cmds}
     for i in range(runs):
         for name, cmd in cmds.items():
-            r = timed_run(cmd, timeout)
+            try:
+                r = timed_run(cmd, timeout)
+            except RuntimeError as e:
+                # One boot that never reaches its marker (QEMU with more
+                # vCPUs than host cores has hung here) is recorded, not fatal.
+                print(f"  boot run {i + 1}/{runs} {name:16} FAILED: {str(e).splitlines()[0]}", file=log)
+                samples[name].append({k: None for k in KEYS} | {"failed": True})
+                continue
             samples[name].append(r)
             first = f"{r['first_line_s']:.2f} s" if r["first_line_s"] is not None else "-"
             print(f"  boot run {i + 1}/{runs} {name:16} first line {first}, "
@@ -135,7 +142,7 @@ def measure(runs: int = 3, timeout: float = 300, skip_qemu: bool = False, log=sy
         "median": summary,
     }
     for q, suffix in (("qemu", ""), ("qemu_default_cpu", "_default_cpu")):
-        if q not in summary:
+        if q not in summary or not summary[q]["marker_s"] or not summary["pvhvm"]["marker_s"]:
             continue
         result[f"ratio_marker_pvhvm_over_qemu{suffix}"] = round(
             summary["pvhvm"]["marker_s"] / summary[q]["marker_s"], 3)
@@ -159,9 +166,13 @@ def measure_smp(vcpus=(1, 2, 4), runs: int = 3, timeout: float = 300, skip_qemu:
         if not skip_qemu:
             cmds[f"qemu_{n}"] = c["qemu"]
     samples = alternate(cmds, runs, timeout, log)
-    median = {name: round(statistics.median(r["marker_s"] for r in rs), 3) for name, rs in samples.items()}
-    ratios = {n: round(median[f"pvhvm_{n}"] / median[f"qemu_{n}"], 3) for n in vcpus if f"qemu_{n}" in median}
-    return {"vcpus": list(vcpus), "runs": samples, "median_init_s": median, "ratio_pvhvm_over_qemu": ratios}
+    median = {name: round(statistics.median(ok), 3) for name, rs in samples.items()
+              if (ok := [r["marker_s"] for r in rs if r["marker_s"] is not None])}
+    ratios = {n: round(median[f"pvhvm_{n}"] / median[f"qemu_{n}"], 3) for n in vcpus
+              if f"qemu_{n}" in median and f"pvhvm_{n}" in median}
+    failed = {name: sum(1 for r in rs if r.get("failed")) for name, rs in samples.items()}
+    return {"vcpus": list(vcpus), "runs": samples, "median_init_s": median, "ratio_pvhvm_over_qemu": ratios,
+            "failed_runs": {k: v for k, v in failed.items() if v}}
 
 
 def main() -> int:

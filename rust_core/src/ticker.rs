@@ -176,6 +176,7 @@ impl Ticker {
         let thread = std::thread::Builder::new()
             .name("pvhvm-ticker".into())
             .spawn(move || {
+                crate::waker::precise_timers();
                 let mut g = lock(&s);
                 loop {
                     if g.quit {
