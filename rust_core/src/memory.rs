@@ -67,7 +67,7 @@ unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     pub fn new(size: u64) -> Result<Self, MemError> {
-        if size == 0 || size % layout::PAGE_SIZE != 0 || size > layout::MAX_RAM {
+        if size == 0 || !size.is_multiple_of(layout::PAGE_SIZE) || size > layout::MAX_RAM {
             return Err(MemError::Alloc(size));
         }
         // MAP_NORESERVE: a 1 GiB guest costs only the pages it touches.
@@ -160,7 +160,7 @@ impl GuestRam {
 
     fn atomic<T>(&self, gpa: u64) -> Result<&T, MemError> {
         let size = std::mem::size_of::<T>() as u64;
-        if gpa % size != 0 {
+        if !gpa.is_multiple_of(size) {
             return Err(MemError::Misaligned(gpa));
         }
         let p = self.host_addr(gpa, size).ok_or(MemError::OutOfRange { gpa, len: size })?;

@@ -336,9 +336,8 @@ impl CpuState {
         } else {
             hf |= (cs.flags & DESC_B) >> (22 - 4);
             hf |= (ss.flags & DESC_B) >> (22 - 5);
-            if cr0 & 1 == 0 || eflags as u64 & RFLAGS_VM != 0 || hf & HF_CS32 == 0 {
-                hf |= HF_ADDSEG;
-            } else if (self.seg(R_DS).base | self.seg(R_ES).base | ss.base) != 0 {
+            let not_flat_32 = cr0 & 1 == 0 || eflags as u64 & RFLAGS_VM != 0 || hf & HF_CS32 == 0;
+            if not_flat_32 || (self.seg(R_DS).base | self.seg(R_ES).base | ss.base) != 0 {
                 hf |= HF_ADDSEG;
             }
         }

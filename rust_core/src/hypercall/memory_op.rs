@@ -100,7 +100,7 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
             // A RAM frame is used in place; a frame in the guest's unpopulated
             // space (Linux's usual choice) gets a host page mapped there.
             if !c.dom.ram.is_ram(gpa, 4096) && c.dom.ram.slice(gpa, 4096).is_err() {
-                if gpa < crate::layout::HIGH_RAM_START && gpa >= crate::layout::MMIO_HOLE_START {
+                if (crate::layout::MMIO_HOLE_START..crate::layout::HIGH_RAM_START).contains(&gpa) {
                     return Err(errno::EINVAL);
                 }
                 let host = c.dom.ram.add_overlay(gpa).map_err(|_| errno::ENOMEM)?;

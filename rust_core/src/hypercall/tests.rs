@@ -201,7 +201,7 @@ fn memory_op_places_shared_info_and_grant_frames() {
     assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), 0);
     physmap(&f, 0x7ff0, 1, 64, 0x21);
     assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), E(errno::EINVAL), "past the grant frames");
-    physmap(&f, 0x7ff0, 1, 1, 0x1_0000_0);
+    physmap(&f, 0x7ff0, 1, 1, 0x10_0000);
     let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[7, ARG]);
     assert_eq!((rax, fx.remap), (0, true), "a frame outside RAM gets a host page mapped");
     assert_eq!(f.dom.grants().frames.len(), 2);
@@ -376,7 +376,7 @@ fn vcpu_op_timers_and_registrations() {
     assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::ENXIO), "misaligned");
     reg(&f, 0x30, 4064);
     assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::ENXIO), "crosses the page");
-    reg(&f, 0x1_0000_0, 0x40);
+    reg(&f, 0x10_0000, 0x40);
     assert_eq!(f.call(0, hc::VCPU_OP, &[10, 1, ARG]), E(errno::EINVAL), "not RAM");
     reg(&f, 0x30, 0x40);
     let (rax, fx) = f.call_as(0, 0, hc::VCPU_OP, &[10, 1, ARG]);

@@ -90,7 +90,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             let offset = c.guest.read_u32(arg + 8)? as u64;
             // As Xen's map_guest_area: within one page, naturally aligned
             // (the guest and Xen update its words atomically), once.
-            if offset + VCPU_INFO_SIZE > 4096 || offset % 8 != 0 {
+            if offset + VCPU_INFO_SIZE > 4096 || !offset.is_multiple_of(8) {
                 return Err(errno::ENXIO);
             }
             let gpa = mfn.checked_mul(4096).filter(|g| c.dom.ram.is_ram(*g, 4096)).ok_or(errno::EINVAL)? + offset;

@@ -24,7 +24,7 @@ pub fn tsc_hz() -> u64 {
         let c0 = rdtsc();
         std::thread::sleep(Duration::from_millis(25));
         let c1 = rdtsc();
-        let dt = t0.elapsed().as_nanos() as u128;
+        let dt = t0.elapsed().as_nanos();
         ((c1 - c0) as u128 * 1_000_000_000 / dt.max(1)) as u64
     })
 }
