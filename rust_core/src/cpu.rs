@@ -133,8 +133,6 @@ pub struct Cpu {
     engine: Engine,
     hooks: *mut HookData,
     ticker: Ticker,
-    /// Scratch state for editing the loaded vCPU's hidden state.
-    pub scratch: CpuState,
     /// Unicorn's exit check after memory accesses is on (only while stepping).
     exit_checks: bool,
     /// Translated code thrown away whole (ours, and Unicorn's after a step).
@@ -417,7 +415,6 @@ impl Cpu {
             unsafe { drop(Box::from_raw(hooks)) };
             return Err(e);
         }
-        let scratch = CpuState::new(&engine, layout)?;
         // SAFETY: the engine is initialised (RAM mapped) and of the probed build.
         unsafe { (*hooks).line = Some(InterruptLine::new(engine.raw(), &layout)) };
         ticker.set_engine(engine.raw());
@@ -425,7 +422,6 @@ impl Cpu {
             engine,
             hooks,
             ticker,
-            scratch,
             exit_checks: false,
             code_cache_flushes: 0,
             context_switches: 0,
@@ -665,10 +661,6 @@ impl Cpu {
             cstar: self.engine.read_msr(MSR_CSTAR),
             fmask: self.engine.read_msr(MSR_FMASK),
         }
-    }
-
-    pub fn read_msr(&self, index: u32) -> u64 {
-        self.engine.read_msr(index)
     }
 }
 

@@ -137,17 +137,10 @@ impl Domain {
                     return Exit::domain(ExitReason::Hung { why: self.why_hung() });
                 }
                 Next::Wait { deadline } => {
-                    if deadline.is_none() && self.host_fd.is_none() {
-                        return Exit::domain(ExitReason::Idle);
-                    }
-                    let mut until = host_end;
-                    if let Some(d) = deadline {
-                        until = until.min(Instant::now() + self.state.clock.until(d));
-                    } else {
-                        // Nothing armed: the host's sources are all that can
-                        // wake the domain; let it decide whether it is hung.
-                        return Exit::domain(ExitReason::Idle);
-                    }
+                    // Nothing armed: the host's sources are all that can
+                    // wake the domain; let it decide whether it is hung.
+                    let Some(d) = deadline else { return Exit::domain(ExitReason::Idle) };
+                    let until = host_end.min(Instant::now() + self.state.clock.until(d));
                     self.idle_waits += 1;
                     let timeout = until.saturating_duration_since(Instant::now());
                     if self.state.shared.waker.wait(self.host_fd, Some(timeout)) == Wait::HostReady {
@@ -289,22 +282,14 @@ impl Domain {
             }
             let now = self.state.system_time_ns();
             let others = (self.fire_timers(now) | self.wake_idle(now)) & !(1 << i);
-            let news = self.state.shared.waker.take_vcpu_events();
-            if kicked {
-                if Instant::now() >= until {
-                    return SliceEnd::Preempted;
-                }
-                // Someone else woke up: give them the engine (the round
-                // robin comes back here). Host attention ends the run.
-                let other_runnable = self.vcpus.iter().any(|v| v.id as usize != i && v.is_running());
-                if (others != 0 || news) && other_runnable {
-                    return SliceEnd::Preempted;
-                }
-                if self.state.shared.waker.take_host_attention() {
-                    // Leave it for run() to see.
-                    self.state.shared.waker.wake_host();
-                    return SliceEnd::Preempted;
-                }
+            // At a kick: the slice is over, someone else woke up (give them
+            // the engine; the round robin comes back here), or the host
+            // wants the run to end (run() sees it).
+            let end_slice = Instant::now() >= until
+                || (others != 0 && self.vcpus.iter().any(|v| v.id as usize != i && v.is_running()))
+                || self.state.shared.waker.host_wants_attention();
+            if kicked && end_slice {
+                return SliceEnd::Preempted;
             }
 
             let mut count = 0;

@@ -279,10 +279,7 @@ impl Vm {
         d.set_item("online", !v.down)?;
         d.set_item("activity", activity_name(&v.activity))?;
         d.set_item("runstate", ["running", "runnable", "blocked", "offline"][v.runstate.state as usize])?;
-        let now = self.domain.state.system_time_ns();
-        let mut time = v.runstate.time;
-        time[v.runstate.state as usize] += now.saturating_sub(v.runstate.entry_ns);
-        d.set_item("runstate_ns", time.to_vec())?;
+        d.set_item("runstate_ns", v.runstate.times(self.domain.state.system_time_ns()).to_vec())?;
         d.set_item("exceptions", v.exceptions_delivered)?;
         d.set_item("interrupts", v.interrupts_delivered)?;
         Ok(d)

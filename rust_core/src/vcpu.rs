@@ -119,10 +119,16 @@ impl Runstate {
         true
     }
 
-    /// { int state; uint64_t state_entry_time; uint64_t time[4]; } as of `now`.
-    pub fn info(&self, now: u64) -> [u8; 48] {
+    /// Time spent in each state up to `now` (ns), the current one included.
+    pub fn times(&self, now: u64) -> [u64; 4] {
         let mut time = self.time;
         time[self.state as usize] += now.saturating_sub(self.entry_ns);
+        time
+    }
+
+    /// { int state; uint64_t state_entry_time; uint64_t time[4]; } as of `now`.
+    pub fn info(&self, now: u64) -> [u8; 48] {
+        let time = self.times(now);
         let mut b = [0u8; 48];
         b[0..4].copy_from_slice(&self.state.to_le_bytes());
         b[8..16].copy_from_slice(&self.entry_ns.to_le_bytes());

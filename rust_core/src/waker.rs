@@ -21,8 +21,6 @@ pub struct Waker {
     kicker: OnceLock<Kicker>,
     /// The host asked `run()` to return.
     host_attention: AtomicBool,
-    /// Something happened that may have woken a vCPU.
-    vcpu_events: AtomicBool,
 }
 
 /// How an idle wait ended.
@@ -45,7 +43,6 @@ impl Waker {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             kicker: OnceLock::new(),
             host_attention: AtomicBool::new(false),
-            vcpu_events: AtomicBool::new(false),
         })
     }
 
@@ -54,9 +51,9 @@ impl Waker {
         let _ = self.kicker.set(kicker);
     }
 
-    /// An event was raised that may wake or interrupt a vCPU.
+    /// An event was raised that may wake or interrupt a vCPU: the run loop
+    /// looks at every vCPU's wait again.
     pub fn wake_vcpus(&self) {
-        self.vcpu_events.store(true, SeqCst);
         self.signal();
     }
 
@@ -79,8 +76,8 @@ impl Waker {
         self.host_attention.swap(false, SeqCst)
     }
 
-    pub fn take_vcpu_events(&self) -> bool {
-        self.vcpu_events.swap(false, SeqCst)
+    pub fn host_wants_attention(&self) -> bool {
+        self.host_attention.load(SeqCst)
     }
 
     fn drain(&self) {
@@ -152,8 +149,9 @@ mod tests {
         });
         assert_eq!(w.wait(None, Some(Duration::from_secs(10))), Wait::Signalled);
         t.join().unwrap();
-        assert!(w.take_vcpu_events());
-        assert!(!w.take_vcpu_events());
+        assert!(!w.host_wants_attention());
+        w.wake_host();
+        assert!(w.host_wants_attention() && w.take_host_attention());
         assert!(!w.take_host_attention());
 
         let mut p = [0i32; 2];
