@@ -28,7 +28,7 @@ def build(name: str, outdir: Path) -> Path:
     out = outdir / f"{name}.elf"
     sources = [HERE / "common" / "boot.S", HERE / "common" / "lib.c", HERE / "common" / "xen.c", HERE / f"{name}.c"]
     sources += sorted(HERE.glob(f"{name}_*.S"))
-    deps = sources + [HERE / "common" / "lib.h", HERE / "common" / "xen.h", HERE / "common" / "guest.ld", Path(__file__)]
+    deps = sources + [HERE / "common" / "lib.h", HERE / "common" / "xen.h", HERE / "common" / "asm.h", HERE / "common" / "guest.ld", Path(__file__)]
     if out.exists() and all(out.stat().st_mtime >= d.stat().st_mtime for d in deps):
         return out
     cmd = ["gcc", *CFLAGS, "-I", str(HERE), "-T", str(HERE / "common" / "guest.ld"), "-o", str(out), *map(str, sources)]

@@ -1,30 +1,15 @@
 /* Entry points for the events guest: the upcall vector, the way back from
  * ring 3 (INT 0x80), and the ring-3 spin loops. */
+#include "common/asm.h"
     .text
     .globl upcall_entry
 upcall_entry:
-    pushq %rax
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
+    PUSH_CALLER_SAVED
     movq 72(%rsp), %rdi         /* interrupted RIP */
     movq 80(%rsp), %rsi         /* interrupted CS */
     cld
     call upcall_handler
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rax
+    POP_CALLER_SAVED
     iretq
 
     .globl ret_from_user

@@ -4,6 +4,7 @@
  * vector, and a common path that saves the caller-saved registers and
  * calls isr_dispatch(frame) (struct frame in smp.c).
  */
+#include "common/asm.h"
     .macro STUB
     .p2align 4
     .if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
@@ -25,26 +26,10 @@ isr_stubs:
     .endr
 
 isr_common:
-    pushq %rax
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
+    PUSH_CALLER_SAVED
     movq %rsp, %rdi
     cld
     call isr_dispatch
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rax
+    POP_CALLER_SAVED
     addq $16, %rsp
     iretq

@@ -10,6 +10,7 @@
  * segment and leaves for ap_sipi_entry64 with the id and stack the BSP put
  * in ap_boot_id / ap_boot_stack.
  */
+#include "common/asm.h"
 #define TRAMP_BASE 0x8000
 #define T(x) (TRAMP_BASE + (x) - tramp_start)
 
@@ -37,18 +38,7 @@ tramp32:
     movw %ax, %ss
     movw %ax, %fs
     movw %ax, %gs
-    movl %cr4, %eax
-    orl $0x20, %eax                 /* PAE */
-    movl %eax, %cr4
-    movl $boot_pml4, %eax
-    movl %eax, %cr3
-    movl $0xc0000080, %ecx          /* EFER */
-    rdmsr
-    orl $0x100, %eax                /* LME */
-    wrmsr
-    movl %cr0, %eax
-    orl $0x80010000, %eax           /* PG | WP */
-    movl %eax, %cr0
+    ENABLE_LONG_MODE_PAGING
     ljmp $0x18, $T(tramp64)
 
     .code64
@@ -83,13 +73,7 @@ ap_sipi_entry64:
     .globl ap_entry64
 ap_entry64:
     lgdt gdt64_ptr(%rip)
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    xorw %ax, %ax
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_KERNEL_DATA_SEGMENTS
     pushq $0x08
     leaq 1f(%rip), %rax
     pushq %rax

@@ -3,6 +3,7 @@
  * EBX = hvm_start_info. Map the first 1 GiB with 2 MiB pages (user-accessible,
  * so ring-3 tests can run anywhere), enter long mode, call guest_main().
  */
+#include "common/asm.h"
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 
     .section .note.Xen, "a", @note
@@ -35,30 +36,13 @@ _start32:
     cmpl $512, %ecx
     jne 1b
 
-    movl $boot_pml4, %eax
-    movl %eax, %cr3
-    movl %cr4, %eax
-    orl $0x20, %eax                 /* PAE */
-    movl %eax, %cr4
-    movl $0xc0000080, %ecx          /* EFER */
-    rdmsr
-    orl $0x100, %eax                /* LME */
-    wrmsr
-    movl %cr0, %eax
-    orl $0x80010001, %eax           /* PG | WP | PE */
-    movl %eax, %cr0
+    ENABLE_LONG_MODE_PAGING
     lgdt gdt64_ptr
     ljmp $0x08, $start64
 
     .code64
 start64:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    xorw %ax, %ax
-    movw %ax, %fs
-    movw %ax, %gs
+    LOAD_KERNEL_DATA_SEGMENTS
     leaq boot_stack_top(%rip), %rsp
     movl start_info_pa(%rip), %edi
     call guest_main
