@@ -10,7 +10,8 @@ pub const PAGE_SHIFT: u32 = 12;
 pub const MMIO_HOLE_START: u64 = 0xF000_0000;
 pub const HIGH_RAM_START: u64 = 1 << 32;
 /// A page of the MMIO hole the vCPUs' interrupt line acknowledges through
-/// (`unicorn_gaps::InterruptLine`); reads as all ones to the guest.
+/// (`unicorn_gaps::InterruptLine`); a guest read of it gets 0x1000 and
+/// changes nothing.
 pub const INTERRUPT_ACK_PAGE: u64 = 0xFEF0_0000;
 /// Largest guest we agree to build (the host buffer is lazily committed).
 pub const MAX_RAM: u64 = 64 << 30;
