@@ -8,11 +8,12 @@ outside.
 
 `ProfiledDomain` subclasses `pvhvm.Domain` and wraps, without changing
 them, the hooks its run loop calls on every exit: `_step` (one `Vm.run()`
-plus the host work after it), `_drain`, `_poll`, `_handle` and each ring
-service. From those it reports wall time in the core vs in Python, and per
+plus the host work after it), `_drain`, the host loop's `poll`, `_handle`,
+the device manager's `dispatch` (the port owners: console, xenstore, vifs)
+and the after-event services. From those it reports wall time in the core vs in Python, and per
 exit kind the count, the core time of the runs that ended that way and the
 Python time spent after them (split into host work and idle waits: the
-`_poll(timeout)` calls that sleep on host sources when the domain has no
+`poll(timeout)` calls that sleep on host sources when the domain has no
 timer armed; the waits for a timer happen in the core, which counts them
 in `Domain.idle_waits`). Hypercalls
 by name, exceptions and interrupts delivered come from the core's counters.
@@ -53,7 +54,34 @@ class ProfiledDomain(pvhvm.Domain):
         self.step_s = 0.0
         self._kind: str | None = None
         self._wait_in_step = 0.0
-        self._services = [self._timed_service(s) for s in self._services]
+        self._after_events = [self._timed_service(s) for s in self._after_events]
+        self._wrap_host_side()
+
+    def _wrap_host_side(self) -> None:
+        poll, dispatch = self.loop.poll, self.devices.dispatch
+
+        def timed_poll(timeout):
+            t0 = perf()
+            r = poll(timeout)
+            dt = perf() - t0
+            self.wrapped_calls += 1
+            if timeout == 0:
+                self.parts["poll"] += dt
+            else:  # sleeping until the guest's timer (or a host event)
+                self.parts["idle_wait"] += dt
+                self._wait_in_step += dt
+            return r
+
+        def timed_dispatch(ports):
+            t0 = perf()
+            try:
+                return dispatch(ports)
+            finally:
+                self.parts["devices"] += perf() - t0
+                self.wrapped_calls += 1
+
+        self.loop.poll = timed_poll  # type: ignore[method-assign]
+        self.devices.dispatch = timed_dispatch  # type: ignore[method-assign]
 
     def _timed_service(self, service):
         owner = getattr(service, "__self__", None)
@@ -94,18 +122,6 @@ class ProfiledDomain(pvhvm.Domain):
         super()._drain()
         self.parts["drain"] += perf() - t0
         self.wrapped_calls += 1
-
-    def _poll(self, timeout):
-        t0 = perf()
-        r = super()._poll(timeout)
-        dt = perf() - t0
-        self.wrapped_calls += 1
-        if timeout == 0:
-            self.parts["poll"] += dt
-        else:  # sleeping until the guest's timer (or a host event)
-            self.parts["idle_wait"] += dt
-            self._wait_in_step += dt
-        return r
 
     def _handle(self, exit, progressed):
         self._kind = exit.kind

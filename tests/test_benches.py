@@ -91,7 +91,7 @@ def test_profiled_domain_accounts_for_every_exit(guests):
     assert total == pytest.approx(dom.step_s, rel=1e-6)
     assert sum(v["core_s"] for v in dom.kinds.values()) == pytest.approx(dom.time_in_core, rel=1e-6)
     assert all(v >= 0 for v in dom.parts.values())
-    assert any(k.startswith("service.") for k in dom.parts)
+    assert dom.parts["devices"] > 0  # the port owners, called on every exit
     assert 0 < bench_profile.wrapper_overhead(2000) < 1e-3
 
 

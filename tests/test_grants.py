@@ -22,7 +22,7 @@ def status_of(excinfo) -> str:
 
 def test_grant_access_v1_and_v2(guests):
     dom = pvhvm.Domain(guests["grants"], memory_mib=32)
-    vm = dom._vm
+    vm = dom.backend_ops
     m = dom.expect(rb"PHASE1 a=0x([0-9a-f]+) b=0x([0-9a-f]+) table=0x([0-9a-f]+)", 30)
     table = int(m.group(3), 16) << 12
 
@@ -50,12 +50,23 @@ def test_grant_access_v1_and_v2(guests):
     mv = memoryview(mapping)
     assert len(mv) == 4096 and not mv.readonly
     mv[100:104] = b"MAPD"
-    flags, = struct.unpack_from("<H", vm.read_phys(table + 8 * 8, 2))
+    flags, = struct.unpack_from("<H", dom.read_phys(table + 8 * 8, 2))
     assert flags & (GTF_READING | GTF_WRITING) == GTF_READING | GTF_WRITING
     ro = vm.grant_map(9)
-    assert memoryview(ro).readonly
+    with memoryview(ro) as view:
+        assert view.readonly
     vm.grant_unmap(ro)
+    # A view must not outlive the mapping: unmapping is refused while one
+    # (or a slice of it) is held, and the page stays mapped meanwhile.
+    part = mv[8:16]
+    mv.release()
+    with pytest.raises(_core.GrantError, match="busy"):
+        vm.grant_unmap(mapping)
+    assert mapping.live and mapping.views == 1
+    part.release()
+    assert mapping.views == 0
     vm.grant_unmap(mapping)
+    assert not mapping.live
     with pytest.raises(_core.GrantError):
         vm.grant_unmap(mapping)
     with pytest.raises(_core.GrantError):
@@ -69,7 +80,8 @@ def test_grant_access_v1_and_v2(guests):
         vm.grant_write(12, 0x40, b"x")
     assert status_of(e) == "GNTST_bad_copy_arg"
     sub = vm.grant_map(12, writable=False)
-    assert len(memoryview(sub)) == 0x40
+    with memoryview(sub) as view:
+        assert len(view) == 0x40
     vm.grant_unmap(sub)
     vm.grant_write(8, 0, b"\x02")
 

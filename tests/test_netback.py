@@ -98,7 +98,7 @@ class Frontend:
 
     def __init__(self, dom: pvhvm.Domain, table_gpa: int) -> None:
         self.dom = dom
-        self.vm = dom._vm
+        self.ops = dom.backend_ops
         self.mem = dom.memory
         self.table = table_gpa
         self._next_page = self.BASE
@@ -205,12 +205,9 @@ def fe_env(guests):
     m = dom.expect(rb"PHASE1 a=0x[0-9a-f]+ b=0x[0-9a-f]+ table=0x([0-9a-f]+)", 30)
     fe = Frontend(dom, int(m.group(1), 16) << 12)
     host = FakeHost()
-    port = dom._vm.bind_host_port()  # the guest allocates nothing: a host-bound port stands in
-    nb = Netback(dom._vm, dom.store, dom.domid, host, mac="00:16:3e:01:02:03", kick=dom.xenstore.service,
-                 bind_port=lambda p: None)
-    nb.create()
-    dom.add_service(nb.service)
-    nb.service()  # the watch fires once when set: frontend Initialising, backend stays in InitWait
+    port = dom.backend_ops.bind_host_port()  # the guest allocates nothing: a host-bound port stands in
+    nb = Netback(dom.devices, host, mac="00:16:3e:01:02:03", bind_port=lambda p: None)
+    dom.devices.attach(nb)  # the watch fires once when set: frontend Initialising, backend stays in InitWait
     fe.setup_rings()
     fe.port = port
     return dom, nb, fe, host
@@ -233,6 +230,11 @@ def connect(dom, nb, fe, *, sg=True, split=False, extra=None):
             fe_write(dom, nb, k, v)
     fe_write(dom, nb, "state", int(XenbusState.CONNECTED))
     nb.service()
+
+
+def kick(dom, fe) -> None:
+    """What the guest's EVTCHNOP_send on the vif's port makes the run loop do."""
+    dom.devices.dispatch([fe.port])
 
 
 def backend_state(dom, nb) -> int:
@@ -342,7 +344,7 @@ def test_tx_single_and_chained_packets(fe_env):
     # A runt: answered with an error, not passed on.
     fe.post_tx(fe.buffer(b"tiny"), 0, 0, 20, 4)
     fe.push_tx()
-    assert nb.service()
+    kick(dom, fe)
     assert host.sent == [small, big]
     assert fe.tx_responses() == [(7, XEN_NETIF_RSP_OKAY), (11, XEN_NETIF_RSP_OKAY), (0, XEN_NETIF_RSP_NULL),
                                  (12, XEN_NETIF_RSP_OKAY), (13, XEN_NETIF_RSP_OKAY), (20, XEN_NETIF_RSP_ERROR)]
@@ -355,11 +357,11 @@ def test_tx_single_and_chained_packets(fe_env):
     fe._set_u32(fe.tx_page, 12, 100)
     fe.post_tx(fe.buffer(small), 0, 0, 30, len(small))
     fe.push_tx()
-    nb.service()
+    kick(dom, fe)
     assert fe.tx_responses() == [(30, XEN_NETIF_RSP_OKAY)]
     assert nb.stats["notifications"] == n0 + 1
     # Nothing new: service() is idle and says so.
-    assert not nb.service()
+    assert not nb.serve_rings()
     assert nb.stats["tx_packets"] == 3 and nb.stats["tx_errors"] == 1
 
 
@@ -392,7 +394,7 @@ def test_tx_blank_checksums_are_filled(fe_env, proto):
     frame = _ipv4(proto, l4)
     fe.post_tx(fe.buffer(frame), 0, NETTXF_csum_blank, 1, len(frame))
     fe.push_tx()
-    nb.service()
+    kick(dom, fe)
     (out,) = host.sent
     seg = out[34:]
     pseudo = out[26:34] + bytes((0, proto)) + len(seg).to_bytes(2, "big")
@@ -429,16 +431,16 @@ def test_rx_frames_fill_granted_pages(fe_env):
     # The first fits; the second needs 3 slots and only 2 are left: it waits,
     # and the backend asks to be told when the 3rd is posted.
     assert fe.rx_responses() == [(0, 0, NETRXF_data_validated, 64)]
-    assert fe.vm.grant_read(refs[0], 0, 64, 0) == frames[0]
+    assert fe.ops.grant_read(refs[0], 0, 64, 0) == frames[0]
     assert fe._u32(fe.rx_page, 4) == 1 + 3
     assert nb.stats["notifications"] == n0 + 1
     refs += fe.post_rx(2)
-    nb.service()
+    kick(dom, fe)
     rsps = fe.rx_responses()
     assert [r[2] for r in rsps] == [NETRXF_data_validated | NETRXF_more_data, NETRXF_more_data, 0]
     assert [r[3] for r in rsps] == [4096, 4096, len(frames[1]) - 8192]
     assert [r[0] for r in rsps] == [1, 2, 3]  # ids come back with their slots
-    got = b"".join(fe.vm.grant_read(ref, 0, r[3], 0) for ref, r in zip(refs[1:4], rsps))
+    got = b"".join(fe.ops.grant_read(ref, 0, r[3], 0) for ref, r in zip(refs[1:4], rsps))
     assert got == frames[1]
     assert nb.stats["rx_packets"] == 2 and nb.stats["rx_bytes"] == 64 + len(frames[1])
 
@@ -450,7 +452,7 @@ def test_rx_frames_before_connect_are_dropped(fe_env):
     assert nb.stats["rx_dropped"] == 1
     connect(dom, nb, fe)
     fe.post_rx(1)
-    nb.service()
+    kick(dom, fe)
     assert fe.rx_responses() == []
 
 
@@ -556,7 +558,7 @@ def test_hostile_tx_disconnects_the_vif(fe_env, case, caplog):
     make(fe)
     fe.push_tx()
     with caplog.at_level("ERROR", logger="pvhvm.xenbus"):
-        nb.service()  # the run loop would call it after the guest's next exit
+        kick(dom, fe)
     assert any(words in r.getMessage() for r in caplog.records), caplog.text
     assert host.sent == []
     _assert_disconnected(dom, nb, fe, words)
@@ -569,7 +571,7 @@ def test_sg_chain_without_feature_sg(fe_env):
     fe.post_tx(ref, 0, NETTXF_more_data, 1, 200)
     fe.post_tx(ref, 0, 0, 2, 100)
     fe.push_tx()
-    nb.service()
+    kick(dom, fe)
     _assert_disconnected(dom, nb, fe, "without feature-sg")
 
 
@@ -578,7 +580,7 @@ def test_oversized_packet_without_sg(fe_env):
     connect(dom, nb, fe, sg=False)
     fe.post_tx(fe.buffer(b"x" * 3000), 0, 0, 1, 3000)
     fe.push_tx()
-    nb.service()
+    kick(dom, fe)
     _assert_disconnected(dom, nb, fe, "3000-byte packet without feature-sg")
 
 
@@ -913,9 +915,9 @@ def test_linux_hostile_ring_disconnects_only_the_vif(net_guest, caplog):
     sh = GuestShell(dom)
     assert nb.connected
     ring = nb.tx_ring
-    struct.pack_into("<I", ring.page, 0, (ring.req_cons + 1000) & 0xFFFFFFFF)
+    struct.pack_into("<I", ring.pages[0], 0, (ring.req_cons + 1000) & 0xFFFFFFFF)
     with caplog.at_level("ERROR", logger="pvhvm.xenbus"):
-        nb.service()
+        nb.serve_rings()
     assert "runs 1000 requests ahead" in nb.failure
     assert "runs 1000 requests ahead" in caplog.text
     assert not nb.connected and nb.tx_ring is None

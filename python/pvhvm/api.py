@@ -11,28 +11,22 @@ from __future__ import annotations
 import enum
 import os
 import re
-import selectors
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import _core, hypercalls
-from .builder import PhysLayout, build_start_info, load_elf
-from .builder.acpi import build_acpi_tables
-from .builder.layout import E820_ACPI
-from .builder.start_info import PlacedModule
+from .builder.domain import HVM_PARAM_CONSOLE_EVTCHN, HVM_PARAM_STORE_EVTCHN, PAGE, DomainPlan, plan_domain
 from .devices import ConsoleBackend
+from .devices.blkback import attach_disk
+from .devices.disk import assign_vdevs, parse_disk_spec
+from .devices.manager import DeviceManager
 from .errors import BuildError, GuestError
-from .xenstore import RingConnection, Store, XenstoreSocketServer, populate_domu
+from .runloop import HostLoop
+from .xenstore import RingConnection, Store, XenstoreSocketServer
 
-# HVM_PARAM_* the toolstack sets (hvm/params.h).
-HVM_PARAM_STORE_PFN = 1
-HVM_PARAM_STORE_EVTCHN = 2
-HVM_PARAM_CONSOLE_PFN = 17
-HVM_PARAM_CONSOLE_EVTCHN = 18
-PAGE = 4096
 # The most vCPUs a domain may have.
 MAX_VCPUS = _core.MAX_VCPUS
 
@@ -114,19 +108,6 @@ class HypercallRecord:
         return f"[{self.time_ns / 1e9:12.6f}] vcpu{self.vcpu} {hypercalls.describe(self.nr, self.args, self.result)}"
 
 
-@dataclass
-class _Placement:
-    kernel_range: tuple[int, int]
-    initrd: PlacedModule | None = None
-    start_info: int = 0
-    entry: int = 0
-    acpi: int = 0
-    rsdp: int = 0
-    console_ring: int = 0
-    store_ring: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 class Domain:
     """A PVH domain: the kernel loaded, start_info built, vCPU 0 at the PVH entry.
 
@@ -151,70 +132,43 @@ class Domain:
         net_forwards=(),
         mac: str | None = None,
         vcpus: int = 1,
+        disks=(),
     ) -> None:
         """`net`: the vif's host side: "passt" (user-mode networking, no
         root), "tap:NAME" (root), a NetHost object, or None/"none" for no
         network card. `net_forwards`: host ports that reach the guest with
         passt ("8080:80", (2222, 22), "udp:5353:53"). `vcpus`: 1 to
         MAX_VCPUS virtual CPUs (xl's `vcpus`); vCPU 0 starts at the kernel's
-        entry, the guest brings up the others."""
-        if not isinstance(memory_mib, int) or memory_mib <= 0:
-            raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
+        entry, the guest brings up the others. `disks`: raw images the guest
+        sees as xvda, xvdb, … (paths, "PATH[,ro][,vdev=xvdb]" or xl's
+        "format=raw, vdev=xvda, access=rw, target=PATH"), served by blkback."""
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be a number from 1 to {MAX_VCPUS}, not {vcpus!r}")
-        self.vcpus = vcpus
-        self.name = name
-        self.domid = domid
+        if isinstance(disks, (str, os.PathLike)):
+            disks = [disks]
+        disk_specs = assign_vdevs([parse_disk_spec(d) for d in disks])
         self.system_map = Path(system_map) if system_map is not None else None
         if self.system_map is not None and not self.system_map.is_file():
             raise BuildError(f"{self.system_map}: no such System.map")
-        self._symbols = None
-        self.uuid = uuidlib.uuid4()
-        self.image = load_elf(kernel)
-        entry = self.image.phys32_entry
-        if entry is None:
-            raise BuildError(f"{self.image.path}: no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
-                             "is the kernel built with CONFIG_XEN_PVH?")
-        self.memory_bytes = memory_mib << 20
-        layout = PhysLayout(self.memory_bytes)
-        for i, seg in enumerate(self.image.segments):
-            layout.reserve(seg.paddr, seg.memsz, f"kernel segment {i}")
-        placement = _Placement(self.image.phys_range, entry=entry)
-        # Xen's pages first, at the top of low RAM and out of the guest's RAM map.
-        placement.console_ring = layout.carve(PAGE, "console ring")
-        placement.store_ring = layout.carve(PAGE, "xenstore ring")
-        placement.acpi = layout.carve(PAGE, "ACPI tables", E820_ACPI)
-        acpi = build_acpi_tables(placement.acpi, nr_vcpus=vcpus)
-        placement.rsdp = acpi.rsdp_paddr
-
-        initrd_data = None
-        if initrd is not None:
-            initrd_data = _read_file(initrd, "initrd")
-            if not initrd_data:
-                raise BuildError(f"{initrd}: initrd is empty")
-            paddr = layout.allocate(len(initrd_data), "initrd", top_down=True)
-            placement.initrd = PlacedModule(paddr, len(initrd_data))
-        boot = build_start_info(layout, cmdline, [placement.initrd] if placement.initrd else [], placement.rsdp)
-        placement.start_info = boot.start_info_paddr
-        self.layout = layout
-        self.placement = placement
+        # 1. The builder: pure, everything decided before the core exists.
+        plan = plan_domain(kernel, initrd, cmdline, memory_mib, vcpus)
+        self.plan: DomainPlan = plan
+        self.image = plan.image
+        self.layout = plan.layout
+        self.placement = plan.placement
         self.cmdline = cmdline
+        self.memory_bytes = plan.memory_bytes
+        self.vcpus = vcpus
+        self.name = name
+        self.domid = domid
+        self.uuid = uuidlib.uuid4()
+        self._symbols = None
 
         self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)
-        for seg in self.image.segments:
-            if seg.filesz:
-                self._vm.write_phys(seg.paddr, self.image.segment_bytes(seg))
-        if initrd_data is not None and placement.initrd is not None:
-            self._vm.write_phys(placement.initrd.paddr, initrd_data)
-        for paddr, blob in boot.blobs:
-            self._vm.write_phys(paddr, blob)
-        self._vm.write_phys(placement.acpi, acpi.blob)
-        self._vm.set_memory_map(layout.memory_map())
-        self._vm.set_pvh_entry(entry, boot.start_info_paddr)
-
+        plan.load(self._vm)
+        self._vm.tracing = trace is not None
         self._console_sink = console
         self._trace_sink = trace
-        self._vm.tracing = trace is not None
         self._console = bytearray()
         self._expect_pos = 0
         self._hv_console = bytearray()
@@ -227,42 +181,47 @@ class Domain:
         self.time_in_host = 0.0
         self.started_at: float | None = None  # time.monotonic() of the first run()
 
-        # The PV console (hvc0) and the xenstore ring, as xl sets them up.
-        self.console_port = self._vm.bind_host_port()
-        self.store_port = self._vm.bind_host_port()
-        vm = self._vm
-        vm.set_hvm_param(HVM_PARAM_CONSOLE_PFN, placement.console_ring // PAGE)
-        vm.set_hvm_param(HVM_PARAM_CONSOLE_EVTCHN, self.console_port)
-        vm.set_hvm_param(HVM_PARAM_STORE_PFN, placement.store_ring // PAGE)
-        vm.set_hvm_param(HVM_PARAM_STORE_EVTCHN, self.store_port)
-        self.console = ConsoleBackend(self._page(placement.console_ring),
-                                      notify=lambda: vm.notify_guest(self.console_port), sink=self._on_console)
+        # 2. The run loop's host side, and the device manager on it.
+        self.loop = HostLoop(self._vm)
+        self.backend_ops = self._vm.backend_ops()
         self.store = Store()
-        populate_domu(self.store, domid, name, str(self.uuid), memory_kib=memory_mib * 1024, vcpus=vcpus,
-                      console_ring_ref=placement.console_ring // PAGE, console_port=self.console_port,
-                      store_ring_ref=placement.store_ring // PAGE, store_port=self.store_port)
-        self.xenstore = RingConnection(self._page(placement.store_ring), self.store, domid,
-                                       notify=lambda: vm.notify_guest(self.store_port))
-        self._services: list[Callable[[], bool]] = [self.console.service, self.xenstore.service]
-        # Host-side event sources (sockets, a terminal): served between runs
-        # and waited on while the guest idles.
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
-        # While every vCPU idles the core sleeps itself, until a timer or
-        # until one of these sources is ready (the selector's own fd).
-        self._vm.set_host_fd(self._selector.fileno())
-        self._waker = self._vm.waker()
-        self._soon: list[Callable[[], None]] = []
+        self.devices = DeviceManager(self.backend_ops, self.store, domid, self.loop,
+                                     kick_store=lambda: self.xenstore.service())
+        # The PV console (hvc0) and the xenstore ring, as xl sets them up:
+        # ports bound to the host before the guest runs, owned by their backends.
+        ops = self.backend_ops
+        self.console_port = ops.bind_host_port()
+        self.store_port = ops.bind_host_port()
+        self._vm.set_hvm_param(HVM_PARAM_CONSOLE_EVTCHN, self.console_port)
+        self._vm.set_hvm_param(HVM_PARAM_STORE_EVTCHN, self.store_port)
+        console_port, store_port = self.console_port, self.store_port
+        self.console = ConsoleBackend(self._page(plan.placement.console_ring),
+                                      notify=lambda: ops.notify(console_port), sink=self._on_console)
+        plan.populate_store(self.store, domid=domid, name=name, uuid=self.uuid, console_port=console_port,
+                            store_port=store_port)
+        self.xenstore = RingConnection(self._page(plan.placement.store_ring), self.store, domid,
+                                       notify=lambda: ops.notify(store_port))
+        self.devices.own_port(console_port, self.console.on_event)
+        self.devices.own_port(store_port, self.xenstore.on_event)
+        # Called after the guest's notifications were handled (hosts of the
+        # store that must see its changes: the xenstore socket).
+        self._after_events: list[Callable[[], bool]] = []
         # The store for host tools, as xenstored's socket (XENSTORED_PATH).
         self.xenstore_socket: XenstoreSocketServer | None = None
         if xenstore_socket is not None:
             self.xenstore_socket = XenstoreSocketServer(self.store, xenstore_socket)
             self.xenstore_socket.attach(self)
-        # Network cards (vif), served by netback on passt or a TAP device.
+        # Disks (vbd), served by blkback from raw images; opened (and
+        # locked) now, so a bad image is a BuildError before anything runs.
+        self.disks: list = []
         self.vifs: list = []
+        try:
+            for spec in disk_specs:
+                self.disks.append(attach_disk(self, spec))
+        except BaseException:
+            self.close()
+            raise
+        # Network cards (vif), served by netback on passt or a TAP device.
         if net is not None and net != "none":
             from .devices.net_host import open_host
             from .devices.netback import attach_vif
@@ -276,58 +235,35 @@ class Domain:
 
     def add_reader(self, fileobj, callback: Callable[[], None]) -> None:
         """Call `callback` (on the run loop's thread) when `fileobj` is readable."""
-        self._selector.register(fileobj, selectors.EVENT_READ, callback)
+        self.loop.add_reader(fileobj, callback)
 
     def remove_reader(self, fileobj) -> None:
-        self._selector.unregister(fileobj)
+        self.loop.remove_reader(fileobj)
 
     def add_service(self, service: Callable[[], bool]) -> None:
-        """Call `service` on every exit (a device model's ring poll)."""
-        self._services.append(service)
+        """Call `service` after the guest's notifications or host events were
+        handled (for hosts of the store, like the xenstore socket)."""
+        self._after_events.append(service)
 
     def wake(self) -> None:
         """From any thread: make the run loop look at its event sources soon."""
-        self._waker.wake()
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self.loop.wake()
 
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         """From any thread: run `fn` on the run loop's thread between runs
         (the store, the rings and the core are only touched there)."""
-        self._soon.append(fn)
-        self.wake()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while self._soon:
-            self._soon.pop(0)()
-
-    def _poll(self, timeout: float | None) -> bool:
-        """Serve ready event sources, waiting up to `timeout` (None: forever)."""
-        events = self._selector.select(timeout)
-        for key, _ in events:
-            key.data()
-        return bool(events)
-
-    @property
-    def _has_sources(self) -> bool:
-        return len(self._selector.get_map()) > 1
+        self.loop.call_soon_threadsafe(fn)
 
     def close(self) -> None:
-        """Remove host-side endpoints: the xenstore socket, the vifs (their
-        rings unmapped, passt stopped)."""
+        """Remove host-side endpoints: the xenstore socket, the devices
+        (rings unmapped, disk workers stopped and images unlocked, passt
+        stopped)."""
         if self.xenstore_socket is not None:
             self.xenstore_socket.close()
             self.xenstore_socket = None
-        for vif in self.vifs:
-            vif.close()
+        self.devices.close()
         self.vifs.clear()
+        self.disks.clear()
 
     def _page(self, gpa: int) -> memoryview:
         """A zero-copy view of one page of low guest RAM."""
@@ -370,6 +306,10 @@ class Domain:
             if outcome is not None:
                 self.console.service()
                 self.outcome = outcome
+                # The domain is gone, as after xl destroy: its images are
+                # synced, unlocked and free for the next user.
+                for disk in self.disks:
+                    disk.close()
                 return False
             if condition is not None and condition():
                 return True
@@ -383,14 +323,15 @@ class Domain:
         self.time_in_core += t1 - t0
         self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
         self._drain()
-        self._vm.take_notifications()
-        # Host events served here count as progress: the guest may have
-        # something new to see, and a run_until condition must be re-checked.
-        progressed = self._poll(0)
-        # Serve every ring on every exit, not only when notified: a guest
-        # that fills a ring without notifying must still make progress.
-        for service in self._services:
-            progressed |= service()
+        # The guest's notifications go to the devices owning the ports;
+        # host sources served here count as progress too (the guest may have
+        # something new to see, and a run_until condition must be re-checked).
+        progressed = self.devices.dispatch(self._vm.take_notifications())
+        progressed |= self.loop.poll(0)
+        if progressed:
+            progressed |= self.devices.settle()
+            for service in self._after_events:
+                progressed |= service()
         outcome = self._handle(exit, progressed)
         self.time_in_host += time.perf_counter() - t1
         return outcome
@@ -436,8 +377,8 @@ class Domain:
             # (console, xenstore socket, network) can wake the domain.
             if progressed:
                 return None
-            if self._has_sources:
-                self._poll(None)
+            if self.loop.has_sources:
+                self.loop.poll(None)
                 return None
             return Outcome(OutcomeKind.HUNG, message="blocked waiting for an event that nothing can send")
         if kind == "hung":
@@ -588,18 +529,6 @@ class Domain:
 def _record(t: tuple) -> HypercallRecord:
     vcpu, nr, args, result, time_ns = t
     return HypercallRecord(vcpu, nr, tuple(args), result, time_ns)
-
-
-def _read_file(path: str | os.PathLike, what: str) -> bytes:
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise BuildError(f"{p}: no such {what} file") from None
-    except IsADirectoryError:
-        raise BuildError(f"{p}: {what} is a directory") from None
-    except OSError as e:
-        raise BuildError(f"{p}: cannot read {what}: {e.strerror}") from None
 
 
 def self_test() -> dict[str, int]:

@@ -29,8 +29,10 @@ the log, and ``error/backend/<type>/<d>/<id>/error`` in the backend's
 home, where xenbus_dev_fatal writes it) and go to Closing.
 
 Device classes subclass `BackendDevice` and implement ``connect()`` and
-``disconnect()``; everything runs on the domain's run-loop thread (call
-``service()`` after every guest exit).
+``disconnect()``; everything here runs on the domain's run-loop thread.
+A device is given its `DeviceManager` (devices/manager.py), which routes
+the frontend's watch events to ``service()`` and the guest's notifications
+of the ports the device owns to their handlers.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from .errors import PvhvmError
-from .xenstore.store import PRIV_DOMID, Store, XenstoreError
+from .xenstore.store import PRIV_DOMID, XenstoreError
+
+if TYPE_CHECKING:
+    from .devices.manager import DeviceManager
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +81,24 @@ def parse_state(raw: Optional[bytes]) -> XenbusState:
 
 
 class BackendDevice:
-    """One device (type ``devtype``, id ``devid``) of domain ``domid``, served
-    by backend domain ``backend_domid`` (0: us).
+    """One device (type ``devtype``, id ``devid``) of the domain that
+    ``devices`` (its DeviceManager) serves, by backend domain
+    ``backend_domid`` (0: us).
 
-    ``kick`` is called after the backend changes the store, so that watch
-    events reach the guest's ring now (``Domain.xenstore.service``).
     Subclasses set ``devtype`` and override ``frontend_entries``,
-    ``backend_entries``, ``connect`` and ``disconnect``."""
+    ``backend_entries``, ``connect``, ``disconnect`` and ``close``."""
 
     devtype = ""
 
-    def __init__(
-        self,
-        store: Store,
-        domid: int,
-        devid: int = 0,
-        *,
-        backend_domid: int = PRIV_DOMID,
-        kick: Optional[Callable[[], object]] = None,
-    ) -> None:
+    def __init__(self, devices: "DeviceManager", devid: int = 0, *, backend_domid: int = PRIV_DOMID) -> None:
         if not self.devtype:
             raise TypeError("a BackendDevice subclass must set devtype")
-        self.store = store
-        self.domid = domid
+        self.devices = devices
+        self.ops = devices.ops
+        self.store = store = devices.store
+        self.domid = domid = devices.domid
         self.devid = devid
         self.backend_domid = backend_domid
-        self._kick = kick
         self.frontend_path = f"{store.get_domain_path(domid)}/device/{self.devtype}/{devid}"
         self.backend_path = f"{store.get_domain_path(backend_domid)}/backend/{self.devtype}/{domid}/{devid}"
         self.libxl_path = f"/libxl/{domid}/device/{self.devtype}/{devid}"
@@ -163,8 +160,12 @@ class BackendDevice:
         self.store.write(PRIV_DOMID, f"{self.backend_path}/{key}", value)
 
     def _kick_store(self) -> None:
-        if self._kick is not None:
-            self._kick()
+        self.devices.kick_store()
+
+    def close(self) -> None:
+        """Stop serving for good (the domain is going): release host ends.
+        The default has none."""
+        self._do_disconnect()
 
     # ------------------------------------------------------------------ set-up
 
@@ -233,6 +234,7 @@ class BackendDevice:
         # Called inside store operations: only note it.
         if token == self._token:
             self._events.append(path)
+            self.devices.xenbus_event(self)
 
     def _set_state(self, state: XenbusState) -> None:
         if state == self.state:

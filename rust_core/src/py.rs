@@ -1,6 +1,8 @@
 //! The Python face of the core (`pvhvm._core`): thin wrappers, no logic.
 
 use std::ffi::{c_int, c_void};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use pyo3::create_exception;
@@ -78,8 +80,11 @@ impl GuestMemory {
 }
 
 /// A granted page (or v2 sub-page window) mapped for a device model: a
-/// buffer over guest RAM, writable if mapped so. `Vm.grant_unmap` ends it.
-#[pyclass(module = "pvhvm._core")]
+/// buffer over guest RAM, writable if mapped so. `BackendOps.grant_unmap`
+/// ends it, and refuses while a memoryview of it is still held: a view
+/// must never outlive the grant it was taken under (the guest may hand the
+/// page to someone else once the grant is released).
+#[pyclass(frozen, module = "pvhvm._core")]
 pub struct GrantMapping {
     ram: Arc<GuestRam>,
     #[pyo3(get)]
@@ -88,23 +93,159 @@ pub struct GrantMapping {
     writable: bool,
     gpa: u64,
     len: u64,
-    live: bool,
+    live: AtomicBool,
+    /// Buffer exports not yet released (memoryviews, and what slices them).
+    views: AtomicUsize,
 }
 
 #[pymethods]
 impl GrantMapping {
-    unsafe fn __getbuffer__(slf: PyRef<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        if !slf.live {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let m = slf.get();
+        if !m.live.load(SeqCst) {
             return Err(GrantError::new_err(("unmapped", -5i16)));
         }
-        let s = slf.ram.slice_mut(slf.gpa, slf.len).map_err(core_err)?;
-        fill_buffer(slf.py(), slf.as_ptr(), view, s.as_mut_ptr(), slf.len, !slf.writable, flags)
+        let s = m.ram.slice_mut(m.gpa, m.len).map_err(core_err)?;
+        fill_buffer(slf.py(), slf.as_ptr(), view, s.as_mut_ptr(), m.len, !m.writable, flags)?;
+        m.views.fetch_add(1, SeqCst);
+        Ok(())
     }
 
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.views.fetch_sub(1, SeqCst);
+    }
 
     fn __len__(&self) -> usize {
         self.len as usize
+    }
+
+    /// Whether the mapping still stands (not yet unmapped).
+    #[getter]
+    fn live(&self) -> bool {
+        self.live.load(SeqCst)
+    }
+
+    /// Memoryviews of the mapping still held.
+    #[getter]
+    fn views(&self) -> usize {
+        self.views.load(SeqCst)
+    }
+}
+
+/// What a device backend may do to its domain, from any thread: the host
+/// end of event channels and the grant table (QEMU's evtchn and gnttab
+/// backend ops). Every method takes the port or grant lock itself, so a
+/// backend's worker thread may use it while the vCPUs run.
+#[pyclass(frozen, module = "pvhvm._core")]
+pub struct BackendOps {
+    shared: Arc<SharedState>,
+}
+
+#[pymethods]
+impl BackendOps {
+    /// The guest's domain id (grants are checked against domid 0, the host).
+    #[getter]
+    fn domid(&self) -> u16 {
+        self.shared.ports().domid()
+    }
+
+    /// A guest port whose far end is the host, for a device the toolstack
+    /// sets up before the guest runs (console, xenstore).
+    fn bind_host_port(&self) -> PyResult<u32> {
+        use crate::xen::evtchn::{PortState, DOMID_HOST};
+        let mut ev = self.shared.ports();
+        let port = ev.alloc(PortState::Unbound { remote: DOMID_HOST }, 0).map_err(|e| core_err(format!("{e:?}")))?;
+        ev.set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
+            .map_err(|e| core_err(format!("{e:?}")))?;
+        Ok(port)
+    }
+
+    /// Bind the host end of a port the guest allocated for the host
+    /// (EVTCHNOP_alloc_unbound with remote domain 0), as a backend does.
+    fn bind_guest_port(&self, port: u32) -> PyResult<()> {
+        use crate::xen::evtchn::{PortState, DOMID_HOST};
+        let mut ev = self.shared.ports();
+        match ev.get(port).map(|p| p.state) {
+            Some(PortState::Unbound { remote: DOMID_HOST }) => ev
+                .set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
+                .map_err(|e| core_err(format!("{e:?}"))),
+            _ => Err(core_err(format!("port {port} is not waiting for the host"))),
+        }
+    }
+
+    /// Close the host end of `port`: the guest's end goes back to unbound
+    /// (what EVTCHNOP_close in the backend's domain does to its peer).
+    /// False if the port was not bound to the host.
+    fn unbind_port(&self, port: u32) -> bool {
+        use crate::xen::evtchn::{PortState, DOMID_HOST};
+        let mut ev = self.shared.ports();
+        match ev.get(port).map(|p| p.state) {
+            Some(PortState::Interdomain { remote: DOMID_HOST, .. }) => {
+                ev.set_state(port, PortState::Unbound { remote: DOMID_HOST }).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Raise the guest's end of a host port and wake the domain. False if
+    /// the port is not bound to the host.
+    fn notify(&self, port: u32) -> bool {
+        self.shared.notify_guest(port)
+    }
+
+    /// Copy `length` bytes at `offset` out of the page the guest granted
+    /// with `gref` to domain `domid` (0, the host). GrantError if refused.
+    #[pyo3(signature = (gref, offset, length, domid = 0))]
+    fn grant_read<'py>(&self, py: Python<'py>, gref: u32, offset: u64, length: usize, domid: u16) -> PyResult<Bound<'py, PyBytes>> {
+        let mut buf = vec![0u8; length];
+        self.shared.grants().read(&self.shared.ram, gref, domid, offset, &mut buf).map_err(grant_err)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Copy `data` into a granted page at `offset` (the grant must be writable).
+    #[pyo3(signature = (gref, offset, data, domid = 0))]
+    fn grant_write(&self, gref: u32, offset: u64, data: &[u8], domid: u16) -> PyResult<()> {
+        self.shared.grants().write(&self.shared.ram, gref, domid, offset, data).map_err(grant_err)
+    }
+
+    /// Map a granted page for a device model; the guest sees it in use
+    /// (GTF_reading/GTF_writing) until `grant_unmap`.
+    #[pyo3(signature = (gref, writable = false, domid = 0))]
+    fn grant_map(&self, gref: u32, writable: bool, domid: u16) -> PyResult<GrantMapping> {
+        let ram = self.shared.ram.clone();
+        let g = self.shared.grants().map(&ram, gref, domid, writable).map_err(grant_err)?;
+        Ok(GrantMapping {
+            ram,
+            gref,
+            writable,
+            gpa: g.gpa,
+            len: g.len,
+            live: AtomicBool::new(true),
+            views: AtomicUsize::new(0),
+        })
+    }
+
+    /// End a mapping. Refused (GrantError "busy") while memoryviews of it
+    /// are held: release them first.
+    fn grant_unmap(&self, mapping: &GrantMapping) -> PyResult<()> {
+        let held = mapping.views.load(SeqCst);
+        if held > 0 {
+            return Err(GrantError::new_err((
+                format!("busy: {held} view(s) of grant {} still held", mapping.gref),
+                -1i16,
+            )));
+        }
+        if mapping.live.swap(false, SeqCst) {
+            self.shared.grants().unmap(&self.shared.ram, mapping.gref, mapping.writable).map_err(grant_err)
+        } else {
+            Err(GrantError::new_err(("GNTST_bad_handle", -4i16)))
+        }
+    }
+
+    /// (version, shared frames placed, status frames placed)
+    fn grant_table_info(&self) -> (u32, usize, usize) {
+        let g = self.shared.grants();
+        (g.version, g.frames.iter().flatten().count(), g.status_frames.iter().flatten().count())
     }
 }
 
@@ -385,79 +526,14 @@ impl Vm {
         self.domain.state.hvm_params.get(index).copied().ok_or_else(|| PyValueError::new_err("no such HVM param"))
     }
 
-    /// A guest event channel port whose far end is the host (a device model).
-    fn bind_host_port(&mut self) -> PyResult<u32> {
-        use crate::xen::evtchn::{PortState, DOMID_HOST};
-        let mut ev = self.domain.shared().ports();
-        let port = ev.alloc(PortState::Unbound { remote: DOMID_HOST }, 0).map_err(|e| core_err(format!("{e:?}")))?;
-        ev.set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
-            .map_err(|e| core_err(format!("{e:?}")))?;
-        Ok(port)
-    }
-
-    /// Bind the host end of a port the guest allocated for the host
-    /// (EVTCHNOP_alloc_unbound with remote domain 0), as a backend does.
-    fn bind_guest_port(&mut self, port: u32) -> PyResult<()> {
-        use crate::xen::evtchn::{PortState, DOMID_HOST};
-        let mut ev = self.domain.shared().ports();
-        match ev.get(port).map(|p| p.state) {
-            Some(PortState::Unbound { remote: DOMID_HOST }) => ev
-                .set_state(port, PortState::Interdomain { remote: DOMID_HOST, remote_port: port })
-                .map_err(|e| core_err(format!("{e:?}"))),
-            _ => Err(core_err(format!("port {port} is not waiting for the host"))),
-        }
-    }
-
     /// Ports the guest notified since the last call.
     fn take_notifications(&mut self) -> Vec<u32> {
         self.domain.shared().ports().take_host_notifications()
     }
 
-    /// Raise a guest port from the host side. False if the port is not the host's.
-    fn notify_guest(&mut self, port: u32) -> bool {
-        self.domain.shared().notify_guest(port)
-    }
-
-    /// Copy `length` bytes at `offset` out of the page the guest granted
-    /// with `gref` to domain `domid` (0, the host). GrantError if refused.
-    #[pyo3(signature = (gref, offset, length, domid = 0))]
-    fn grant_read<'py>(&self, py: Python<'py>, gref: u32, offset: u64, length: usize, domid: u16) -> PyResult<Bound<'py, PyBytes>> {
-        let mut buf = vec![0u8; length];
-        let shared = self.domain.shared();
-        shared.grants().read(&shared.ram, gref, domid, offset, &mut buf).map_err(grant_err)?;
-        Ok(PyBytes::new(py, &buf))
-    }
-
-    /// Copy `data` into a granted page at `offset` (the grant must be writable).
-    #[pyo3(signature = (gref, offset, data, domid = 0))]
-    fn grant_write(&self, gref: u32, offset: u64, data: &[u8], domid: u16) -> PyResult<()> {
-        let shared = self.domain.shared();
-        shared.grants().write(&shared.ram, gref, domid, offset, data).map_err(grant_err)
-    }
-
-    /// Map a granted page for a device model; the guest sees it in use
-    /// (GTF_reading/GTF_writing) until `grant_unmap`.
-    #[pyo3(signature = (gref, writable = false, domid = 0))]
-    fn grant_map(&mut self, gref: u32, writable: bool, domid: u16) -> PyResult<GrantMapping> {
-        let shared = self.domain.shared();
-        let ram = shared.ram.clone();
-        let g = shared.grants().map(&ram, gref, domid, writable).map_err(grant_err)?;
-        Ok(GrantMapping { ram, gref, writable, gpa: g.gpa, len: g.len, live: true })
-    }
-
-    fn grant_unmap(&mut self, mut mapping: PyRefMut<'_, GrantMapping>) -> PyResult<()> {
-        if !mapping.live {
-            return Err(GrantError::new_err(("GNTST_bad_handle", -5i16)));
-        }
-        mapping.live = false;
-        let shared = self.domain.shared();
-        shared.grants().unmap(&shared.ram, mapping.gref, mapping.writable).map_err(grant_err)
-    }
-
-    /// (version, shared frames placed, status frames placed)
-    fn grant_table_info(&self) -> (u32, usize, usize) {
-        let g = self.domain.shared().grants();
-        (g.version, g.frames.iter().flatten().count(), g.status_frames.iter().flatten().count())
+    /// The device backends' handle on this domain (thread-safe).
+    fn backend_ops(&self) -> BackendOps {
+        BackendOps { shared: self.domain.shared().clone() }
     }
 
     /// A thread-safe handle that makes a running `run()` return soon
@@ -516,6 +592,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Waker>()?;
     m.add("MAX_VCPUS", crate::domain::MAX_VCPUS)?;
     m.add_class::<GrantMapping>()?;
+    m.add_class::<BackendOps>()?;
     m.add("GrantError", m.py().get_type::<GrantError>())?;
     m.add_function(wrap_pyfunction!(self_test, m)?)?;
     m.add_function(wrap_pyfunction!(host_tsc, m)?)?;

@@ -48,8 +48,10 @@ from typing import Callable, Optional
 
 from .. import _core
 from ..xenbus import BackendDevice, DeviceError
-from ..xenstore.store import PRIV_DOMID, Store
+from ..xenstore.store import PRIV_DOMID
+from .manager import DeviceManager
 from .net_host import NetHost
+from .ring import BackRing, RingError, ring_slots
 
 log = logging.getLogger(__name__)
 
@@ -100,118 +102,37 @@ _RX_REQ = struct.Struct("<HHI")  # id, pad, gref
 _RX_RSP = struct.Struct("<HHHh")  # id, offset, flags, status
 
 
-class RingError(Exception):
-    """The frontend broke the ring protocol (the message says how)."""
-
-
-class BackRing:
-    """The backend's view of one shared ring page (io/ring.h): the shared
-    indexes in the page and our private req_cons / rsp_prod_pvt."""
-
-    def __init__(self, page, slot_size: int, name: str) -> None:
-        mv = memoryview(page).cast("B")
-        if len(mv) < PAGE_SIZE:
-            raise ValueError("a ring is one 4096-byte page")
-        self.page = mv
-        self.slot_size = slot_size
-        self.name = name
-        # BACK_RING_ATTACH: carry on from what was already answered.
-        self.req_cons = self.rsp_prod_pvt = self.rsp_prod
-
-    def release(self) -> None:
-        self.page.release()
-
-    @property
-    def req_prod(self) -> int:
-        return _U32.unpack_from(self.page, 0)[0]
-
-    @property
-    def req_event(self) -> int:
-        return _U32.unpack_from(self.page, 4)[0]
-
-    @req_event.setter
-    def req_event(self, value: int) -> None:
-        _U32.pack_into(self.page, 4, value & MASK32)
-
-    @property
-    def rsp_prod(self) -> int:
-        return _U32.unpack_from(self.page, 8)[0]
-
-    @property
-    def rsp_event(self) -> int:
-        return _U32.unpack_from(self.page, 12)[0]
-
-    def offset(self, idx: int) -> int:
-        return RING_HEADER + (idx & (RING_SIZE - 1)) * self.slot_size
-
-    def unconsumed(self) -> int:
-        """Requests posted and not consumed; RingError if the frontend's
-        producer index is more than a ring ahead."""
-        prod = self.req_prod
-        n = (prod - self.req_cons) & MASK32
-        if n > RING_SIZE:
-            raise RingError(f"{self.name} ring: req_prod {prod} runs {n} requests ahead of req_cons "
-                            f"{self.req_cons} (the ring holds {RING_SIZE})")
-        return n
-
-    def final_check_for_requests(self) -> bool:
-        """RING_FINAL_CHECK_FOR_REQUESTS: ask for a notification with the
-        next request, then look once more (closes the race)."""
-        if self.unconsumed():
-            return True
-        self.req_event = self.req_cons + 1
-        return self.unconsumed() > 0
-
-    def push_responses(self) -> bool:
-        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: publish rsp_prod_pvt; True
-        if the frontend asked to be notified for a response now published."""
-        old = self.rsp_prod
-        new = self.rsp_prod_pvt & MASK32
-        if new == old:
-            return False
-        _U32.pack_into(self.page, 8, new)
-        return ((new - self.rsp_event) & MASK32) < ((new - old) & MASK32)
-
-
 class Netback(BackendDevice):
-    """A vif of domain ``domid`` served from the host.
+    """A vif of the domain ``devices`` serves, from the host.
 
-    ``vm`` is the core (`pvhvm._core.Vm`, or anything with grant_read,
-    grant_write, grant_map, grant_unmap, bind_guest_port and notify_guest);
-    ``host`` the host end (net_host.PasstHost, TapHost, or None: frames
-    from the guest are dropped). ``add_reader``/``remove_reader`` register the
-    host end with the run loop (Domain.add_reader/remove_reader); without
-    them call ``poll_host()`` yourself. ``bind_port`` binds the host end of a
-    frontend port (default ``vm.bind_guest_port``).
+    ``host`` is the host end (net_host.PasstHost, TapHost, or None: frames
+    from the guest are dropped); it is read from the run loop. The rings are
+    served when the guest notifies the vif's ports and when the host end
+    has frames. ``bind_port`` binds the host end of a frontend port
+    (default ``ops.bind_guest_port``; a test seam).
 
-    Use `attach_vif` to set one up on a Domain; ``service()`` must run after
-    every guest exit (attach_vif registers it)."""
+    `attach_vif` sets one up on a Domain."""
 
     devtype = "vif"
 
     def __init__(
         self,
-        vm,
-        store: Store,
-        domid: int,
+        devices: DeviceManager,
         host: Optional[NetHost] = None,
         *,
         devid: int = 0,
         mac: Optional[str] = None,
-        kick: Optional[Callable[[], object]] = None,
-        add_reader: Optional[Callable] = None,
-        remove_reader: Optional[Callable] = None,
         bind_port: Optional[Callable[[int], None]] = None,
         split_event_channels: bool = True,
         backend_domid: int = PRIV_DOMID,
     ) -> None:
-        super().__init__(store, domid, devid, backend_domid=backend_domid, kick=kick)
-        self.vm = vm
+        super().__init__(devices, devid, backend_domid=backend_domid)
         self.host = host
         self.mac = normalise_mac(mac) if mac else random_mac()
-        self._add_reader = add_reader
-        self._remove_reader = remove_reader
-        self._bind_port = bind_port if bind_port is not None else vm.bind_guest_port
+        if bind_port is None:
+            self._bind_port, self._unbind_port = self.ops.bind_guest_port, self.ops.unbind_port
+        else:
+            self._bind_port, self._unbind_port = bind_port, (lambda port: None)
         self.split_event_channels = split_event_channels
         self._reading = False
         self._paused = False
@@ -260,13 +181,13 @@ class Netback(BackendDevice):
             self.host.close()
 
     def _start_reading(self) -> None:
-        if self.host is not None and not self._reading and self._add_reader is not None:
-            self._add_reader(self.host, self.poll_host)
+        if self.host is not None and not self._reading and self.host.fileno() >= 0:
+            self.devices.loop.add_reader(self.host, self.poll_host)
             self._reading = True
 
     def _stop_reading(self) -> None:
-        if self._reading and self._remove_reader is not None:
-            self._remove_reader(self.host)
+        if self._reading:
+            self.devices.loop.remove_reader(self.host)
         self._reading = False
 
     def connect(self) -> None:
@@ -289,9 +210,9 @@ class Netback(BackendDevice):
             if tx_port is None:
                 raise DeviceError("frontend wrote no event-channel")
         try:
-            tx_map = self.vm.grant_map(tx_ref, writable=True)
+            tx_map = self.ops.grant_map(tx_ref, writable=True)
             self._maps.append(tx_map)
-            rx_map = self.vm.grant_map(rx_ref, writable=True)
+            rx_map = self.ops.grant_map(rx_ref, writable=True)
             self._maps.append(rx_map)
         except _core.GrantError as e:
             self._unmap_all()
@@ -303,9 +224,11 @@ class Netback(BackendDevice):
         except _core.CoreError as e:
             self._unmap_all()
             raise DeviceError(f"cannot bind event channel: {e}") from None
-        self.tx_ring = BackRing(tx_map, TX_SLOT, "TX")
-        self.rx_ring = BackRing(rx_map, RX_SLOT, "RX")
+        self.tx_ring = BackRing([tx_map], TX_SLOT, "TX")
+        self.rx_ring = BackRing([rx_map], RX_SLOT, "RX")
         self.tx_port, self.rx_port = tx_port, rx_port
+        for port in {tx_port, rx_port}:
+            self.devices.own_port(port, self._on_port)
         self.tx_ring_ref, self.rx_ring_ref = tx_ref, rx_ref
         self._rxq.clear()
         self._rxq_bytes = 0
@@ -316,6 +239,9 @@ class Netback(BackendDevice):
         self._rxq.clear()
         self._rxq_bytes = 0
         self._unmap_all()
+        for port in {self.tx_port, self.rx_port} - {0}:
+            self.devices.disown_port(port)
+            self._unbind_port(port)
         self.tx_port = self.rx_port = 0
 
     def _unmap_all(self) -> None:
@@ -325,24 +251,21 @@ class Netback(BackendDevice):
         self.tx_ring = self.rx_ring = None
         for m in self._maps:
             try:
-                self.vm.grant_unmap(m)
+                self.ops.grant_unmap(m)
             except _core.GrantError:
                 pass
         self._maps.clear()
 
     # ----------------------------------------------------------------- serving
 
-    def service(self) -> bool:
-        """Follow the frontend's state; move packets both ways. True if
-        anything was done."""
-        did = super().service()
+    def _on_port(self, port: int) -> None:
+        """The guest notified a vif port: move packets both ways."""
         if self.connected:
-            did |= self._service_rings()
+            self.serve_rings()
         if self._paused and len(self._rxq) < RX_QUEUE_MAX // 2 and self._rxq_bytes < RX_QUEUE_BYTES // 2:
             self._paused = False
             self._start_reading()
-            did |= self._pull_host()
-        return did
+            self._pull_host()
 
     def poll_host(self) -> None:
         """The host end is readable: take its frames (run-loop callback)."""
@@ -367,15 +290,16 @@ class Netback(BackendDevice):
             self._stop_reading()  # the host end is gone: nothing more will come
         elif self._rx_full():
             self._paused = True
-            self._stop_reading()  # resumed by service() once the guest catches up
+            self._stop_reading()  # resumed by _on_port() once the guest catches up
         if got and self.connected:
-            self._service_rings()
+            self.serve_rings()
         return got
 
     def _rx_full(self) -> bool:
         return len(self._rxq) >= RX_QUEUE_MAX or self._rxq_bytes >= RX_QUEUE_BYTES
 
-    def _service_rings(self) -> bool:
+    def serve_rings(self) -> bool:
+        """Move packets both ways; True if any moved."""
         notify_tx = notify_rx = False
         try:
             did_tx, notify_tx = self._do_tx()
@@ -390,7 +314,7 @@ class Netback(BackendDevice):
         if notify_rx:
             ports.add(self.rx_port)
         for port in ports:
-            self.vm.notify_guest(port)
+            self.ops.notify(port)
             self.stats["notifications"] += 1
         return did_tx or did_rx
 
@@ -411,11 +335,10 @@ class Netback(BackendDevice):
         return did, ring.push_responses() if did else False
 
     def _tx_packet(self, ring: BackRing, avail: int) -> None:
-        page = ring.page
         start = ring.req_cons
         # Copy each request out of the shared page once: the guest may
         # change it under us.
-        first = _TX_REQ.unpack_from(page, ring.offset(start))
+        first = _TX_REQ.unpack(ring.read_slot(start))
         used = 1
         extras: list[tuple[int, int, int, int]] = []
         if first[2] & NETTXF_extra_info:
@@ -423,7 +346,7 @@ class Netback(BackendDevice):
             while more:
                 if used >= avail:
                     raise RingError(f"TX ring: packet at {start} announces extra info that is not on the ring")
-                etype, eflags, gso_size, gso_type, _, _ = _EXTRA.unpack_from(page, ring.offset(start + used))
+                etype, eflags, gso_size, gso_type, _, _ = _EXTRA.unpack(ring.read_slot(start + used, _EXTRA.size))
                 used += 1
                 if etype == XEN_NETIF_EXTRA_TYPE_NONE or etype >= XEN_NETIF_EXTRA_TYPE_MAX:
                     raise RingError(f"TX ring: extra info of invalid type {etype}")
@@ -443,7 +366,7 @@ class Netback(BackendDevice):
                 raise RingError(f"TX ring: packet at {start} uses more than {XEN_NETBK_LEGACY_SLOTS_MAX} slots")
             if used >= avail:
                 raise RingError(f"TX ring: packet at {start} continues past req_prod ({len(slots)} slots posted)")
-            req = _TX_REQ.unpack_from(page, ring.offset(start + used))
+            req = _TX_REQ.unpack(ring.read_slot(start + used))
             used += 1
             slots.append(req)
             flags = req[2]
@@ -470,7 +393,7 @@ class Netback(BackendDevice):
             if not length:
                 continue
             try:
-                parts.append(self.vm.grant_read(req[0], req[1], length))
+                parts.append(self.ops.grant_read(req[0], req[1], length))
             except _core.GrantError as e:
                 raise RingError(f"TX ring: bad grant reference {req[0]} (request id {req[3]}): "
                                 f"{_grant_status(e)}") from None
@@ -490,17 +413,12 @@ class Netback(BackendDevice):
 
         # One response per slot, in ring order: the first request, its extra
         # info slots (NULL), then the rest of the packet.
-        pos = ring.rsp_prod_pvt
-        _TX_RSP.pack_into(page, ring.offset(pos), first[3], status)
-        pos += 1
+        ring.put_response(_TX_RSP.pack(first[3], status))
         for _ in extras:
-            _TX_RSP.pack_into(page, ring.offset(pos), 0, XEN_NETIF_RSP_NULL)
-            pos += 1
+            ring.put_response(_TX_RSP.pack(0, XEN_NETIF_RSP_NULL))
         for req in slots[1:]:
-            _TX_RSP.pack_into(page, ring.offset(pos), req[3], status)
-            pos += 1
+            ring.put_response(_TX_RSP.pack(req[3], status))
         ring.req_cons = (start + used) & MASK32
-        ring.rsp_prod_pvt = pos & MASK32
 
     # ---------------------------------------------------------------- RX
 
@@ -509,7 +427,6 @@ class Netback(BackendDevice):
         assert ring is not None
         q = self._rxq
         did = False
-        page = ring.page
         while q:
             frame = q[0]
             need = max(1, -(-len(frame) // PAGE_SIZE))
@@ -526,19 +443,16 @@ class Netback(BackendDevice):
                     break
             q.popleft()
             self._rxq_bytes -= len(frame)
-            cons, pos = ring.req_cons, ring.rsp_prod_pvt
             for k in range(need):
-                rid, _, gref = _RX_REQ.unpack_from(page, ring.offset(cons + k))
+                rid, _, gref = _RX_REQ.unpack(ring.take_request())
                 chunk = frame[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]
                 try:
-                    self.vm.grant_write(gref, 0, chunk)
+                    self.ops.grant_write(gref, 0, chunk)
                 except _core.GrantError as e:
                     raise RingError(f"RX ring: bad grant reference {gref} (request id {rid}): "
                                     f"{_grant_status(e)}") from None
                 flags = (NETRXF_more_data if k < need - 1 else 0) | (NETRXF_data_validated if k == 0 else 0)
-                _RX_RSP.pack_into(page, ring.offset(pos + k), rid, 0, flags, len(chunk))
-            ring.req_cons = (cons + need) & MASK32
-            ring.rsp_prod_pvt = (pos + need) & MASK32
+                ring.put_response(_RX_RSP.pack(rid, 0, flags, len(chunk)))
             self.stats["rx_packets"] += 1
             self.stats["rx_bytes"] += len(frame)
             did = True
@@ -637,13 +551,10 @@ def fill_checksum(frame: bytes, stats: Optional[dict] = None) -> bytes:
 def attach_vif(dom, host: Optional[NetHost], *, devid: int = 0, mac: Optional[str] = None,
                split_event_channels: bool = True) -> Netback:
     """Give `dom` (a pvhvm.Domain, before or while it runs) a vif served by
-    a Netback on `host`: the xenstore nodes, the ring service after every
-    exit, the host end in the run loop."""
-    nb = Netback(dom._vm, dom.store, dom.domid, host, devid=devid, mac=mac, kick=dom.xenstore.service,
-                 add_reader=dom.add_reader, remove_reader=dom.remove_reader,
-                 split_event_channels=split_event_channels)
-    nb.create()
-    dom.add_service(nb.service)
+    a Netback on `host`: the xenstore nodes, the handshake, the host end in
+    the run loop."""
+    nb = Netback(dom.devices, host, devid=devid, mac=mac, split_event_channels=split_event_channels)
+    dom.devices.attach(nb)
     return nb
 
 

@@ -21,6 +21,7 @@ import struct
 from collections import deque
 from typing import Callable, Optional
 
+from ..devices.ring import ByteRing, RingError
 from . import wire
 from .store import Store
 
@@ -88,6 +89,8 @@ class RingConnection:
         if len(mv) < PAGE_SIZE:
             raise ValueError("the ring page must be 4096 bytes")
         self._page = mv[:PAGE_SIZE]
+        self._req = ByteRing(self._page, OFF_REQ, RING_SIZE, OFF_REQ_CONS, OFF_REQ_PROD, "xenstore request")
+        self._rsp = ByteRing(self._page, OFF_RSP, RING_SIZE, OFF_RSP_CONS, OFF_RSP_PROD, "xenstore response")
         self.store = store
         self.domid = domid
         self._notify = notify
@@ -215,21 +218,16 @@ class RingConnection:
         Returns whether anything was consumed."""
         consumed = False
         while not self.broken and self._outstanding() < MAX_OUTSTANDING:
-            cons = self._get(OFF_REQ_CONS)
-            prod = self._get(OFF_REQ_PROD)
-            avail = (prod - cons) & 0xFFFFFFFF
-            if avail > RING_SIZE:
-                self._break(XENSTORE_ERROR_RINGIDX)
-                return consumed
-            if avail == 0:
-                break
             # Take no more than the message being assembled still needs, so
             # a guest never sees us consume past what we can hold.
-            need = self._bytes_wanted()
-            start = cons & RING_MASK
-            n = min(avail, RING_SIZE - start, need)
-            self._inbuf += self._page[OFF_REQ + start : OFF_REQ + start + n]
-            self._set(OFF_REQ_CONS, cons + n)
+            try:
+                data = self._req.read(self._bytes_wanted())
+            except RingError:
+                self._break(XENSTORE_ERROR_RINGIDX)
+                return consumed
+            if not data:
+                break
+            self._inbuf += data
             consumed = True
             self._process_input()
         return consumed
@@ -278,22 +276,16 @@ class RingConnection:
         """Write as much of the backlog as fits; True if anything was written."""
         wrote = False
         while self._out and not self.broken:
-            cons = self._get(OFF_RSP_CONS)
-            prod = self._get(OFF_RSP_PROD)
-            used = (prod - cons) & 0xFFFFFFFF
-            if used > RING_SIZE:
+            o = self._out[0]
+            try:
+                n = self._rsp.write(o.data[o.sent :])
+            except RingError:
                 self._break(XENSTORE_ERROR_RINGIDX)
                 return wrote
-            space = RING_SIZE - used
-            if space == 0:
+            if n == 0:
                 break
-            o = self._out[0]
-            start = prod & RING_MASK
-            n = min(space, RING_SIZE - start, len(o.data) - o.sent)
-            self._page[OFF_RSP + start : OFF_RSP + start + n] = o.data[o.sent : o.sent + n]
             # Data before the producer index (program order is the guest's
             # order here: the emulated CPU does not run concurrently).
-            self._set(OFF_RSP_PROD, prod + n)
             o.sent += n
             wrote = True
             if o.sent == len(o.data):
@@ -301,3 +293,7 @@ class RingConnection:
                 if o.event:
                     self._event_bytes -= len(o.data)
         return wrote
+
+    def on_event(self, port: int) -> None:
+        """The guest notified the xenstore port."""
+        self.service()

@@ -1,0 +1,139 @@
+"""The pure half of making a domain: from a kernel, an initrd and a few
+numbers to everything that goes into guest RAM before the first
+instruction, and the xenstore tree the toolstack writes. Nothing here
+touches the core: `plan_domain` returns a `DomainPlan`, and
+`pvhvm.Domain` loads it (`DomainPlan.load`) into a fresh `Vm`.
+
+The phases, as xl's domain builder has them: parse the image (its PVH
+entry note), lay out guest-physical memory (kernel segments, then Xen's
+own pages at the top of low RAM: console ring, xenstore ring, ACPI
+tables), place the initrd, build hvm_start_info and the E820 map.
+Each failure is a `BuildError` naming the input at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BuildError
+from ..xenstore import Store, populate_domu
+from .acpi import build_acpi_tables
+from .elf import ElfImage, load_elf
+from .layout import E820_ACPI, PhysLayout
+from .start_info import PlacedModule, build_start_info
+
+PAGE = 4096
+
+# HVM_PARAM_* the toolstack sets (hvm/params.h).
+HVM_PARAM_STORE_PFN = 1
+HVM_PARAM_STORE_EVTCHN = 2
+HVM_PARAM_CONSOLE_PFN = 17
+HVM_PARAM_CONSOLE_EVTCHN = 18
+
+
+@dataclass
+class Placement:
+    """Where the builder put things, guest-physical."""
+
+    kernel_range: tuple[int, int]
+    initrd: PlacedModule | None = None
+    start_info: int = 0
+    entry: int = 0
+    acpi: int = 0
+    rsdp: int = 0
+    console_ring: int = 0
+    store_ring: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class DomainPlan:
+    """A domain ready to load: what goes where in guest RAM, and the rest
+    of what the toolstack hands the hypervisor."""
+
+    image: ElfImage
+    memory_bytes: int
+    vcpus: int
+    cmdline: str
+    layout: PhysLayout
+    placement: Placement
+    # (guest-physical address, bytes) in load order: segments, initrd,
+    # start_info and its strings, ACPI tables.
+    blobs: list[tuple[int, bytes]]
+
+    @property
+    def memory_map(self) -> list[tuple[int, int, int]]:
+        return self.layout.memory_map()
+
+    def load(self, vm) -> None:
+        """Write the plan into a fresh core (`pvhvm._core.Vm`): RAM, the
+        E820 map, vCPU 0 at the PVH entry, the rings' HVM params."""
+        for paddr, blob in self.blobs:
+            vm.write_phys(paddr, blob)
+        vm.set_memory_map(self.memory_map)
+        vm.set_pvh_entry(self.placement.entry, self.placement.start_info)
+        vm.set_hvm_param(HVM_PARAM_CONSOLE_PFN, self.placement.console_ring // PAGE)
+        vm.set_hvm_param(HVM_PARAM_STORE_PFN, self.placement.store_ring // PAGE)
+
+    def populate_store(self, store: Store, *, domid: int, name: str, uuid: uuidlib.UUID, console_port: int,
+                       store_port: int) -> None:
+        """The xenstore tree xl writes before the domain runs."""
+        populate_domu(store, domid, name, str(uuid), memory_kib=self.memory_bytes >> 10, vcpus=self.vcpus,
+                      console_ring_ref=self.placement.console_ring // PAGE, console_port=console_port,
+                      store_ring_ref=self.placement.store_ring // PAGE, store_port=store_port)
+
+
+def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, cmdline: str = "",
+                memory_mib: int = 256, vcpus: int = 1) -> DomainPlan:
+    """Lay out a PVH domain (see the module doc). Raises BuildError."""
+    if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or memory_mib <= 0:
+        raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
+    image = load_elf(kernel)
+    entry = image.phys32_entry
+    if entry is None:
+        raise BuildError(f"{image.path}: no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
+                         "is the kernel built with CONFIG_XEN_PVH?")
+    memory_bytes = memory_mib << 20
+    layout = PhysLayout(memory_bytes)
+    for i, seg in enumerate(image.segments):
+        layout.reserve(seg.paddr, seg.memsz, f"kernel segment {i}")
+    placement = Placement(image.phys_range, entry=entry)
+    # Xen's pages first, at the top of low RAM and out of the guest's RAM map.
+    placement.console_ring = layout.carve(PAGE, "console ring")
+    placement.store_ring = layout.carve(PAGE, "xenstore ring")
+    placement.acpi = layout.carve(PAGE, "ACPI tables", E820_ACPI)
+    acpi = build_acpi_tables(placement.acpi, nr_vcpus=vcpus)
+    placement.rsdp = acpi.rsdp_paddr
+
+    blobs = [(seg.paddr, image.segment_bytes(seg)) for seg in image.segments if seg.filesz]
+    if initrd is not None:
+        data = read_input(initrd, "initrd")
+        if not data:
+            raise BuildError(f"{initrd}: initrd is empty")
+        paddr = layout.allocate(len(data), "initrd", top_down=True)
+        placement.initrd = PlacedModule(paddr, len(data))
+        blobs.append((paddr, data))
+    boot = build_start_info(layout, cmdline, [placement.initrd] if placement.initrd else [], placement.rsdp)
+    placement.start_info = boot.start_info_paddr
+    blobs += list(boot.blobs)
+    blobs.append((placement.acpi, acpi.blob))
+    return DomainPlan(image, memory_bytes, vcpus, cmdline, layout, placement, blobs)
+
+
+def read_input(path: str | os.PathLike, what: str) -> bytes:
+    """A whole input file, or a one-line BuildError saying why not."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise BuildError(f"{p}: no such {what} file") from None
+    except IsADirectoryError:
+        raise BuildError(f"{p}: {what} is a directory") from None
+    except OSError as e:
+        raise BuildError(f"{p}: cannot read {what}: {e.strerror}") from None
+
+
+__all__ = ["DomainPlan", "Placement", "plan_domain", "read_input"]
