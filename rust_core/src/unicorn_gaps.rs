@@ -583,6 +583,7 @@ fn read_own_u64(addr: usize) -> Option<u64> {
 /// next one (0) is it.
 fn find_interrupt_line(uc: *mut uc_engine, a: u64, b: u64) -> Option<(usize, usize, usize)> {
     let base = uc as usize;
+    let mut seen = Vec::new();
     for uc_cpu in (0..4096).step_by(8) {
         let Some(cpu) = read_own_u64(base + uc_cpu).filter(|p| *p != 0 && p % 8 == 0) else { continue };
         for env_ptr in (0..1024).step_by(8) {
@@ -598,18 +599,24 @@ fn find_interrupt_line(uc: *mut uc_engine, a: u64, b: u64) -> Option<(usize, usi
             }
             let mut words = [0u8; 64];
             if !read_own(cpu as usize, &mut words) {
-                return None;
+                continue;
             }
             let w = |i: usize| u32::from_le_bytes(words[4 * i..4 * i + 4].try_into().unwrap());
+            seen.push((uc_cpu, env_ptr, (0..16).map(w).collect::<Vec<_>>()));
+            // Another pointer in the engine may lead to a look-alike of the
+            // pair (heap contents vary from run to run): keep looking.
             if w(0) != 1 || w(1) != 1 {
-                return None;
+                continue;
             }
-            let cflags = (2..15).find(|&i| w(i) == u32::MAX)?;
+            let Some(cflags) = (2..15).find(|&i| w(i) == u32::MAX) else { continue };
             if w(cflags + 1) != 0 {
-                return None;
+                continue;
             }
             return Some((uc_cpu, env_ptr, 4 * (cflags + 1)));
         }
+    }
+    if std::env::var_os("PVHVM_DEBUG_PROBE").is_some() {
+        eprintln!("pvhvm: interrupt line candidates (uc offset, env_ptr offset, CPUState words): {seen:x?}");
     }
     None
 }
