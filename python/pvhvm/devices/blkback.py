@@ -232,7 +232,8 @@ class Queue:
             if s.first > s.last or s.last >= SECTORS_PER_PAGE:
                 raise ProtocolError(f"request {rid:#x}: segment sectors {s.first}..{s.last} outside their page")
             count += s.last - s.first + 1
-        self._check_range(rid, sector, count)
+        if segs:  # a flush without data carries no meaningful sector (blkfront sends -1)
+            self._check_range(rid, sector, count)
         if write and disk.readonly:
             self.stats["errors"] += 1
             return BLKIF_RSP_ERROR
