@@ -102,7 +102,7 @@ def parse_disk_spec(spec: "str | DiskSpec | os.PathLike") -> DiskSpec:
         else:
             raise DiskError(f"disk spec {spec!r}: unknown key {key!r} "
                             "(use PATH[,ro][,vdev=xvdb] or xl's format=, vdev=, access=, target=)")
-    if target is None:
+    if not target:
         if not positional:
             raise DiskError(f"disk spec {spec!r} names no image")
         target = positional.pop(0)
