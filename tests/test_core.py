@@ -66,3 +66,29 @@ def test_fetch_from_unbacked_memory_is_an_error_exit():
     vm.set_pvh_entry(0x100000, 0x2000)
     ex = vm.run()
     assert ex.kind == "error" and "unbacked" in ex.message and "0x70000000" in ex.message
+
+
+def test_type_stub_matches_the_core():
+    """_core.pyi names exactly what the extension has (a poor man's stubtest:
+    every stubbed class and member exists, and no public member is unstubbed)."""
+    import ast
+    from pathlib import Path
+
+    from pvhvm import _core
+
+    stub = ast.parse((Path(_core.__file__).parent / "_core.pyi").read_text())
+    problems = []
+    for node in stub.body:
+        if not isinstance(node, ast.ClassDef) or node.name == "VcpuStatus":  # a TypedDict, stub-only
+            continue
+        runtime = getattr(_core, node.name, None)
+        if runtime is None:
+            problems.append(f"class {node.name} missing")
+            continue
+        stubbed = {getattr(f, "name", None) or f.target.id for f in node.body
+                   if isinstance(f, (ast.FunctionDef, ast.AnnAssign))}
+        problems += [f"{node.name}.{n} missing" for n in stubbed if not n.startswith("__") and not hasattr(runtime, n)]
+        if not issubclass(runtime, BaseException):
+            problems += [f"{node.name}.{n} not stubbed" for n in dir(runtime)
+                         if not n.startswith("_") and n not in stubbed]
+    assert problems == []
