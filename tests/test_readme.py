@@ -29,5 +29,7 @@ def test_readme_python_example_runs():
     printed = out.getvalue()
     assert re.search(r"^b'6\.1\.\S+'$", printed, re.M), printed
     assert "b'2'" in printed, printed  # nproc
+    assert "b'131072'" in printed, printed  # xvda's sectors
+    assert "'requests':" in printed, printed
     assert "shutdown (poweroff) 0" in printed, printed
     assert "'online': True" in printed and "'rip':" in printed, printed

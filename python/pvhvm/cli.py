@@ -104,6 +104,18 @@ def boot(
                                           help="With passt: 127.0.0.1:HOSTPORT on the host reaches GUESTPORT in "
                                           "the guest (tcp:/udp: prefix; repeatable).")
     ] = None,
+    disk: Annotated[
+        Optional[list[str]], typer.Option("--disk", "-d", metavar="PATH[,ro][,vdev=xvdb]",
+                                          help="A raw disk image, served by blkback as xvda, xvdb, … in order "
+                                          "(repeatable). xl's spec works too: 'format=raw, vdev=xvda, "
+                                          "access=rw, target=PATH'.")
+    ] = None,
+    root: Annotated[
+        Optional[str], typer.Option("--root", metavar="DEV",
+                                    help="Boot from this disk: adds root=DEV rw to the command line (e.g. "
+                                    "/dev/xvda; the default guest's initramfs loads xen-blkfront, mounts it and "
+                                    "starts its /sbin/init).")
+    ] = None,
     escape_char: Annotated[
         str, typer.Option("--escape-char", metavar="KEY",
                           help="The key that detaches from the console and ends pvhvm, when stdin is a "
@@ -149,6 +161,8 @@ def boot(
         from .devices.net_host import find_passt
 
         net = "passt" if find_passt() else "none"
+    if root is not None:
+        cmdline = f"{cmdline} root={root} rw"
     try:
         if kernel is None:
             from .images import prepare_default_guest
@@ -160,7 +174,7 @@ def boot(
             cmdline = " ".join([cmdline, *(f for f in flags if f not in cmdline.split())]).strip()
         dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=term.write,
                      trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
-                     net=net, net_forwards=forward or (), vcpus=nr_vcpus)
+                     net=net, net_forwards=forward or (), vcpus=nr_vcpus, disks=disk or ())
     except (PvhvmError, _core.CoreError) as e:
         raise _fail(str(e)) from None
     if xenstore_socket is not None:
@@ -229,6 +243,11 @@ def shutdown(
 @app.command("fetch-guest")
 def fetch_guest(
     force: Annotated[bool, typer.Option("--force", help="Download and rebuild even if cached.")] = False,
+    rootfs: Annotated[
+        bool,
+        typer.Option("--rootfs", help="Also build (or find cached) a Debian 12 root disk image with systemd "
+                     "for this kernel; boot it with root=LABEL=pvhvm-root."),
+    ] = False,
 ) -> None:
     """Fetch and prepare the default guest (Debian's cloud kernel and a busybox
     initramfs) into the cache; print where the files are."""
@@ -242,6 +261,15 @@ def fetch_guest(
     print(f"vmlinux: {g.vmlinux}")
     print(f"initrd:  {g.initrd}")
     print(f"System.map: {g.system_map or 'not in the package (Debian ships it in the -dbg package)'}")
+    if rootfs:
+        from .rootfs import prepare_debian_rootfs
+
+        try:
+            image = prepare_debian_rootfs(force=force)
+        except PvhvmError as e:
+            raise _fail(str(e)) from None
+        print(f"rootfs:  {image.path} ({image.size_mib} MiB ext4, label {image.label}, "
+              f"modules of {image.kernel_release})")
 
 
 @app.command("self-test")

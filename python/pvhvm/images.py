@@ -35,8 +35,11 @@ from .errors import BuildError
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 
-# Kernel modules of the same package that every default guest carries.
-DEFAULT_MODULES = ("xen-netfront",)
+# Kernel modules of the same package that every default guest carries: the
+# network card's driver, and the disk drivers /init needs to mount a root=
+# device (Debian builds all of them as modules): xen-blkfront for pvhvm and
+# Xen, virtio_blk and virtio_pci for the same guest under QEMU.
+DEFAULT_MODULES = ("xen-netfront", "xen-blkfront", "virtio_pci", "virtio_blk")
 
 DEFAULT_INIT = """\
 #!/bin/sh
@@ -45,6 +48,57 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+# With root=DEV (/dev/xvda, LABEL=..., UUID=...): load the disk drivers, wait
+# up to ~30 s for the device, mount it as the kernel would (ro unless rw,
+# rootfstype= default ext4, rootflags=) and hand over to its init (init=,
+# default /sbin/init). /dev, /proc and /sys move along, as systemd expects.
+# If that fails, carry on below: a shell with pvhvm.shell, else power off.
+set -f
+root="" rootfstype=ext4 rootflags="" rootmode=ro init=/sbin/init
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+    root=*) root=${arg#root=} ;;
+    rootfstype=*) rootfstype=${arg#rootfstype=} ;;
+    rootflags=*) rootflags=${arg#rootflags=} ;;
+    ro|rw) rootmode=$arg ;;
+    init=*) init=${arg#init=} ;;
+    esac
+done
+set +f
+if [ -n "$root" ]; then
+    # Xen (and pvhvm) disks are xen-blkfront, elsewhere (QEMU) virtio. Only
+    # /sys/hypervisor/type tells: /sys/bus/xen exists under QEMU too.
+    if [ "$(cat /sys/hypervisor/type 2>/dev/null)" = xen ]; then
+        modprobe xen-blkfront
+    else
+        modprobe -q virtio_pci
+        modprobe -q virtio_blk
+    fi
+    dev="" tries=0
+    while [ $tries -lt 150 ]; do
+        case "$root" in
+        *=*) dev=$(findfs "$root" 2>/dev/null) ;;
+        *) [ -b "$root" ] && dev=$root ;;
+        esac
+        [ -n "$dev" ] && break
+        sleep 0.2
+        tries=$((tries + 1))
+    done
+    mkdir -p /newroot
+    if [ -z "$dev" ]; then
+        echo "PVHVM-INIT: root device $root did not appear; block devices:"
+        cat /proc/partitions
+    elif ! mount -t "$rootfstype" -o "$rootmode${rootflags:+,$rootflags}" "$dev" /newroot; then
+        echo "PVHVM-INIT: cannot mount $dev ($rootfstype, $rootmode) for root=$root"
+    elif [ ! -e "/newroot$init" ] && [ ! -L "/newroot$init" ]; then
+        echo "PVHVM-INIT: $init not found on $dev"
+        umount /newroot
+    else
+        echo "PVHVM-INIT: switching to $dev ($rootmode), init $init"
+        for fs in dev proc sys; do mount -o move /$fs /newroot/$fs; done
+        exec switch_root /newroot "$init"
+    fi
+fi
 # With pvhvm.net (`pvhvm boot` adds it when the domain has a network card):
 # load xen-netfront from this kernel's package and configure eth0 by DHCP.
 case " $(cat /proc/cmdline) " in
@@ -68,7 +122,7 @@ FALLBACK_APPLETS = (
 ).split()
 
 # Bump when the initrd layout changes, so cached initrds are rebuilt.
-INITRD_FORMAT = 4  # bump when build_initramfs changes what it writes
+INITRD_FORMAT = 5  # bump when build_initramfs changes what it writes
 
 
 def _progress(message: str) -> None:
@@ -579,6 +633,7 @@ class GuestFiles:
     kernel_version: str  # the release, as `uname -r` prints it
     kernel_package: str = ""  # "<name> <version>" of the Debian package
     payload_compression: str = ""  # how the bzImage payload was compressed
+    modules_root: Path | None = None  # lib/modules/<release> of the unpacked kernel package
 
 
 MANIFEST = "default-guest.json"
@@ -666,5 +721,11 @@ def prepare_default_guest(
             modules_root=modules_dir(kernel_tree, release),
         )
     return GuestFiles(
-        vmlinux, initrd, system_map, release, f"{kernel_pkg.name} {kernel_pkg.version}", compression
+        vmlinux,
+        initrd,
+        system_map,
+        release,
+        f"{kernel_pkg.name} {kernel_pkg.version}",
+        compression,
+        modules_dir(kernel_tree, release),
     )
