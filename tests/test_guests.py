@@ -48,7 +48,7 @@ def test_trace_records_every_call(guests):
     seen = []
     dom = pvhvm.Domain(guests["hypercall_abi"], memory_mib=32, trace=seen.append)
     dom.run(timeout=60)
-    assert len(seen) == sum(dom._vm.hypercall_counts().values())
+    assert len(seen) == sum(dom.hypercall_counts().values())
     text = [str(r) for r in seen]
     assert any("xen_version(version, 0x0, 0x0) = 0x40013" in t for t in text)
     assert any(t.endswith("hypercall_60(0x1, 0x2, 0x3) = -ENOSYS") for t in text)
