@@ -79,9 +79,16 @@ def test_systemd_boots_from_disk_with_dhcp_and_powers_off(guest, disk):
     fsck_clean(disk)
 
 
-def test_cli_boots_the_debian_disk(guest, disk):
-    """`pvhvm boot --disk IMG --root LABEL=...` as a user types it: the login
-    appears on the console, `poweroff` typed in ends pvhvm with status 0."""
+def test_cli_boots_the_debian_disk(guest, rootfs_image, tmp_path):
+    """The README's two commands: `pvhvm rootfs debian.img`, then
+    `pvhvm boot --disk debian.img --root LABEL=...`: the login appears on the
+    console, `poweroff` typed in ends pvhvm with status 0."""
+    disk = tmp_path / "debian.img"
+    made = subprocess.run([sys.executable, "-m", "pvhvm", "rootfs", str(disk)], capture_output=True, text=True)
+    assert made.returncode == 0 and made.stdout.strip() == str(disk), made.stderr
+    assert disk.stat().st_blocks * 512 < disk.stat().st_size  # sparse
+    again = subprocess.run([sys.executable, "-m", "pvhvm", "rootfs", str(disk)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.strip() == f"pvhvm: {disk}: already exists; not overwriting it"
     proc = subprocess.Popen([sys.executable, "-m", "pvhvm", "boot", "--net", "none", "--memory", "512",
                              "--disk", f"{disk},vdev=xvda", "--root", "LABEL=pvhvm-root"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

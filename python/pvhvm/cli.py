@@ -272,6 +272,38 @@ def fetch_guest(
               f"modules of {image.kernel_release})")
 
 
+@app.command()
+def rootfs(
+    dest: Annotated[
+        Optional[Path],
+        typer.Argument(help="Write a sparse copy of the image here (the guest writes to its disk; the cached "
+                       "original stays as built).", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild the image even if cached.")] = False,
+) -> None:
+    """Build (once, about a minute: mmdebstrap and mke2fs -d, nothing is
+    mounted) or find in the cache a Debian 12 root disk with systemd for the
+    default guest's kernel, and print its path. Boot it with
+    `pvhvm boot --disk DEST --root LABEL=pvhvm-root`."""
+    if dest is not None and dest.exists():
+        raise _fail(f"{dest}: already exists; not overwriting it")
+    from .rootfs import prepare_debian_rootfs
+
+    try:
+        image = prepare_debian_rootfs(force=force)
+    except PvhvmError as e:
+        raise _fail(str(e)) from None
+    if dest is None:
+        print(image.path)
+        return
+    import subprocess
+
+    copy = subprocess.run(["cp", "--sparse=always", str(image.path), str(dest)], capture_output=True, text=True)
+    if copy.returncode != 0:
+        raise _fail(f"{dest}: cannot copy the image: {copy.stderr.strip().splitlines()[-1:] or '?'}")
+    print(dest)
+
+
 @app.command("self-test")
 def self_test() -> None:
     """Check that this Unicorn build supports pvhvm's workarounds."""
