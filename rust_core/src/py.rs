@@ -579,6 +579,16 @@ fn self_test(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// A full memory barrier (MFENCE). A backend serving a ring from another
+/// thread while the vCPUs run needs one where io/ring.h has `xen_mb()`:
+/// between writing an event index and reading the other side's producer
+/// index (x86 may reorder that store after the load), or a notification
+/// is lost and both sides wait for ever.
+#[pyfunction]
+fn memory_barrier() {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
 /// The host's time-stamp counter (the guest reads the same one).
 #[pyfunction]
 fn host_tsc() -> u64 {
@@ -596,6 +606,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GrantError", m.py().get_type::<GrantError>())?;
     m.add_function(wrap_pyfunction!(self_test, m)?)?;
     m.add_function(wrap_pyfunction!(host_tsc, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_barrier, m)?)?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
     m.add("XEN_VERSION", (crate::cpuid::XEN_MAJOR, crate::cpuid::XEN_MINOR))?;
     m.add("PAGE_SIZE", crate::layout::PAGE_SIZE)?;

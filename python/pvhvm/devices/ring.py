@@ -13,6 +13,11 @@ Two kinds, as Xen's public headers define them:
   derived as ``__RING_SIZE`` does: what fits after the header, rounded down
   to a power of two.
 
+A backend may serve a ring from its own thread while the vCPUs run (blkback
+does): where io/ring.h puts `xen_mb()`, between publishing an index and
+reading the other side's, `BackRing` issues a real fence, else x86 lets the
+load pass the store and a notification is lost.
+
 Indexes the guest writes are never trusted: a producer running more than a
 ring ahead of its consumer raises `RingError`; the caller decides what that
 costs the frontend (a reset ring for the console, a broken connection for
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+
+from .._core import memory_barrier
 
 PAGE_SIZE = 4096
 RING_HEADER = 64  # req_prod, req_event, rsp_prod, rsp_event, 48 bytes of padding
@@ -220,6 +227,7 @@ class BackRing:
         if self.unconsumed():
             return True
         self.req_event = self.req_cons + 1
+        memory_barrier()  # the new req_event is visible before req_prod is read again
         return self.unconsumed() > 0
 
     def push_responses(self) -> bool:
@@ -229,7 +237,9 @@ class BackRing:
         new = self.rsp_prod_pvt & MASK32
         if new == old:
             return False
+        memory_barrier()  # responses before the index (a compiler barrier would do on x86; this is cheap)
         _U32.pack_into(self._header, 8, new)
+        memory_barrier()  # the new rsp_prod is visible before rsp_event is read
         return ((new - self.rsp_event) & MASK32) < ((new - old) & MASK32)
 
 
