@@ -374,11 +374,14 @@ class Domain:
             return Outcome(OutcomeKind.SHUTDOWN, ShutdownReason(exit.reason))
         if kind == "idle":
             # Every vCPU waits with no timer armed: only a host source
-            # (console, xenstore socket, network) can wake the domain.
+            # (console, xenstore socket, network) or a device's worker
+            # thread (a disk answering) can wake the domain. The core waits
+            # for both (Python's selector would not see a worker's event),
+            # a second at most, so run(timeout=) is honoured.
             if progressed:
                 return None
-            if self.loop.has_sources:
-                self.loop.poll(None)
+            if self.loop.has_sources or self.devices.can_wake():
+                self._vm.wait_for_events(1.0)
                 return None
             return Outcome(OutcomeKind.HUNG, message="blocked waiting for an event that nothing can send")
         if kind == "hung":

@@ -167,6 +167,11 @@ class BackendDevice:
         The default has none."""
         self._do_disconnect()
 
+    def can_wake(self) -> bool:
+        """Whether the device may raise an event for the guest on its own
+        (from another thread) before the guest asks it anything again."""
+        return False
+
     # ------------------------------------------------------------------ set-up
 
     def create(self) -> None:

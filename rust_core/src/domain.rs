@@ -121,6 +121,7 @@ impl Domain {
         loop {
             let now = self.state.system_time_ns();
             self.fire_timers(now);
+            self.state.shared.raise_queued();
             self.wake_idle(now);
             if self.state.shared.waker.take_host_attention() {
                 return Exit::domain(ExitReason::Kicked);
@@ -281,6 +282,7 @@ impl Domain {
                 return SliceEnd::Idle;
             }
             let now = self.state.system_time_ns();
+            self.state.shared.raise_queued(); // the engine is stopped: no guest LOCK'd op in flight
             let others = (self.fire_timers(now) | self.wake_idle(now)) & !(1 << i);
             // At a kick: the slice is over, someone else woke up (give them
             // the engine; the round robin comes back here), or the host

@@ -400,6 +400,24 @@ impl Vm {
         exit.into()
     }
 
+    /// Sleep, without the GIL, until another thread raises an event for
+    /// the guest or wakes the domain ("signalled"), the host fd is ready
+    /// ("host_io"), or `timeout` seconds pass ("timeout"). The run loop's
+    /// wait when `run()` returned `idle`: a backend's worker thread that
+    /// answers a request ends it, which Python's selector would not see.
+    #[pyo3(signature = (timeout = None))]
+    fn wait_for_events(&self, py: Python<'_>, timeout: Option<f64>) -> &'static str {
+        use crate::waker::Wait;
+        let shared = self.domain.shared().clone();
+        let host_fd = self.domain.host_fd;
+        let timeout = timeout.map(|t| std::time::Duration::from_secs_f64(t.clamp(0.0, 86_400.0)));
+        match py.allow_threads(move || shared.waker.wait(host_fd, timeout)) {
+            Wait::Signalled => "signalled",
+            Wait::HostReady => "host_io",
+            Wait::TimedOut => "timeout",
+        }
+    }
+
     /// A descriptor (Python's event loop) whose readiness ends the
     /// domain's idle wait with a `host_io` exit; None to forget it.
     #[pyo3(signature = (fd = None))]

@@ -127,6 +127,7 @@ class Queue:
         self.stats = {"requests": 0, "reads": 0, "writes": 0, "flushes": 0, "discards": 0, "indirect": 0,
                       "sectors_read": 0, "sectors_written": 0, "errors": 0, "batches": 0, "notifications": 0}
         self._wake = threading.Event()
+        self._serving = False  # set before the wake-up is cleared: see can_wake
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"blkback-{vbd.vdev}-q{index}", daemon=True)
 
@@ -136,6 +137,12 @@ class Queue:
     def kick(self, port: int = 0) -> None:
         """The guest notified the queue's port (run loop thread)."""
         self._wake.set()
+
+    def can_wake(self) -> bool:
+        """Work in hand: kicked and not yet served, or being served. (The
+        flag is set before the kick is cleared, so there is no moment when
+        both read false while a request waits.)"""
+        return self._wake.is_set() or self._serving
 
     def stop(self) -> None:
         """Stop the worker and wait for it (its requests in flight finish)."""
@@ -150,10 +157,14 @@ class Queue:
         try:
             while not self._stop:
                 self._wake.wait()
+                self._serving = True
                 self._wake.clear()
                 if self._stop:
                     break
-                self._serve()
+                try:
+                    self._serve()
+                finally:
+                    self._serving = False
         except (ProtocolError, RingError) as e:
             self.vbd.report_failure(str(e))
         except Exception as e:  # a bug of ours: the vbd goes, the domain stays
@@ -445,6 +456,9 @@ class Blkback(BackendDevice):
         for queue in self.queues:
             self._drop_queue(queue)
         self.queues = []
+
+    def can_wake(self) -> bool:
+        return any(q.can_wake() for q in self.queues)
 
     def report_failure(self, reason: str) -> None:
         """From a worker: the frontend broke the protocol."""

@@ -113,6 +113,11 @@ class DeviceManager:
         device.close()
         device.destroy()
 
+    def can_wake(self) -> bool:
+        """Whether a device may still raise an event by itself (a worker
+        thread with work in hand): the domain is not hung while one can."""
+        return any(device.can_wake() for device in self.devices)
+
     def close(self) -> None:
         for device in list(self.devices):
             device.close()

@@ -60,6 +60,8 @@ pub struct SharedState {
     pub ram: Arc<GuestRam>,
     evtchn: Mutex<EventChannels>,
     gnttab: Mutex<GrantTable>,
+    /// Host ports to raise on the run thread (see `notify_guest`).
+    raises: Mutex<Vec<u32>>,
     pub waker: Waker,
 }
 
@@ -69,6 +71,7 @@ impl SharedState {
             ram,
             evtchn: Mutex::new(EventChannels::new(domid, nr_vcpus)),
             gnttab: Mutex::new(GrantTable::new()),
+            raises: Mutex::new(Vec::new()),
             waker,
         }
     }
@@ -85,19 +88,51 @@ impl SharedState {
 
     /// Raise the guest's end of a host port, from any thread, and wake the
     /// run loop. False if the port does not belong to the host.
+    ///
+    /// The raise itself is queued and done by the run thread between
+    /// slices (`raise_queued`): Unicorn emulates the guest's LOCK'd
+    /// instructions as plain loads and stores (one engine, one thread), so
+    /// a bit set from another thread in the middle of the guest's `xchg`
+    /// on its pending selector, or `lock btr` on a pending word, would be
+    /// overwritten, and the event lost for good (measured: blkback's
+    /// workers, about one boot in two).
     pub fn notify_guest(&self, port: u32) -> bool {
         let ev = self.ports();
         match ev.get(port).map(|p| p.state) {
             Some(PortState::Interdomain { remote: DOMID_HOST, .. }) => {
-                let raised = ev.raise(&self.ram, port);
                 drop(ev);
-                if raised.is_some() {
-                    self.waker.wake_vcpus();
+                let mut q = unpoison(self.raises.lock());
+                if !q.contains(&port) {
+                    q.push(port);
                 }
+                drop(q);
+                self.waker.wake_vcpus();
                 true
             }
             _ => false,
         }
+    }
+
+    /// Raise the ports other threads notified (on the run thread, with no
+    /// vCPU on the engine). Returns how many became newly pending.
+    pub fn raise_queued(&self) -> usize {
+        let ports = std::mem::take(&mut *unpoison(self.raises.lock()));
+        if ports.is_empty() {
+            return 0;
+        }
+        let ev = self.ports();
+        ports
+            .into_iter()
+            .filter(|&port| {
+                matches!(ev.get(port).map(|p| p.state), Some(PortState::Interdomain { remote: DOMID_HOST, .. }))
+                    && ev.raise(&self.ram, port).is_some()
+            })
+            .count()
+    }
+
+    /// Whether raises wait for the run thread.
+    pub fn raises_queued(&self) -> bool {
+        !unpoison(self.raises.lock()).is_empty()
     }
 }
 
