@@ -26,6 +26,12 @@ Sections (in run order):
   memory    peak RSS of `python -m pvhvm boot --memory 256/1024` (bench_memory.py)
   net       ping and TCP throughput over the vif on passt (bench_net.py);
             recorded as "not measured: <reason>" when it cannot run here
+  disk      pvhvm (blkfront/blkback) vs QEMU TCG (virtio-blk), alternated, on
+            fresh copies of the same images: sequential write/read MB/s and
+            4k random read IOPS measured in the guest (benches/tools/
+            diskbench.c); Debian 12 (rootfs.py's image) booted from the disk
+            to its login prompt; TCP both ways, pvhvm on passt vs QEMU's
+            -netdev user (bench_disk.py, bench_net.measure_vs_qemu)
 
 Writes benches/results/suite-<time>.json (or --json FILE) and prints a table.
 The JSON (schema 1):
@@ -57,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, metric, not_measured, tsc_hz  # noqa: E402
 
 SCHEMA = 1
-SECTIONS = ("core", "events", "xenstore", "boot", "smp", "profile", "memory", "net")
+SECTIONS = ("core", "events", "xenstore", "boot", "smp", "profile", "memory", "net", "disk")
 MEMORY_SIZES = (256, 1024)
 TIMER_CASES = ("1ms_halt", "1ms_spin", "10ms_halt", "10ms_spin")
 NET_METRICS = {
@@ -66,6 +72,42 @@ NET_METRICS = {
     "net.tcp_host_to_guest_mbit_s": ("Mbit/s", "TCP host -> guest (passt forward)", "higher"),
     "net.tcp_guest_to_host_mbit_s": ("Mbit/s", "TCP guest -> host (via the gateway)", "higher"),
 }
+
+# The disk section's metrics: (unit, label, better). Every one is present in
+# a run, with a value or the reason it has none.
+DISK_IO = {"seq_write_mbs": ("MB/s", "sequential write, 1 MiB O_DIRECT", "higher"),
+           "seq_read_mbs": ("MB/s", "sequential read, 1 MiB O_DIRECT", "higher"),
+           "randread_iops": ("IOPS", "4 KiB random reads, queue depth 1", "higher"),
+           "flush_ms": ("ms", "cache flush (fdatasync) after the rest", "lower")}
+BOOT_DISK = {"switch_root_s": ("s", "Debian from disk: initramfs switches to the root disk", "lower"),
+             "login_s": ("s", "Debian from disk: login prompt on the console", "lower")}
+NET_VS_QEMU = {"tcp_host_to_guest_mbit_s": ("Mbit/s", "TCP host -> guest (port forward)", "higher"),
+               "tcp_guest_to_host_mbit_s": ("Mbit/s", "TCP guest -> host (via the gateway)", "higher")}
+WHO = {"pvhvm": "pvhvm", "qemu": "QEMU TCG"}
+
+
+def ratio_name(key: str) -> str:
+    """seq_write_mbs -> seq_write, login_s -> login, tcp_..._mbit_s -> tcp_..."""
+    for suffix in ("_mbit_s", "_mbs", "_iops", "_s"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def disk_metrics() -> dict[str, tuple[str, str, str]]:
+    names = {}
+    for prefix, table in (("disk", DISK_IO), ("boot_disk", BOOT_DISK), ("net_vs_qemu", NET_VS_QEMU)):
+        for key, (unit, label, better) in table.items():
+            for hv, who in WHO.items():
+                names[f"{prefix}.{hv}.{key}"] = (unit, f"{who}: {label}", better)
+            if key != "flush_ms":
+                names[f"{prefix}.ratio.{ratio_name(key)}"] = ("ratio", f"{label}: pvhvm / QEMU", better)
+        if prefix == "boot_disk":
+            names["boot_disk.pvhvm.shell_s"] = ("s", "pvhvm: Debian from disk: autologin shell prompt (hvc0)",
+                                                "lower")
+        for hv, who in WHO.items():
+            names[f"{prefix}.{hv}.failed_runs"] = ("count", f"{who}: runs that did not finish", "lower")
+    return names
 
 
 def log(msg: str) -> None:
@@ -327,8 +369,88 @@ def run_net(ctx: dict) -> tuple[dict, dict]:
     return res, r
 
 
+def run_disk(ctx: dict) -> tuple[dict, dict]:
+    """bench_disk.py's two parts and bench_net's comparison with QEMU, each
+    on its own: one failing leaves its metrics "not measured" with why."""
+    import bench_disk
+    import bench_net
+
+    names = disk_metrics()
+    res = {n: not_measured(u, lbl, "no result", b) for n, (u, lbl, b) in names.items()}
+    raw: dict = {}
+    runs, quick, skip_qemu = ctx["disk_runs"], ctx["quick"], ctx["skip_qemu"]
+    parts = (
+        ("disk", "io", DISK_IO, lambda: bench_disk.measure_io(quick, runs, skip_qemu, ctx["timeout"], log=sys.stderr)),
+        ("boot_disk", "boot", BOOT_DISK,
+         lambda: bench_disk.measure_boot(runs, skip_qemu, max(ctx["timeout"], 600), log=sys.stderr)),
+        ("net_vs_qemu", "net_vs_qemu", NET_VS_QEMU,
+         lambda: bench_net.measure_vs_qemu(quick, runs, skip_qemu, ctx["timeout"], log=sys.stderr)),
+    )
+    for prefix, part, table, fn in parts:
+        t0 = time.perf_counter()
+        try:
+            r = fn()
+        except (bench_disk.NotMeasured, bench_net.NotMeasured) as e:
+            for n in res:
+                if n.startswith(prefix + "."):
+                    res[n]["status"] = f"not measured: {e}"
+            raw[part] = {"not_measured": str(e)}
+            continue
+        except Exception as e:  # one part failing must not lose the others
+            log(traceback.format_exc())
+            for n in res:
+                if n.startswith(prefix + "."):
+                    res[n]["status"] = f"not measured: {part} failed: {type(e).__name__}: {e}"
+            raw[part] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        r["section_s"] = round(time.perf_counter() - t0, 1)
+        raw[part] = r
+        log(f"   disk/{part}: {r['section_s']} s")
+        for hv in WHO:
+            med = r["median"].get(hv)
+            for key in list(table) + (["shell_s"] if prefix == "boot_disk" and hv == "pvhvm" else []):
+                name = f"{prefix}.{hv}.{key}"
+                unit, label, better = names[name]
+                value = med.get(key) if med else None
+                if value is not None:
+                    n = sum(1 for s in r["runs"][hv] if s.get(key) is not None)
+                    of = f"median of {n}" + (f" (of {len(r['runs'][hv])} runs)" if n < len(r["runs"][hv]) else "")
+                    res[name] = metric(value, unit, f"{label}, {of}", better)
+                else:
+                    res[name]["status"] = "not measured: " + _disk_why(r, hv, key, skip_qemu)
+            name = f"{prefix}.{hv}.failed_runs"
+            if hv in r["runs"]:
+                unit, label, better = names[name]
+                failed = sum(1 for s in r["runs"][hv] if s.get("failed"))
+                res[name] = metric(failed, unit, f"{label}, of {len(r['runs'][hv])}", better)
+            else:
+                res[name]["status"] = "not measured: " + _disk_why(r, hv, "failed_runs", skip_qemu)
+        for key, value in r.get("ratio_pvhvm_over_qemu", {}).items():
+            name = f"{prefix}.ratio.{ratio_name(key)}"
+            if name in names and value is not None:
+                unit, label, better = names[name]
+                res[name] = metric(value, unit, label, better)
+        for name in res:
+            if name.startswith(f"{prefix}.ratio.") and res[name]["value"] is None:
+                res[name]["status"] = "not measured: " + ("--skip-qemu" if skip_qemu else "a side has no value")
+    return res, raw
+
+
+def _disk_why(r: dict, hv: str, key: str, skip_qemu: bool) -> str:
+    """Why a disk-section value is missing, from the part's raw data."""
+    if hv not in r["median"]:
+        return r.get("skipped", {}).get(hv) or ("--skip-qemu" if skip_qemu and hv == "qemu" else "not run")
+    for s in r["runs"][hv]:
+        for k in ("flush_error", "error", f"{key.removesuffix('_mbit_s')}_error"):
+            if s.get(k) and (k != "flush_error" or key == "flush_ms"):
+                return str(s[k])
+    if key == "shell_s":
+        return "no shell prompt within 60 s of the login prompt"
+    return "every run failed"
+
+
 RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot, "smp": run_smp,
-           "profile": run_profile, "memory": run_memory, "net": run_net}
+           "profile": run_profile, "memory": run_memory, "net": run_net, "disk": run_disk}
 
 
 # --------------------------------------------------------------------------- output
@@ -438,10 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         "xs_n": 200 if quick else 1000,
         "smp_ipi_n": 200 if quick else 1000,
         "memory_runs": 1 if quick else 3,
+        "disk_runs": args.runs or (1 if quick else 3),
     }
     started = time.time()
     ctx["host"] = host_info()
-    if any(s in sections for s in ("boot", "smp", "profile", "memory", "net")):
+    if any(s in sections for s in ("boot", "smp", "profile", "memory", "net", "disk")):
         from pvhvm.images import prepare_default_guest
 
         log("== preparing the default guest (downloads on first use)")
@@ -471,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": ctx["host"],
         "config": {"quick": quick, "skip_qemu": args.skip_qemu, "sections": sections,
                    "boot_runs": ctx["boot_runs"], "core_runs": ctx["core_runs"], "events_n": ctx["events_n"],
-                   "xenstore_n": ctx["xs_n"], "memory_runs": ctx["memory_runs"],
+                   "xenstore_n": ctx["xs_n"], "memory_runs": ctx["memory_runs"], "disk_runs": ctx["disk_runs"],
                    "duration_s": round(time.time() - started, 1)},
         "results": results,
         "details": details,

@@ -188,3 +188,76 @@ def test_run_all_quick_writes_schema_1(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("  core.hypercall_ns")]
     assert rows and all(r[3] == "1.000" for r in rows), p.stdout
+
+
+def test_disk_bench_helpers():
+    import bench_disk
+
+    out = b"noise\r\nRESULT seq_write_mbs 123.5\r\nRESULT randread_iops 1.5e3\nRESULT bad x\nDISKBENCH-DONE\n"
+    assert bench_disk.parse_results(out) == {"seq_write_mbs": 123.5, "randread_iops": 1500.0}
+    assert bench_disk.run_order(["pvhvm", "qemu"], 0) == ["pvhvm", "qemu"]
+    assert bench_disk.run_order(["pvhvm", "qemu"], 1) == ["qemu", "pvhvm"]
+    assert bench_disk.ratio(3.0, 2.0) == 1.5 and bench_disk.ratio(None, 2.0) is None and bench_disk.ratio(1, 0) is None
+    assert bench_disk.median_of([{"a": 1}, {"a": 3}, {"failed": True}, {"a": 2}], "a") == 2
+    err = b"x\r\n/local/domain/0/backend/vbd/1/51712: request 0x1: bad; disconnecting the frontend of domain 1\r\n"
+    assert bench_disk.console_error(err).endswith("disconnecting the frontend of domain 1")
+    assert bench_disk.LOGIN.search(b"\r\nDebian GNU/Linux 12 pvhvm hvc0\r\n\r\npvhvm login: root (automatic login)")
+    assert bench_disk.SHELL_PROMPT.search(b"\x1b[?2004hroot@pvhvm:~# ")
+
+
+def test_disk_section_records_why_parts_are_missing(monkeypatch):
+    """Every disk-section metric is there, with the reason when a part
+    cannot run, and the parts fail independently."""
+    import bench_disk
+
+    def no_rootfs(*a, **k):
+        raise bench_disk.NotMeasured("python/pvhvm/rootfs.py is not there yet")
+
+    def io(quick, runs, skip_qemu, timeout, log):
+        run = {"seq_write_mbs": 100.0, "seq_read_mbs": 200.0, "randread_iops": 1000.0}
+        return {"runs": {"pvhvm": [{**run, "flush_error": "no answer in 30 s"}]},
+                "median": {"pvhvm": {**run, "flush_ms": None}}, "ratio_pvhvm_over_qemu": {}}
+
+    def net(*a, **k):
+        raise OSError("boom")
+
+    monkeypatch.setattr(bench_disk, "measure_io", io)
+    monkeypatch.setattr(bench_disk, "measure_boot", no_rootfs)
+    monkeypatch.setattr(bench_net, "measure_vs_qemu", net)
+    res, raw = run_all.run_disk({"quick": True, "disk_runs": 1, "skip_qemu": True, "timeout": 60})
+    assert set(res) == set(run_all.disk_metrics())
+    assert res["disk.pvhvm.seq_write_mbs"]["value"] == 100.0
+    assert res["disk.pvhvm.flush_ms"]["status"] == "not measured: no answer in 30 s"
+    assert res["disk.qemu.randread_iops"]["status"] == "not measured: --skip-qemu"
+    assert res["disk.ratio.randread"]["status"] == "not measured: --skip-qemu"
+    assert res["boot_disk.pvhvm.login_s"]["status"] == "not measured: python/pvhvm/rootfs.py is not there yet"
+    assert res["net_vs_qemu.ratio.tcp_guest_to_host"]["status"].startswith("not measured: net_vs_qemu failed: OSError")
+    for name, e in res.items():
+        assert e["value"] is not None or e["status"].startswith("not measured: "), name
+    assert {"boot_disk.ratio.login", "disk.ratio.seq_write", "net_vs_qemu.ratio.tcp_host_to_guest"} <= set(res)
+    assert res["disk.pvhvm.failed_runs"]["value"] == 0
+    assert res["disk.qemu.failed_runs"]["status"] == "not measured: --skip-qemu"
+
+
+def test_diskbench_tool_on_a_host_file(tmp_path):
+    """benches/tools/diskbench.c builds as the bench builds it, and measures
+    a file on the host the way it measures a guest's disk."""
+    import shutil as _shutil
+
+    import bench_disk
+
+    if _shutil.which("gcc") is None:
+        pytest.skip("no gcc")
+    exe = tmp_path / "diskbench"
+    p = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(exe), str(bench_disk.DISKBENCH_SRC)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4 << 20))
+    p = subprocess.run([str(exe), str(img), "2", "0.2"], capture_output=True, timeout=60)
+    if b"open: Invalid argument" in p.stdout:
+        pytest.skip("no O_DIRECT on this file system")
+    assert p.returncode == 0 and p.stdout.endswith(b"DISKBENCH-DONE\n"), p.stdout
+    r = bench_disk.parse_results(p.stdout)
+    assert r["device_mib"] == 4 and r["randread_reads"] > 0 and r["flush_ms"] >= 0
+    assert all(r[k] > 0 for k in bench_disk.IO_KEYS), r
