@@ -97,6 +97,24 @@ class _PingRange:
                 pass
 
 
+def send_to_guest(port: int, nbytes: int, timeout: float, result: dict) -> None:
+    """Send `nbytes` of zeros to 127.0.0.1:`port` (forwarded to the guest's
+    nc), wait until the guest closes; the seconds go to result["s"], a
+    failure to result["error"]."""
+    try:
+        t = time.perf_counter()
+        c = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        chunk = bytes(1 << 20)
+        for _ in range(nbytes >> 20):
+            c.sendall(chunk)
+        c.shutdown(socket.SHUT_WR)
+        c.recv(1)  # until the guest's nc closes
+        result["s"] = time.perf_counter() - t
+        c.close()
+    except OSError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+
+
 def measure(quick: bool = False, log=sys.stderr) -> dict:
     if not backend_present():
         raise NotMeasured("network backend not present")
@@ -142,21 +160,7 @@ def measure(quick: bool = False, log=sys.stderr) -> dict:
             out = sh.run(f"mkfifo /tmp/nc-in; nc -l -p {GUEST_PORT} <>/tmp/nc-in >/dev/null & sleep 0.3", 60)
             h2g: dict = {}
 
-            def send() -> None:
-                try:
-                    t = time.perf_counter()
-                    c = socket.create_connection(("127.0.0.1", fport), timeout=600)
-                    chunk = bytes(1 << 20)
-                    for _ in range(nbytes >> 20):
-                        c.sendall(chunk)
-                    c.shutdown(socket.SHUT_WR)
-                    c.recv(1)  # until the guest's nc closes
-                    h2g["s"] = time.perf_counter() - t
-                    c.close()
-                except OSError as e:
-                    h2g["error"] = str(e)
-
-            sender = threading.Thread(target=send, daemon=True)
+            sender = threading.Thread(target=send_to_guest, args=(fport, nbytes, 600, h2g), daemon=True)
             sender.start()
             sh.run("wait", 600)
             sender.join(60)
@@ -291,20 +295,6 @@ def _one_vs_qemu_run(name: str, g, nbytes: int, timeout: float) -> dict:
     h2g: dict = {}
     g2h: dict = {}
 
-    def send() -> None:
-        try:
-            t = time.perf_counter()
-            c = socket.create_connection(("127.0.0.1", fport), timeout=timeout)
-            chunk = bytes(1 << 20)
-            for _ in range(nbytes >> 20):
-                c.sendall(chunk)
-            c.shutdown(socket.SHUT_WR)
-            c.recv(1)  # until the guest's nc closes
-            h2g["s"] = time.perf_counter() - t
-            c.close()
-        except OSError as e:
-            h2g["error"] = f"{type(e).__name__}: {e}"
-
     def receive() -> None:
         try:
             c, _ = srv.accept()
@@ -320,7 +310,7 @@ def _one_vs_qemu_run(name: str, g, nbytes: int, timeout: float) -> dict:
         except OSError as e:
             g2h["error"] = f"{type(e).__name__}: {e}"
 
-    sender = threading.Thread(target=send, daemon=True)
+    sender = threading.Thread(target=send_to_guest, args=(fport, nbytes, timeout, h2g), daemon=True)
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
 
