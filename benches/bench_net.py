@@ -115,6 +115,25 @@ def send_to_guest(port: int, nbytes: int, timeout: float, result: dict) -> None:
         result["error"] = f"{type(e).__name__}: {e}"
 
 
+def receive_from_guest(srv: socket.socket, nbytes: int, timeout: float, result: dict) -> None:
+    """Accept one connection on `srv` and read up to `nbytes` (busybox nc may
+    not close at the end of its input); seconds and bytes go to result["s"]
+    and result["n"], a failure to result["error"]."""
+    try:
+        c, _ = srv.accept()
+        c.settimeout(timeout)
+        t, n = time.perf_counter(), 0
+        while n < nbytes:
+            b = c.recv(1 << 20)
+            if not b:
+                break
+            n += len(b)
+        result.update(s=time.perf_counter() - t, n=n)
+        c.close()
+    except OSError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+
+
 def measure(quick: bool = False, log=sys.stderr) -> dict:
     if not backend_present():
         raise NotMeasured("network backend not present")
@@ -176,21 +195,7 @@ def measure(quick: bool = False, log=sys.stderr) -> dict:
             srv.settimeout(600)
             g2h: dict = {}
 
-            def receive() -> None:
-                try:
-                    c, _ = srv.accept()
-                    t, n = time.perf_counter(), 0
-                    while True:
-                        b = c.recv(1 << 20)
-                        if not b:
-                            break
-                        n += len(b)
-                    g2h.update(s=time.perf_counter() - t, n=n)
-                    c.close()
-                except OSError as e:
-                    g2h["error"] = str(e)
-
-            receiver = threading.Thread(target=receive, daemon=True)
+            receiver = threading.Thread(target=receive_from_guest, args=(srv, nbytes, 600, g2h), daemon=True)
             receiver.start()
             sh.run(f"dd if=/dev/zero bs=65536 count={nbytes >> 16} 2>/dev/null | nc {router} {srv.getsockname()[1]}",
                    600)
@@ -295,23 +300,8 @@ def _one_vs_qemu_run(name: str, g, nbytes: int, timeout: float) -> dict:
     h2g: dict = {}
     g2h: dict = {}
 
-    def receive() -> None:
-        try:
-            c, _ = srv.accept()
-            c.settimeout(timeout)
-            t, n = time.perf_counter(), 0
-            while n < nbytes:  # busybox nc may not close at the end of its input
-                b = c.recv(1 << 20)
-                if not b:
-                    break
-                n += len(b)
-            g2h.update(s=time.perf_counter() - t, n=n)
-            c.close()
-        except OSError as e:
-            g2h["error"] = f"{type(e).__name__}: {e}"
-
     sender = threading.Thread(target=send_to_guest, args=(fport, nbytes, timeout, h2g), daemon=True)
-    receiver = threading.Thread(target=receive, daemon=True)
+    receiver = threading.Thread(target=receive_from_guest, args=(srv, nbytes, timeout, g2h), daemon=True)
     receiver.start()
 
     def on_match(what: str, m, t: float) -> None:
