@@ -64,15 +64,15 @@ class DeviceManager:
         return self._owners.get(port)
 
     def dispatch(self, ports: list[int]) -> bool:
-        """Hand each notified port to its owner; then settle xenbus. True if
-        anything was handled."""
+        """Hand each notified port to its owner (the run loop settles xenbus
+        afterwards, once per exit). True if there were any."""
         for port in ports:
             handler = self._owners.get(port)
             if handler is None:
                 self.unowned_notifications += 1
                 continue
             handler(port)
-        return bool(ports) | self.settle()
+        return bool(ports)
 
     # -- xenstore ------------------------------------------------------------
 

@@ -129,11 +129,6 @@ impl SharedState {
             })
             .count()
     }
-
-    /// Whether raises wait for the run thread.
-    pub fn raises_queued(&self) -> bool {
-        !unpoison(self.raises.lock()).is_empty()
-    }
 }
 
 /// The domain state that belongs to the run thread.
