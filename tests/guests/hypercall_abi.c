@@ -57,9 +57,11 @@ int guest_main(uint32_t start_info)
               path_name[p], (int)a, (int)b, (int)c);
     }
     hc_path = HC_VMCALL;
+#ifdef __x86_64__
     /* Non-canonical too. */
     r = hypercall(HYPERVISOR_xen_version, XENVER_extraversion, 0x0000800000000000L, 0, 0, 0);
     check(r == -EFAULT, "non-canonical buffer gives -EFAULT (%d)", (int)r);
+#endif
 
     struct { uint32_t idx, map; } fi = { 0, 0 };
     r = hypercall(HYPERVISOR_xen_version, XENVER_get_features, (long)&fi, 0, 0, 0);
