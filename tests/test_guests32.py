@@ -40,10 +40,18 @@ def test_hello_i386(guests, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", ["hypercall_abi", "events"])
+@pytest.mark.parametrize("name", ["hypercall_abi", "events", "memory"])
 def test_i386_guest_passes(guests, name, variant):
     dom, outcome, out = run_guest(guests[f"{name}.i386-{variant}"])
     assert_passed(outcome, out)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_i386_memory_guest_is_32_bit(guests, variant):
+    dom, outcome, out = run_guest(guests[f"memory.i386-{variant}"])
+    assert "memory: 32-bit guest" in out
+    assert "selector bit 1 set in the 32-bit word at offset 4" in out, out
+    assert "wc_sec at offset 2308" in out, out
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "triple_fault", "bench", "bench_events",
+GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "memory", "triple_fault", "bench", "bench_events",
           "xsbench", "smp"]
-GUESTS32 = ["hello", "hypercall_abi", "events", "grants"]
+GUESTS32 = ["hello", "hypercall_abi", "events", "grants", "memory"]
 # variant -> the macro common/boot32.S builds it with
 I386_VARIANTS = {"nopaging": "BOOT32_NOPAGING", "pse": "BOOT32_PSE", "pae": "BOOT32_PAE"}
 COMMON_FLAGS = [
