@@ -239,6 +239,12 @@ int guest_main(uint32_t start_info)
     uint64_t late = last_upcall_ns - deadline;
     check(last_upcall_ns >= deadline && late < 4000000, "HLT woke by the timer, %lu us late", late / 1000);
     check(runstate.time[2] > 0, "runstate counted blocked time (%lu ns)", runstate.time[2]);
+    /* vcpu_runstate_info: uint64_t aligned to 8 natively, to 4 in the 32-bit ABI. */
+    int running_at = sizeof(long) == 8 ? 16 : 12;
+    uint64_t running;
+    memcpy(&running, (uint8_t *)&runstate + running_at, sizeof(running));
+    check(running > 0 && runstate.entry > 0 && runstate.entry <= now_ns(), "runstate running time at offset %d (%lu ns)",
+          running_at, running);
 
     /* SCHEDOP_block wakes on the timer too. */
     before = timer_events; deadline = now_ns() + 15000000;

