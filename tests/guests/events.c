@@ -32,7 +32,6 @@ static struct shared_info shinfo __attribute__((aligned(4096)));
 static uint64_t idt[512] __attribute__((aligned(16)));
 static struct { uint32_t r0; uint64_t rsp0, rsp1, rsp2, r1, ist[7], r2; uint16_t r3, iomap; } __attribute__((packed)) tss;
 #else
-static uint64_t idt[256] __attribute__((aligned(16)));
 static struct { uint32_t link, esp0, ss0, esp1, ss1, esp2, ss2, cr3, eip, eflags, gpr[8], seg[6], ldt; uint16_t trap, iomap; } tss;
 _Static_assert(sizeof(tss) == 104, "32-bit TSS is 104 bytes");
 #endif
@@ -134,6 +133,7 @@ static void setup(void)
     set_gate64(idt, UPCALL_VECTOR, upcall_entry, 0);
     set_gate64(idt, 0x80, ret_from_user, 3);
     struct { uint16_t l; uint64_t b; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
+    asm volatile("lidt %0" :: "m"(idtr));
 #else
     /* Our own 32-bit TSS: ring 3's interrupts switch to kstack. */
     uint32_t base = (uint32_t)(uintptr_t)&tss, limit = sizeof(tss) - 1;
@@ -142,11 +142,9 @@ static void setup(void)
     tss.ss0 = KERNEL_DS;
     tss.iomap = sizeof(tss);
     asm volatile("ltr %w0" :: "r"(TSS_SEL));
-    set_gate32(idt, UPCALL_VECTOR, upcall_entry, 0);
-    set_gate32(idt, 0x80, ret_from_user, 3);
-    struct { uint16_t l; uint32_t b; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint32_t)(uintptr_t)idt };
+    set_gate32(idt32, UPCALL_VECTOR, upcall_entry, 0); /* the runtime's IDT, already loaded */
+    set_gate32(idt32, 0x80, ret_from_user, 3);
 #endif
-    asm volatile("lidt %0" :: "m"(idtr));
 }
 
 int guest_main(uint32_t start_info)

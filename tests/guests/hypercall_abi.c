@@ -39,6 +39,39 @@ static void compat_mode_calls(void)
 }
 #endif
 
+#ifndef __x86_64__
+/* Exceptions through the 32-bit runtime's IDT: #UD, and #PF where there is
+ * paging (what reads of memory that is not there give is the memory guest's). */
+static volatile int faults;
+static volatile uint32_t fault_cr2, fault_error, fault_vector;
+
+static int skip_faulting_insn(struct exc_frame *f)
+{
+    uint32_t cr2;
+    asm volatile("mov %%cr2, %0" : "=r"(cr2));
+    fault_vector = f->vector;
+    fault_error = f->error;
+    fault_cr2 = cr2;
+    faults++;
+    f->eip += 2; /* ud2, movl (%eax), %eax */
+    return f->vector == 6 || f->vector == 14;
+}
+
+static void exceptions_32(void)
+{
+    exception_handler = skip_faulting_insn;
+    asm volatile("ud2");
+    check(faults == 1 && fault_vector == 6, "#UD through a 32-bit gate (vector %u)", fault_vector);
+#if defined(BOOT32_PSE) || defined(BOOT32_PAE)
+    uint32_t v = UNMAPPED;
+    asm volatile("movl (%%eax), %%eax" : "+a"(v) :: "memory");
+    check(faults == 2 && fault_vector == 14 && fault_cr2 == UNMAPPED && fault_error == 0,
+          "#PF reading an unmapped address (cr2 %x, error %x)", fault_cr2, fault_error);
+#endif
+    exception_handler = 0;
+}
+#endif
+
 int guest_main(uint32_t start_info)
 {
     (void)start_info;
@@ -114,6 +147,8 @@ int guest_main(uint32_t start_info)
     check(r == -ENOSYS, "unknown sched_op gives -ENOSYS (%d)", (int)r);
 #ifdef __x86_64__
     compat_mode_calls();
+#else
+    exceptions_32();
 #endif
     return verdict();
 }

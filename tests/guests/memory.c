@@ -150,6 +150,9 @@ static void give_back_and_populate(void)
     long cur0 = current_pages();
     for (int i = 0; i < 12; i++) fill(pool[i], (uint8_t)(i * 31 + 1));
 
+    /* Text where a hypercall will be pointed once A is given back: should
+     * it get through after all, the console shows it. */
+    memcpy((void *)(A + 16), "LEAKED FROM A GIVEN-BACK GFN\n", 29);
     unsigned long list[4] = { gfn_of(A) };
     long r = reserve(XENMEM_decrease_reservation, list, 1, 0, 0, DOMID_SELF);
     check(r == 1 && current_pages() == cur0 - 1, "decrease_reservation of one gfn: %d, one page fewer", (int)r);
@@ -157,7 +160,7 @@ static void give_back_and_populate(void)
     A[5] = 0x12;
     *(volatile uint32_t *)(A + 64) = 0x12345678;
     check(reads_all_ones(A), "and writes to it are dropped");
-    check(hypercall(HYPERVISOR_console_io, CONSOLEIO_write, 8, (long)(A + 16), 0, 0) == -EFAULT &&
+    check(hypercall(HYPERVISOR_console_io, CONSOLEIO_write, 29, (long)(A + 16), 0, 0) == -EFAULT &&
           hypercall(HYPERVISOR_xen_version, XENVER_extraversion, (long)(A + 32), 0, 0, 0) == -EFAULT,
           "hypercall buffers in it: -EFAULT");
     check(holds(B, 31 + 1), "its neighbour is untouched");
@@ -253,6 +256,7 @@ static void up_to_the_maximum(void)
     check(reserve(XENMEM_decrease_reservation, list, 1, 0, 0, DOMID_SELF) == 1, "D given back");
     unsigned long hole = (ram_top >> 12) + 64;
     volatile uint8_t *h = (volatile uint8_t *)(uintptr_t)(hole << 12);
+    check(reads_all_ones(h), "gfn %x above RAM, never populated, reads as all ones", (unsigned)hole);
     list[0] = hole;
     r = reserve(XENMEM_populate_physmap, list, 1, 0, 0, DOMID_SELF);
     long gmax = domain_query(XENMEM_maximum_gpfn, DOMID_SELF);

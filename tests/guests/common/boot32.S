@@ -5,7 +5,8 @@
  *   BOOT32_PSE       2-level paging, 4 MiB PSE pages
  *   BOOT32_PAE       PAE paging, 2 MiB pages
  * The paged builds identity-map the first 1 GiB (user-accessible) and
- * nothing above, as common/boot.S does for the 64-bit guests.
+ * nothing above, as common/boot.S does for the 64-bit guests. idt32 holds
+ * 32-bit gates for the exceptions (guest_exception() in common/lib.c).
  * EBX = hvm_start_info; guest_main(start_info) is called cdecl.
  */
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
@@ -78,6 +79,23 @@ _start32:
 #error "build with one of BOOT32_NOPAGING, BOOT32_PSE, BOOT32_PAE"
 #endif
 
+    /* The exception vectors 0-31 to exc_stubs; guests add their own gates. */
+    xorl %ecx, %ecx
+4:  movl %ecx, %eax
+    shll $4, %eax
+    addl $exc_stubs, %eax
+    movl %eax, %edx
+    andl $0xffff, %eax
+    orl $0x00080000, %eax           /* selector 0x08 */
+    andl $0xffff0000, %edx
+    orl $0x8e00, %edx               /* P, DPL 0, 32-bit interrupt gate */
+    movl %eax, idt32(,%ecx,8)
+    movl %edx, idt32+4(,%ecx,8)
+    incl %ecx
+    cmpl $32, %ecx
+    jne 4b
+    lidt idt32_ptr
+
     subl $12, %esp                  /* 16-byte aligned at the call */
     pushl start_info_pa
     call guest_main
@@ -87,6 +105,33 @@ _start32:
     call guest_exit
 3:  hlt
     jmp 3b
+
+/* One 16-byte stub per exception vector: push a zero error code where the
+ * CPU pushes none, then the vector; guest_exception() gets the frame. */
+    .align 16
+exc_stubs:
+    .set vec, 0
+    .rept 32
+    .align 16
+    .if (vec == 8) || ((vec >= 10) && (vec <= 14)) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    pushl $vec
+    .else
+    pushl $0
+    pushl $vec
+    .endif
+    jmp exc_common
+    .set vec, vec + 1
+    .endr
+
+exc_common:
+    pushal
+    cld
+    pushl %esp                      /* struct exc_frame * */
+    call guest_exception
+    addl $4, %esp
+    popal
+    addl $8, %esp                   /* vector, error code */
+    iret
 
     .section .data
     .align 16
@@ -105,6 +150,11 @@ gdt32_ptr:
     .word gdt32_end - gdt32 - 1
     .long gdt32
 
+    .globl idt32_ptr
+idt32_ptr:
+    .word 256 * 8 - 1
+    .long idt32
+
     .globl start_info_pa
 start_info_pa:
     .long 0
@@ -114,6 +164,9 @@ start_info_pa:
     .globl boot_pd, boot_pdpt
 boot_pd:   .skip 4096
 boot_pdpt: .skip 32                 /* PAE: CR3 needs 32-byte alignment */
+    .align 16
+    .globl idt32
+idt32:     .skip 256 * 8
     .align 16
 boot_stack: .skip 16384
 boot_stack_top:

@@ -63,6 +63,18 @@ long hypercall(unsigned nr, long a1, long a2, long a3, long a4, long a5)
     return ret;
 }
 
+int (*exception_handler)(struct exc_frame *f);
+
+void guest_exception(struct exc_frame *f)
+{
+    if (exception_handler && exception_handler(f))
+        return;
+    uint32_t cr2;
+    asm volatile("mov %%cr2, %0" : "=r"(cr2));
+    printk("EXCEPTION vector %u error %x at eip %x (cs %x) cr2 %x\n", f->vector, f->error, f->eip, f->cs, cr2);
+    guest_exit(SHUTDOWN_crash);
+}
+
 /* 64-bit division for -m32 (there is no 32-bit libgcc here): shift and subtract. */
 static uint64_t udivmod64(uint64_t n, uint64_t d, uint64_t *rem)
 {

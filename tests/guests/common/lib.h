@@ -34,6 +34,18 @@ extern uint32_t start_info_pa;
 extern uint64_t gdt64[];
 #else
 extern uint64_t gdt32[];
+extern uint64_t idt32[256]; /* loaded by common/boot32.S, exceptions filled in */
+/* What common/boot32.S's exception stubs hand guest_exception(): PUSHAL's
+ * registers, the vector, the error code (0 if the CPU gave none), then the
+ * CPU's frame. */
+struct exc_frame {
+    uint32_t edi, esi, ebp, esp_at_pushal, ebx, edx, ecx, eax;
+    uint32_t vector, error, eip, cs, eflags;
+};
+/* If set and it returns nonzero, the exception is handled (it may move
+ * eip); otherwise guest_exception() reports it and crashes the domain. */
+extern int (*exception_handler)(struct exc_frame *f);
+void guest_exception(struct exc_frame *f);
 #endif
 
 /* By the ABI of the mode the guest runs in: 64-bit RDI, RSI, RDX, R10, R8;
