@@ -10,6 +10,8 @@
 #include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
+#define HYPERVISOR_vcpu_op 24
+#define VCPUOP_register_vcpu_info 10
 #define XENMEM_increase_reservation 0
 #define XENMEM_decrease_reservation 1
 #define XENMEM_current_reservation 3
@@ -29,6 +31,8 @@
 #define EVTCHNOP_unmask 9
 #define DOMID_SELF 0x7ff0
 #define EFAULT 14
+#define ENXIO 6
+#define EBUSY 16
 #define EINVAL 22
 #define EPERM 1
 #define ESRCH 3
@@ -324,7 +328,7 @@ static void exchange(void)
 
 /* shared_info at a gfn of ours; its fields where this build's xen.h puts
  * them, checked by raw offset too. */
-static void shared_info_layout(void)
+static uint32_t shared_info_layout(void)
 {
     const int wide = sizeof(unsigned long) == 8;
     struct { uint16_t domid, size; uint32_t space; unsigned long idx, gpfn; } xatp = { DOMID_SELF, 0, XENMAPSPACE_shared_info, 0, gfn_of(&shinfo) };
@@ -364,6 +368,48 @@ static void shared_info_layout(void)
           "the same through struct shared_info");
     unsigned long mask_off = 2048 + bits * bits / 8;
     check(mask_off == (uintptr_t)&shinfo.mask[0] - (uintptr_t)&shinfo, "evtchn_mask at offset %lu", (uint64_t)mask_off);
+    return port;
+}
+
+/* vcpu_info moved out of shared_info (VCPUOP_register_vcpu_info): aligned to
+ * the event word (4 bytes for a 32-bit guest, 8 natively), within a page,
+ * once; Xen copies it over and marks every selector bit pending. */
+static uint8_t vi_page[PAGE] __attribute__((aligned(PAGE)));
+
+static void vcpu_info_moved(uint32_t port)
+{
+    const int wide = sizeof(unsigned long) == 8;
+    struct { uint64_t mfn; uint32_t offset, rsvd; } ri = { gfn_of(vi_page), PAGE - 32, 0 };
+    long r = hypercall(HYPERVISOR_vcpu_op, VCPUOP_register_vcpu_info, 0, (long)&ri, 0, 0);
+    check(r == -ENXIO, "vcpu_info across the end of its page: -ENXIO (%d)", (int)r);
+    ri.offset = 4;
+    r = hypercall(HYPERVISOR_vcpu_op, VCPUOP_register_vcpu_info, 0, (long)&ri, 0, 0);
+    if (wide)
+        check(r == -ENXIO, "at offset 4, misaligned for 64-bit event words: -ENXIO (%d)", (int)r);
+    else
+        check(r == 0, "at offset 4, aligned for 32-bit event words: registered (%d)", (int)r);
+    if (r != 0) { /* (go on at an offset both widths take) */
+        ri.offset = 64;
+        r = hypercall(HYPERVISOR_vcpu_op, VCPUOP_register_vcpu_info, 0, (long)&ri, 0, 0);
+        check(r == 0, "vcpu_info registered at offset %u (%d)", ri.offset, (int)r);
+    }
+    volatile uint8_t *vi = vi_page + ri.offset;
+    volatile unsigned long *sel = (volatile unsigned long *)(vi + sizeof(unsigned long));
+    uint32_t beside = *(volatile uint32_t *)(vi + (wide ? 4 : 8));
+    check(vi[0] == 1 && *sel == ~0UL && beside == 0, "registration marks all pending: upcall_pending %u, selector %lx, beside it %x",
+          vi[0], (uint64_t)*sel, beside);
+    const volatile struct vcpu_time_info *t = (const volatile void *)(vi + 32);
+    check(t->mul == shinfo.vcpu_info[0].time.mul && t->system_time > 0, "its time info is kept up (mul %x)", t->mul);
+    r = hypercall(HYPERVISOR_vcpu_op, VCPUOP_register_vcpu_info, 0, (long)&ri, 0, 0);
+    check(r == -EBUSY, "registering it again: -EBUSY (%d)", (int)r);
+
+    vi[0] = 0;
+    *sel = 0;
+    __atomic_and_fetch(&shinfo.pending[port / EVTCHN_WORD_BITS], ~(1UL << (port % EVTCHN_WORD_BITS)), __ATOMIC_SEQ_CST);
+    unsigned long old_sel = shinfo.vcpu_info[0].pending_sel;
+    r = evtchn(EVTCHNOP_send, &port);
+    check(r == 0 && vi[0] == 1 && *sel == 1UL << (port / EVTCHN_WORD_BITS) && shinfo.vcpu_info[0].pending_sel == old_sel,
+          "a send marks the moved vcpu_info (selector %lx), not shared_info's", (uint64_t)*sel);
 }
 
 int guest_main(uint32_t start_info)
@@ -375,6 +421,6 @@ int guest_main(uint32_t start_info)
     bad_arguments();
     exchange();
     up_to_the_maximum();
-    shared_info_layout();
+    vcpu_info_moved(shared_info_layout());
     return verdict();
 }
