@@ -8,6 +8,7 @@
 #include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
+#define HYPERVISOR_set_timer_op 15
 #define HYPERVISOR_vcpu_op 24
 #define HYPERVISOR_hvm_op 34
 #define XENMEM_add_to_physmap 7
@@ -68,6 +69,15 @@ static long set_timer(uint64_t deadline)
 {
     struct { uint64_t timeout; uint32_t flags; } t = { deadline, 1 };
     return hypercall(HYPERVISOR_vcpu_op, VCPUOP_set_singleshot_timer, 0, (long)&t, 0, 0);
+}
+
+static long set_timer_op(uint64_t deadline)
+{
+#ifdef __x86_64__
+    return hypercall(HYPERVISOR_set_timer_op, (long)deadline, 0, 0, 0, 0);
+#else
+    return hypercall(HYPERVISOR_set_timer_op, (long)(uint32_t)deadline, (long)(uint32_t)(deadline >> 32), 0, 0, 0);
+#endif
 }
 
 static void on_port(uint32_t port)
@@ -251,6 +261,22 @@ int guest_main(uint32_t start_info)
     while (timer_events == before) hypercall(HYPERVISOR_sched_op, SCHEDOP_block, 0, 0, 0, 0);
     asm volatile("cli");
     check(last_upcall_ns >= deadline, "SCHEDOP_block woke by the timer");
+
+    /* set_timer_op: the deadline in one register, or from a 32-bit guest its
+     * halves in EBX and ECX. One 2^32 ns later than the one that fires must
+     * not fire as that one; 0 stops it. */
+    before = timer_events; deadline = now_ns() + 10000000;
+    r = set_timer_op(deadline);
+    while (timer_events == before) asm volatile("sti; hlt; cli");
+    check(r == 0 && last_upcall_ns >= deadline, "set_timer_op: fired at its deadline (%d)", (int)r);
+    before = timer_events; deadline = now_ns() + 10000000;
+    r = set_timer_op(deadline + (1ULL << 32));
+    uint64_t until = deadline + 20000000;
+    asm volatile("sti");
+    while (now_ns() < until) {}
+    asm volatile("cli");
+    check(r == 0 && timer_events == before, "set_timer_op: a deadline 2^32 ns on does not fire 2^32 ns early");
+    check(set_timer_op(0) == 0, "set_timer_op(0) stops it");
 
     /* SCHEDOP_poll on a quiet port returns at its timeout. */
     uint32_t quiet = ipi_port;
