@@ -7,6 +7,8 @@ note as pvhvm does, to the /init marker with the i386 modules loading."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import stat
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import pytest
 
 from pvhvm.builder import load_elf
+from pvhvm.devices.net_host import find_passt
 from pvhvm.images import DEFAULT_INIT, DEFAULT_MODULES, prepare_default_guest
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt (Debian)")]
@@ -110,3 +113,39 @@ def test_boots_to_init_under_qemu_and_loads_its_modules(guest, tmp_path):
     assert "PVHVM-INIT-OK uptime=" in log, log[-3000:]
     assert "PVHVM-INIT: cannot mount /dev/vda (ext4, ro) for root=/dev/vda" in log, log[-3000:]
     assert "reboot: Power down" in log
+
+
+# --------------------------------------------------------------------------- under pvhvm
+
+BAD = re.compile(r"\b(BUG|WARNING|Oops|Call Trace|panic|segfault)\b")
+# What keeps it from /init today, both in the core (see the reason): with the
+# i386 kernel (no CONFIG_XEN_UNPOPULATED_ALLOC) xen_pvh_gnttab_setup gives 64
+# RAM pages back (XENMEM_decrease_reservation) and places the grant frames
+# there (XENMEM_add_to_physmap); and Unicorn runs SYSENTER, which 32-bit
+# Linux's vDSO uses when CPUID has SEP, as a no-op. Strict: once both are
+# fixed this passes, and the marker must go.
+CORE_GAPS = pytest.mark.xfail(
+    strict=True,
+    reason="core: add_to_physmap(grant_table) onto a given-back gfn; SYSENTER is a no-op under Unicorn",
+)
+# PVHVM_I386_CMDLINE adds kernel parameters to check a core change by hand
+# (e.g. clearcpuid=sep, which keeps Linux off SYSENTER).
+EXTRA_CMDLINE = os.environ.get("PVHVM_I386_CMDLINE", "")
+
+
+@CORE_GAPS
+@pytest.mark.skipif(find_passt() is None, reason="needs passt for the network card (apt-get install passt)")
+def test_pvhvm_boots_it_to_init_with_hvc0_xenstore_and_netfront(guest):
+    cmd = [sys.executable, "-m", "pvhvm", "boot", "--arch", "i386", "--net", "passt", "--timeout", "300"]
+    if EXTRA_CMDLINE:
+        cmd += ["--cmdline", f"console=hvc0 earlyprintk=xen {EXTRA_CMDLINE}"]
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=400)
+    log, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+    assert p.returncode == 0, (log[-3000:], err[-3000:])
+    for line in ("Booting kernel on Xen PVH", "printk: console [hvc0] enabled", "Grant table initialized",
+                 "clocksource: Switched to clocksource xen", "PVHVM-INIT-OK uptime=",
+                 "xen_netfront: Initialising Xen virtual ethernet driver", "reboot: Power down"):
+        assert line in log, (line, log[-3000:])
+    # xenstore: netfront found its vif there, connected, and eth0 got a lease.
+    assert re.search(r"udhcpc: lease of [0-9.]+ obtained", log), log[-3000:]
+    assert [line for line in log.splitlines() if BAD.search(line)] == []
