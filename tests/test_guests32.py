@@ -15,9 +15,9 @@ from pvhvm import OutcomeKind, ShutdownReason
 VARIANTS = ["nopaging", "pse", "pae"]
 
 
-def run_guest(path, memory_mib: int = 64, **kw):
+def run_guest(path, memory_mib: int = 64, timeout: float = 90, **kw):
     dom = pvhvm.Domain(path, memory_mib=memory_mib, **kw)
-    outcome = dom.run(timeout=90)
+    outcome = dom.run(timeout=timeout)
     return dom, outcome, dom.console_output.decode(errors="replace")
 
 
@@ -43,6 +43,15 @@ def test_hello_i386(guests, variant):
 @pytest.mark.parametrize("name", ["hypercall_abi", "events", "memory"])
 def test_i386_guest_passes(guests, name, variant):
     dom, outcome, out = run_guest(guests[f"{name}.i386-{variant}"])
+    assert_passed(outcome, out)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_i386_sysenter_stress(guests, variant):
+    """Ring 3 making SYSENTERs back to back (SYSEXIT back) under a 50 us
+    timer: every SYSENTER arrives, every preemption is exact."""
+    dom, outcome, out = run_guest(guests[f"events.i386-{variant}"], cmdline="sysenter=1", timeout=30)
+    assert "ring-3 SYSENTER stress exact under preemption: 5000 increments, 5000 sysenters" in out, out[-600:]
     assert_passed(outcome, out)
 
 

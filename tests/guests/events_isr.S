@@ -96,4 +96,34 @@ user_spin:
     int $0x80
 2:  jmp 2b
 
+/* 32-bit ring-3 stress: %ebx rounds of a 64-bit read-modify-write on memory,
+ * some other work, and a SYSENTER (ECX = the stack, EDX = where SYSEXIT
+ * returns), then back to the kernel. ESI, EDI and EBP are left alone. */
+    .globl user_stress
+user_stress:
+1:  addl $1, user_incs
+    adcl $0, user_incs+4
+    movl $200, %eax
+3:  .rept 16
+    addl $1, %edx
+    .endr
+    decl %eax
+    jnz 3b
+    movl %esp, %ecx
+    movl $4f, %edx
+    sysenter
+4:  decl %ebx
+    jnz 1b
+    int $0x80
+2:  jmp 2b
+
+/* Its SYSENTER target: count, and back by SYSEXIT; STI's shadow covers it,
+ * as in Linux's entry, so ring 3 runs with IF=1. */
+    .globl stress_sysenter_entry
+stress_sysenter_entry:
+    addl $1, kernel_syscalls
+    adcl $0, kernel_syscalls+4
+    sti
+    sysexit
+
 #endif
