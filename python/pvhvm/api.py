@@ -122,6 +122,7 @@ class Domain:
         cmdline: str = "",
         memory_mib: int = 256,
         *,
+        maxmem_mib: int | None = None,
         domid: int = 1,
         name: str = "pvhvm",
         console: Callable[[bytes], None] | None = None,
@@ -141,7 +142,10 @@ class Domain:
         MAX_VCPUS virtual CPUs (xl's `vcpus`); vCPU 0 starts at the kernel's
         entry, the guest brings up the others. `disks`: raw images the guest
         sees as xvda, xvdb, … (paths, "PATH[,ro][,vdev=xvdb]" or xl's
-        "format=raw, vdev=xvda, access=rw, target=PATH"), served by blkback."""
+        "format=raw, vdev=xvda, access=rw, target=PATH"), served by blkback.
+        `maxmem_mib` (xl's maxmem, default `memory_mib`): the guest's RAM is
+        this much and its balloon driver starts by giving back the part
+        above `memory_mib`; `set_memory_target` moves the target later."""
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be a number from 1 to {MAX_VCPUS}, not {vcpus!r}")
         if isinstance(disks, (str, os.PathLike)):
@@ -151,7 +155,7 @@ class Domain:
         if self.system_map is not None and not self.system_map.is_file():
             raise BuildError(f"{self.system_map}: no such System.map")
         # 1. The builder: pure, everything decided before the core exists.
-        plan = plan_domain(kernel, initrd, cmdline, memory_mib, vcpus)
+        plan = plan_domain(kernel, initrd, cmdline, memory_mib, vcpus, maxmem_mib)
         self.plan: DomainPlan = plan
         self.image = plan.image
         self.layout = plan.layout
@@ -421,6 +425,26 @@ class Domain:
             raise ValueError(f"unknown shutdown action {action!r}")
         self.store.write(0, f"/local/domain/{self.domid}/control/shutdown", action)
         self.xenstore.service()
+
+    def set_memory_target(self, mib: int) -> None:
+        """As `xl mem-set`: write memory/target; the guest's balloon driver
+        gives pages back (released on the host) or takes them again, up to
+        maxmem. Call it on the run loop's thread, or through
+        call_soon_threadsafe."""
+        if isinstance(mib, bool) or not isinstance(mib, int) or not 1 <= mib << 20 <= self.memory_bytes:
+            raise ValueError(f"memory target must be 1 to {self.memory_bytes >> 20} MiB (maxmem), not {mib!r}")
+        self.store.write(0, f"/local/domain/{self.domid}/memory/target", str(mib << 10))
+        self.xenstore.service()
+
+    @property
+    def memory_status(self) -> dict[str, int]:
+        """The domain's memory as `xl list` sees it, in KiB: `target`
+        (memory/target), `maxmem` (its RAM), `current` (the pages it holds:
+        RAM less what it gave back) and `given_back`."""
+        target = self.store.read(0, f"/local/domain/{self.domid}/memory/target")
+        current = self._vm.populated_pages * 4
+        return {"target": int(target), "maxmem": self.memory_bytes >> 10, "current": current,
+                "given_back": (self.memory_bytes >> 10) - current}
 
     def set_online_vcpus(self, n: int) -> None:
         """As `xl vcpu-set`: mark vCPUs 0..n-1 available and the rest not in

@@ -89,7 +89,11 @@ def boot(
     ] = None,
     initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk, passed as the first module.")] = None,
     cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = DEFAULT_CMDLINE,
-    memory: Annotated[int, typer.Option(help="Guest memory in MiB.")] = 256,
+    memory: Annotated[int, typer.Option(help="Guest memory in MiB (xl's memory: the balloon's target).")] = 256,
+    maxmem: Annotated[
+        Optional[int],
+        typer.Option(help="Most memory the guest may balloon up to, in MiB (xl's maxmem). Default: --memory."),
+    ] = None,
     vcpus: Annotated[
         str, typer.Option("--vcpus", metavar="N", help=f"Virtual CPUs, 1 to {MAX_VCPUS} (xl's vcpus).")
     ] = "1",
@@ -192,7 +196,8 @@ def boot(
             initrd = initrd or guest.initrd
             flags = [SHELL_FLAG] + (["pvhvm.net"] if net != "none" else [])
             cmdline = " ".join([cmdline, *(f for f in flags if f not in cmdline.split())]).strip()
-        dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, console=term.write,
+        dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
+                     console=term.write,
                      trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
                      net=net, net_forwards=forward or (), vcpus=nr_vcpus, disks=disk or ())
     except (PvhvmError, _core.CoreError) as e:

@@ -37,7 +37,7 @@ use crate::uc::{self, Engine, Reg};
 use crate::unicorn_gaps::{self, BlobLayout, CpuState, InterruptLine, LiveMode};
 use crate::abi::Width;
 use crate::vcpu::Vcpu;
-use crate::xen::DomainState;
+use crate::xen::{DomainState, Remap};
 
 pub const MSR_EFER: u32 = 0xc000_0080;
 pub const MSR_STAR: u32 = 0xc000_0081;
@@ -231,6 +231,16 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
         let width = dom.shinfo_width();
         vcpus[me as usize].write_areas(&h.ram, &clock, &ps, width);
     }
+    if let Some(first) = fx.restart {
+        // Continued: the guest executes the VMCALL again, as after Xen's
+        // hypercall_create_continuation; pending interrupts come first.
+        let arg0 = if width == Width::Bits64 { Reg::RDI } else { Reg::RBX };
+        uc::raw_write(uc, arg0, first);
+        uc::raw_write(uc, Reg::RAX, nr);
+        unicorn_gaps::forget_pc_write(uc, &h.layout);
+        h.stop(uc, if fx.remap { Stop::Remap } else { Stop::Kicked });
+        return true;
+    }
     uc::raw_write(uc, Reg::RAX, rax);
     uc::raw_write(uc, Reg::RIP, rip + 3);
     unicorn_gaps::forget_pc_write(uc, &h.layout);
@@ -371,6 +381,8 @@ impl Cpu {
             unsafe { engine.map_ptr(r.gpa, r.len, ram.host_ptr().add(r.host_offset as usize)) }
                 .map_err(|e| e.to_string())?;
         }
+        let low_end = ram.regions().first().map_or(0, |r| r.gpa + r.len);
+        let high_end = ram.regions().get(1).map_or(layout::HIGH_RAM_START, |r| r.gpa + r.len);
         let cpuid_snapshot = uc::Context::new(&engine, layout.data_offset).map_err(|e| e.to_string())?;
         let mut pristine = CpuState::new(&engine, layout)?;
         pristine.load(&engine);
@@ -417,7 +429,15 @@ impl Cpu {
                     engine.map_mmio(after, ack - after, Some(absent_read), Some(absent_write), user)?;
                     engine.map_mmio(ack, layout::PAGE_SIZE, Some(ack_read), Some(absent_write), user)?;
                     let rest = ack + layout::PAGE_SIZE;
-                    engine.map_mmio(rest, (1u64 << 32) - rest, Some(absent_read), Some(absent_write), user)
+                    engine.map_mmio(rest, (1u64 << 32) - rest, Some(absent_read), Some(absent_write), user)?;
+                    // Frames the domain never had read as all ones and
+                    // drop writes, as Xen's empty p2m entries do: up to the
+                    // hole, and above RAM to the top of guest-physical space.
+                    if low_end < layout::MMIO_HOLE_START {
+                        let len = layout::MMIO_HOLE_START - low_end;
+                        engine.map_mmio(low_end, len, Some(absent_read), Some(absent_write), user)?;
+                    }
+                    engine.map_mmio(high_end, layout::GUEST_PHYS_END - high_end, Some(absent_read), Some(absent_write), user)
                         .map(|_| 0)
                 })
         }
@@ -560,11 +580,22 @@ impl Cpu {
         self.ticker.kicker()
     }
 
-    pub fn map_overlays(&mut self, maps: Vec<(u64, usize)>) -> Result<(), String> {
-        for (gpa, host) in maps {
-            unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }
-                .map_err(|e| format!("mapping a Xen page at {gpa:#x}: {e}"))?;
+    /// Make the engine's mappings follow the domain's (see `Remap`).
+    pub fn remap(&mut self, remaps: &[Remap]) -> Result<(), String> {
+        for &r in remaps {
+            let done = match r {
+                // Over the all-ones space of frames the domain never had.
+                Remap::Overlay { gpa, host } => self
+                    .engine
+                    .unmap(gpa, layout::PAGE_SIZE)
+                    .and_then(|()| unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }),
+            };
+            done.map_err(|e| format!("remapping guest-physical memory ({r:?}): {e}"))?;
         }
+        // Unicorn's unmap flushes the TLB at the range's *physical*
+        // addresses as if they were virtual; the guest may have reached
+        // the all-ones space there through its own mappings.
+        self.engine.flush_tlb();
         Ok(())
     }
 

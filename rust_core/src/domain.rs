@@ -321,6 +321,15 @@ impl Domain {
                 continue; // a kick came first: take it above
             };
             let (stop, exception) = self.cpu.take_stop();
+            // Mapping changes first, whatever else stopped the engine: a
+            // stronger reason in the same run (an exit, a block) replaces
+            // the Remap stop, and the guest must not run on stale mappings.
+            if !self.state.pending_remaps.is_empty() {
+                let remaps = std::mem::take(&mut self.state.pending_remaps);
+                if let Err(message) = self.cpu.remap(&remaps) {
+                    return SliceEnd::Exit(ExitReason::Error { message });
+                }
+            }
             if self.cpu.window_opened() {
                 // QEMU recorded its aborted delivery of the acknowledge as
                 // an exception in flight: forget it (see InterruptLine).
@@ -352,12 +361,8 @@ impl Domain {
                     }
                 }
                 Some(Stop::Kicked) => {}
-                Some(Stop::Remap) => {
-                    let maps = std::mem::take(&mut self.state.pending_maps);
-                    if let Err(message) = self.cpu.map_overlays(maps) {
-                        return SliceEnd::Exit(ExitReason::Error { message });
-                    }
-                }
+                // Done above.
+                Some(Stop::Remap) => {}
                 Some(Stop::Syscall) => self.syscall(i),
                 Some(Stop::WatchHypercallMsr) => self.cpu.begin_msr_watch(),
                 None if exception.is_some() => {}

@@ -15,6 +15,8 @@ pub const HIGH_RAM_START: u64 = 1 << 32;
 pub const INTERRUPT_ACK_PAGE: u64 = 0xFEF0_0000;
 /// Largest guest we agree to build (the host buffer is lazily committed).
 pub const MAX_RAM: u64 = 64 << 30;
+/// The top of guest-physical space the engine maps (RAM, or all ones).
+pub const GUEST_PHYS_END: u64 = HIGH_RAM_START + MAX_RAM;
 
 /// The page the PVH entry state is built in: a GDT and a 32-bit TSS, as Xen
 /// gives them (the guest must load its own GDT before relying on it).

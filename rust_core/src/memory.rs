@@ -5,6 +5,7 @@
 //! Every access from the host side goes through `slice`/`slice_mut`, which
 //! bound-check the guest-physical range: the guest is untrusted.
 
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8};
 
 use crate::layout;
@@ -58,6 +59,11 @@ pub struct GuestRam {
     /// Xen-owned pages the guest placed outside RAM (grant frames in the
     /// guest's unpopulated space): guest-physical page -> host page.
     overlays: std::sync::Mutex<Vec<(u64, usize)>>,
+    /// RAM pages the guest gave back (XENMEM_decrease_reservation), one
+    /// bit per page of the host buffer: no host access reaches them until
+    /// they are populated again, and their host memory is released.
+    given_back: Vec<AtomicU64>,
+    given_back_pages: AtomicU64,
 }
 
 // The buffer is plain memory; the vCPU and Python may touch it from different
@@ -84,7 +90,15 @@ impl GuestRam {
         if p == libc::MAP_FAILED {
             return Err(MemError::Alloc(size));
         }
-        Ok(Self { base: p as *mut u8, size, regions: layout::ram_regions(size), overlays: Default::default() })
+        let pages = size / layout::PAGE_SIZE;
+        Ok(Self {
+            base: p as *mut u8,
+            size,
+            regions: layout::ram_regions(size),
+            overlays: Default::default(),
+            given_back: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            given_back_pages: AtomicU64::new(0),
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -113,9 +127,12 @@ impl GuestRam {
         None
     }
 
-    /// Host address of `[gpa, gpa+len)`: RAM, or within one overlay page.
+    /// Host address of `[gpa, gpa+len)`: populated RAM, or within one overlay page.
     fn host_addr(&self, gpa: u64, len: u64) -> Option<*mut u8> {
         if let Some(off) = self.offset_of(gpa, len) {
+            if self.given_back_pages.load(Relaxed) != 0 && self.any_given_back(off, len) {
+                return None;
+            }
             return Some(unsafe { self.base.add(off as usize) });
         }
         let page = gpa & !(layout::PAGE_SIZE - 1);
@@ -170,8 +187,65 @@ impl GuestRam {
         Ok(unsafe { &*(p as *const T) })
     }
 
+    /// Populated RAM (not given back).
     pub fn is_ram(&self, gpa: u64, len: u64) -> bool {
-        self.offset_of(gpa, len).is_some()
+        self.offset_of(gpa, len).is_some_and(|off| !self.any_given_back(off, len))
+    }
+
+    /// Whether the page of host offset `off` was given back.
+    fn page_given_back(&self, page: u64) -> bool {
+        self.given_back[(page / 64) as usize].load(SeqCst) & (1 << (page % 64)) != 0
+    }
+
+    fn any_given_back(&self, off: u64, len: u64) -> bool {
+        let first = off / layout::PAGE_SIZE;
+        let last = (off + len.max(1) - 1) / layout::PAGE_SIZE;
+        (first..=last).any(|p| self.page_given_back(p))
+    }
+
+    /// The page at `gpa` is RAM of this domain that the guest gave back.
+    pub fn is_given_back(&self, gpa: u64) -> bool {
+        self.offset_of(gpa & !(layout::PAGE_SIZE - 1), layout::PAGE_SIZE)
+            .is_some_and(|off| self.page_given_back(off / layout::PAGE_SIZE))
+    }
+
+    /// RAM pages given back and not populated again.
+    pub fn given_back_pages(&self) -> u64 {
+        self.given_back_pages.load(SeqCst)
+    }
+
+    /// Take the populated RAM page at `gpa` away from the guest and give
+    /// its memory back to the host (MADV_DONTNEED: RSS falls, and the page
+    /// reads as zeros when it is populated again, as a scrubbed page does).
+    /// Returns the page's host address, or None if it is not populated RAM.
+    pub fn give_back(&self, gpa: u64) -> Option<*mut u8> {
+        let off = self.offset_of(gpa, layout::PAGE_SIZE).filter(|_| gpa.is_multiple_of(layout::PAGE_SIZE))?;
+        let page = off / layout::PAGE_SIZE;
+        let bit = 1u64 << (page % 64);
+        if self.given_back[(page / 64) as usize].fetch_or(bit, SeqCst) & bit != 0 {
+            return None;
+        }
+        self.given_back_pages.fetch_add(1, SeqCst);
+        let host = unsafe { self.base.add(off as usize) };
+        unsafe { libc::madvise(host as *mut libc::c_void, layout::PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        Some(host)
+    }
+
+    /// Populate a given-back page again, zeroed. Returns its host address,
+    /// or None if `gpa` is not a given-back RAM page.
+    pub fn repopulate(&self, gpa: u64) -> Option<*mut u8> {
+        let off = self.offset_of(gpa, layout::PAGE_SIZE).filter(|_| gpa.is_multiple_of(layout::PAGE_SIZE))?;
+        let page = off / layout::PAGE_SIZE;
+        if !self.page_given_back(page) {
+            return None;
+        }
+        let host = unsafe { self.base.add(off as usize) };
+        // Whatever a host view wrote there meanwhile is not the guest's.
+        unsafe { libc::madvise(host as *mut libc::c_void, layout::PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        let bit = 1u64 << (page % 64);
+        self.given_back[(page / 64) as usize].fetch_and(!bit, SeqCst);
+        self.given_back_pages.fetch_sub(1, SeqCst);
+        Some(host)
     }
 
     /// Back the page at `gpa` (not RAM) with a fresh zeroed host page, or

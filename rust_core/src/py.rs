@@ -364,6 +364,24 @@ impl Vm {
         GuestMemory { ram: self.domain.ram().clone() }
     }
 
+    /// RAM pages the domain holds now (Xen's tot_pages): its RAM less the
+    /// pages it gave back (XENMEM_decrease_reservation, the balloon).
+    #[getter]
+    fn populated_pages(&self) -> u64 {
+        self.domain.state.populated_pages()
+    }
+
+    /// The most RAM pages the domain may hold (Xen's max_pages).
+    #[getter]
+    fn get_max_pages(&self) -> u64 {
+        self.domain.state.max_pages
+    }
+
+    #[setter]
+    fn set_max_pages(&mut self, pages: u64) {
+        self.domain.state.max_pages = pages;
+    }
+
     /// [(guest-physical start, length, host offset)] of every RAM region.
     fn ram_regions(&self) -> Vec<(u64, u64, u64)> {
         self.domain.ram().regions().iter().map(|r| (r.gpa, r.len, r.host_offset)).collect()

@@ -63,6 +63,12 @@ class DomainPlan:
     # (guest-physical address, bytes) in load order: segments, initrd,
     # start_info and its strings, ACPI tables.
     blobs: list[tuple[int, bytes]]
+    # xl's memory (the balloon's first target); memory_bytes is maxmem.
+    target_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.target_bytes:
+            self.target_bytes = self.memory_bytes
 
     @property
     def memory_map(self) -> list[tuple[int, int, int]]:
@@ -82,15 +88,28 @@ class DomainPlan:
                        store_port: int) -> None:
         """The xenstore tree xl writes before the domain runs."""
         populate_domu(store, domid, name, str(uuid), memory_kib=self.memory_bytes >> 10, vcpus=self.vcpus,
+                      max_memory_kib=self.memory_bytes >> 10, target_kib=self.target_bytes >> 10,
                       console_ring_ref=self.placement.console_ring // PAGE, console_port=console_port,
                       store_ring_ref=self.placement.store_ring // PAGE, store_port=store_port)
 
 
 def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = None, cmdline: str = "",
-                memory_mib: int = 256, vcpus: int = 1) -> DomainPlan:
-    """Lay out a PVH domain (see the module doc). Raises BuildError."""
-    if isinstance(memory_mib, bool) or not isinstance(memory_mib, int) or memory_mib <= 0:
-        raise BuildError(f"memory must be a positive number of MiB, not {memory_mib!r}")
+                memory_mib: int = 256, vcpus: int = 1, maxmem_mib: int | None = None) -> DomainPlan:
+    """Lay out a PVH domain (see the module doc). Raises BuildError.
+
+    `maxmem_mib` (xl's maxmem) above `memory_mib`: the guest's RAM and
+    memory map are maxmem, and memory/target in xenstore asks its balloon
+    driver to give back the rest, as xl does for an HVM guest (whose pages
+    Xen populates on demand until then; here the host's are lazy anyway)."""
+    for what, mib in (("memory", memory_mib), ("maxmem", memory_mib if maxmem_mib is None else maxmem_mib)):
+        if isinstance(mib, bool) or not isinstance(mib, int) or mib <= 0:
+            raise BuildError(f"{what} must be a positive number of MiB, not {mib!r}")
+    if maxmem_mib is None:
+        maxmem_mib = memory_mib
+    if maxmem_mib < memory_mib:
+        raise BuildError(f"maxmem ({maxmem_mib} MiB) is below memory ({memory_mib} MiB)")
+    target_bytes = memory_mib << 20
+    memory_mib = maxmem_mib
     image = load_elf(kernel)
     entry = image.phys32_entry
     if entry is None:
@@ -120,7 +139,7 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
     placement.start_info = boot.start_info_paddr
     blobs += list(boot.blobs)
     blobs.append((placement.acpi, acpi.blob))
-    return DomainPlan(image, memory_bytes, vcpus, cmdline, layout, placement, blobs)
+    return DomainPlan(image, memory_bytes, vcpus, cmdline, layout, placement, blobs, target_bytes)
 
 
 def read_input(path: str | os.PathLike, what: str) -> bytes:

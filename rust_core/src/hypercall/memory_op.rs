@@ -1,8 +1,9 @@
 //! HYPERVISOR_memory_op (memory.h): the memory map, reservation queries, and
 //! placing Xen's pages (shared_info, grant frames) at guest-chosen frames.
 
-use super::{Call, HcResult};
+use super::{reservation, Call, HcResult};
 use crate::abi::errno;
+use crate::xen::Remap;
 
 const MEMOP_CMD_MASK: u64 = 0x3f;
 const MAXIMUM_RAM_PAGE: u64 = 2;
@@ -10,6 +11,7 @@ const CURRENT_RESERVATION: u64 = 3;
 const MAXIMUM_RESERVATION: u64 = 4;
 const ADD_TO_PHYSMAP: u64 = 7;
 const MEMORY_MAP: u64 = 9;
+const MAXIMUM_GPFN: u64 = 14;
 const REMOVE_FROM_PHYSMAP: u64 = 15;
 
 const SPACE_SHARED_INFO: u32 = 0;
@@ -25,10 +27,26 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             let top = c.dom.ram.regions().iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
             Ok((top >> 12) as i64 - 1)
         }
-        CURRENT_RESERVATION | MAXIMUM_RESERVATION => {
-            c.check_self(c.guest.read_u16(arg)?)?;
-            Ok((c.dom.ram.size() >> 12) as i64)
+        // Counts take no start extent (only the long ops are continued).
+        CURRENT_RESERVATION | MAXIMUM_RESERVATION | MAXIMUM_GPFN if cmd >> reservation::EXTENT_SHIFT != 0 => {
+            Err(errno::EINVAL)
         }
+        CURRENT_RESERVATION => {
+            c.check_self(c.guest.read_u16(arg)?)?;
+            Ok(c.dom.populated_pages() as i64)
+        }
+        MAXIMUM_RESERVATION => {
+            c.check_self(c.guest.read_u16(arg)?)?;
+            Ok(c.dom.max_pages as i64)
+        }
+        MAXIMUM_GPFN => {
+            c.check_self(c.guest.read_u16(arg)?)?;
+            Ok(reservation::maximum_gpfn(c) as i64)
+        }
+        op @ (reservation::INCREASE_RESERVATION | reservation::DECREASE_RESERVATION | reservation::POPULATE_PHYSMAP) => {
+            reservation::adjust(c, op, cmd >> reservation::EXTENT_SHIFT, arg)
+        }
+        reservation::EXCHANGE => reservation::exchange(c, arg),
         MEMORY_MAP => {
             // struct xen_memory_map { unsigned int nr_entries; XEN_GUEST_HANDLE(void) buffer; }
             let nr = c.guest.read_u32(arg)? as usize;
@@ -106,7 +124,7 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
                     return Err(errno::EINVAL);
                 }
                 let host = c.dom.ram.add_overlay(gpa).map_err(|_| errno::ENOMEM)?;
-                c.dom.pending_maps.push((gpa, host as usize));
+                c.dom.pending_remaps.push(Remap::Overlay { gpa, host: host as usize });
                 c.effects.remap = true;
             }
             let i = idx as usize;

@@ -9,6 +9,7 @@ mod grant_table_op;
 mod hvm_op;
 mod memory_op;
 mod misc;
+mod reservation;
 mod sched_op;
 mod vcpu_op;
 mod xen_version;
@@ -129,6 +130,9 @@ pub struct Effects {
     /// Another vCPU may have something to do now (an event, an IPI, it was
     /// brought up), or the caller yields: end the caller's slice.
     pub woke_other: bool,
+    /// Continue the call (Xen's hypercall continuation): the guest executes
+    /// the same hypercall again, with this as its first argument.
+    pub restart: Option<u64>,
 }
 
 /// Per-call context handed to each family's handler.

@@ -547,3 +547,107 @@ fn a_32_bit_caller_gets_the_compat_layouts() {
     // A 32-bit pointer cannot run past 4 GiB.
     assert_eq!(f.call(0, hc::XEN_VERSION, &[1, 0xffff_fff8]), E(errno::EFAULT));
 }
+
+/// struct xen_memory_reservation at ARG (64-bit layout) with its extents at `list`.
+fn reservation(f: &Fixture, list: u64, extents: &[u64], order: u32, domid: u16) {
+    let mut a = Vec::new();
+    a.extend(list.to_le_bytes());
+    a.extend((extents.len() as u64).to_le_bytes());
+    a.extend(order.to_le_bytes());
+    a.extend(0u32.to_le_bytes());
+    a.extend(domid.to_le_bytes());
+    f.put(ARG, &a);
+    let bytes: Vec<u8> = extents.iter().flat_map(|e| e.to_le_bytes()).collect();
+    f.put(list, &bytes);
+}
+
+#[test]
+fn reservation_ops_give_pages_back_and_take_them_again() {
+    let mut f = fixture(1);
+    let total = (16 << 20) / 4096;
+    let self_id = 0x7ff0u16;
+    f.put(ARG, &self_id.to_le_bytes());
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[3, ARG]), total, "current_reservation");
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[4, ARG]), total, "maximum_reservation");
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[14, ARG]), total - 1, "maximum_gpfn");
+
+    // Give back 0x400 and the order-1 extent at 0x402..0x403; 0x400 again stops the call.
+    f.put(0x400 * 4096, b"guest data");
+    reservation(&f, 0x3000, &[0x400, 0x402, 0x400, 0x500], 0, self_id);
+    let rax = f.call(0, hc::MEMORY_OP, &[1, ARG]);
+    assert_eq!(rax, 2, "two extents done: the third names a page already given back");
+    assert!(f.dom.ram.is_given_back(0x400 * 4096) && !f.dom.ram.is_ram(0x400 * 4096, 1));
+    assert_eq!(f.dom.ram.given_back_pages(), 2);
+    f.put(ARG + 0x100, &self_id.to_le_bytes());
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[3, ARG + 0x100]), total - 2);
+    // A hypercall buffer in a given-back page faults.
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[1, 0x400 * 4096 + 8]), E(errno::EFAULT));
+    // Orders past 9, other domains, address bits <= 12: nothing done.
+    reservation(&f, 0x3000, &[0x600], 10, self_id);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[1, ARG]), 0);
+    reservation(&f, 0x3000, &[0x600], 0, 5);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[1, ARG]), 0);
+    // Populate back: zeroed, mapped again; a misaligned order-1 extent stops.
+    reservation(&f, 0x3000, &[0x400, 0x401], 0, self_id);
+    f.put(0x401 * 4096, b"x");
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 2, "0x401 was never given back: a fresh page there");
+    assert_eq!(f.get(0x401 * 4096, 1), vec![0]);
+    assert_eq!(f.get(0x400 * 4096, 10), vec![0; 10], "a populated page reads as zeros");
+    reservation(&f, 0x3000, &[0x403], 1, self_id);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 0, "order-1 extents are aligned");
+    // Frames past the domain's RAM cannot be populated here.
+    reservation(&f, 0x3000, &[0x10_0000], 0, self_id);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 0);
+    // The domain's limit: at max_pages nothing more is populated.
+    f.dom.max_pages = total as u64 - 1;
+    reservation(&f, 0x3000, &[0x402], 0, self_id);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 0, "0x403 still out: one page would pass the limit");
+    f.dom.max_pages = total as u64;
+    reservation(&f, 0x3000, &[0x402], 1, self_id);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 1);
+
+    // A long call is continued: the done count rides in the command.
+    // (Populating a populated page again succeeds every time.)
+    reservation(&f, 0x20000, &[0x900; 5000], 0, self_id);
+    let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6, ARG]);
+    assert_eq!(rax, 4096);
+    assert_eq!(fx.restart, Some(6 | 4096 << 6));
+    let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6 | 4096 << 6, ARG]);
+    assert_eq!((rax, fx.restart), (5000, None));
+}
+
+#[test]
+fn memory_exchange_checks_sizes_and_trades_pages() {
+    let mut f = fixture(1);
+    let self_id = 0x7ff0u16;
+    let res = |list: u64, n: u64, order: u32| {
+        let mut a = Vec::new();
+        a.extend(list.to_le_bytes());
+        a.extend(n.to_le_bytes());
+        a.extend(order.to_le_bytes());
+        a.extend(0u32.to_le_bytes());
+        a.extend(self_id.to_le_bytes());
+        a.resize(32, 0);
+        a
+    };
+    let exch = |f: &Fixture, input: Vec<u8>, output: Vec<u8>, done: u64| {
+        f.put(ARG, &[input, output, done.to_le_bytes().to_vec()].concat());
+    };
+    // Two order-0 pages (0x500, 0x501) for one order-1 extent at 0x600.
+    f.put(0x3000, &[0x500u64.to_le_bytes(), 0x501u64.to_le_bytes()].concat());
+    f.put(0x3100, &0x600u64.to_le_bytes());
+    f.put(0x600 * 4096, b"old");
+    exch(&f, res(0x3000, 2, 0), res(0x3100, 1, 2), 0);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[11, ARG]), E(errno::EINVAL), "2 pages for 4");
+    exch(&f, res(0x3000, 2, 0), res(0x3100, 1, 10), 0);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[11, ARG]), E(errno::EPERM), "order 10");
+    exch(&f, res(0x3000, 2, 0), res(0x3100, 1, 1), 0);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[11, ARG]), 0);
+    assert_eq!(u64::from_le_bytes(f.get(ARG + 64, 8).try_into().unwrap()), 2, "nr_exchanged");
+    assert!(f.dom.ram.is_given_back(0x500 * 4096) && f.dom.ram.is_given_back(0x501 * 4096));
+    assert_eq!(f.get(0x600 * 4096, 3), vec![0; 3], "the new extent is fresh");
+    // Again: the inputs are gone now, so nothing is exchanged.
+    exch(&f, res(0x3000, 2, 0), res(0x3100, 1, 1), 0);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[11, ARG]), E(errno::EINVAL));
+    assert_eq!(u64::from_le_bytes(f.get(ARG + 64, 8).try_into().unwrap()), 0);
+}

@@ -90,7 +90,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             let offset = c.guest.read_u32(arg + 8)? as u64;
             // As Xen's map_guest_area: within one page, naturally aligned
             // (the guest and Xen update its words atomically), once.
-            if offset + VCPU_INFO_SIZE > 4096 || !offset.is_multiple_of(8) {
+            // (Aligned to the event word: 4 bytes in the 32-bit layout.)
+            if offset + VCPU_INFO_SIZE > 4096 || !offset.is_multiple_of(c.dom.shinfo_width().ulong()) {
                 return Err(errno::ENXIO);
             }
             let gpa = mfn.checked_mul(4096).filter(|g| c.dom.ram.is_ram(*g, 4096)).ok_or(errno::EINVAL)? + offset;

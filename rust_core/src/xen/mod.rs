@@ -137,6 +137,13 @@ impl SharedState {
     }
 }
 
+/// A change to what backs a guest-physical range, for the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remap {
+    /// A Xen page placed outside RAM: map the host page there.
+    Overlay { gpa: u64, host: usize },
+}
+
 /// The domain state that belongs to the run thread.
 pub struct DomainState {
     pub domid: u32,
@@ -152,13 +159,19 @@ pub struct DomainState {
     /// E820 map for XENMEM_memory_map: (addr, size, type).
     pub memory_map: Vec<(u64, u64, u32)>,
     pub vm_assist: u64,
-    /// Overlay pages (guest-physical, host address) the engine must map.
-    pub pending_maps: Vec<(u64, usize)>,
+    /// Mapping changes the engine must make before the guest goes on.
+    pub pending_remaps: Vec<Remap>,
+    /// The most RAM pages the domain may hold (Xen's max_pages: xl's maxmem).
+    pub max_pages: u64,
+    /// Pages increase_reservation allocated: counted, mapped at no frame
+    /// (Xen tells only a PV guest where they are).
+    pub unmapped_pages: u64,
     pub nr_vcpus: u32,
 }
 
 impl DomainState {
     pub fn new(domid: u32, uuid: [u8; 16], shared: Arc<SharedState>, nr_vcpus: u32) -> Self {
+        let ram_pages = shared.ram.size() / 4096;
         Self {
             domid,
             uuid,
@@ -172,9 +185,16 @@ impl DomainState {
             hvm_params: [0; hvm_param::NR],
             memory_map: Vec::new(),
             vm_assist: 0,
-            pending_maps: Vec::new(),
+            pending_remaps: Vec::new(),
+            max_pages: ram_pages,
+            unmapped_pages: 0,
             nr_vcpus,
         }
+    }
+
+    /// RAM pages the domain holds (Xen's tot_pages): its RAM less what it gave back.
+    pub fn populated_pages(&self) -> u64 {
+        self.ram.size() / 4096 - self.ram.given_back_pages() + self.unmapped_pages
     }
 
     /// Xen system time in ns.
