@@ -133,6 +133,7 @@ class Domain:
         mac: str | None = None,
         vcpus: int = 1,
         disks=(),
+        uuid: uuidlib.UUID | str | None = None,
     ) -> None:
         """`net`: the vif's host side: "passt" (user-mode networking, no
         root), "tap:NAME" (root), a NetHost object, or None/"none" for no
@@ -141,7 +142,10 @@ class Domain:
         MAX_VCPUS virtual CPUs (xl's `vcpus`); vCPU 0 starts at the kernel's
         entry, the guest brings up the others. `disks`: raw images the guest
         sees as xvda, xvdb, … (paths, "PATH[,ro][,vdev=xvdb]" or xl's
-        "format=raw, vdev=xvda, access=rw, target=PATH"), served by blkback."""
+        "format=raw, vdev=xvda, access=rw, target=PATH"), served by blkback.
+        `uuid`: the domain's handle (xl's `uuid`), a UUID or its string;
+        a random one when None. The guest reads it as XENVER_guest_handle
+        and in xenstore at /vm/<uuid>/uuid (Linux's /sys/hypervisor/uuid)."""
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be a number from 1 to {MAX_VCPUS}, not {vcpus!r}")
         if isinstance(disks, (str, os.PathLike)):
@@ -161,7 +165,11 @@ class Domain:
         self.vcpus = vcpus
         self.name = name
         self.domid = domid
-        self.uuid = uuidlib.uuid4()
+        try:
+            self.uuid: uuidlib.UUID = uuidlib.uuid4() if uuid is None else (
+                uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid)))
+        except ValueError as err:
+            raise BuildError(f"uuid: {err}: {uuid!r}") from None
         self._symbols = None
 
         self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)

@@ -5,7 +5,8 @@ use crate::abi::{errno, xenfeat, xenver};
 use crate::cpuid::{XEN_MAJOR, XEN_MINOR};
 
 pub const EXTRAVERSION: &str = ".0-pvhvm";
-pub const CAPABILITIES: &str = "hvm-3.0-x86_64 hvm-3.0-x86_32 hvm-3.0-x86_32p";
+/// As Xen lists them (arch_get_xen_caps) on a host that runs HVM guests only.
+pub const CAPABILITIES: &str = "hvm-3.0-x86_32 hvm-3.0-x86_32p hvm-3.0-x86_64 ";
 /// What platform_parameters reports as virt_start to an HVM guest: Xen
 /// (4.19) gives HYPERVISOR_VIRT_START to PV guests only.
 const HVM_VIRT_START: u64 = 0;
