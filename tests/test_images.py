@@ -11,6 +11,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ from pvhvm.images import (
     cache_dir,
     collect_modules,
     extract_vmlinux,
+    GUEST_ARCHES,
+    apt_options,
     fetch_package,
+    guest_arch,
     has_symbols,
     prepare_default_guest,
     resolve_package,
@@ -323,6 +327,64 @@ def test_download_failure_is_a_one_line_build_error(tmp_path):
         fetch_package(DebPackage("busybox-static", "0.0-pvhvm-none", "amd64"), tmp_path)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "packages").exists()
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def test_the_two_architectures_and_their_kernels():
+    assert guest_arch("amd64").kernel_metapackage == "linux-image-cloud-amd64"
+    assert guest_arch("amd64").manifest == "default-guest.json"  # the cache paths of before
+    assert (guest_arch("i386").kernel_metapackage, guest_arch("i386").elf_machine) == ("linux-image-686-pae", 3)
+    assert len({a.manifest for a in GUEST_ARCHES.values()}) == len(GUEST_ARCHES)
+
+
+def test_unknown_arch_is_a_one_line_build_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PVHVM_CACHE", str(tmp_path))
+    with pytest.raises(BuildError, match="unknown guest architecture 'arm64': use amd64 or i386") as info:
+        prepare_default_guest(arch="arm64")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing fetched, nothing written
+
+
+host_is_amd64 = pytest.mark.skipif(
+    shutil.which("dpkg") is None
+    or subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip() != "amd64",
+    reason="needs an amd64 Debian host",
+)
+
+
+@host_is_amd64
+def test_apt_options_keep_a_foreign_arch_in_lists_of_our_own(tmp_path):
+    assert apt_options("amd64", tmp_path) == []  # the host's own: its apt as configured
+    options = apt_options("i386", tmp_path)
+    settings = dict(o.split("=", 1) for o in options[1::2])
+    assert options[::2] == ["-o"] * len(settings)
+    assert settings == {
+        "APT::Architecture": "i386",
+        "APT::Architectures::": "i386",
+        "Dir::State::Lists": str(tmp_path / "apt" / "i386" / "lists"),
+        "Dir::Cache": str(tmp_path / "apt" / "i386" / "cache"),
+    }
+    # apt wants the partial/ directories to exist before it downloads.
+    assert (tmp_path / "apt/i386/lists/partial").is_dir() and (tmp_path / "apt/i386/cache/archives/partial").is_dir()
+
+
+@pytest.mark.parametrize("args", [["fetch-guest", "--arch", "arm64"], ["boot", "--arch", "x86"]])
+def test_cli_bad_arch_is_one_line_and_status_2(args, tmp_path):
+    env = {**os.environ, "PVHVM_CACHE": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "pvhvm", *args], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.splitlines() == [f"pvhvm: --arch must be amd64 or i386, not {args[-1]!r}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_arch_is_for_the_default_guest_only(tmp_path):
+    env = {**os.environ, "PVHVM_CACHE": str(tmp_path)}
+    for args in (["boot", str(tmp_path / "vmlinux"), "--arch", "i386"], ["fetch-guest", "--arch", "i386", "--rootfs"]):
+        p = subprocess.run([sys.executable, "-m", "pvhvm", *args], capture_output=True, text=True, timeout=60, env=env)
+        assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- the real default guest

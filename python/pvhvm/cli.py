@@ -62,6 +62,17 @@ def _vcpus(spec: str) -> int:
     return n
 
 
+def _guest_arch(name: str) -> str:
+    from .images import GUEST_ARCHES
+
+    if name not in GUEST_ARCHES:
+        raise _fail(f"--arch must be {' or '.join(GUEST_ARCHES)}, not {name!r}")
+    return name
+
+
+ARCH_HELP = "The default guest's architecture: amd64 (linux-image-cloud-amd64) or i386 (linux-image-686-pae)."
+
+
 def _escape_key(spec: str) -> bytes | None:
     try:
         return parse_escape(spec)
@@ -121,6 +132,10 @@ def boot(
                           help="The key that detaches from the console and ends pvhvm, when stdin is a "
                           "terminal: ^X caret notation, one ASCII character, or `none`.")
     ] = "^]",
+    arch: Annotated[
+        Optional[str], typer.Option("--arch", metavar="amd64|i386",
+                                    help=ARCH_HELP + " Only without KERNEL.", show_default=False)
+    ] = None,
 ) -> None:
     """Boot KERNEL as a PVH domU, with its console (hvc0) on stdin and stdout,
     as `xl console` would attach it.
@@ -129,7 +144,8 @@ def boot(
     with a busybox initramfs whose /init prints a marker, runs a shell on the
     console (job control included; `pvhvm.shell` is added to the command
     line for that) and powers off when the shell exits (`exit`, Ctrl-D,
-    `poweroff -f`).
+    `poweroff -f`). `--arch i386` boots the 32-bit default guest instead:
+    Debian's linux-image-686-pae with an i386 busybox.
 
     stdin a terminal (and stdout or stderr one too): it is put in raw mode
       and every key goes to the guest (Ctrl-C, Ctrl-Z, Ctrl-D included).
@@ -152,6 +168,10 @@ def boot(
     """
     escape = _escape_key(escape_char)
     nr_vcpus = _vcpus(vcpus)
+    if arch is not None:
+        arch = _guest_arch(arch)
+        if kernel is not None:
+            raise _fail("--arch picks the default guest; a KERNEL's ELF header already says what it is")
     term = Terminal(escape=escape)
 
     def show(rec: HypercallRecord) -> None:
@@ -167,7 +187,7 @@ def boot(
         if kernel is None:
             from .images import prepare_default_guest
 
-            guest = prepare_default_guest()
+            guest = prepare_default_guest(arch=arch or "amd64")
             kernel = guest.vmlinux
             initrd = initrd or guest.initrd
             flags = [SHELL_FLAG] + (["pvhvm.net"] if net != "none" else [])
@@ -248,16 +268,21 @@ def fetch_guest(
         typer.Option("--rootfs", help="Also build (or find cached) a Debian 12 root disk image with systemd "
                      "for this kernel; boot it with root=LABEL=pvhvm-root."),
     ] = False,
+    arch: Annotated[str, typer.Option("--arch", metavar="amd64|i386", help=ARCH_HELP)] = "amd64",
 ) -> None:
     """Fetch and prepare the default guest (Debian's cloud kernel and a busybox
-    initramfs) into the cache; print where the files are."""
+    initramfs) into the cache; print where the files are. `--arch i386`
+    prepares the 32-bit one (`pvhvm boot --arch i386` boots it)."""
+    arch = _guest_arch(arch)
+    if rootfs and arch != "amd64":
+        raise _fail("--rootfs is for the amd64 guest only (its root disk carries that kernel's modules)")
     from .images import prepare_default_guest
 
     try:
-        g = prepare_default_guest(force=force)
+        g = prepare_default_guest(force=force, arch=arch)
     except PvhvmError as e:
         raise _fail(str(e)) from None
-    print(f"kernel:  {g.kernel_version} ({g.kernel_package})")
+    print(f"kernel:  {g.kernel_version} ({g.kernel_package}, {g.arch})")
     print(f"vmlinux: {g.vmlinux}")
     print(f"initrd:  {g.initrd}")
     print(f"System.map: {g.system_map or 'not in the package (Debian ships it in the -dbg package)'}")

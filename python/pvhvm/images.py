@@ -2,6 +2,12 @@
 uncompressed vmlinux (the PVH entry point lives in its ELF notes) and a
 busybox initramfs written here as a cpio "newc" archive.
 
+It comes in two architectures (GUEST_ARCHES): amd64, the default, with
+linux-image-cloud-amd64, and i386 (a 32-bit guest) with linux-image-686-pae,
+which Debian also builds with CONFIG_XEN_PVH. An i386 guest's packages are
+looked up in apt lists of pvhvm's own (cache_dir()/apt/i386), so the host
+needs no `dpkg --add-architecture`.
+
 Packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x`
 into cache_dir(), so nothing is installed on the host. Everything is cached:
 once prepared, the default guest is reused (without asking apt anything)
@@ -10,6 +16,7 @@ until prepare_default_guest(force=True).
     >>> from pvhvm.images import prepare_default_guest
     >>> guest = prepare_default_guest()
     >>> guest.vmlinux, guest.initrd, guest.kernel_version
+    >>> prepare_default_guest(arch="i386").vmlinux  # an ELF32 kernel
 """
 
 from __future__ import annotations
@@ -34,6 +41,33 @@ from .errors import BuildError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+
+
+@dataclass(frozen=True)
+class GuestArch:
+    """What differs between the default guests of two architectures."""
+
+    name: str  # Debian's architecture name
+    kernel_metapackage: str
+    manifest: str  # the pinned packages, in cache_dir()
+    elf_machine: int  # what the vmlinux must be: EM_X86_64 or EM_386
+
+
+GUEST_ARCHES = {
+    "amd64": GuestArch("amd64", KERNEL_METAPACKAGE, "default-guest.json", 62),
+    # Debian's only i386 flavour with CONFIG_XEN_PVH (and PAE, which Xen's
+    # 32-bit guests need); the plain 686 flavour has no Xen support.
+    "i386": GuestArch("i386", "linux-image-686-pae", "default-guest-i386.json", 3),
+}
+DEFAULT_ARCH = "amd64"
+
+
+def guest_arch(name: str) -> GuestArch:
+    """The default guest's architecture called `name` (amd64 or i386)."""
+    try:
+        return GUEST_ARCHES[name]
+    except KeyError:
+        raise BuildError(f"unknown guest architecture {name!r}: use {' or '.join(GUEST_ARCHES)}") from None
 
 # Kernel modules of the same package that every default guest carries: the
 # network card's driver, and the disk drivers /init needs to mount a root=
@@ -189,49 +223,80 @@ def _most_telling_line(output: str) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def _apt_has_candidate(package: str) -> bool:
-    policy = _run(["apt-cache", "policy", package], f"apt-cache policy {package}")
+def _host_arch() -> str:
+    return _run(["dpkg", "--print-architecture"], "dpkg --print-architecture").strip()
+
+
+def apt_options(arch: str, root: Path) -> list[str]:
+    """apt-get/apt-cache options that make apt see `arch`'s packages: none
+    for the host's own architecture; for another, that architecture alone
+    with package lists and caches of our own under root/apt/<arch>, so the
+    host's apt configuration and lists are left as they are."""
+    if arch == _host_arch():
+        return []
+    own = root / "apt" / arch
+    for d in (own / "lists" / "partial", own / "cache" / "archives" / "partial"):
+        d.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "APT::Architecture": arch,
+        "APT::Architectures::": arch,  # "::" replaces the list rather than appending
+        "Dir::State::Lists": str(own / "lists"),
+        "Dir::Cache": str(own / "cache"),
+    }
+    return [opt for key, value in settings.items() for opt in ("-o", f"{key}={value}")]
+
+
+def _apt_has_candidate(package: str, options: Sequence[str] = ()) -> bool:
+    policy = _run(["apt-cache", *options, "policy", package], f"apt-cache policy {package}")
     match = re.search(r"Candidate:\s*(\S+)", policy)
     return bool(match) and match.group(1) != "(none)"
 
 
-def ensure_apt_lists(package: str = KERNEL_METAPACKAGE) -> None:
+def ensure_apt_lists(package: str = KERNEL_METAPACKAGE, options: Sequence[str] = (), arch: str = "amd64") -> None:
     """Run `apt-get update` once if apt does not know `package` yet (fresh
-    containers ship without package lists)."""
-    if _apt_has_candidate(package):
+    containers ship without package lists, and an architecture with lists of
+    our own starts without any). An update that fails for some index (a
+    mirror in mid-sync) is good enough if the package is known after it."""
+    if _apt_has_candidate(package, options):
         return
     _progress(f"apt knows no {package} yet: running apt-get update")
-    _run(["apt-get", "update"], "apt-get update")
-    if not _apt_has_candidate(package):
-        raise BuildError(f"apt has no installable candidate for {package} (needs Debian main for amd64)")
+    try:
+        _run(["apt-get", *options, "update"], "apt-get update")
+    except BuildError as e:
+        if not _apt_has_candidate(package, options):
+            raise
+        _progress(f"{e} (carrying on: apt has {package})")
+    if not _apt_has_candidate(package, options):
+        raise BuildError(f"apt has no installable candidate for {package} (needs Debian main for {arch})")
 
 
-def resolve_package(name: str) -> DebPackage:
+def resolve_package(name: str, options: Sequence[str] = ()) -> DebPackage:
     """The candidate version apt would install for `name`."""
-    fields = dict(re.findall(r"^(Package|Version|Architecture): (\S+)$", _apt_show(name), re.M))
+    fields = dict(re.findall(r"^(Package|Version|Architecture): (\S+)$", _apt_show(name, options), re.M))
     if not {"Package", "Version", "Architecture"} <= fields.keys():
         raise BuildError(f"apt-cache show {name}: no Package/Version/Architecture fields")
     return DebPackage(fields["Package"], fields["Version"], fields["Architecture"])
 
 
-def _apt_show(name: str) -> str:
-    return _run(["apt-cache", "show", "--no-all-versions", name], f"apt-cache show {name}")
+def _apt_show(name: str, options: Sequence[str] = ()) -> str:
+    return _run(["apt-cache", *options, "show", "--no-all-versions", name], f"apt-cache show {name}")
 
 
-def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE) -> DebPackage:
+def resolve_kernel_package(metapackage: str = KERNEL_METAPACKAGE, options: Sequence[str] = ()) -> DebPackage:
     """The versioned kernel image package (linux-image-<release>) that the
     metapackage's candidate depends on."""
-    depends = re.search(r"^Depends: (.*)$", _apt_show(metapackage), re.M)
+    depends = re.search(r"^Depends: (.*)$", _apt_show(metapackage, options), re.M)
     names = re.findall(r"(linux-image-[\w.+-]+)", depends.group(1)) if depends else []
     if not names:
         raise BuildError(f"{metapackage} does not depend on a linux-image package")
-    return resolve_package(names[0])
+    return resolve_package(names[0], options)
 
 
-def fetch_package(package: DebPackage, root: Path, force: bool = False) -> Path:
+def fetch_package(package: DebPackage, root: Path, force: bool = False, options: Sequence[str] = ()) -> Path:
     """Download (apt-get download, no root needed) and unpack (dpkg-deb -x)
     one package under `root`; returns the unpacked tree. Both steps are
-    skipped when their result is already there."""
+    skipped when their result is already there. `options` are apt's
+    (apt_options() for a foreign architecture)."""
     debs, trees = root / "debs", root / "packages"
     deb, tree = debs / package.deb_filename, trees / package.tree_name
     if tree.is_dir() and not force:
@@ -239,7 +304,10 @@ def fetch_package(package: DebPackage, root: Path, force: bool = False) -> Path:
     if force or not deb.is_file():
         debs.mkdir(parents=True, exist_ok=True)
         _progress(f"downloading {package.name} {package.version}")
-        _run(["apt-get", "download", f"{package.name}={package.version}"], f"downloading {package.name}", cwd=debs)
+        spec = f"{package.name}={package.version}"
+        if options and package.arch != "all":
+            spec = f"{package.name}:{package.arch}={package.version}"
+        _run(["apt-get", *options, "download", spec], f"downloading {package.name}", cwd=debs)
         if not deb.is_file():
             raise BuildError(f"apt-get download left no {deb.name} in {debs}")
     _progress(f"unpacking {deb.name}")
@@ -314,6 +382,13 @@ def _is_x86_elf(path: Path) -> bool:
     except BuildError:
         return False
     return True
+
+
+def _elf_machine(path: Path) -> int:
+    """e_machine of an ELF file (little-endian x86: at offset 18 for both classes)."""
+    with path.open("rb") as f:
+        header = f.read(20)
+    return struct.unpack_from("<H", header, 18)[0] if len(header) == 20 else -1
 
 
 def extract_vmlinux(vmlinuz: Path, out: Path) -> str:
@@ -634,14 +709,15 @@ class GuestFiles:
     kernel_package: str = ""  # "<name> <version>" of the Debian package
     payload_compression: str = ""  # how the bzImage payload was compressed
     modules_root: Path | None = None  # lib/modules/<release> of the unpacked kernel package
+    arch: str = DEFAULT_ARCH  # Debian's name: amd64 or i386
 
 
-MANIFEST = "default-guest.json"
+MANIFEST = GUEST_ARCHES[DEFAULT_ARCH].manifest
 
 
-def _read_manifest(root: Path) -> dict | None:
+def _read_manifest(root: Path, name: str = MANIFEST) -> dict | None:
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = json.loads((root / name).read_text())
         manifest["kernel"] = DebPackage(**manifest["kernel"])
         manifest["busybox"] = DebPackage(**manifest["busybox"])
         return manifest
@@ -662,6 +738,7 @@ def prepare_default_guest(
     modules: Sequence[str] = (),
     force: bool = False,
     extra_files: Mapping[str, bytes] | None = None,
+    arch: str = DEFAULT_ARCH,
 ) -> GuestFiles:
     """The default guest: Debian's cloud kernel and a busybox initramfs
     running `init_script` (default: DEFAULT_INIT, which prints
@@ -672,16 +749,26 @@ def prepare_default_guest(
     network or apt. force=True resolves, downloads and rebuilds everything
     again. An initrd is built once per distinct init script, module list and
     extra files (their hash is in its file name).
+
+    arch="i386" prepares the 32-bit guest the same way from
+    linux-image-<release>-686-pae and busybox-static:i386, pinned in its own
+    manifest (default-guest-i386.json); the amd64 guest's files are untouched.
     """
+    target = guest_arch(arch)
     root = cache_dir()
-    pinned = None if force else _read_manifest(root)
+    pinned = None if force else _read_manifest(root, target.manifest)
     if pinned:
         kernel_pkg, busybox_pkg = pinned["kernel"], pinned["busybox"]
+        # A cached guest asks nothing of apt or dpkg.
+        unpacked = all((root / "packages" / p.tree_name).is_dir() for p in (kernel_pkg, busybox_pkg))
+        options = [] if unpacked else apt_options(target.name, root)
     else:
-        ensure_apt_lists()
-        kernel_pkg, busybox_pkg = resolve_kernel_package(), resolve_package(BUSYBOX_PACKAGE)
-    kernel_tree = fetch_package(kernel_pkg, root, force)
-    busybox_tree = fetch_package(busybox_pkg, root, force)
+        options = apt_options(target.name, root)
+        ensure_apt_lists(target.kernel_metapackage, options, target.name)
+        kernel_pkg = resolve_kernel_package(target.kernel_metapackage, options)
+        busybox_pkg = resolve_package(BUSYBOX_PACKAGE, options)
+    kernel_tree = fetch_package(kernel_pkg, root, force, options)
+    busybox_tree = fetch_package(busybox_pkg, root, force, options)
 
     release = kernel_release(kernel_tree)
     kernel_dir = root / "kernels" / release
@@ -690,6 +777,9 @@ def prepare_default_guest(
     if force or not vmlinux.is_file() or not compression:
         _progress(f"decompressing vmlinuz-{release}")
         compression = extract_vmlinux(kernel_tree / "boot" / f"vmlinuz-{release}", vmlinux)
+    machine = _elf_machine(vmlinux)
+    if machine != target.elf_machine:
+        raise BuildError(f"{vmlinux}: ELF machine {machine}, not {target.elf_machine} as an {target.name} kernel's")
     system_map = None
     map_source = kernel_tree / "boot" / f"System.map-{release}"
     if has_symbols(map_source):
@@ -699,7 +789,7 @@ def prepare_default_guest(
 
     manifest = {"kernel": asdict(kernel_pkg), "busybox": asdict(busybox_pkg), "release": release}
     manifest["compression"] = compression
-    _write_atomically(root / MANIFEST, json.dumps(manifest, indent=2).encode())
+    _write_atomically(root / target.manifest, json.dumps(manifest, indent=2).encode())
 
     from .devices.net_host import UDHCPC_SCRIPT, UDHCPC_SCRIPT_PATH
 
@@ -728,4 +818,5 @@ def prepare_default_guest(
         f"{kernel_pkg.name} {kernel_pkg.version}",
         compression,
         modules_dir(kernel_tree, release),
+        target.name,
     )

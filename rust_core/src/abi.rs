@@ -2,6 +2,36 @@
 //! (xen/include/public: xen.h, version.h, sched.h, features.h). Errno values
 //! are Xen's, which on x86 equal Linux's.
 
+/// Which of Xen's two x86 ABIs a hypercall is made in: chosen per call from
+/// the vCPU's mode at that moment (Xen's `hvm_guest_x86_mode`), so a 64-bit
+/// kernel's 32-bit code and a 32-bit guest both get the compat layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// 64-bit code: number in RAX, arguments in RDI, RSI, RDX, R10, R8.
+    Bits64,
+    /// Protected mode or compatibility mode: number in EAX, arguments in
+    /// EBX, ECX, EDX, ESI, EDI; `xen_ulong_t`, `xen_pfn_t` and guest
+    /// handles are 32 bits and `uint64_t` is 4-byte aligned in structures.
+    Bits32,
+}
+
+impl Width {
+    /// sizeof(xen_ulong_t), sizeof(xen_pfn_t), sizeof a guest handle.
+    pub fn ulong(self) -> u64 {
+        match self {
+            Width::Bits64 => 8,
+            Width::Bits32 => 4,
+        }
+    }
+
+    /// Offset of a field that follows `end` and must be aligned to
+    /// `align` bytes (8 for uint64_t, but only 4 in the 32-bit ABI).
+    pub fn align(self, end: u64, align: u64) -> u64 {
+        let a = if self == Width::Bits32 { align.min(4) } else { align };
+        end.div_ceil(a) * a
+    }
+}
+
 /// Hypercall numbers (xen.h).
 pub mod hc {
     pub const SET_TIMER_OP: u64 = 15;

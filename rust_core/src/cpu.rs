@@ -34,7 +34,8 @@ use crate::memory::GuestRam;
 use crate::mmu::{self, PagingState};
 use crate::ticker::{KickFlags, Kicker, Ticker};
 use crate::uc::{self, Engine, Reg};
-use crate::unicorn_gaps::{self, BlobLayout, CpuState, InterruptLine};
+use crate::unicorn_gaps::{self, BlobLayout, CpuState, InterruptLine, LiveMode};
+use crate::abi::Width;
 use crate::vcpu::Vcpu;
 use crate::xen::DomainState;
 
@@ -100,6 +101,8 @@ struct HookData {
     /// reached a point where it can take an interrupt (IF=1, no shadow).
     line: Option<InterruptLine>,
     window_open: bool,
+    /// The engine's live mode (for the hypercall ABI).
+    mode: Option<LiveMode>,
 }
 
 impl Stop {
@@ -202,23 +205,31 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
         return true;
     }
     let rip = uc::raw_read(uc, Reg::RIP);
-    let nr = uc::raw_read(uc, Reg::RAX);
-    let args = [
-        uc::raw_read(uc, Reg::RDI),
-        uc::raw_read(uc, Reg::RSI),
-        uc::raw_read(uc, Reg::RDX),
-        uc::raw_read(uc, Reg::R10),
-        uc::raw_read(uc, Reg::R8),
-    ];
-    let cpl = (uc::raw_read(uc, Reg::CS) & 3) as u8;
+    let mode = h.mode.as_ref().expect("set at engine creation");
+    let width = if mode.in_64bit_code() { Width::Bits64 } else { Width::Bits32 };
+    let (nr, args) = match width {
+        Width::Bits64 => (
+            uc::raw_read(uc, Reg::RAX),
+            [Reg::RDI, Reg::RSI, Reg::RDX, Reg::R10, Reg::R8].map(|r| uc::raw_read(uc, r)),
+        ),
+        Width::Bits32 => (
+            uc::raw_read(uc, Reg::RAX) & 0xffff_ffff,
+            [Reg::RBX, Reg::RCX, Reg::RDX, Reg::RSI, Reg::RDI].map(|r| uc::raw_read(uc, r) & 0xffff_ffff),
+        ),
+    };
+    // Xen refuses user mode and virtual-8086 mode alike (-EPERM).
+    let cpl = if mode.in_vm86() { 3 } else { mode.cpl() };
     let (dom, vcpus) = (&mut *h.ctx.dom, &mut *h.ctx.vcpus);
     let me = h.current;
-    let mut call = Call::new(&h.ram, ps, dom, vcpus, &h.pristine, me, cpl);
+    let mut call = Call::new(&h.ram, ps, width, dom, vcpus, &h.pristine, me, cpl);
     let rax = hypercall::dispatch(&mut call, nr, args);
+    // A 32-bit caller sees EAX: -errno as a 32-bit value.
+    let rax = if width == Width::Bits32 { rax & 0xffff_ffff } else { rax };
     let fx = call.effects;
     if fx.refresh_areas {
         let clock = dom.clock;
-        vcpus[me as usize].write_areas(&h.ram, &clock, &ps);
+        let width = dom.shinfo_width();
+        vcpus[me as usize].write_areas(&h.ram, &clock, &ps, width);
     }
     uc::raw_write(uc, Reg::RAX, rax);
     uc::raw_write(uc, Reg::RIP, rip + 3);
@@ -378,6 +389,7 @@ impl Cpu {
             pristine,
             kick: ticker.flags(),
             line: None,
+            mode: None,
             window_open: false,
         }));
         let user = hooks as *mut c_void;
@@ -416,7 +428,10 @@ impl Cpu {
             return Err(e);
         }
         // SAFETY: the engine is initialised (RAM mapped) and of the probed build.
-        unsafe { (*hooks).line = Some(InterruptLine::new(engine.raw(), &layout)) };
+        unsafe {
+            (*hooks).line = Some(InterruptLine::new(engine.raw(), &layout));
+            (*hooks).mode = Some(LiveMode::new(engine.raw(), &layout));
+        }
         ticker.set_engine(engine.raw());
         Ok(Self {
             engine,

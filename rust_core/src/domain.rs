@@ -244,7 +244,7 @@ impl Domain {
         let now = self.state.system_time_ns();
         let v = &mut self.vcpus[i];
         if v.runstate.set(state, now) && v.runstate_area.is_some() {
-            v.write_areas(&self.state.ram, &self.state.clock, &v.regs.paging());
+            v.write_areas(&self.state.ram, &self.state.clock, &v.regs.paging(), self.state.shinfo_width());
         }
     }
 
@@ -592,8 +592,8 @@ mod tests {
 
     #[test]
     fn blocked_with_nothing_armed_is_idle_for_the_host() {
-        // mov eax, 29 (sched_op); mov edi, 1 (block); vmcall; hlt
-        let code = [0xb8, 29, 0, 0, 0, 0xbf, 1, 0, 0, 0, 0x0f, 0x01, 0xc1, 0xf4];
+        // 32-bit ABI: mov eax, 29 (sched_op); mov ebx, 1 (block); vmcall; hlt
+        let code = [0xb8, 29, 0, 0, 0, 0xbb, 1, 0, 0, 0, 0x0f, 0x01, 0xc1, 0xf4];
         let mut d = domain(1, &[(CODE, &code)]);
         assert_eq!(d.run(), Exit::domain(ExitReason::Idle));
         assert_eq!(d.vcpus[0].activity, Activity::Blocked);
@@ -618,11 +618,12 @@ mod tests {
         bsp.extend(store32(0xfee0_0300, 0x0608));
         bsp.extend([0xfa, 0xf4]);
         // vCPU 1 (16-bit real mode at 0x800:0): SCHEDOP_shutdown(soft_reset)
-        // with its argument at 0x9100: a hypercall from real mode.
+        // with its argument at 0x9100: a hypercall from real mode, which
+        // Xen takes in the 32-bit ABI.
         let ap = [
             0x66, 0xb8, 29, 0, 0, 0, // mov eax, 29
-            0x66, 0xbf, 2, 0, 0, 0, // mov edi, 2 (SCHEDOP_shutdown)
-            0x66, 0xbe, 0x00, 0x91, 0, 0, // mov esi, 0x9100
+            0x66, 0xbb, 2, 0, 0, 0, // mov ebx, 2 (SCHEDOP_shutdown)
+            0x66, 0xb9, 0x00, 0x91, 0, 0, // mov ecx, 0x9100
             0x0f, 0x01, 0xc1, // vmcall
             0xf4,
         ];

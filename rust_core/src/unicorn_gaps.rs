@@ -527,6 +527,45 @@ pub struct InterruptLine {
 // `Cpu` owns both), and are only used on the engine's thread.
 unsafe impl Send for InterruptLine {}
 
+/// The running vCPU's mode as the engine holds it mid-run (its hflags),
+/// for hooks that must know it without saving the whole context: a
+/// hypercall's ABI follows CS.L at the VMCALL, as with Xen.
+pub struct LiveMode {
+    hflags: *const u32,
+}
+
+// SAFETY: as for InterruptLine: a pointer into the engine, used on its thread.
+unsafe impl Send for LiveMode {}
+
+impl LiveMode {
+    /// # Safety
+    /// As `InterruptLine::new`.
+    pub unsafe fn new(uc: *mut uc_engine, layout: &BlobLayout) -> Self {
+        let cpu = *((uc as *const u8).add(layout.uc_cpu) as *const *mut u8);
+        let env = *(cpu.add(layout.env_ptr) as *const *mut u8);
+        Self { hflags: env.add(OFF_HFLAGS) as *const u32 }
+    }
+
+    fn hflags(&self) -> u32 {
+        unsafe { std::ptr::read_volatile(self.hflags) }
+    }
+
+    /// Executing 64-bit code (long mode with a CS.L code segment).
+    pub fn in_64bit_code(&self) -> bool {
+        self.hflags() & HF_CS64 != 0
+    }
+
+    /// The current privilege level (0 in real mode whatever CS holds).
+    pub fn cpl(&self) -> u8 {
+        (self.hflags() & HF_CPL_MASK) as u8
+    }
+
+    /// Virtual-8086 mode, where Xen refuses hypercalls.
+    pub fn in_vm86(&self) -> bool {
+        self.hflags() & HF_VM != 0
+    }
+}
+
 impl InterruptLine {
     /// # Safety
     /// `uc` must be an open, initialised engine of this build (`layout`

@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use crate::abi::Width;
 use crate::interrupts::Event;
 use crate::lapic::{IpiKind, Lapic};
 use crate::layout;
@@ -126,14 +127,16 @@ impl Runstate {
         time
     }
 
-    /// { int state; uint64_t state_entry_time; uint64_t time[4]; } as of `now`.
-    pub fn info(&self, now: u64) -> [u8; 48] {
+    /// { int state; uint64_t state_entry_time; uint64_t time[4]; } as of
+    /// `now`: 48 bytes, or 44 in the 32-bit layout (uint64_t 4-aligned).
+    pub fn info(&self, now: u64, width: Width) -> Vec<u8> {
         let time = self.times(now);
-        let mut b = [0u8; 48];
-        b[0..4].copy_from_slice(&self.state.to_le_bytes());
-        b[8..16].copy_from_slice(&self.entry_ns.to_le_bytes());
-        for (i, t) in time.iter().enumerate() {
-            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&t.to_le_bytes());
+        let mut b = Vec::with_capacity(48);
+        b.extend_from_slice(&self.state.to_le_bytes());
+        b.resize(width.align(4, 8) as usize, 0);
+        b.extend_from_slice(&self.entry_ns.to_le_bytes());
+        for t in time {
+            b.extend_from_slice(&t.to_le_bytes());
         }
         b
     }
@@ -232,16 +235,17 @@ impl Vcpu {
     /// Write the registered runstate and time areas (guest-virtual, so
     /// through the page tables `ps`). A bad address is the guest's problem:
     /// it simply sees nothing, as with Xen.
-    pub fn write_areas(&self, ram: &GuestRam, clock: &Clock, ps: &PagingState) {
+    pub fn write_areas(&self, ram: &GuestRam, clock: &Clock, ps: &PagingState, width: Width) {
         let mut m: &GuestRam = ram;
+        let info = self.runstate.info(clock.now_ns(), width);
         match self.runstate_area {
             // A virtual area may cross a page: copy through the page tables.
             Some(Area::Virtual(va)) => {
-                let _ = mmu::write_linear(&mut m, ps, va, &self.runstate.info(clock.now_ns()), false);
+                let _ = mmu::write_linear(&mut m, ps, va, &info, false);
             }
             Some(a @ Area::Physical(_)) => {
-                if let Some(s) = a.gpa(ram, ps, 48).and_then(|g| ram.slice_mut(g, 48).ok()) {
-                    s.copy_from_slice(&self.runstate.info(clock.now_ns()));
+                if let Some(s) = a.gpa(ram, ps, info.len() as u64).and_then(|g| ram.slice_mut(g, info.len() as u64).ok()) {
+                    s.copy_from_slice(&info);
                 }
             }
             None => {}
@@ -397,9 +401,14 @@ mod tests {
         assert!(r.set(RUNSTATE_RUNNING, 10));
         assert!(!r.set(RUNSTATE_RUNNING, 15));
         assert!(r.set(RUNSTATE_BLOCKED, 40));
-        let b = r.info(50);
+        let b = r.info(50, Width::Bits64);
         let word = |i: usize| u64::from_le_bytes(b[16 + 8 * i..24 + 8 * i].try_into().unwrap());
         assert_eq!(u32::from_le_bytes(b[0..4].try_into().unwrap()), RUNSTATE_BLOCKED);
         assert_eq!((word(0), word(1), word(2), word(3)), (30, 10, 10, 0));
+        // The 32-bit layout packs uint64_t at 4-byte alignment: 44 bytes.
+        let c = r.info(50, Width::Bits32);
+        assert_eq!(c.len(), 44);
+        assert_eq!(u64::from_le_bytes(c[4..12].try_into().unwrap()), 40, "state_entry_time at 4");
+        assert_eq!(c[12..], b[16..], "time[4] at 12");
     }
 }

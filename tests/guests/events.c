@@ -2,10 +2,13 @@
  * them: the callback vector (HVM_PARAM_CALLBACK_IRQ), VIRQ_TIMER from a
  * one-shot timer, IPIs, masking, HLT and SCHEDOP_block/poll waking on time,
  * and preemption: a timer still arrives while the vCPU spins with interrupts
- * on, in ring 0 and in ring 3. The pvclock is read as Linux reads it. */
+ * on, in ring 0 and in ring 3. The pvclock is read as Linux reads it.
+ * Built 32-bit too (build.py's GUESTS32): the same checks but for the SYSCALL
+ * stress and the upper-half alias, which are long mode's. */
 #include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
+#define HYPERVISOR_set_timer_op 15
 #define HYPERVISOR_vcpu_op 24
 #define HYPERVISOR_hvm_op 34
 #define XENMEM_add_to_physmap 7
@@ -26,18 +29,25 @@
 
 
 static struct shared_info shinfo __attribute__((aligned(4096)));
+#ifdef __x86_64__
 static uint64_t idt[512] __attribute__((aligned(16)));
 static struct { uint32_t r0; uint64_t rsp0, rsp1, rsp2, r1, ist[7], r2; uint16_t r3, iomap; } __attribute__((packed)) tss;
+#else
+static struct { uint32_t link, esp0, ss0, esp1, ss1, esp2, ss2, cr3, eip, eflags, gpr[8], seg[6], ldt; uint16_t trap, iomap; } tss;
+_Static_assert(sizeof(tss) == 104, "32-bit TSS is 104 bytes");
+#endif
 static uint8_t kstack[8192] __attribute__((aligned(16)));
 static uint8_t ustack[4096] __attribute__((aligned(16)));
 static struct { int state; uint64_t entry, time[4]; } runstate;
 
 volatile uint64_t upcalls_seen, timer_events, ipi_events, upcall_from_user;
-volatile uint64_t back_rip, back_rsp, last_upcall_ns;
+volatile unsigned long back_rip, back_rsp;
+volatile uint64_t last_upcall_ns;
 static uint32_t timer_port, ipi_port;
 extern char upcall_entry[], ret_from_user[], user_spin[], user_stress[], stress_syscall_entry[];
 volatile uint64_t user_incs, kernel_syscalls, rearm_ns;
 volatile uint64_t upper_upcalls, upper_incs;
+#ifdef __x86_64__
 extern uint64_t boot_pml4[];
 
 /* The identity map again in the upper half (PML4 slot 256), where a kernel
@@ -50,6 +60,7 @@ static void __attribute__((noinline)) upper_count(uint64_t n)
         asm volatile("incq %0" : "+m"(upper_incs));
 }
 #define AT_UPPER(fn) ((void (*)(uint64_t))((uintptr_t)(fn) + UPPER_ALIAS))
+#endif
 
 static uint64_t now_ns(void) { return pvclock_ns(&shinfo.vcpu_info[0].time, rdtsc()); }
 
@@ -60,17 +71,31 @@ static long set_timer(uint64_t deadline)
     return hypercall(HYPERVISOR_vcpu_op, VCPUOP_set_singleshot_timer, 0, (long)&t, 0, 0);
 }
 
+static long set_timer_op(uint64_t deadline)
+{
+#ifdef __x86_64__
+    return hypercall(HYPERVISOR_set_timer_op, (long)deadline, 0, 0, 0, 0);
+#else
+    return hypercall(HYPERVISOR_set_timer_op, (long)(uint32_t)deadline, (long)(uint32_t)(deadline >> 32), 0, 0, 0);
+#endif
+}
+
 static void on_port(uint32_t port)
 {
     if (port == timer_port) timer_events++;
     if (port == ipi_port) ipi_events++;
 }
 
-void upcall_handler(uint64_t rip, uint64_t cs)
+void upcall_handler(unsigned long rip, unsigned long cs);
+void upcall_handler(unsigned long rip, unsigned long cs)
 {
     last_upcall_ns = now_ns();
     if ((cs & 3) == 3) upcall_from_user++;
+#ifdef __x86_64__
     if (rip >= UPPER_ALIAS) upper_upcalls++;
+#else
+    (void)rip;
+#endif
     evtchn_scan(&shinfo, 0, on_port);
     if (rearm_ns) set_timer(now_ns() + rearm_ns);
     upcalls_seen++;
@@ -79,6 +104,7 @@ void upcall_handler(uint64_t rip, uint64_t cs)
 
 /* Run `entry` in ring 3 with IF=1 and %rbx = `arg`, until it comes back
  * through INT 0x80 (`ret_from_user`). */
+#ifdef __x86_64__
 static void ring3_call(char *entry, uint64_t arg)
 {
     asm volatile(
@@ -89,9 +115,25 @@ static void ring3_call(char *entry, uint64_t arg)
         :: [arg] "r"(arg), [ursp] "r"((uint64_t)(uintptr_t)(ustack + sizeof(ustack))), [entry] "r"(entry)
         : "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory");
 }
+#else
+/* 32-bit: DS/ES become the user data segment first (an IRET to ring 3
+ * would null the kernel's); `ret_from_user` restores them. */
+static void ring3_call(char *entry, uint32_t arg)
+{
+    asm volatile(
+        "movl $1f, back_rip; movl %%esp, back_rsp\n"
+        "movl %[arg], %%ebx\n"
+        "movw $0x23, %%ax; movw %%ax, %%ds; movw %%ax, %%es\n"
+        "pushl $0x23; pushl %[ursp]; pushl $0x202; pushl $0x1b; pushl %[entry]\n"
+        "iret\n1:\n"
+        :: [arg] "g"(arg), [ursp] "i"(ustack + sizeof(ustack)), [entry] "S"(entry)
+        : "eax", "ebx", "ecx", "edx", "memory"); /* ring 3 and the way back keep ESI, EDI, EBP */
+}
+#endif
 
 static void setup(void)
 {
+#ifdef __x86_64__
     uint64_t base = (uint64_t)(uintptr_t)&tss, limit = sizeof(tss) - 1;
     gdt64[6] = (limit & 0xffff) | ((base & 0xffffff) << 16) | (0x89ULL << 40) | ((base >> 24 & 0xff) << 56);
     gdt64[7] = base >> 32;
@@ -102,6 +144,17 @@ static void setup(void)
     set_gate64(idt, 0x80, ret_from_user, 3);
     struct { uint16_t l; uint64_t b; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
     asm volatile("lidt %0" :: "m"(idtr));
+#else
+    /* Our own 32-bit TSS: ring 3's interrupts switch to kstack. */
+    uint32_t base = (uint32_t)(uintptr_t)&tss, limit = sizeof(tss) - 1;
+    gdt32[6] = (limit & 0xffff) | ((uint64_t)(base & 0xffffff) << 16) | (0x89ULL << 40) | ((uint64_t)(base >> 24) << 56);
+    tss.esp0 = (uint32_t)(uintptr_t)(kstack + sizeof(kstack));
+    tss.ss0 = KERNEL_DS;
+    tss.iomap = sizeof(tss);
+    asm volatile("ltr %w0" :: "r"(TSS_SEL));
+    set_gate32(idt32, UPCALL_VECTOR, upcall_entry, 0); /* the runtime's IDT, already loaded */
+    set_gate32(idt32, 0x80, ret_from_user, 3);
+#endif
 }
 
 int guest_main(uint32_t start_info)
@@ -109,21 +162,21 @@ int guest_main(uint32_t start_info)
     (void)start_info;
     setup();
 
-    struct { uint16_t domid, size; uint32_t space; uint64_t idx, gpfn; } xatp = { 0x7ff0, 0, 0, 0, (uint64_t)(uintptr_t)&shinfo >> 12 };
+    struct { uint16_t domid, size; uint32_t space; unsigned long idx, gpfn; } xatp = { 0x7ff0, 0, 0, 0, (uintptr_t)&shinfo >> 12 };
     long r = hypercall(HYPERVISOR_memory_op, XENMEM_add_to_physmap, (long)&xatp, 0, 0, 0);
     check(r == 0, "shared_info placed with add_to_physmap (%d)", (int)r);
     check(shinfo.vcpu_info[0].time.mul != 0 && !(shinfo.vcpu_info[0].time.version & 1), "pvclock filled in (mul %x, shift %d)",
           shinfo.vcpu_info[0].time.mul, shinfo.vcpu_info[0].time.shift);
-    uint64_t sec = ((uint64_t)shinfo.wc_sec_hi << 32) | shinfo.wc_sec;
+    uint64_t sec = ((uint64_t)SHINFO_WC_SEC_HI(&shinfo) << 32) | shinfo.wc_sec;
     check(sec > 1700000000ULL, "wallclock in shared_info (%lu)", sec);
     uint64_t t0 = now_ns();
     for (volatile int i = 0; i < 2000000; i++) {}
     uint64_t t1 = now_ns();
     check(t1 > t0, "system time advances (%lu ns over a busy loop)", t1 - t0);
 
-    struct { uint32_t nr; uint32_t pad; uint64_t buf; } mm;
+    struct { uint32_t nr; void *buf; } mm;
     uint8_t e820[20 * 16];
-    mm.nr = 16; mm.buf = (uint64_t)(uintptr_t)e820;
+    mm.nr = 16; mm.buf = e820;
     r = hypercall(HYPERVISOR_memory_op, XENMEM_memory_map, (long)&mm, 0, 0, 0);
     check(r == 0 && mm.nr >= 3, "XENMEM_memory_map gives %u entries", mm.nr);
 
@@ -168,12 +221,12 @@ int guest_main(uint32_t start_info)
     check(seen_at_once == 2, "IPI with IF=1 delivered on return from the send (%lu)", seen_at_once);
 
     /* A masked port stays pending until unmasked. */
-    shinfo.mask[ipi_port / 64] |= 1ULL << (ipi_port % 64);
+    shinfo.mask[ipi_port / EVTCHN_WORD_BITS] |= 1UL << (ipi_port % EVTCHN_WORD_BITS);
     asm volatile("sti");
     evtchn(EVTCHNOP_send, &ipi_port);
     for (volatile int i = 0; i < 200000; i++) {}
     asm volatile("cli");
-    check(ipi_events == 2 && (shinfo.pending[ipi_port / 64] >> (ipi_port % 64) & 1), "masked port: pending, no upcall");
+    check(ipi_events == 2 && (shinfo.pending[ipi_port / EVTCHN_WORD_BITS] >> (ipi_port % EVTCHN_WORD_BITS) & 1), "masked port: pending, no upcall");
     asm volatile("sti");
     evtchn(EVTCHNOP_unmask, &ipi_port);
     uint64_t after_unmask = ipi_events;
@@ -194,6 +247,12 @@ int guest_main(uint32_t start_info)
     uint64_t late = last_upcall_ns - deadline;
     check(last_upcall_ns >= deadline && late < 4000000, "HLT woke by the timer, %lu us late", late / 1000);
     check(runstate.time[2] > 0, "runstate counted blocked time (%lu ns)", runstate.time[2]);
+    /* vcpu_runstate_info: uint64_t aligned to 8 natively, to 4 in the 32-bit ABI. */
+    int running_at = sizeof(long) == 8 ? 16 : 12;
+    uint64_t running;
+    memcpy(&running, (uint8_t *)&runstate + running_at, sizeof(running));
+    check(running > 0 && runstate.entry > 0 && runstate.entry <= now_ns(), "runstate running time at offset %d (%lu ns)",
+          running_at, running);
 
     /* SCHEDOP_block wakes on the timer too. */
     before = timer_events; deadline = now_ns() + 15000000;
@@ -202,6 +261,22 @@ int guest_main(uint32_t start_info)
     while (timer_events == before) hypercall(HYPERVISOR_sched_op, SCHEDOP_block, 0, 0, 0, 0);
     asm volatile("cli");
     check(last_upcall_ns >= deadline, "SCHEDOP_block woke by the timer");
+
+    /* set_timer_op: the deadline in one register, or from a 32-bit guest its
+     * halves in EBX and ECX. One 2^32 ns later than the one that fires must
+     * not fire as that one; 0 stops it. */
+    before = timer_events; deadline = now_ns() + 10000000;
+    r = set_timer_op(deadline);
+    while (timer_events == before) asm volatile("sti; hlt; cli");
+    check(r == 0 && last_upcall_ns >= deadline, "set_timer_op: fired at its deadline (%d)", (int)r);
+    before = timer_events; deadline = now_ns() + 10000000;
+    r = set_timer_op(deadline + (1ULL << 32));
+    uint64_t until = deadline + 20000000;
+    asm volatile("sti");
+    while (now_ns() < until) {}
+    asm volatile("cli");
+    check(r == 0 && timer_events == before, "set_timer_op: a deadline 2^32 ns on does not fire 2^32 ns early");
+    check(set_timer_op(0) == 0, "set_timer_op(0) stops it");
 
     /* SCHEDOP_poll on a quiet port returns at its timeout. */
     uint32_t quiet = ipi_port;
@@ -225,6 +300,8 @@ int guest_main(uint32_t start_info)
     ring3_call(user_spin, before);
     late = last_upcall_ns - deadline;
     check(upcall_from_user >= 1 && late < 4000000, "ring-3 spin preempted by the timer, %lu us late", late / 1000);
+
+#ifdef __x86_64__
 
     /* Ring 3 making back-to-back SYSCALLs (whose entry runs with IF=0)
      * still gets its timer, and preemption there is exact: no increment
@@ -274,6 +351,7 @@ int guest_main(uint32_t start_info)
     check(upper_incs == UPPER_ROUNDS && upper_upcalls - upper_before >= 20,
           "upper-half increments exact under preemption: %lu of %d, %lu timer upcalls there", upper_incs,
           UPPER_ROUNDS, upper_upcalls - upper_before);
+#endif
 
     check(evtchn(EVTCHNOP_close, &ipi_port) == 0, "close a port");
     struct { uint16_t dom, pad; uint32_t port, status, vcpu, u[2]; } st = { 0x7ff0, 0, ipi_port, 9, 9, {0, 0} };

@@ -1,7 +1,9 @@
 /* Entry points for the events guest: the upcall vector, the way back from
- * ring 3 (INT 0x80), and the ring-3 spin loops. */
+ * ring 3 (INT 0x80), and the ring-3 spin loops; 64-bit, or 32-bit for the
+ * i386 builds. */
 #include "common/asm.h"
     .text
+#ifdef __x86_64__
     .globl upcall_entry
 upcall_entry:
     PUSH_CALLER_SAVED
@@ -60,3 +62,38 @@ user_stress:
 stress_syscall_entry:
     incq kernel_syscalls(%rip)
     sysretq
+
+#else /* 32-bit protected mode */
+
+    .globl upcall_entry
+upcall_entry:
+    pushl %eax
+    pushl %ecx
+    pushl %edx                  /* interrupted EIP at 12(%esp), CS at 16 */
+    pushl 16(%esp)              /* cs */
+    pushl 16(%esp)              /* eip (moved up by the push) */
+    cld
+    call upcall_handler
+    addl $8, %esp
+    popl %edx
+    popl %ecx
+    popl %eax
+    iret
+
+/* From ring 3 by INT 0x80: the kernel's segments, stack and return point. */
+    .globl ret_from_user
+ret_from_user:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movl back_rsp, %esp
+    jmp *back_rip
+
+    .globl user_spin
+user_spin:
+1:  cmpl upcalls_seen, %ebx
+    je 1b
+    int $0x80
+2:  jmp 2b
+
+#endif

@@ -1,5 +1,6 @@
 /* grants: a frontend's side of grant tables, v1 then v2, for the host's
- * device-model API to check against (tests/test_grants.py). The guest grants
+ * device-model API to check against (tests/test_grants.py, and
+ * tests/test_guests32.py for the 32-bit builds). The guest grants
  * pages to domain 0, announces each phase on the console, and waits for the
  * host to write the phase number into page A through the grant. */
 #include "common/lib.h"
@@ -25,7 +26,7 @@ struct v2 { uint16_t flags, domid; uint16_t off, len; uint64_t frame; };
 
 static long add_frame(void *page, unsigned long idx)
 {
-    struct { uint16_t domid, size; uint32_t space; uint64_t idx, gpfn; } x = { 0x7ff0, 0, 1, idx, (uint64_t)(uintptr_t)page >> 12 };
+    struct { uint16_t domid, size; uint32_t space; unsigned long idx, gpfn; } x = { 0x7ff0, 0, 1, idx, (uintptr_t)page >> 12 };
     return hypercall(HYPERVISOR_memory_op, XENMEM_add_to_physmap, (long)&x, 0, 0, 0);
 }
 

@@ -1,5 +1,6 @@
 /* hypercall_abi: the three ways into the hypervisor (VMCALL, VMMCALL, the
- * hypercall page) agree; bad numbers and bad buffers get Xen's errnos. */
+ * hypercall page) agree; bad numbers and bad buffers get Xen's errnos. Built
+ * 32-bit too; the 64-bit build also calls from compat mode (32-bit ABI). */
 #include "common/lib.h"
 
 #define ENOSYS 38
@@ -11,6 +12,65 @@ static uint8_t two_pages[8192] __attribute__((aligned(4096)));
 static const char *const path_name[] = { "vmcall", "vmmcall", "page" };
 
 struct sched_poll { uint32_t *ports; uint32_t nr_ports; uint64_t timeout; };
+
+#ifdef __x86_64__
+long compat_call(unsigned nr, uint32_t a1, uint32_t a2, uint32_t a3); /* hypercall_abi_compat.S */
+
+/* A long-mode guest in a 32-bit code segment: Xen takes the 32-bit ABI
+ * for that call (EBX, ECX, EDX; the upper register halves ignored). */
+static void compat_mode_calls(void)
+{
+    gdt64[6] = 0x00cf9b000000ffffULL; /* 32-bit ring-0 code at 0x30 */
+    long r = compat_call(HYPERVISOR_xen_version, XENVER_version, 0, 0);
+    check(r == ((4 << 16) | 19), "xen_version from compat mode (%x)", (unsigned)r);
+    static char extra[16];
+    static const char native[16];
+    memset(extra, 0x55, sizeof(extra));
+    r = compat_call(HYPERVISOR_xen_version, XENVER_extraversion, (uint32_t)(uintptr_t)extra, 0);
+    hypercall(HYPERVISOR_xen_version, XENVER_extraversion, (long)native, 0, 0, 0);
+    check(r == 0 && memcmp(extra, native, 16) == 0, "extraversion by ECX from compat mode [%s] (%d)", extra, (int)r);
+    static const char msg[] = "console write from compat mode\n";
+    r = compat_call(HYPERVISOR_console_io, CONSOLEIO_write, sizeof(msg) - 1, (uint32_t)(uintptr_t)msg);
+    check(r == 0, "console_io write from compat mode (%d)", (int)r);
+    r = compat_call(61, 0, 0, 0);
+    check(r == -ENOSYS, "unknown hypercall from compat mode: -ENOSYS (%d)", (int)r);
+    r = hypercall(HYPERVISOR_xen_version, XENVER_version, 0, 0, 0, 0);
+    check(r == ((4 << 16) | 19), "and the 64-bit ABI again once back in long mode");
+}
+#endif
+
+#ifndef __x86_64__
+/* Exceptions through the 32-bit runtime's IDT: #UD, and #PF where there is
+ * paging (what reads of memory that is not there give is the memory guest's). */
+static volatile int faults;
+static volatile uint32_t fault_cr2, fault_error, fault_vector;
+
+static int skip_faulting_insn(struct exc_frame *f)
+{
+    uint32_t cr2;
+    asm volatile("mov %%cr2, %0" : "=r"(cr2));
+    fault_vector = f->vector;
+    fault_error = f->error;
+    fault_cr2 = cr2;
+    faults++;
+    f->eip += 2; /* ud2, movl (%eax), %eax */
+    return f->vector == 6 || f->vector == 14;
+}
+
+static void exceptions_32(void)
+{
+    exception_handler = skip_faulting_insn;
+    asm volatile("ud2");
+    check(faults == 1 && fault_vector == 6, "#UD through a 32-bit gate (vector %u)", fault_vector);
+#if defined(BOOT32_PSE) || defined(BOOT32_PAE)
+    uint32_t v = UNMAPPED;
+    asm volatile("movl (%%eax), %%eax" : "+a"(v) :: "memory");
+    check(faults == 2 && fault_vector == 14 && fault_cr2 == UNMAPPED && fault_error == 0,
+          "#PF reading an unmapped address (cr2 %x, error %x)", fault_cr2, fault_error);
+#endif
+    exception_handler = 0;
+}
+#endif
 
 int guest_main(uint32_t start_info)
 {
@@ -57,9 +117,11 @@ int guest_main(uint32_t start_info)
               path_name[p], (int)a, (int)b, (int)c);
     }
     hc_path = HC_VMCALL;
+#ifdef __x86_64__
     /* Non-canonical too. */
     r = hypercall(HYPERVISOR_xen_version, XENVER_extraversion, 0x0000800000000000L, 0, 0, 0);
     check(r == -EFAULT, "non-canonical buffer gives -EFAULT (%d)", (int)r);
+#endif
 
     struct { uint32_t idx, map; } fi = { 0, 0 };
     r = hypercall(HYPERVISOR_xen_version, XENVER_get_features, (long)&fi, 0, 0, 0);
@@ -83,5 +145,10 @@ int guest_main(uint32_t start_info)
     check(r == -EFAULT, "poll with an unmapped port array gives -EFAULT (%d)", (int)r);
     r = hypercall(HYPERVISOR_sched_op, 77, 0, 0, 0, 0);
     check(r == -ENOSYS, "unknown sched_op gives -ENOSYS (%d)", (int)r);
+#ifdef __x86_64__
+    compat_mode_calls();
+#else
+    exceptions_32();
+#endif
     return verdict();
 }

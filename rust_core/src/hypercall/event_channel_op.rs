@@ -3,7 +3,7 @@
 
 use super::{Call, HcResult, DOMID_SELF};
 use crate::abi::errno;
-use crate::xen::evtchn::{virq_is_per_vcpu, EvtchnError, PortState, Sent, NR_PORTS, NR_VIRQS};
+use crate::xen::evtchn::{virq_is_per_vcpu, EvtchnError, PortState, Sent, NR_VIRQS};
 
 const BIND_INTERDOMAIN: u64 = 0;
 const BIND_VIRQ: u64 = 1;
@@ -121,7 +121,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             let mut out = [0u8; 16];
             let found = c.dom.ports().get(port);
             let (status, vcpu) = match found {
-                None if port < NR_PORTS => (STAT_CLOSED, 0),
+                None if port < c.dom.ports().max_ports() => (STAT_CLOSED, 0),
                 None => return Err(errno::EINVAL),
                 Some(p) => {
                     let s = match p.state {

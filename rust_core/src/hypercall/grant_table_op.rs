@@ -55,11 +55,11 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             Ok(0)
         }
         GET_STATUS_FRAMES => {
-            // struct gnttab_get_status_frames { domid_t dom; uint32_t nr_frames; int16_t status;
+            // struct gnttab_get_status_frames { uint32_t nr_frames; domid_t dom; int16_t status;
             //                                   XEN_GUEST_HANDLE(uint64_t) frame_list; }
-            c.check_self(c.guest.read_u16(uop)?)?;
-            let nr = c.guest.read_u32(uop + 4)?;
-            let list = c.guest.read_u64(uop + 16)?;
+            let nr = c.guest.read_u32(uop)?;
+            c.check_self(c.guest.read_u16(uop + 4)?)?;
+            let list = c.guest.read_handle(uop + 8)?;
             let (status, gfns) = {
                 let gt = c.dom.grants();
                 if gt.version != 2 || nr > gt.nr_status_frames() {
@@ -73,7 +73,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if status == 0 {
                 c.guest.write(list, &gfns)?;
             }
-            c.guest.write(uop + 8, &status.to_le_bytes())?;
+            c.guest.write(uop + 6, &status.to_le_bytes())?;
             Ok(0)
         }
         _ => Err(errno::ENOSYS),

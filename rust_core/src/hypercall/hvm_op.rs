@@ -40,6 +40,11 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 }
             }
             c.dom.hvm_params[index] = v;
+            if index == hvm_param::CALLBACK_IRQ {
+                // One of the first calls of a PV-aware guest: where Xen
+                // samples its mode for the shared_info layout.
+                c.dom.latch_shinfo_width(c.width());
+            }
             c.effects.recheck = true;
             Ok(0)
         }

@@ -32,7 +32,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         MEMORY_MAP => {
             // struct xen_memory_map { unsigned int nr_entries; XEN_GUEST_HANDLE(void) buffer; }
             let nr = c.guest.read_u32(arg)? as usize;
-            let buffer = c.guest.read_u64(arg + 8)?;
+            let buffer = c.guest.read_handle(arg + c.width().ulong())?;
             let n = nr.min(c.dom.memory_map.len());
             let mut bytes = Vec::with_capacity(n * 20);
             for &(addr, size, kind) in &c.dom.memory_map[..n] {
@@ -49,7 +49,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         REMOVE_FROM_PHYSMAP => {
             // struct xen_remove_from_physmap { domid_t domid; xen_pfn_t gpfn; }
             c.check_self(c.guest.read_u16(arg)?)?;
-            let gpa = c.guest.read_u64(arg + 8)? << 12;
+            let gpa = c.guest.read_ulong(arg + c.width().ulong())? << 12;
             {
                 let mut ev = c.dom.ports();
                 if ev.shared_info() == Some(gpa) {
@@ -74,8 +74,9 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
     //                             xen_ulong_t idx; xen_pfn_t gpfn; }
     c.check_self(c.guest.read_u16(arg)?)?;
     let space = c.guest.read_u32(arg + 4)?;
-    let idx = c.guest.read_u64(arg + 8)?;
-    let gpfn = c.guest.read_u64(arg + 16)?;
+    let n = c.width().ulong();
+    let idx = c.guest.read_ulong(arg + 8)?;
+    let gpfn = c.guest.read_ulong(arg + 8 + n)?;
     let gpa = gpfn.checked_mul(4096).ok_or(errno::EINVAL)?;
     match space {
         SPACE_SHARED_INFO => {
@@ -83,6 +84,7 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
             if idx != 0 || !c.dom.ram.is_ram(gpa, 4096) {
                 return Err(errno::EINVAL);
             }
+            c.dom.latch_shinfo_width(c.width());
             c.dom.place_shared_info(gpa);
             // Every vCPU's vcpu_info may have moved with it.
             c.effects.recheck = true;

@@ -17,7 +17,7 @@ mod xen_version;
 #[cfg(test)]
 mod tests;
 
-use crate::abi::{errno, hc};
+use crate::abi::{errno, hc, Width};
 use crate::exit::ExitReason;
 use crate::hypercall_log::TraceEntry;
 use crate::memory::GuestRam;
@@ -36,9 +36,37 @@ pub const DOMID_SELF: u16 = 0x7FF0;
 pub struct Guest<'a> {
     pub ram: &'a GuestRam,
     pub paging: PagingState,
+    /// The ABI of this call: the layout of every structure it passes.
+    pub width: Width,
 }
 
 impl Guest<'_> {
+    /// A `xen_ulong_t` / `xen_pfn_t` (4 or 8 bytes by the call's ABI).
+    pub fn read_ulong(&self, va: u64) -> Result<u64, i64> {
+        match self.width {
+            Width::Bits64 => self.read_u64(va),
+            Width::Bits32 => self.read_u32(va).map(u64::from),
+        }
+    }
+
+    /// A `xen_ulong_t` / `xen_pfn_t` out; -EINVAL if it does not fit 32 bits.
+    pub fn write_ulong(&self, va: u64, v: u64) -> Result<(), i64> {
+        match self.width {
+            Width::Bits64 => self.write(va, &v.to_le_bytes()),
+            Width::Bits32 => self.write_u32(va, u32::try_from(v).map_err(|_| errno::EINVAL)?),
+        }
+    }
+
+    /// A `XEN_GUEST_HANDLE` field: a guest-linear pointer.
+    pub fn read_handle(&self, va: u64) -> Result<u64, i64> {
+        self.read_ulong(va)
+    }
+
+    /// Element `i` of an array of `xen_ulong_t`/`xen_pfn_t` at `base`.
+    pub fn ulong_at(&self, base: u64, i: u64) -> u64 {
+        base.wrapping_add(i.wrapping_mul(self.width.ulong()))
+    }
+
     pub fn write_u32(&self, va: u64, v: u32) -> Result<(), i64> {
         self.write(va, &v.to_le_bytes())
     }
@@ -51,13 +79,25 @@ impl Guest<'_> {
 
     /// Copy from a guest-linear buffer; -EFAULT if any page is not mapped.
     pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), i64> {
+        let va = self.linear(va, buf.len())?;
         let mut m = self.ram;
         mmu::read_linear(&mut m, &self.paging, va, buf, false).map_err(|_| errno::EFAULT)
     }
 
     pub fn write(&self, va: u64, data: &[u8]) -> Result<(), i64> {
+        let va = self.linear(va, data.len())?;
         let mut m = self.ram;
         mmu::write_linear(&mut m, &self.paging, va, data, false).map_err(|_| errno::EFAULT)
+    }
+
+    /// A 32-bit caller's pointers are 32 bits: one that runs past 4 GiB
+    /// would wrap on the CPU, and Xen's compat handles refuse it.
+    fn linear(&self, va: u64, len: usize) -> Result<u64, i64> {
+        match self.width {
+            Width::Bits64 => Ok(va),
+            Width::Bits32 if va.checked_add(len as u64).is_some_and(|end| end <= 1 << 32) => Ok(va),
+            Width::Bits32 => Err(errno::EFAULT),
+        }
     }
 
     pub fn read_u32(&self, va: u64) -> Result<u32, i64> {
@@ -107,16 +147,23 @@ pub struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ram: &'a GuestRam,
         paging: PagingState,
+        width: Width,
         dom: &'a mut DomainState,
         vcpus: &'a mut Vec<Vcpu>,
         pristine: &'a CpuState,
         vcpu: u32,
         cpl: u8,
     ) -> Self {
-        Self { guest: Guest { ram, paging }, dom, vcpus, pristine, vcpu, cpl, effects: Effects::default() }
+        Self { guest: Guest { ram, paging, width }, dom, vcpus, pristine, vcpu, cpl, effects: Effects::default() }
+    }
+
+    /// The ABI of this call.
+    pub fn width(&self) -> Width {
+        self.guest.width
     }
 
     /// The calling vCPU.

@@ -12,7 +12,7 @@
 //! pvhvm plays) exist; every other id is -ESRCH.
 
 use super::{Call, HcResult, DOMID_SELF};
-use crate::abi::{errno, hc};
+use crate::abi::{errno, hc, Width};
 
 const E2BIG: i64 = 7;
 const EACCES: i64 = 13;
@@ -76,6 +76,11 @@ impl Call<'_> {
             Dom::Me => Err(errno::EPERM),
             Dom::Other => Ok(()),
         }
+    }
+
+    /// Whether this call uses the 32-bit (compat) layouts.
+    fn compat(&self) -> bool {
+        self.guest.width == Width::Bits32
     }
 
     /// copy_from_guest of a whole structure: -EFAULT if any byte is unmapped.
@@ -151,7 +156,7 @@ pub fn call(c: &mut Call, nr: u64, args: [u64; 5]) -> HcResult {
             }
             let nr_bufs = (a1 & 0xffff_ffff) as usize;
             // struct xen_dm_op_buf { XEN_GUEST_HANDLE(void) h; xen_ulong_t size; }
-            c.read_struct(a2, 16 * nr_bufs)?;
+            c.read_struct(a2, 2 * c.guest.width.ulong() as usize * nr_bufs)?;
             c.remote_domain_by_id(a0 as u16)?;
             Err(errno::EPERM)
         }
@@ -215,15 +220,17 @@ pub fn memory_op(c: &mut Call, cmd: u64, arg: u64) -> HcResult {
         MACHINE_MEMORY_MAP => Err(errno::EPERM),
         SET_POD_TARGET | GET_POD_TARGET => {
             // struct xen_pod_target { u64 target_pages, tot_pages, pod_cache_pages, pod_entries; domid_t domid; }
-            let t = c.read_struct(arg, 40)?;
+            // (36 bytes with 32-bit alignment)
+            let t = c.read_struct(arg, if c.compat() { 36 } else { 40 })?;
             c.domain_by_any_id(u16_at(&t, 32))?;
             Err(errno::EPERM)
         }
         // Counters of memory sharing, which is compiled out: nothing shared.
         GET_SHARING_FREED_PAGES | GET_SHARING_SHARED_PAGES => Ok(0),
         ACCESS_OP => {
-            // struct xen_mem_access_op { u8 op, access; domid_t domid; ... } (32 bytes)
-            let op = c.read_struct(arg, 32)?;
+            // struct xen_mem_access_op { u8 op, access; domid_t domid; u32 nr; u64 pfn;
+            //                            handle pfn_list, access_list; }
+            let op = c.read_struct(arg, 16 + 2 * c.guest.width.ulong() as usize)?;
             c.remote_domain_by_id(u16_at(&op, 2))?;
             Err(errno::EPERM)
         }
@@ -233,12 +240,14 @@ pub fn memory_op(c: &mut Call, cmd: u64, arg: u64) -> HcResult {
             }
             // struct xen_memory_reservation { handle extent_start; xen_ulong_t nr_extents;
             //                                 u32 extent_order, mem_flags; domid_t domid; }
-            let r = c.read_struct(arg, 32)?;
-            if u64_at(&r, 0) != 0 || u32_at(&r, 16) != 0 || u32_at(&r, 20) != 0 {
+            let w = c.guest.width.ulong() as usize;
+            let r = c.read_struct(arg, if c.compat() { 20 } else { 32 })?;
+            let extent_start = if c.compat() { u32_at(&r, 0) as u64 } else { u64_at(&r, 0) };
+            if extent_start != 0 || u32_at(&r, 2 * w) != 0 || u32_at(&r, 2 * w + 4) != 0 {
                 return Err(errno::EINVAL);
             }
             // Xen says -EINVAL, not -ESRCH, for an unknown domain here.
-            c.domain_by_id(u16_at(&r, 24)).map_err(|_| errno::EINVAL)?;
+            c.domain_by_id(u16_at(&r, 2 * w + 8)).map_err(|_| errno::EINVAL)?;
             Err(errno::EPERM)
         }
         GET_VNUMAINFO => {
@@ -259,7 +268,7 @@ pub fn memory_op(c: &mut Call, cmd: u64, arg: u64) -> HcResult {
                 return Err(errno::EINVAL);
             }
             // struct xen_reserved_device_memory_map { u32 flags; u32 nr_entries; handle buffer; union dev; }
-            let m = c.read_struct(arg, 24)?;
+            let m = c.read_struct(arg, if c.compat() { 16 } else { 24 })?;
             if u32_at(&m, 0) & !RDM_ALL != 0 {
                 return Err(errno::EINVAL);
             }
@@ -270,7 +279,7 @@ pub fn memory_op(c: &mut Call, cmd: u64, arg: u64) -> HcResult {
         ACQUIRE_RESOURCE => {
             // struct xen_mem_acquire_resource { domid_t domid; u16 type; u32 id; u32 nr_frames;
             //                                   u32 pad; u64 frame; handle frame_list; }
-            let r = c.read_struct(arg, 32)?;
+            let r = c.read_struct(arg, 24 + c.guest.width.ulong() as usize)?;
             let (nr_frames, frame) = (u32_at(&r, 8) as u64, u64_at(&r, 16));
             if u32_at(&r, 12) != 0 || frame >> 32 != 0 || (frame + nr_frames) >> 32 != 0 {
                 return Err(errno::EINVAL);
@@ -380,6 +389,7 @@ mod tests {
         cpu: Cpu,
         dom: DomainState,
         vcpus: Vec<Vcpu>,
+        width: Width,
     }
 
     fn fixture() -> Fixture {
@@ -388,7 +398,7 @@ mod tests {
         let shared = Arc::new(SharedState::new(ram, 1, 1, Waker::new().unwrap()));
         let dom = DomainState::new(1, [7; 16], shared, 1);
         let vcpus = vec![Vcpu::new(0, cpu.power_on_state().unwrap())];
-        Fixture { cpu, dom, vcpus }
+        Fixture { cpu, dom, vcpus, width: Width::Bits64 }
     }
 
     impl Fixture {
@@ -397,7 +407,7 @@ mod tests {
             let mut a = [0u64; 5];
             a[..args.len()].copy_from_slice(args);
             let paging_off = PagingState { cr0: 1, cr3: 0, cr4: 0, efer: 0 };
-            let mut c = Call::new(&ram, paging_off, &mut self.dom, &mut self.vcpus, self.cpu.pristine(), 0, 0);
+            let mut c = Call::new(&ram, paging_off, self.width, &mut self.dom, &mut self.vcpus, self.cpu.pristine(), 0, 0);
             dispatch(&mut c, nr, a) as i64
         }
 
@@ -493,6 +503,33 @@ mod tests {
         pod[32..34].copy_from_slice(&0x7ff0u16.to_le_bytes());
         f.put(&pod);
         assert_eq!(f.call(hc::MEMORY_OP, &[17, ARG]), -errno::EPERM);
+    }
+
+    #[test]
+    fn compat_layouts() {
+        let mut f = fixture();
+        f.width = Width::Bits32;
+        // xen_memory_reservation: 20 bytes, domid at 16.
+        let mut r = vec![0u8; 20];
+        r[16..18].copy_from_slice(&1u16.to_le_bytes());
+        f.put(&r);
+        assert_eq!(f.call(hc::MEMORY_OP, &[24, ARG]), -errno::EPERM, "claim_pages");
+        r[16..18].copy_from_slice(&9u16.to_le_bytes());
+        f.put(&r);
+        assert_eq!(f.call(hc::MEMORY_OP, &[24, ARG]), -errno::EINVAL, "claim_pages of no domain");
+        // xen_pod_target: domid at 32 either way.
+        let mut pod = vec![0u8; 36];
+        pod[32..34].copy_from_slice(&9u16.to_le_bytes());
+        f.put(&pod);
+        assert_eq!(f.call(hc::MEMORY_OP, &[16, ARG]), -errno::ESRCH);
+        // A 32-bit struct may end where RAM ends: only its own bytes are read.
+        let end = (16 << 20) - 20;
+        f.dom.ram.slice_mut(end, 20).unwrap().fill(0);
+        f.dom.ram.slice_mut(end + 16, 2).unwrap().copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(f.call(hc::MEMORY_OP, &[24, end]), -errno::EPERM);
+        assert_eq!(f.call(DM_OP, &[1, 2, (16 << 20) - 16]), -errno::EPERM, "two 8-byte compat bufs");
+        f.width = Width::Bits64;
+        assert_eq!(f.call(hc::MEMORY_OP, &[24, end]), -errno::EFAULT, "the native struct is 32 bytes");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! HYPERVISOR_sched_op (sched.h): yield, block, shutdown, poll.
 
 use super::{Call, HcResult};
-use crate::abi::{errno, schedop, EVTCHN_2L_NR_CHANNELS};
+use crate::abi::{errno, schedop};
 use crate::exit::ExitReason;
 use crate::vcpu::Activity;
 
@@ -36,17 +36,19 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             Ok(0)
         }
         schedop::POLL => {
-            // struct sched_poll { evtchn_port_t *ports; unsigned int nr_ports; uint64_t timeout; }
-            let ports_va = c.guest.read_u64(arg)?;
-            let nr_ports = c.guest.read_u32(arg + 8)?;
-            let timeout = c.guest.read_u64(arg + 16)?;
+            // struct sched_poll { XEN_GUEST_HANDLE(evtchn_port_t) ports; unsigned int nr_ports; uint64_t timeout; }
+            let w = c.width();
+            let ports_va = c.guest.read_handle(arg)?;
+            let nr_ports = c.guest.read_u32(arg + w.ulong())?;
+            let timeout = c.guest.read_u64(arg + w.align(w.ulong() + 4, 8))?;
             if nr_ports > schedop::POLL_MAX_PORTS {
                 return Err(errno::EINVAL);
             }
             let mut ports = Vec::with_capacity(nr_ports as usize);
+            let max_ports = c.dom.ports().max_ports();
             for i in 0..nr_ports as u64 {
                 let port = c.guest.read_u32(ports_va.wrapping_add(4 * i))?;
-                if port >= EVTCHN_2L_NR_CHANNELS {
+                if port >= max_ports {
                     return Err(errno::EINVAL);
                 }
                 ports.push(port);

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{dispatch, Call, Effects};
-use crate::abi::{errno, hc};
+use crate::abi::{errno, hc, Width};
 use crate::cpu::Cpu;
 use crate::exit::ExitReason;
 use crate::memory::GuestRam;
@@ -22,6 +22,8 @@ struct Fixture {
     cpu: Cpu,
     dom: DomainState,
     vcpus: Vec<Vcpu>,
+    /// The ABI the next calls are made in.
+    width: Width,
 }
 
 fn fixture(nr_vcpus: u32) -> Fixture {
@@ -30,7 +32,7 @@ fn fixture(nr_vcpus: u32) -> Fixture {
     let shared = Arc::new(SharedState::new(ram, 1, nr_vcpus, Waker::new().unwrap()));
     let dom = DomainState::new(1, [7; 16], shared, nr_vcpus);
     let vcpus = (0..nr_vcpus).map(|i| Vcpu::new(i, cpu.power_on_state().unwrap())).collect();
-    Fixture { cpu, dom, vcpus }
+    Fixture { cpu, dom, vcpus, width: Width::Bits64 }
 }
 
 impl Fixture {
@@ -39,7 +41,7 @@ impl Fixture {
         let mut a = [0u64; 5];
         a[..args.len()].copy_from_slice(args);
         let paging_off = PagingState { cr0: 1, cr3: 0, cr4: 0, efer: 0 };
-        let mut c = Call::new(&ram, paging_off, &mut self.dom, &mut self.vcpus, self.cpu.pristine(), vcpu, cpl);
+        let mut c = Call::new(&ram, paging_off, self.width, &mut self.dom, &mut self.vcpus, self.cpu.pristine(), vcpu, cpl);
         let rax = dispatch(&mut c, nr, a) as i64;
         (rax, c.effects)
     }
@@ -483,4 +485,70 @@ fn vm_assist_allows_only_the_runstate_update_flag() {
     assert_eq!(f.call(0, hc::VM_ASSIST, &[0, 1]), E(errno::EINVAL));
     assert_eq!(f.call(0, hc::VM_ASSIST, &[1, 5]), 0);
     assert_eq!(f.dom.vm_assist, 0);
+}
+
+#[test]
+fn a_32_bit_caller_gets_the_compat_layouts() {
+    let mut f = fixture(2);
+    f.width = Width::Bits32;
+    // struct compat xen_add_to_physmap { domid; size; space; idx (4); gpfn (4) }: 16 bytes.
+    let mut a = Vec::new();
+    a.extend(0x7ff0u16.to_le_bytes());
+    a.extend(0u16.to_le_bytes());
+    a.extend(0u32.to_le_bytes());
+    a.extend(0u32.to_le_bytes());
+    a.extend(((SHARED_INFO >> 12) as u32).to_le_bytes());
+    f.put(ARG, &a);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[7, ARG]), 0);
+    assert_eq!(f.dom.shinfo_width(), Width::Bits32, "latched from the caller's mode");
+    // All 1024 ports start masked: 128 bytes of mask at 2176, nothing past it.
+    assert_eq!(f.get(SHARED_INFO + 2176, 128), vec![0xff; 128]);
+    assert_eq!(f.get(SHARED_INFO + 2304, 4), vec![2, 0, 0, 0], "wc_version right after the masks, even");
+    assert_eq!(f.dom.ports().max_ports(), 1024);
+
+    // Port 33 on vCPU 1: pending word 1 bit 1, selector (u32 at 4) bit 1.
+    for _ in 0..33 {
+        f.dom.ports().alloc(PortState::Ipi, 1).unwrap();
+    }
+    f.put(SHARED_INFO + 2176 + 4, &0u32.to_le_bytes()); // unmask ports 32..63
+    assert_eq!(f.dom.ports().raise(&f.dom.ram, 33), Some(1));
+    let vi1 = SHARED_INFO + 64;
+    assert_eq!(f.u32_at(SHARED_INFO + 2048 + 4), 0b10);
+    assert_eq!(f.u32_at(vi1 + 4), 0b10);
+    assert_eq!(f.get(vi1 + 8, 4), vec![0; 4], "nothing written where a 64-bit selector would be");
+    assert_eq!(f.get(vi1, 1), vec![1]);
+    // Ports past 1024 do not exist.
+    f.put(ARG, &0x7ff0u32.to_le_bytes());
+    f.put(ARG + 4, &2000u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[5, ARG]), E(errno::EINVAL), "status of port 2000");
+
+    // struct compat xen_memory_map { unsigned int nr_entries; handle (4) }.
+    f.dom.memory_map = vec![(0, 0x9f000, 1), (0x100000, 0xf00000, 1)];
+    f.put(ARG, &8u32.to_le_bytes());
+    f.put(ARG + 4, &0x3000u32.to_le_bytes());
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[9, ARG]), 0);
+    assert_eq!(f.u32_at(ARG), 2);
+    assert_eq!(f.get(0x3000 + 20, 8), 0x100000u64.to_le_bytes());
+
+    // struct compat sched_poll { handle (4); nr_ports; uint64_t timeout at 8 }.
+    f.put(0x3100, &33u32.to_le_bytes());
+    f.put(ARG, &0x3100u32.to_le_bytes());
+    f.put(ARG + 4, &1u32.to_le_bytes());
+    f.put(ARG + 8, &0u64.to_le_bytes());
+    let (rax, fx) = f.call_as(1, 0, hc::SCHED_OP, &[3, ARG]);
+    assert_eq!((rax, fx.block), (0, false), "port 33 is pending: poll returns at once");
+
+    // The runstate area: 44 bytes, state_entry_time at 4.
+    f.put(ARG + 44, &[0xee; 4]);
+    assert_eq!(f.call(0, hc::VCPU_OP, &[4 /* get_runstate_info */, 0, ARG]), 0);
+    let v = f.get(ARG, 48);
+    assert_eq!(u64::from_le_bytes(v[4..12].try_into().unwrap()), f.vcpus[0].runstate.entry_ns);
+    assert_eq!(v[44..], [0xee; 4], "nothing written past 44 bytes");
+
+    // set_timer_op(lo, hi): the 64-bit deadline in two arguments.
+    assert_eq!(f.call(0, hc::SET_TIMER_OP, &[0x2345_6789, 0x1]), 0);
+    assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(0x1_2345_6789));
+
+    // A 32-bit pointer cannot run past 4 GiB.
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[1, 0xffff_fff8]), E(errno::EFAULT));
 }

@@ -3,12 +3,12 @@
 //! one-shot and periodic timers.
 
 use super::{Call, HcResult};
-use crate::abi::errno;
+use crate::abi::{errno, Width};
 use crate::mmu;
 use crate::unicorn_gaps::{self, Segment};
 use crate::exit::ExitReason;
 use crate::vcpu::{Activity, Area, PeriodicTimer};
-use crate::xen::evtchn::{VCPU_INFO_SIZE, VI_PENDING_SEL};
+use crate::xen::evtchn::VCPU_INFO_SIZE;
 
 const INITIALISE: u64 = 0;
 const UP: u64 = 1;
@@ -106,7 +106,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 Some(o) => dst.copy_from_slice(&o),
                 None => dst.fill(0),
             }
-            dst[VI_PENDING_SEL as usize..VI_PENDING_SEL as usize + 8].fill(0xff);
+            let (sel, sel_len) = c.dom.ports().layout().pending_sel();
+            dst[sel as usize..(sel + sel_len) as usize].fill(0xff);
             dst[0] = 1;
             c.dom.ports().register_vcpu_info(v, gpa);
             c.dom.update_vcpu_time(v);
@@ -114,7 +115,9 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             Ok(0)
         }
         REGISTER_RUNSTATE_MEMORY_AREA | REGISTER_VCPU_TIME_MEMORY_AREA => {
-            let addr = c.guest.read_u64(arg)?;
+            // union { XEN_GUEST_HANDLE h; ... uint64_t p; } addr: a 32-bit
+            // caller's handle is its low 4 bytes.
+            let addr = c.guest.read_handle(arg)?;
             let x = &mut c.vcpus[v as usize];
             let area = if cmd == REGISTER_RUNSTATE_MEMORY_AREA { &mut x.runstate_area } else { &mut x.time_area };
             *area = (addr != 0).then_some(Area::Virtual(addr));
@@ -126,7 +129,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         REGISTER_RUNSTATE_PHYS_AREA | REGISTER_VCPU_TIME_PHYS_AREA => {
             // struct vcpu_register_{runstate,time}_phys_area { uint64_t addr; }
             let addr = c.guest.read_u64(arg)?;
-            let len = if cmd == REGISTER_RUNSTATE_PHYS_AREA { 48 } else { 32 };
+            let runstate_len = c.dom.shinfo_width().align(4, 8) + 40;
+            let len = if cmd == REGISTER_RUNSTATE_PHYS_AREA { runstate_len } else { 32 };
             if addr % 8 != 0 || (addr & 0xfff) + len > 4096 {
                 return Err(errno::ENXIO);
             }
@@ -141,7 +145,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             Ok(0)
         }
         GET_RUNSTATE_INFO => {
-            let info = c.vcpus[v as usize].runstate.info(c.dom.system_time_ns());
+            // In the caller's layout (Xen's compat vcpu_op for a 32-bit call).
+            let info = c.vcpus[v as usize].runstate.info(c.dom.system_time_ns(), c.width());
             c.guest.write(arg, &info)?;
             Ok(0)
         }
@@ -195,7 +200,12 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
 
 /// set_timer_op(timeout): a one-shot timer at absolute system time; 0 stops it.
 pub fn set_timer_op(c: &mut Call, args: [u64; 5]) -> HcResult {
-    c.me().timers.singleshot_ns = (args[0] != 0).then_some(args[0]);
+    // A 32-bit caller passes the 64-bit time in two arguments (low, high).
+    let timeout = match c.width() {
+        Width::Bits64 => args[0],
+        Width::Bits32 => args[0] | args[1] << 32,
+    };
+    c.me().timers.singleshot_ns = (timeout != 0).then_some(timeout);
     c.effects.recheck = true;
     Ok(0)
 }

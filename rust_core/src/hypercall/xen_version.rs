@@ -54,7 +54,8 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         }
         xenver::CAPABILITIES => c.guest.write(arg, &fixed(CAPABILITIES, 1024)).map(|_| 0),
         xenver::CHANGESET => c.guest.write(arg, &fixed("pvhvm", 64)).map(|_| 0),
-        xenver::PLATFORM_PARAMETERS => c.guest.write(arg, &HVM_VIRT_START.to_le_bytes()).map(|_| 0),
+        // struct xen_platform_parameters { xen_ulong_t virt_start; }
+        xenver::PLATFORM_PARAMETERS => c.guest.write_ulong(arg, HVM_VIRT_START).map(|_| 0),
         xenver::GET_FEATURES => {
             // struct xen_feature_info { uint32_t submap_idx; uint32_t submap; }
             let idx = c.guest.read_u32(arg)?;

@@ -15,25 +15,104 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
+use crate::abi::Width;
 use crate::memory::GuestRam;
 
 /// Ports a 64-bit guest can name under the 2-level ABI (64 words of 64 bits).
 pub const NR_PORTS: u32 = 64 * 64;
+/// A 32-bit guest's 2-level ABI: 32 words of 32 bits.
+pub const NR_PORTS_32: u32 = 32 * 32;
 pub const DOMID_HOST: u16 = 0;
 /// vcpu_info slots in shared_info (MAX_VIRT_CPUS); later vCPUs must
 /// register theirs.
 pub const SHARED_INFO_VCPUS: u32 = 32;
 
-// shared_info offsets (xen.h, x86-64 layout).
+// shared_info offsets (xen.h): the event words are xen_ulong_t, so a 32-bit
+// guest's are 32 words of 4 bytes and its mask array starts earlier.
 pub const SI_PENDING: u64 = 2048;
 pub const SI_MASK: u64 = 2560;
+pub const SI_MASK_32: u64 = 2048 + 32 * 4;
 pub const VCPU_INFO_SIZE: u64 = 64;
-// vcpu_info offsets.
+// vcpu_info offsets (the selector is a xen_ulong_t after two bytes of flags).
 pub const VI_UPCALL_PENDING: u64 = 0;
 pub const VI_UPCALL_MASK: u64 = 1;
 pub const VI_PENDING_SEL: u64 = 8;
+pub const VI_PENDING_SEL_32: u64 = 4;
 pub const VI_TIME: u64 = 32;
+
+/// Where the 2-level bits live in one shared_info layout (Xen latches a
+/// domain's layout from the mode of its vCPU at the calls that set it up:
+/// `has_32bit_shinfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShinfoLayout {
+    pub width: Width,
+}
+
+impl ShinfoLayout {
+    pub fn nr_ports(self) -> u32 {
+        match self.width {
+            Width::Bits64 => NR_PORTS,
+            Width::Bits32 => NR_PORTS_32,
+        }
+    }
+    fn bits(self) -> u32 {
+        self.width.ulong() as u32 * 8
+    }
+    pub fn pending(self) -> u64 {
+        SI_PENDING
+    }
+    pub fn mask(self) -> u64 {
+        match self.width {
+            Width::Bits64 => SI_MASK,
+            Width::Bits32 => SI_MASK_32,
+        }
+    }
+    /// The selector's offset and size in a vcpu_info.
+    pub fn pending_sel(self) -> (u64, u64) {
+        match self.width {
+            Width::Bits64 => (VI_PENDING_SEL, 8),
+            Width::Bits32 => (VI_PENDING_SEL_32, 4),
+        }
+    }
+}
+
+/// One bit of a guest's event word, reached atomically (the guest updates
+/// the same words with LOCK'd instructions).
+enum Bit<'r> {
+    In64(&'r AtomicU64, u64),
+    In32(&'r AtomicU32, u32),
+}
+
+impl<'r> Bit<'r> {
+    fn at(ram: &'r GuestRam, width: Width, array: u64, n: u32) -> Option<Self> {
+        Some(match width {
+            Width::Bits64 => Bit::In64(ram.atomic_u64(array + (n as u64 / 64) * 8).ok()?, 1 << (n % 64)),
+            Width::Bits32 => Bit::In32(ram.atomic_u32(array + (n as u64 / 32) * 4).ok()?, 1 << (n % 32)),
+        })
+    }
+    fn test(&self) -> bool {
+        match self {
+            Bit::In64(w, b) => w.load(SeqCst) & b != 0,
+            Bit::In32(w, b) => w.load(SeqCst) & b != 0,
+        }
+    }
+    /// Set; returns whether it was already set.
+    fn set(&self) -> bool {
+        match self {
+            Bit::In64(w, b) => w.fetch_or(*b, SeqCst) & b != 0,
+            Bit::In32(w, b) => w.fetch_or(*b, SeqCst) & b != 0,
+        }
+    }
+    /// Clear; returns whether it was set.
+    fn clear(&self) -> bool {
+        match self {
+            Bit::In64(w, b) => w.fetch_and(!*b, SeqCst) & b != 0,
+            Bit::In32(w, b) => w.fetch_and(!*b, SeqCst) & b != 0,
+        }
+    }
+}
 
 pub const VIRQ_TIMER: u32 = 0;
 pub const VIRQ_DEBUG: u32 = 1;
@@ -88,6 +167,8 @@ pub struct EventChannels {
     domid: u16,
     /// Where shared_info (and so the bitmaps) is, once the guest placed it.
     shared_info: Option<u64>,
+    /// Its layout (64-bit until a 32-bit vCPU sets it up).
+    layout: ShinfoLayout,
     /// vcpu_info registered by VCPUOP_register_vcpu_info, per vCPU.
     vcpu_info: Vec<Option<u64>>,
     /// Guest ports the guest notified and the host has not collected.
@@ -101,6 +182,7 @@ impl EventChannels {
             ports: vec![Port { state: PortState::Free, vcpu: 0 }; 1],
             domid,
             shared_info: None,
+            layout: ShinfoLayout { width: Width::Bits64 },
             vcpu_info: vec![None; nr_vcpus as usize],
             host_notifications: VecDeque::new(),
         }
@@ -122,7 +204,7 @@ impl EventChannels {
         let free = (1..self.ports.len()).find(|&i| self.ports[i].state == PortState::Free);
         let port = match free {
             Some(p) => p,
-            None if (self.ports.len() as u32) < NR_PORTS => {
+            None if (self.ports.len() as u32) < self.layout.nr_ports() => {
                 self.ports.push(Port { state: PortState::Free, vcpu: 0 });
                 self.ports.len() - 1
             }
@@ -138,8 +220,8 @@ impl EventChannels {
     /// its spinlock-kick IPI with a handler that BUG()s if it ever runs).
     pub fn close(&mut self, ram: &GuestRam, port: u32) -> Result<PortState, EvtchnError> {
         let p = self.get(port).ok_or(EvtchnError::Invalid)?;
-        if let Some((pending, bit)) = self.word(ram, SI_PENDING, port) {
-            pending.fetch_and(!bit, SeqCst);
+        if let Some(pending) = self.bit(ram, self.layout.pending(), port) {
+            pending.clear();
         }
         // A loopback interdomain peer goes back to unbound.
         if let PortState::Interdomain { remote, remote_port } = p.state {
@@ -196,6 +278,20 @@ impl EventChannels {
         self.shared_info = gpa;
     }
 
+    pub fn layout(&self) -> ShinfoLayout {
+        self.layout
+    }
+
+    /// Latch the shared_info layout; returns whether it changed.
+    pub fn set_layout(&mut self, layout: ShinfoLayout) -> bool {
+        std::mem::replace(&mut self.layout, layout) != layout
+    }
+
+    /// The ports the guest can name (`nr_ports` of the layout).
+    pub fn max_ports(&self) -> u32 {
+        self.layout.nr_ports()
+    }
+
     /// Where vCPU `v`'s vcpu_info lives: registered, or its slot in shared_info.
     pub fn vcpu_info(&self, v: u32) -> Option<u64> {
         let registered = *self.vcpu_info.get(v as usize)?;
@@ -216,21 +312,19 @@ impl EventChannels {
 
     // -- the 2-level bits ---------------------------------------------------
 
-    fn word<'r>(&self, ram: &'r GuestRam, array: u64, port: u32) -> Option<(&'r std::sync::atomic::AtomicU64, u64)> {
-        if port >= NR_PORTS {
+    fn bit<'r>(&self, ram: &'r GuestRam, array: u64, port: u32) -> Option<Bit<'r>> {
+        if port >= self.layout.nr_ports() {
             return None;
         }
-        let si = self.shared_info?;
-        let w = ram.atomic_u64(si + array + (port as u64 / 64) * 8).ok()?;
-        Some((w, 1u64 << (port % 64)))
+        Bit::at(ram, self.layout.width, self.shared_info? + array, port)
     }
 
     pub fn is_pending(&self, ram: &GuestRam, port: u32) -> bool {
-        self.word(ram, SI_PENDING, port).is_some_and(|(w, bit)| w.load(SeqCst) & bit != 0)
+        self.bit(ram, self.layout.pending(), port).is_some_and(|b| b.test())
     }
 
     pub fn is_masked(&self, ram: &GuestRam, port: u32) -> bool {
-        self.word(ram, SI_MASK, port).is_some_and(|(w, bit)| w.load(SeqCst) & bit != 0)
+        self.bit(ram, self.layout.mask(), port).is_some_and(|b| b.test())
     }
 
     /// Whether vCPU `v` has an event upcall waiting.
@@ -244,9 +338,9 @@ impl EventChannels {
     /// upcall flag. Returns whether the upcall became pending.
     fn mark(&self, ram: &GuestRam, port: u32, v: u32) -> bool {
         let Some(vi) = self.vcpu_info(v) else { return false };
-        let Ok(sel) = ram.atomic_u64(vi + VI_PENDING_SEL) else { return false };
-        let bit = 1u64 << (port / 64);
-        if sel.fetch_or(bit, SeqCst) & bit != 0 {
+        let (sel, _) = self.layout.pending_sel();
+        let Some(word) = Bit::at(ram, self.layout.width, vi + sel, port / self.layout.bits()) else { return false };
+        if word.set() {
             return false;
         }
         ram.atomic_u8(vi + VI_UPCALL_PENDING).is_ok_and(|u| u.swap(1, SeqCst) == 0)
@@ -257,8 +351,7 @@ impl EventChannels {
     /// upcall due, and a vCPU polling the port must look again.
     pub fn raise(&self, ram: &GuestRam, port: u32) -> Option<u32> {
         let p = self.get(port)?;
-        let (pending, bit) = self.word(ram, SI_PENDING, port)?;
-        if pending.fetch_or(bit, SeqCst) & bit != 0 {
+        if self.bit(ram, self.layout.pending(), port)?.set() {
             return None;
         }
         if !self.is_masked(ram, port) {
@@ -271,8 +364,7 @@ impl EventChannels {
     /// Returns the vCPU whose upcall became pending.
     pub fn unmask(&self, ram: &GuestRam, port: u32) -> Option<u32> {
         let p = self.get(port)?;
-        let (mask, bit) = self.word(ram, SI_MASK, port)?;
-        let was_masked = mask.fetch_and(!bit, SeqCst) & bit != 0;
+        let was_masked = self.bit(ram, self.layout.mask(), port)?.clear();
         (was_masked && self.is_pending(ram, port) && self.mark(ram, port, p.vcpu)).then_some(p.vcpu)
     }
 

@@ -25,10 +25,11 @@ pub mod time;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::abi::Width;
 use crate::hypercall_log::HypercallLog;
 use crate::memory::GuestRam;
 use crate::waker::Waker;
-use evtchn::{EventChannels, PortState, DOMID_HOST, VI_TIME};
+use evtchn::{EventChannels, PortState, ShinfoLayout, DOMID_HOST, VI_TIME};
 use gnttab::GrantTable;
 use time::Clock;
 
@@ -45,11 +46,16 @@ pub mod hvm_param {
 /// What the host's console output buffer may hold before old output is dropped.
 pub const CONSOLE_OUT_CAP: usize = 16 << 20;
 
-// shared_info: the wall clock (xen.h, x86-64 layout).
-const SI_WC_VERSION: usize = 3072;
-const SI_WC_SEC: usize = 3076;
-const SI_WC_NSEC: usize = 3080;
-const SI_WC_SEC_HI: usize = 3084;
+/// shared_info's wall clock (xen.h): wc_version, wc_sec, wc_nsec follow the
+/// event arrays, whose size is the layout's; a 32-bit layout has no room
+/// for wc_sec_hi there and keeps it at the end of arch_shared_info (six
+/// 32-bit fields later).
+fn wallclock_offsets(width: Width) -> (usize, usize) {
+    match width {
+        Width::Bits64 => (3072, 3084),
+        Width::Bits32 => (2304, 2304 + 12 + 6 * 4),
+    }
+}
 
 fn unpoison<T>(r: std::sync::LockResult<MutexGuard<'_, T>>) -> MutexGuard<'_, T> {
     r.unwrap_or_else(|e| e.into_inner())
@@ -191,10 +197,30 @@ impl DomainState {
         }
     }
 
+    /// The layout of shared_info, vcpu_info and the runstate areas.
+    pub fn shinfo_width(&self) -> Width {
+        self.ports().layout().width
+    }
+
+    /// Latch the shared_info layout from the mode of the vCPU that sets the
+    /// domain up (Xen's `hvm_latch_shinfo_size`: at placing shared_info and
+    /// at HVM_PARAM_CALLBACK_IRQ). The wall clock moves with it.
+    pub fn latch_shinfo_width(&mut self, width: Width) {
+        let changed = self.ports().set_layout(ShinfoLayout { width });
+        if changed {
+            if let Some(gpa) = self.ports().shared_info() {
+                self.write_wallclock(gpa);
+            }
+        }
+    }
+
     /// Put shared_info at guest-physical `gpa` (a RAM page), with the wall clock.
     pub fn place_shared_info(&mut self, gpa: u64) -> bool {
         let Ok(page) = self.ram.slice_mut(gpa, 4096) else { return false };
-        let old = self.ports().shared_info();
+        let (old, layout) = {
+            let ev = self.ports();
+            (ev.shared_info(), ev.layout())
+        };
         match old {
             Some(old) if old != gpa => {
                 // Move the live contents, as the page is Xen's, not the frame's.
@@ -207,24 +233,30 @@ impl DomainState {
             None => {
                 page.fill(0);
                 // Every port masked until the guest unmasks it, as Xen starts them.
-                page[evtchn::SI_MASK as usize..evtchn::SI_MASK as usize + 512].fill(0xff);
+                let mask = layout.mask() as usize;
+                page[mask..mask + layout.nr_ports() as usize / 8].fill(0xff);
             }
         }
         self.ports().set_shared_info(Some(gpa));
-        let wall = self.clock.boot_wall;
-        let sec = wall.as_secs();
-        let p = self.ram.slice_mut(gpa, 4096).expect("checked");
-        let field = |off: usize| off..off + 4;
-        let ver = u32::from_le_bytes(p[field(SI_WC_VERSION)].try_into().unwrap()).wrapping_add(1) | 1;
-        p[field(SI_WC_VERSION)].copy_from_slice(&ver.to_le_bytes());
-        p[field(SI_WC_SEC)].copy_from_slice(&(sec as u32).to_le_bytes());
-        p[field(SI_WC_NSEC)].copy_from_slice(&wall.subsec_nanos().to_le_bytes());
-        p[field(SI_WC_SEC_HI)].copy_from_slice(&((sec >> 32) as u32).to_le_bytes());
-        p[field(SI_WC_VERSION)].copy_from_slice(&ver.wrapping_add(1).to_le_bytes());
+        self.write_wallclock(gpa);
         for v in 0..self.nr_vcpus {
             self.update_vcpu_time(v);
         }
         true
+    }
+
+    fn write_wallclock(&self, gpa: u64) {
+        let Ok(p) = self.ram.slice_mut(gpa, 4096) else { return };
+        let (version, sec_hi) = wallclock_offsets(self.shinfo_width());
+        let wall = self.clock.boot_wall;
+        let sec = wall.as_secs();
+        let field = |off: usize| off..off + 4;
+        let ver = u32::from_le_bytes(p[field(version)].try_into().unwrap()).wrapping_add(1) | 1;
+        p[field(version)].copy_from_slice(&ver.to_le_bytes());
+        p[field(version + 4)].copy_from_slice(&(sec as u32).to_le_bytes());
+        p[field(version + 8)].copy_from_slice(&wall.subsec_nanos().to_le_bytes());
+        p[field(sec_hi)].copy_from_slice(&((sec >> 32) as u32).to_le_bytes());
+        p[field(version)].copy_from_slice(&ver.wrapping_add(1).to_le_bytes());
     }
 
     pub fn console_write(&mut self, data: &[u8]) {

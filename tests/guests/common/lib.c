@@ -6,10 +6,10 @@ enum hc_path hc_path = HC_VMCALL;
 uint8_t hypercall_page[4096] __attribute__((aligned(4096)));
 static int nfail, npass;
 
-uint64_t strlen(const char *s) { uint64_t n = 0; while (s[n]) n++; return n; }
-void *memset(void *d, int c, uint64_t n) { uint8_t *p = d; while (n--) *p++ = (uint8_t)c; return d; }
-void *memcpy(void *d, const void *s, uint64_t n) { uint8_t *p = d; const uint8_t *q = s; while (n--) *p++ = *q++; return d; }
-int memcmp(const void *a, const void *b, uint64_t n)
+__SIZE_TYPE__ strlen(const char *s) { __SIZE_TYPE__ n = 0; while (s[n]) n++; return n; }
+void *memset(void *d, int c, __SIZE_TYPE__ n) { uint8_t *p = d; while (n--) *p++ = (uint8_t)c; return d; }
+void *memcpy(void *d, const void *s, __SIZE_TYPE__ n) { uint8_t *p = d; const uint8_t *q = s; while (n--) *p++ = *q++; return d; }
+int memcmp(const void *a, const void *b, __SIZE_TYPE__ n)
 {
     const uint8_t *p = a, *q = b;
     for (; n; n--, p++, q++)
@@ -17,6 +17,7 @@ int memcmp(const void *a, const void *b, uint64_t n)
     return 0;
 }
 
+#ifdef __x86_64__
 long hypercall(unsigned nr, long a1, long a2, long a3, long a4, long a5)
 {
     long ret;
@@ -39,6 +40,74 @@ long hypercall(unsigned nr, long a1, long a2, long a3, long a4, long a5)
     }
     return ret;
 }
+#else
+long hypercall(unsigned nr, long a1, long a2, long a3, long a4, long a5)
+{
+    long ret;
+    switch (hc_path) {
+    case HC_VMMCALL:
+        asm volatile("vmmcall" : "=a"(ret), "+b"(a1), "+c"(a2), "+d"(a3), "+S"(a4), "+D"(a5)
+                     : "a"(nr) : "memory");
+        break;
+    case HC_PAGE: {
+        /* Six registers carry the call; the stub's address goes in memory. */
+        void *stub = hypercall_page + nr * 32;
+        asm volatile("call *%[stub]" : "=a"(ret), "+b"(a1), "+c"(a2), "+d"(a3), "+S"(a4), "+D"(a5)
+                     : [stub] "m"(stub), "a"(nr) : "memory");
+        break;
+    }
+    default:
+        asm volatile("vmcall" : "=a"(ret), "+b"(a1), "+c"(a2), "+d"(a3), "+S"(a4), "+D"(a5)
+                     : "a"(nr) : "memory");
+    }
+    return ret;
+}
+
+int (*exception_handler)(struct exc_frame *f);
+
+void guest_exception(struct exc_frame *f)
+{
+    if (exception_handler && exception_handler(f))
+        return;
+    uint32_t cr2;
+    asm volatile("mov %%cr2, %0" : "=r"(cr2));
+    printk("EXCEPTION vector %u error %x at eip %x (cs %x) cr2 %x\n", f->vector, f->error, f->eip, f->cs, cr2);
+    guest_exit(SHUTDOWN_crash);
+}
+
+/* 64-bit division for -m32 (there is no 32-bit libgcc here): shift and subtract. */
+static uint64_t udivmod64(uint64_t n, uint64_t d, uint64_t *rem)
+{
+    uint64_t q = 0, r = 0;
+    if (d == 0) {
+        *rem = 0;
+        return ~0ULL;
+    }
+    for (int i = 63; i >= 0; i--) {
+        r = (r << 1) | ((n >> i) & 1);
+        if (r >= d) { r -= d; q |= 1ULL << i; }
+    }
+    *rem = r;
+    return q;
+}
+uint64_t __udivdi3(uint64_t n, uint64_t d);
+uint64_t __umoddi3(uint64_t n, uint64_t d);
+int64_t __divdi3(int64_t n, int64_t d);
+int64_t __moddi3(int64_t n, int64_t d);
+uint64_t __udivdi3(uint64_t n, uint64_t d) { uint64_t r; return udivmod64(n, d, &r); }
+uint64_t __umoddi3(uint64_t n, uint64_t d) { uint64_t r; udivmod64(n, d, &r); return r; }
+int64_t __divdi3(int64_t n, int64_t d)
+{
+    uint64_t r, q = udivmod64(n < 0 ? -(uint64_t)n : (uint64_t)n, d < 0 ? -(uint64_t)d : (uint64_t)d, &r);
+    return (n < 0) != (d < 0) ? -(int64_t)q : (int64_t)q;
+}
+int64_t __moddi3(int64_t n, int64_t d)
+{
+    uint64_t r;
+    udivmod64(n < 0 ? -(uint64_t)n : (uint64_t)n, d < 0 ? -(uint64_t)d : (uint64_t)d, &r);
+    return n < 0 ? -(int64_t)r : (int64_t)r;
+}
+#endif
 
 /* CPUID leaf base+2 names the MSR; writing the page's address to it makes
  * the hypervisor fill the page with hypercall stubs. */
@@ -82,7 +151,7 @@ static void vformat(char *out, uint64_t cap, const char *fmt, va_list ap)
         fmt++;
         while (*fmt == 'l') { lng = 1; fmt++; }
         switch (*fmt) {
-        case 'd': { long v = lng ? va_arg(ap, long) : va_arg(ap, int); p = fmt_num(p, v < 0 ? -v : v, 10, v < 0); break; }
+        case 'd': { int64_t v = lng ? va_arg(ap, int64_t) : va_arg(ap, int); p = fmt_num(p, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, v < 0); break; }
         case 'u': { uint64_t v = lng ? va_arg(ap, uint64_t) : va_arg(ap, unsigned); p = fmt_num(p, v, 10, 0); break; }
         case 'x': { uint64_t v = lng ? va_arg(ap, uint64_t) : va_arg(ap, unsigned); *p++ = '0'; *p++ = 'x'; p = fmt_num(p, v, 16, 0); break; }
         case 's': { const char *s = va_arg(ap, const char *); while (*s && p < end) *p++ = *s++; break; }

@@ -1,0 +1,112 @@
+"""The 32-bit default guest: Debian's i386 linux-image-686-pae (built with
+CONFIG_XEN_PVH) and busybox-static:i386, prepared by pvhvm.images with
+arch="i386" (about 55 MB downloaded on the first run, apt lists of its own).
+
+The artifacts are proven under QEMU TCG, which boots the vmlinux by its PVH
+note as pvhvm does, to the /init marker with the i386 modules loading."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from pvhvm.builder import load_elf
+from pvhvm.images import DEFAULT_INIT, DEFAULT_MODULES, prepare_default_guest
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt (Debian)")]
+
+EM_386 = 3
+QEMU = shutil.which("qemu-system-i386")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-i386 (Debian's qemu-system-x86)")
+
+
+@pytest.fixture(scope="module")
+def guest():
+    return prepare_default_guest(arch="i386")
+
+
+def elf_machine(data: bytes) -> int:
+    assert data[:4] == b"\x7fELF"
+    return int.from_bytes(data[18:20], "little")
+
+
+def newc_names(archive: bytes) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, data) of an uncompressed newc archive."""
+    members, off = {}, 0
+    while True:
+        fields = [int(archive[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name_end = off + 110 + namesize
+        name = archive[off + 110 : name_end - 1].decode()
+        start = name_end + (-name_end % 4)
+        if name == "TRAILER!!!":
+            return members
+        members[name] = (mode, archive[start : start + size])
+        off = start + size + (-size % 4)
+
+
+def test_the_kernel_is_debians_686_pae_with_pvh(guest):
+    assert guest.arch == "i386"
+    assert guest.kernel_version.endswith("-686-pae")
+    assert guest.kernel_package.startswith(f"linux-image-{guest.kernel_version} ")
+    config = (guest.modules_root.parents[2] / "boot" / f"config-{guest.kernel_version}").read_text()
+    assert "\nCONFIG_XEN_PVH=y\n" in config and "\nCONFIG_X86_32=y\n" in config
+    # The payload's compression is what the config says (xz for this flavour).
+    assert f"\nCONFIG_KERNEL_{guest.payload_compression.upper()}=y\n" in config
+    image = load_elf(guest.vmlinux)
+    assert (image.elf_class, image.machine) == (32, EM_386)
+    assert image.phys32_entry is not None  # XEN_ELFNOTE_PHYS32_ENTRY: bootable as PVH
+
+
+def test_the_initrd_is_all_i386(guest):
+    members = newc_names(guest.initrd.read_bytes())
+    assert members["init"][1] == DEFAULT_INIT.encode()
+    assert elf_machine(members["bin/busybox"][1]) == EM_386
+    applets = {name.removeprefix("bin/") for name, (mode, _) in members.items() if stat.S_ISLNK(mode)}
+    assert {"sh", "modprobe", "udhcpc", "findfs", "switch_root", "cttyhack", "setsid"} <= applets
+    modules = {name.rpartition("/")[2]: data for name, (_, data) in members.items() if name.endswith(".ko")}
+    for name in DEFAULT_MODULES:
+        assert elf_machine(modules[f"{name}.ko"]) == EM_386, name
+    assert f"lib/modules/{guest.kernel_version}/modules.dep" in members
+
+
+def test_cached_and_apart_from_the_amd64_guest(guest, capfd):
+    capfd.readouterr()
+    assert prepare_default_guest(arch="i386") == guest
+    assert "pvhvm:" not in capfd.readouterr().err  # nothing downloaded or rebuilt
+    manifest = guest.initrd.parents[1] / "default-guest-i386.json"
+    assert '"arch": "i386"' in manifest.read_text()
+
+
+def test_cli_fetch_guest_prints_the_cached_i386_guest(guest):
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "fetch-guest", "--arch", "i386"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"vmlinux: {guest.vmlinux}\n" in p.stdout and f"initrd:  {guest.initrd}\n" in p.stdout
+    assert f"({guest.kernel_package}, i386)" in p.stdout
+
+
+@needs_qemu
+def test_boots_to_init_under_qemu_and_loads_its_modules(guest, tmp_path):
+    # root=/dev/vda on a blank virtio disk: /init must modprobe virtio_pci and
+    # virtio_blk from the i386 package for /dev/vda to appear, then finds no
+    # file system on it, says so and powers off (QEMU exits, -no-reboot).
+    blank = tmp_path / "blank.img"
+    with blank.open("wb") as f:
+        f.truncate(1 << 20)
+    cmd = [
+        QEMU, "-M", "pc", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-nic", "none",
+        "-kernel", str(guest.vmlinux), "-initrd", str(guest.initrd), "-append", "console=ttyS0 root=/dev/vda",
+        "-drive", f"file={blank},if=virtio,format=raw",
+    ]
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    log = p.stdout.decode(errors="replace").replace("\r", "")
+    assert p.returncode == 0, log[-3000:]
+    assert "Linux version " + guest.kernel_version in log
+    assert "PVHVM-INIT-OK uptime=" in log, log[-3000:]
+    assert "PVHVM-INIT: cannot mount /dev/vda (ext4, ro) for root=/dev/vda" in log, log[-3000:]
+    assert "reboot: Power down" in log
