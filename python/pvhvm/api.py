@@ -134,6 +134,7 @@ class Domain:
         mac: str | None = None,
         vcpus: int = 1,
         disks=(),
+        uuid: uuidlib.UUID | str | None = None,
     ) -> None:
         """`net`: the vif's host side: "passt" (user-mode networking, no
         root), "tap:NAME" (root), a NetHost object, or None/"none" for no
@@ -145,7 +146,10 @@ class Domain:
         "format=raw, vdev=xvda, access=rw, target=PATH"), served by blkback.
         `maxmem_mib` (xl's maxmem, default `memory_mib`): the guest's RAM is
         this much and its balloon driver starts by giving back the part
-        above `memory_mib`; `set_memory_target` moves the target later."""
+        above `memory_mib`; `set_memory_target` moves the target later.
+        `uuid`: the domain's handle (xl's `uuid`), a UUID or its string;
+        a random one when None. The guest reads it as XENVER_guest_handle
+        and in xenstore at /vm/<uuid>/uuid (Linux's /sys/hypervisor/uuid)."""
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be a number from 1 to {MAX_VCPUS}, not {vcpus!r}")
         if isinstance(disks, (str, os.PathLike)):
@@ -165,7 +169,11 @@ class Domain:
         self.vcpus = vcpus
         self.name = name
         self.domid = domid
-        self.uuid = uuidlib.uuid4()
+        try:
+            self.uuid: uuidlib.UUID = uuidlib.uuid4() if uuid is None else (
+                uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid)))
+        except ValueError as err:
+            raise BuildError(f"uuid: {err}: {uuid!r}") from None
         self._symbols = None
 
         self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)

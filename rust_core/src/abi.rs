@@ -98,8 +98,11 @@ pub mod xenfeat {
     pub const AUTO_TRANSLATED_PHYSMAP: u32 = 2;
     pub const HVM_CALLBACK_VECTOR: u32 = 8;
     pub const HVM_SAFE_PVCLOCK: u32 = 9;
-    pub const LINUX_RSDP_UNRESTRICTED: u32 = 15;
+    pub const MEMORY_OP_VNODE_SUPPORTED: u32 = 13;
     pub const NOT_DIRECT_MAPPED: u32 = 16;
+    pub const RUNSTATE_PHYS_AREA: u32 = 18;
+    pub const VCPU_TIME_PHYS_AREA: u32 = 19;
+    pub const DM_MSIX_ALL_WRITES: u32 = 20;
 }
 
 /// CONSOLEIO_* (xen.h).

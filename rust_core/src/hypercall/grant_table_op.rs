@@ -13,6 +13,9 @@ const GET_VERSION: u64 = 10;
 
 pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
     let [cmd, uop, count, ..] = args;
+    if let Some(e) = super::refusals::grant_table_op_filtered(cmd) {
+        return Err(e);
+    }
     if count != 1 {
         return Err(errno::EINVAL);
     }

@@ -6,7 +6,6 @@ use crate::xen::hvm_param;
 
 const SET_PARAM: u64 = 0;
 const GET_PARAM: u64 = 1;
-const PAGETABLE_DYING: u64 = 9;
 const SET_EVTCHN_UPCALL_VECTOR: u64 = 23;
 
 /// Parameters a guest may set on itself; the rest belong to the toolstack.
@@ -61,8 +60,6 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             x.upcall_vector = Some(b[0]);
             Ok(0)
         }
-        // Only for shadow paging, which this hypervisor does not do.
-        PAGETABLE_DYING => Err(errno::ENOSYS),
-        _ => Err(errno::ENOSYS),
+        _ => super::refusals::hvm_op(c, op, arg),
     }
 }

@@ -83,7 +83,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             }
             Ok(0)
         }
-        _ => Err(errno::ENOSYS),
+        _ => super::refusals::memory_op(c, cmd, arg),
     }
 }
 

@@ -9,6 +9,7 @@ mod grant_table_op;
 mod hvm_op;
 mod memory_op;
 mod misc;
+mod refusals;
 mod reservation;
 mod sched_op;
 mod vcpu_op;
@@ -215,7 +216,7 @@ pub fn dispatch(c: &mut Call, nr: u64, args: [u64; 5]) -> u64 {
             hc::EVENT_CHANNEL_OP => event_channel_op::call(c, args),
             hc::GRANT_TABLE_OP => grant_table_op::call(c, args),
             hc::VM_ASSIST => misc::vm_assist(c, args),
-            _ => Err(errno::ENOSYS),
+            _ => refusals::call(c, nr, args),
         }
     };
     let ret = match result {

@@ -66,7 +66,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             }
             Ok(0)
         }
-        schedop::REMOTE_SHUTDOWN | schedop::PIN_OVERRIDE => Err(errno::EPERM),
+        schedop::REMOTE_SHUTDOWN | schedop::PIN_OVERRIDE => super::refusals::sched_op(c, cmd, arg),
         schedop::WATCHDOG => Err(errno::ENOSYS),
         _ => Err(errno::ENOSYS),
     }

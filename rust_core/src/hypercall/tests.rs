@@ -104,7 +104,9 @@ fn xen_version_copies_out_or_faults() {
     assert_eq!(f.call(0, hc::XEN_VERSION, &[1, 0xffff_f000]), E(errno::EFAULT));
     f.put(ARG, &1u32.to_le_bytes());
     assert_eq!(f.call(0, hc::XEN_VERSION, &[6, ARG]), E(errno::EINVAL), "feature submap 1 does not exist");
-    assert_eq!(f.call(0, hc::XEN_VERSION, &[9, ARG]), E(errno::EPERM), "Xen's command line is not a domU's");
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[9, ARG]), 0, "Xen's command line is not a domU's: it reads <denied>");
+    assert_eq!(&f.get(ARG, 9), b"<denied>\0");
+    assert_eq!(f.call(0, hc::XEN_VERSION, &[10, 0]), E(errno::EPERM), "nor is its build id");
 }
 
 #[test]
@@ -129,7 +131,9 @@ fn sched_op_shutdown_block_and_poll() {
     f.put(ARG, &3u32.to_le_bytes());
     let (rax, fx) = f.call_as(0, 0, hc::SCHED_OP, &[2, ARG]);
     assert_eq!((rax, fx.exit), (0, Some(ExitReason::Shutdown { reason: 3 })));
-    assert_eq!(f.call(0, hc::SCHED_OP, &[4, ARG]), E(errno::EPERM), "remote_shutdown is the toolstack's");
+    assert_eq!(f.call(0, hc::SCHED_OP, &[4, ARG]), E(errno::ESRCH), "remote_shutdown of no domain 3");
+    f.put(ARG, &1u16.to_le_bytes());
+    assert_eq!(f.call(0, hc::SCHED_OP, &[4, ARG]), E(errno::EPERM), "remote_shutdown is the device model's");
 
     // Block with nothing pending: the vCPU blocks. With an upcall pending: it goes on.
     let (_, fx) = f.call_as(1, 0, hc::SCHED_OP, &[1, 0]);
@@ -239,7 +243,8 @@ fn hvm_op_params_and_upcall_vectors() {
     assert_eq!(f.vcpus[1].upcall_vector, Some(0xe0));
     f.put(ARG, &[2, 0, 0, 0, 0xe0]);
     assert_eq!(f.call(0, hc::HVM_OP, &[23, ARG]), E(errno::ENOENT));
-    assert_eq!(f.call(0, hc::HVM_OP, &[9, 0]), E(errno::ENOSYS), "pagetable_dying: no shadow paging");
+    f.put(ARG, &0x7ff0u16.to_le_bytes());
+    assert_eq!(f.call(0, hc::HVM_OP, &[9, ARG]), E(errno::EINVAL), "pagetable_dying: no shadow paging");
 }
 
 fn hvm_context_64(rip: u64, cr0: u64, efer: u64) -> Vec<u8> {
