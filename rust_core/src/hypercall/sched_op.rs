@@ -1,7 +1,7 @@
 //! HYPERVISOR_sched_op (sched.h): yield, block, shutdown, poll.
 
 use super::{Call, HcResult};
-use crate::abi::{errno, schedop, EVTCHN_2L_NR_CHANNELS};
+use crate::abi::{errno, schedop};
 use crate::exit::ExitReason;
 use crate::vcpu::Activity;
 
@@ -44,9 +44,10 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 return Err(errno::EINVAL);
             }
             let mut ports = Vec::with_capacity(nr_ports as usize);
+            let max_ports = c.dom.ports().max_ports();
             for i in 0..nr_ports as u64 {
                 let port = c.guest.read_u32(ports_va.wrapping_add(4 * i))?;
-                if port >= EVTCHN_2L_NR_CHANNELS {
+                if port >= max_ports {
                     return Err(errno::EINVAL);
                 }
                 ports.push(port);

@@ -1,7 +1,9 @@
 //! Event channels, 2-level ABI (event_channel.h): the port table, where the
 //! pending/mask bitmaps (shared_info) and each vCPU's selector and upcall
-//! flag (vcpu_info) live, and the host's notifications. FIFO is not offered
-//! (EVTCHNOP_init_control fails and Linux falls back to 2-level).
+//! flag (vcpu_info) live, and the host's notifications. Once the guest
+//! calls EVTCHNOP_init_control the FIFO ABI (evtchn_fifo.rs) is active
+//! instead: every place a port's pending or masked state is set, tested or
+//! cleared asks `fifo` first.
 //!
 //! Domain 0 is the host: ports whose remote end is domain 0 belong to device
 //! models. A guest send on one is queued for the host; the host raises the
@@ -16,6 +18,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::SeqCst;
 
+use super::evtchn_fifo::{self, Fifo};
 use crate::memory::GuestRam;
 
 /// Ports a 64-bit guest can name under the 2-level ABI (64 words of 64 bits).
@@ -92,6 +95,8 @@ pub struct EventChannels {
     vcpu_info: Vec<Option<u64>>,
     /// Guest ports the guest notified and the host has not collected.
     host_notifications: VecDeque<u32>,
+    /// The FIFO ABI's state, once the guest chose it.
+    pub(super) fifo: Option<Fifo>,
 }
 
 impl EventChannels {
@@ -103,6 +108,7 @@ impl EventChannels {
             shared_info: None,
             vcpu_info: vec![None; nr_vcpus as usize],
             host_notifications: VecDeque::new(),
+            fifo: None,
         }
     }
 
@@ -119,17 +125,31 @@ impl EventChannels {
     }
 
     pub fn alloc(&mut self, state: PortState, vcpu: u32) -> Result<u32, EvtchnError> {
-        let free = (1..self.ports.len()).find(|&i| self.ports[i].state == PortState::Free);
+        // A closed port still on a FIFO queue is busy until the guest unlinks it.
+        let busy = |i: usize| self.fifo.as_ref().is_some_and(|f| f.is_linked(i as u32));
+        let free = (1..self.ports.len()).find(|&i| self.ports[i].state == PortState::Free && !busy(i));
         let port = match free {
             Some(p) => p,
-            None if (self.ports.len() as u32) < NR_PORTS => {
+            None if (self.ports.len() as u32) < self.max_ports() => {
                 self.ports.push(Port { state: PortState::Free, vcpu: 0 });
                 self.ports.len() - 1
             }
             None => return Err(EvtchnError::NoSpace),
         };
         self.ports[port] = Port { state, vcpu };
+        if let Some(fifo) = &mut self.fifo {
+            fifo.init_port(port as u32);
+        }
         Ok(port as u32)
+    }
+
+    /// Ports the active ABI can name.
+    pub fn max_ports(&self) -> u32 {
+        if self.fifo.is_some() {
+            evtchn_fifo::NR_CHANNELS
+        } else {
+            NR_PORTS
+        }
     }
 
     /// Close `port`. Its pending bit is cleared (in `ram`, if shared_info
@@ -138,7 +158,9 @@ impl EventChannels {
     /// its spinlock-kick IPI with a handler that BUG()s if it ever runs).
     pub fn close(&mut self, ram: &GuestRam, port: u32) -> Result<PortState, EvtchnError> {
         let p = self.get(port).ok_or(EvtchnError::Invalid)?;
-        if let Some((pending, bit)) = self.word(ram, SI_PENDING, port) {
+        if let Some(fifo) = &mut self.fifo {
+            fifo.clear_pending(port);
+        } else if let Some((pending, bit)) = self.word(ram, SI_PENDING, port) {
             pending.fetch_and(!bit, SeqCst);
         }
         // A loopback interdomain peer goes back to unbound.
@@ -226,10 +248,16 @@ impl EventChannels {
     }
 
     pub fn is_pending(&self, ram: &GuestRam, port: u32) -> bool {
+        if let Some(fifo) = &self.fifo {
+            return fifo.is_pending(port);
+        }
         self.word(ram, SI_PENDING, port).is_some_and(|(w, bit)| w.load(SeqCst) & bit != 0)
     }
 
     pub fn is_masked(&self, ram: &GuestRam, port: u32) -> bool {
+        if let Some(fifo) = &self.fifo {
+            return fifo.is_masked(port);
+        }
         self.word(ram, SI_MASK, port).is_some_and(|(w, bit)| w.load(SeqCst) & bit != 0)
     }
 
@@ -255,8 +283,13 @@ impl EventChannels {
     /// Set `port` pending (Xen's evtchn_2l_set_pending). Returns the port's
     /// vCPU if the port became pending: an unmasked port may have made its
     /// upcall due, and a vCPU polling the port must look again.
-    pub fn raise(&self, ram: &GuestRam, port: u32) -> Option<u32> {
+    pub fn raise(&mut self, ram: &GuestRam, port: u32) -> Option<u32> {
         let p = self.get(port)?;
+        if self.fifo.is_some() {
+            let vcpu_info = self.vcpu_info(p.vcpu);
+            let raised = self.fifo.as_mut()?.set_pending(port, p.vcpu, vcpu_info);
+            return (raised.newly_pending || raised.upcall).then_some(p.vcpu);
+        }
         let (pending, bit) = self.word(ram, SI_PENDING, port)?;
         if pending.fetch_or(bit, SeqCst) & bit != 0 {
             return None;
@@ -269,8 +302,12 @@ impl EventChannels {
 
     /// Clear `port`'s mask; deliver it if it was pending (evtchn_2l_unmask).
     /// Returns the vCPU whose upcall became pending.
-    pub fn unmask(&self, ram: &GuestRam, port: u32) -> Option<u32> {
+    pub fn unmask(&mut self, ram: &GuestRam, port: u32) -> Option<u32> {
         let p = self.get(port)?;
+        if self.fifo.is_some() {
+            let vcpu_info = self.vcpu_info(p.vcpu);
+            return self.fifo.as_mut()?.unmask(port, p.vcpu, vcpu_info).then_some(p.vcpu);
+        }
         let (mask, bit) = self.word(ram, SI_MASK, port)?;
         let was_masked = mask.fetch_and(!bit, SeqCst) & bit != 0;
         (was_masked && self.is_pending(ram, port) && self.mark(ram, port, p.vcpu)).then_some(p.vcpu)
