@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "triple_fault", "bench", "bench_events", "xsbench", "smp"]
+GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "triple_fault", "bench", "bench_events", "xsbench", "smp", "fifo"]
 CFLAGS = [
     "-m64", "-O2", "-g", "-ffreestanding", "-fno-pic", "-fno-pie", "-no-pie", "-nostdlib", "-static",
     "-mno-red-zone", "-mgeneral-regs-only", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
