@@ -348,7 +348,13 @@ impl EventChannels {
     /// EVTCHNOP_init_control. The first one switches the domain to the
     /// FIFO ABI: the ports already bound get the default priority and
     /// keep a pending event, delivered once their array page exists.
-    pub fn fifo_init_control(&mut self, ram: &Arc<GuestRam>, vcpu: u32, gfn: u64, offset: u32) -> Result<(), FifoError> {
+    pub fn fifo_init_control(
+        &mut self,
+        ram: &Arc<GuestRam>,
+        vcpu: u32,
+        gfn: u64,
+        offset: u32,
+    ) -> Result<(), FifoError> {
         if let Some(fifo) = &mut self.fifo {
             return fifo.init_control(vcpu, gfn, offset);
         }
