@@ -58,11 +58,21 @@ def test_linux_sees_xen_pvh(booted):
     _, _, log, _ = booted
     assert "Booting kernel on Xen PVH" in log
     assert "Xen version: 4.19" in log
-    assert "xen:events: Using 2-level ABI" in log
+    assert "xen:events: Using FIFO-based ABI" in log
     assert "Xen HVM callback vector for event delivery is enabled" in log
     assert "clocksource: Switched to clocksource xen" in log
     assert "printk: console [hvc0] enabled" in log
     assert "Grant table initialized" in log
+
+
+def test_two_level_events_when_linux_is_told_so(guest):
+    """With `xen.fifo_events=0` Linux keeps the 2-level ABI and boots as well."""
+    dom = pvhvm.Domain(guest.vmlinux, initrd=guest.initrd, cmdline="console=hvc0 xen.fifo_events=0", memory_mib=256)
+    outcome = dom.run(timeout=600)
+    log = dom.console_output.decode(errors="replace")
+    assert "xen:events: Using 2-level ABI" in log and "FIFO" not in log, log[-3000:]
+    assert "PVHVM-INIT-OK" in log and [line for line in log.splitlines() if BAD.search(line)] == []
+    assert outcome.kind is pvhvm.OutcomeKind.SHUTDOWN and outcome.reason is pvhvm.ShutdownReason.POWEROFF, outcome
 
 
 def test_log_is_clean(booted):

@@ -181,6 +181,7 @@ def test_log_is_clean_and_poweroff(smp):
     dom, sh = smp
     log = sh.ok("dmesg")
     assert [line for line in log.splitlines() if BAD.search(line)] == []
+    assert "xen:events: Using FIFO-based ABI" in log  # a control block per vCPU
     dom.send("poweroff -f\n")
     outcome = dom.run(timeout=120)
     assert outcome.kind is pvhvm.OutcomeKind.SHUTDOWN and outcome.reason is pvhvm.ShutdownReason.POWEROFF, outcome

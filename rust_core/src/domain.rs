@@ -179,7 +179,7 @@ impl Domain {
         let mut woken = 0u64;
         for v in self.vcpus.iter_mut() {
             if v.timers.fire(now) {
-                let ev = self.state.shared.ports();
+                let mut ev = self.state.shared.ports();
                 if let Some(port) = ev.find_virq(VIRQ_TIMER, v.id) {
                     if let Some(t) = ev.raise(&self.state.ram, port) {
                         woken |= 1 << t;

@@ -1,9 +1,13 @@
-//! HYPERVISOR_event_channel_op (event_channel.h), 2-level ABI only. Every
-//! operation takes the port lock (`DomainState::ports`) for its length.
+//! HYPERVISOR_event_channel_op (event_channel.h), both ABIs: the FIFO
+//! operations (init_control, expand_array, set_priority) are in
+//! xen/evtchn_fifo.rs, and pending/mask state goes through the ABI the guest
+//! chose. Every operation takes the port lock (`DomainState::ports`) for its
+//! length.
 
 use super::{Call, HcResult, DOMID_SELF};
 use crate::abi::errno;
 use crate::xen::evtchn::{virq_is_per_vcpu, EvtchnError, PortState, Sent, NR_VIRQS};
+use crate::xen::evtchn_fifo::FifoError;
 
 const BIND_INTERDOMAIN: u64 = 0;
 const BIND_VIRQ: u64 = 1;
@@ -14,6 +18,10 @@ const ALLOC_UNBOUND: u64 = 6;
 const BIND_IPI: u64 = 7;
 const BIND_VCPU: u64 = 8;
 const UNMASK: u64 = 9;
+const RESET: u64 = 10;
+const INIT_CONTROL: u64 = 11;
+const EXPAND_ARRAY: u64 = 12;
+const SET_PRIORITY: u64 = 13;
 
 // EVTCHNSTAT_*
 const STAT_CLOSED: u32 = 0;
@@ -27,6 +35,16 @@ fn map_err(e: EvtchnError) -> i64 {
         EvtchnError::Invalid => errno::EINVAL,
         EvtchnError::NoSpace => errno::ENOSPC,
         EvtchnError::Busy => errno::EBUSY,
+    }
+}
+
+fn fifo_err(e: FifoError) -> i64 {
+    match e {
+        FifoError::NoVcpu => errno::ENOENT,
+        FifoError::Invalid | FifoError::NoPort => errno::EINVAL,
+        FifoError::Misaligned => errno::ENXIO,
+        FifoError::Full => errno::ENOSPC,
+        FifoError::NotActive => errno::ENOSYS,
     }
 }
 
@@ -119,9 +137,12 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             c.check_self(c.guest.read_u16(arg)?)?;
             let port = c.guest.read_u32(arg + 4)?;
             let mut out = [0u8; 16];
-            let found = c.dom.ports().get(port);
+            let (found, max_ports) = {
+                let ev = c.dom.ports();
+                (ev.get(port), ev.max_ports())
+            };
             let (status, vcpu) = match found {
-                None if port < c.dom.ports().max_ports() => (STAT_CLOSED, 0),
+                None if port < max_ports => (STAT_CLOSED, 0),
                 None => return Err(errno::EINVAL),
                 Some(p) => {
                     let s = match p.state {
@@ -170,14 +191,49 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         UNMASK => {
             let port = c.guest.read_u32(arg)?;
             let target = {
-                let ev = c.dom.ports();
+                let mut ev = c.dom.ports();
                 ev.get(port).ok_or(errno::EINVAL)?;
                 ev.unmask(&c.dom.ram, port)
             };
             c.notified(target);
             Ok(0)
         }
-        // FIFO (init_control, expand_array, set_priority) and reset: not offered.
+        RESET => {
+            // struct evtchn_reset { domid_t dom; }
+            c.check_self(c.guest.read_u16(arg)?)?;
+            c.dom.ports().reset(&c.dom.ram);
+            Ok(0)
+        }
+        INIT_CONTROL => {
+            // struct evtchn_init_control { uint64_t control_gfn; uint32_t offset;
+            //   uint32_t vcpu; uint8_t link_bits (OUT); uint8_t _pad[7]; }
+            let gfn = c.guest.read_u64(arg)?;
+            let offset = c.guest.read_u32(arg + 8)?;
+            let vcpu = c.guest.read_u32(arg + 12)?;
+            let ram = c.dom.ram.clone();
+            c.dom.ports().fifo_init_control(&ram, vcpu, gfn, offset).map_err(fifo_err)?;
+            c.guest.write(arg + 16, &[crate::xen::evtchn_fifo::LINK_BITS as u8])?;
+            Ok(0)
+        }
+        EXPAND_ARRAY => {
+            // struct evtchn_expand_array { uint64_t array_gfn; }
+            let gfn = c.guest.read_u64(arg)?;
+            let woken = c.dom.ports().fifo_expand_array(&c.dom.ram, gfn).map_err(|e| match e {
+                FifoError::NotActive => errno::EOPNOTSUPP,
+                e => fifo_err(e),
+            })?;
+            for v in woken {
+                c.notified(Some(v));
+            }
+            Ok(0)
+        }
+        SET_PRIORITY => {
+            // struct evtchn_set_priority { evtchn_port_t port; uint32_t priority; }
+            let port = c.guest.read_u32(arg)?;
+            let priority = c.guest.read_u32(arg + 4)?;
+            c.dom.ports().fifo_set_priority(port, priority).map_err(fifo_err)?;
+            Ok(0)
+        }
         _ => Err(errno::ENOSYS),
     }
 }

@@ -457,7 +457,56 @@ fn event_channels_across_vcpus() {
     assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[3, ARG]), 0);
     assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[3, ARG]), E(errno::EINVAL));
     assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[4, ARG]), E(errno::EINVAL));
-    assert_eq!(f.call(0, hc::EVENT_CHANNEL_OP, &[11, ARG]), E(errno::ENOSYS), "no FIFO ABI");
+}
+
+#[test]
+fn fifo_event_channels_through_the_hypercalls() {
+    const CB: u64 = 0x40000;
+    const ARRAY: u64 = 0x41000;
+    let mut f = fixture(2).with_shared_info();
+    let evtchn = |f: &mut Fixture, op: u64, body: &[u8]| {
+        f.put(ARG, body);
+        f.call(0, hc::EVENT_CHANNEL_OP, &[op, ARG])
+    };
+    let init = |gfn: u64, offset: u32, vcpu: u32| {
+        [&gfn.to_le_bytes()[..], &offset.to_le_bytes(), &vcpu.to_le_bytes(), &[0u8; 8]].concat()
+    };
+    let pair = |a: u32, b: u32| [a.to_le_bytes(), b.to_le_bytes()].concat();
+    let ipi = f.bind(0, 7, &[1]).unwrap();
+    assert_eq!(evtchn(&mut f, 13, &pair(ipi, 1)), E(errno::ENOSYS), "set_priority under 2-level");
+    assert_eq!(evtchn(&mut f, 12, &(ARRAY >> 12).to_le_bytes()), E(errno::EOPNOTSUPP));
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 0, 2)), E(errno::ENOENT));
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 4096 - 64, 0)), E(errno::EINVAL), "crosses the page");
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 6, 0)), E(errno::ENXIO));
+    assert_eq!(evtchn(&mut f, 11, &init(0xfff_ffff, 0, 0)), E(errno::EINVAL), "not RAM");
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 0, 0)), 0);
+    assert_eq!(f.get(ARG + 16, 1), [17], "link_bits");
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 0, 0)), E(errno::EINVAL), "vCPU 0 has one");
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 0x100, 1)), 0);
+    assert_eq!(evtchn(&mut f, 12, &(ARRAY >> 12).to_le_bytes()), 0);
+    assert_eq!(evtchn(&mut f, 13, &pair(ipi, 16)), E(errno::EINVAL));
+    assert_eq!(evtchn(&mut f, 13, &pair(9999, 1)), E(errno::EINVAL));
+    assert_eq!(evtchn(&mut f, 13, &pair(ipi, 1)), 0);
+    // A send queues the IPI on vCPU 1's priority-1 queue and wakes it.
+    f.put(ARG, &ipi.to_le_bytes());
+    let (rax, fx) = f.call_as(0, 0, hc::EVENT_CHANNEL_OP, &[4, ARG]);
+    assert!(rax == 0 && fx.woke_other);
+    assert_eq!(f.u32_at(ARRAY + 4 * ipi as u64), 0xa000_0000, "PENDING | LINKED");
+    assert_eq!((f.u32_at(CB + 0x100), f.u32_at(CB + 0x100 + 8 + 4)), (1 << 1, ipi), "READY, HEAD[1]");
+    assert!(f.dom.ports().upcall_pending(&f.dom.ram, 1));
+    // Ports past the 2-level limit are valid names now: status and poll.
+    let st = [&0x7ff0u16.to_le_bytes()[..], &[0, 0], &5000u32.to_le_bytes()].concat();
+    assert_eq!(evtchn(&mut f, 5, &st), 0);
+    assert_eq!(f.u32_at(ARG + 8), 0, "EVTCHNSTAT_closed");
+    f.put(ARG + 0x100, &5000u32.to_le_bytes());
+    let poll = [(ARG + 0x100).to_le_bytes(), 1u64.to_le_bytes(), 0u64.to_le_bytes()].concat();
+    f.put(ARG, &poll);
+    assert_eq!(f.call(0, hc::SCHED_OP, &[3, ARG]), 0);
+    // Reset closes every port and goes back to 2-level; FIFO may start again.
+    assert_eq!(evtchn(&mut f, 10, &0x7ff0u16.to_le_bytes()), 0);
+    assert!(f.dom.ports().get(ipi).is_none() && !f.dom.ports().fifo_active());
+    assert_eq!(evtchn(&mut f, 10, &5u16.to_le_bytes()), E(errno::ESRCH));
+    assert_eq!(evtchn(&mut f, 11, &init(CB >> 12, 0, 0)), 0);
 }
 
 #[test]

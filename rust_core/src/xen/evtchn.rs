@@ -1,7 +1,9 @@
 //! Event channels, 2-level ABI (event_channel.h): the port table, where the
 //! pending/mask bitmaps (shared_info) and each vCPU's selector and upcall
-//! flag (vcpu_info) live, and the host's notifications. FIFO is not offered
-//! (EVTCHNOP_init_control fails and Linux falls back to 2-level).
+//! flag (vcpu_info) live, and the host's notifications. Once the guest
+//! calls EVTCHNOP_init_control the FIFO ABI (evtchn_fifo.rs) is active
+//! instead: every place a port's pending or masked state is set, tested or
+//! cleared asks `fifo` first.
 //!
 //! Domain 0 is the host: ports whose remote end is domain 0 belong to device
 //! models. A guest send on one is queued for the host; the host raises the
@@ -18,6 +20,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use crate::abi::Width;
+use super::evtchn_fifo::{self, Fifo};
 use crate::memory::GuestRam;
 
 /// Ports a 64-bit guest can name under the 2-level ABI (64 words of 64 bits).
@@ -173,6 +176,8 @@ pub struct EventChannels {
     vcpu_info: Vec<Option<u64>>,
     /// Guest ports the guest notified and the host has not collected.
     host_notifications: VecDeque<u32>,
+    /// The FIFO ABI's state, once the guest chose it.
+    pub(super) fifo: Option<Fifo>,
 }
 
 impl EventChannels {
@@ -185,6 +190,7 @@ impl EventChannels {
             layout: ShinfoLayout { width: Width::Bits64 },
             vcpu_info: vec![None; nr_vcpus as usize],
             host_notifications: VecDeque::new(),
+            fifo: None,
         }
     }
 
@@ -201,17 +207,31 @@ impl EventChannels {
     }
 
     pub fn alloc(&mut self, state: PortState, vcpu: u32) -> Result<u32, EvtchnError> {
-        let free = (1..self.ports.len()).find(|&i| self.ports[i].state == PortState::Free);
+        // A closed port still on a FIFO queue is busy until the guest unlinks it.
+        let busy = |i: usize| self.fifo.as_ref().is_some_and(|f| f.is_linked(i as u32));
+        let free = (1..self.ports.len()).find(|&i| self.ports[i].state == PortState::Free && !busy(i));
         let port = match free {
             Some(p) => p,
-            None if (self.ports.len() as u32) < self.layout.nr_ports() => {
+            None if (self.ports.len() as u32) < self.max_ports() => {
                 self.ports.push(Port { state: PortState::Free, vcpu: 0 });
                 self.ports.len() - 1
             }
             None => return Err(EvtchnError::NoSpace),
         };
         self.ports[port] = Port { state, vcpu };
+        if let Some(fifo) = &mut self.fifo {
+            fifo.init_port(port as u32);
+        }
         Ok(port as u32)
+    }
+
+    /// Ports the active ABI can name.
+    pub fn max_ports(&self) -> u32 {
+        if self.fifo.is_some() {
+            evtchn_fifo::NR_CHANNELS
+        } else {
+            self.layout.nr_ports()
+        }
     }
 
     /// Close `port`. Its pending bit is cleared (in `ram`, if shared_info
@@ -220,7 +240,9 @@ impl EventChannels {
     /// its spinlock-kick IPI with a handler that BUG()s if it ever runs).
     pub fn close(&mut self, ram: &GuestRam, port: u32) -> Result<PortState, EvtchnError> {
         let p = self.get(port).ok_or(EvtchnError::Invalid)?;
-        if let Some(pending) = self.bit(ram, self.layout.pending(), port) {
+        if let Some(fifo) = &mut self.fifo {
+            fifo.clear_pending(port);
+        } else if let Some(pending) = self.bit(ram, self.layout.pending(), port) {
             pending.clear();
         }
         // A loopback interdomain peer goes back to unbound.
@@ -287,11 +309,6 @@ impl EventChannels {
         std::mem::replace(&mut self.layout, layout) != layout
     }
 
-    /// The ports the guest can name (`nr_ports` of the layout).
-    pub fn max_ports(&self) -> u32 {
-        self.layout.nr_ports()
-    }
-
     /// Where vCPU `v`'s vcpu_info lives: registered, or its slot in shared_info.
     pub fn vcpu_info(&self, v: u32) -> Option<u64> {
         let registered = *self.vcpu_info.get(v as usize)?;
@@ -320,10 +337,16 @@ impl EventChannels {
     }
 
     pub fn is_pending(&self, ram: &GuestRam, port: u32) -> bool {
+        if let Some(fifo) = &self.fifo {
+            return fifo.is_pending(port);
+        }
         self.bit(ram, self.layout.pending(), port).is_some_and(|b| b.test())
     }
 
     pub fn is_masked(&self, ram: &GuestRam, port: u32) -> bool {
+        if let Some(fifo) = &self.fifo {
+            return fifo.is_masked(port);
+        }
         self.bit(ram, self.layout.mask(), port).is_some_and(|b| b.test())
     }
 
@@ -349,8 +372,13 @@ impl EventChannels {
     /// Set `port` pending (Xen's evtchn_2l_set_pending). Returns the port's
     /// vCPU if the port became pending: an unmasked port may have made its
     /// upcall due, and a vCPU polling the port must look again.
-    pub fn raise(&self, ram: &GuestRam, port: u32) -> Option<u32> {
+    pub fn raise(&mut self, ram: &GuestRam, port: u32) -> Option<u32> {
         let p = self.get(port)?;
+        if self.fifo.is_some() {
+            let vcpu_info = self.vcpu_info(p.vcpu);
+            let raised = self.fifo.as_mut()?.set_pending(port, p.vcpu, vcpu_info);
+            return (raised.newly_pending || raised.upcall).then_some(p.vcpu);
+        }
         if self.bit(ram, self.layout.pending(), port)?.set() {
             return None;
         }
@@ -362,8 +390,12 @@ impl EventChannels {
 
     /// Clear `port`'s mask; deliver it if it was pending (evtchn_2l_unmask).
     /// Returns the vCPU whose upcall became pending.
-    pub fn unmask(&self, ram: &GuestRam, port: u32) -> Option<u32> {
+    pub fn unmask(&mut self, ram: &GuestRam, port: u32) -> Option<u32> {
         let p = self.get(port)?;
+        if self.fifo.is_some() {
+            let vcpu_info = self.vcpu_info(p.vcpu);
+            return self.fifo.as_mut()?.unmask(port, p.vcpu, vcpu_info).then_some(p.vcpu);
+        }
         let was_masked = self.bit(ram, self.layout.mask(), port)?.clear();
         (was_masked && self.is_pending(ram, port) && self.mark(ram, port, p.vcpu)).then_some(p.vcpu)
     }

@@ -19,6 +19,7 @@
 //! event channels, which need it to deliver.
 
 pub mod evtchn;
+pub mod evtchn_fifo;
 pub mod gnttab;
 pub mod time;
 
@@ -126,7 +127,7 @@ impl SharedState {
         if ports.is_empty() {
             return 0;
         }
-        let ev = self.ports();
+        let mut ev = self.ports();
         ports
             .into_iter()
             .filter(|&port| {
