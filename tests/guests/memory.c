@@ -160,10 +160,10 @@ static void give_back_and_populate(void)
     unsigned long list[4] = { gfn_of(A) };
     long r = reserve(XENMEM_decrease_reservation, list, 1, 0, 0, DOMID_SELF);
     check(r == 1 && current_pages() == cur0 - 1, "decrease_reservation of one gfn: %d, one page fewer", (int)r);
-    check(reads_all_ones(A), "a gfn given back reads as all ones");
+    check(reads_all_ones(A), "a gfn given back reads as all ones (%x)", *(volatile uint32_t *)A);
     A[5] = 0x12;
     *(volatile uint32_t *)(A + 64) = 0x12345678;
-    check(reads_all_ones(A), "and writes to it are dropped");
+    check(reads_all_ones(A), "and writes to it are dropped (%x %x)", *(volatile uint32_t *)(A + 4), *(volatile uint32_t *)(A + 64));
     check(hypercall(HYPERVISOR_console_io, CONSOLEIO_write, 29, (long)(A + 16), 0, 0) == -EFAULT &&
           hypercall(HYPERVISOR_xen_version, XENVER_extraversion, (long)(A + 32), 0, 0, 0) == -EFAULT,
           "hypercall buffers in it: -EFAULT");
