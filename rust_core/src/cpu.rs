@@ -41,6 +41,9 @@ use crate::xen::{DomainState, Remap};
 
 pub const MSR_EFER: u32 = 0xc000_0080;
 pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_SYSENTER_CS: u32 = 0x174;
+pub const MSR_SYSENTER_ESP: u32 = 0x175;
+pub const MSR_SYSENTER_EIP: u32 = 0x176;
 pub const MSR_LSTAR: u32 = 0xc000_0082;
 pub const MSR_CSTAR: u32 = 0xc000_0083;
 pub const MSR_FMASK: u32 = 0xc000_0084;
@@ -57,6 +60,8 @@ pub enum Stop {
     /// Xen placed pages outside RAM: map them before the guest goes on.
     Remap,
     Syscall,
+    /// SYSENTER: Unicorn only stepped over it (32-bit Linux's system calls).
+    Sysenter,
     WatchHypercallMsr,
     /// The vCPU blocked or polls (SCHEDOP_block/poll): its slice ends.
     Block,
@@ -112,7 +117,7 @@ impl Stop {
         match self {
             Stop::Kicked => 0,
             Stop::Yield => 1,
-            Stop::Syscall => 2,
+            Stop::Syscall | Stop::Sysenter => 2,
             Stop::WatchHypercallMsr => 3,
             Stop::Remap => 4,
             Stop::Block => 5,
@@ -289,6 +294,11 @@ unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
     h.stop(uc, Stop::Syscall);
 }
 
+unsafe extern "C" fn on_sysenter(uc: *mut uc_engine, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    h.stop(uc, Stop::Sysenter);
+}
+
 /// Every lower-half block (user space): note that the vCPU is there, then
 /// stop if a kick is pending. Runs before any instruction of the block, so
 /// the stop is exact and the block's SYSCALL, if any, is not skipped.
@@ -410,6 +420,7 @@ impl Cpu {
                 .and_then(|_| engine.add_hook(HookType::INSN_INVALID, on_invalid_insn as *mut c_void, user, None))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_cpuid as *mut c_void, user, Some(X86Insn::CPUID)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
+                .and_then(|_| engine.add_hook(HookType::INSN, on_sysenter as *mut c_void, user, Some(X86Insn::SYSENTER)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
                 .and_then(|_| {
@@ -706,6 +717,14 @@ impl Cpu {
             lstar: self.engine.read_msr(MSR_LSTAR),
             cstar: self.engine.read_msr(MSR_CSTAR),
             fmask: self.engine.read_msr(MSR_FMASK),
+        }
+    }
+
+    pub fn sysenter_msrs(&self) -> interrupts::SysenterMsrs {
+        interrupts::SysenterMsrs {
+            cs: self.engine.read_msr(MSR_SYSENTER_CS),
+            esp: self.engine.read_msr(MSR_SYSENTER_ESP),
+            eip: self.engine.read_msr(MSR_SYSENTER_EIP),
         }
     }
 }

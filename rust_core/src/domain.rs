@@ -364,6 +364,7 @@ impl Domain {
                 // Done above.
                 Some(Stop::Remap) => {}
                 Some(Stop::Syscall) => self.syscall(i),
+                Some(Stop::Sysenter) => self.sysenter(i),
                 Some(Stop::WatchHypercallMsr) => self.cpu.begin_msr_watch(),
                 None if exception.is_some() => {}
                 // A kick: the engine stopped at the start of a block. (If it
@@ -511,6 +512,22 @@ impl Domain {
         interrupts::deliver(st, &self.state.ram, ev)?;
         st.store(engine);
         Ok(())
+    }
+
+    fn sysenter(&mut self, i: usize) {
+        let msrs = self.cpu.sysenter_msrs();
+        let engine = self.cpu.engine();
+        let st = &mut self.vcpus[i].regs;
+        st.load(engine);
+        // Unicorn's SYSENTER only advanced RIP past the instruction.
+        let at = st.rip().wrapping_sub(2);
+        match interrupts::emulate_sysenter(st, &msrs) {
+            Ok(()) => st.store(engine),
+            Err(ev) => {
+                self.cpu.write(Reg::RIP, at);
+                self.vcpus[i].pending_exception = Some(ev);
+            }
+        }
     }
 
     fn syscall(&mut self, i: usize) {

@@ -402,6 +402,35 @@ pub fn emulate_syscall(st: &mut CpuState, next_rip: u64, msrs: &SyscallMsrs) -> 
     Ok(())
 }
 
+/// The SYSENTER MSRs (IA32_SYSENTER_CS, _ESP, _EIP).
+pub struct SysenterMsrs {
+    pub cs: u64,
+    pub esp: u64,
+    pub eip: u64,
+}
+
+/// SYSENTER as the SDM has it (Unicorn's only steps over it): #GP(0) in
+/// real mode or with a null SYSENTER_CS; else CPL 0 at SYSENTER_EIP with
+/// SYSENTER_ESP, flat CS from the MSR (64-bit code in long mode) and SS
+/// after it, VM, IF and RF cleared. Nothing of the caller is saved: its
+/// vDSO passes the return address and stack in EDX and ECX for SYSEXIT.
+pub fn emulate_sysenter(st: &mut CpuState, msrs: &SysenterMsrs) -> Result<(), Event> {
+    let sel = (msrs.cs & 0xfffc) as u16;
+    if st.cr(0) & mmu::CR0_PE == 0 || sel == 0 {
+        return Err(Event::exception(GP, Some(0)));
+    }
+    let long = st.efer() & mmu::EFER_LMA != 0;
+    st.set_rflags(st.rflags() & !(RFLAGS_VM | RFLAGS_IF | RFLAGS_RF));
+    st.set_seg(R_CS, if long { flat_code64(sel, 0) } else { flat_code32(sel) });
+    st.set_seg(R_SS, flat_data(sel + 8, 0));
+    let (sp, ip) = if long { (msrs.esp, msrs.eip) } else { (msrs.esp & 0xffff_ffff, msrs.eip & 0xffff_ffff) };
+    st.set_reg(4, sp);
+    st.set_rip(ip);
+    st.clear_interrupt_shadow();
+    st.sync_hflags();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,12 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
     let idx = c.guest.read_ulong(arg + 8)?;
     let gpfn = c.guest.read_ulong(arg + 8 + n)?;
     let gpa = gpfn.checked_mul(4096).ok_or(errno::EINVAL)?;
+    if matches!(space, SPACE_SHARED_INFO | SPACE_GRANT_TABLE) && c.dom.ram.is_given_back(gpa) {
+        // Xen's page replaces whatever the frame held, a given-back frame
+        // too (Linux puts grant frames on ballooned pages): here Xen's
+        // pages live in the guest's frame, so it is populated again.
+        c.dom.ram.repopulate(gpa);
+    }
     match space {
         SPACE_SHARED_INFO => {
             // shared_info replaces a RAM frame the guest chose (Linux gives one).
