@@ -77,6 +77,26 @@ def test_bad_memory(guests, mem, needle):
     one_line_error(pvhvm("boot", guests["hello"], "--memory", mem), needle)
 
 
+@pytest.mark.parametrize("args, needle", [(["--memory", "64", "--maxmem", "32"], "below memory"),
+                                          (["--maxmem", "0"], "positive"),
+                                          (["--memory", "32", "--maxmem", "999999"], "limit")])
+def test_bad_maxmem(guests, args, needle):
+    one_line_error(pvhvm("boot", guests["hello"], *args), needle)
+
+
+def test_maxmem_gives_the_guest_maxmem_of_ram(guests):
+    """hello's guest reports its memory map: maxmem of RAM, memory as the target."""
+    from pvhvm import Domain
+    dom = Domain(guests["hello"], memory_mib=32, maxmem_mib=48)
+    assert dom.memory_bytes == 48 << 20
+    ram = sum(size for _, size, kind in dom.plan.memory_map if kind == 1)
+    assert 40 << 20 < ram <= 48 << 20
+    assert dom.memory_status == {"target": 32 << 10, "maxmem": 48 << 10, "current": 48 << 10, "given_back": 0}
+    with pytest.raises(ValueError):
+        dom.set_memory_target(49)
+    dom.close()
+
+
 def test_non_numeric_memory(guests):
     p = pvhvm("boot", guests["hello"], "--memory", "lots")
     assert p.returncode == 2 and "Traceback" not in p.stderr
