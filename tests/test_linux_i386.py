@@ -3,11 +3,12 @@ CONFIG_XEN_PVH) and busybox-static:i386, prepared by pvhvm.images with
 arch="i386" (about 55 MB downloaded on the first run, apt lists of its own).
 
 The artifacts are proven under QEMU TCG, which boots the vmlinux by its PVH
-note as pvhvm does, to the /init marker with the i386 modules loading."""
+note as pvhvm does, to the /init marker with the i386 modules loading; then
+`pvhvm boot --arch i386` boots them to /init with hvc0, xenstore and
+netfront (eth0 by DHCP through passt)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -118,27 +119,15 @@ def test_boots_to_init_under_qemu_and_loads_its_modules(guest, tmp_path):
 # --------------------------------------------------------------------------- under pvhvm
 
 BAD = re.compile(r"\b(BUG|WARNING|Oops|Call Trace|panic|segfault)\b")
-# What keeps it from /init today, both in the core (see the reason): with the
-# i386 kernel (no CONFIG_XEN_UNPOPULATED_ALLOC) xen_pvh_gnttab_setup gives 64
-# RAM pages back (XENMEM_decrease_reservation) and places the grant frames
-# there (XENMEM_add_to_physmap); and Unicorn runs SYSENTER, which 32-bit
-# Linux's vDSO uses when CPUID has SEP, as a no-op. Strict: once both are
-# fixed this passes, and the marker must go.
-CORE_GAPS = pytest.mark.xfail(
-    strict=True,
-    reason="core: add_to_physmap(grant_table) onto a given-back gfn; SYSENTER is a no-op under Unicorn",
-)
-# PVHVM_I386_CMDLINE adds kernel parameters to check a core change by hand
-# (e.g. clearcpuid=sep, which keeps Linux off SYSENTER).
-EXTRA_CMDLINE = os.environ.get("PVHVM_I386_CMDLINE", "")
 
 
-@CORE_GAPS
+# What this needed of the core beyond the 32-bit hypercall ABI: the i386
+# kernel (no CONFIG_XEN_UNPOPULATED_ALLOC) gives 64 RAM pages back for its
+# grant frames and places them there (decrease_reservation, then
+# add_to_physmap), and its vDSO enters the kernel by SYSENTER (CPUID's SEP).
 @pytest.mark.skipif(find_passt() is None, reason="needs passt for the network card (apt-get install passt)")
 def test_pvhvm_boots_it_to_init_with_hvc0_xenstore_and_netfront(guest):
     cmd = [sys.executable, "-m", "pvhvm", "boot", "--arch", "i386", "--net", "passt", "--timeout", "300"]
-    if EXTRA_CMDLINE:
-        cmd += ["--cmdline", f"console=hvc0 earlyprintk=xen {EXTRA_CMDLINE}"]
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=400)
     log, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
     assert p.returncode == 0, (log[-3000:], err[-3000:])
