@@ -593,21 +593,59 @@ impl Cpu {
 
     /// Make the engine's mappings follow the domain's (see `Remap`).
     pub fn remap(&mut self, remaps: &[Remap]) -> Result<(), String> {
-        for &r in remaps {
+        if remaps.is_empty() {
+            return Ok(());
+        }
+        // Unicorn's unmap invalidates translated code by looking the
+        // range's guest-*physical* address up as a *virtual* one, through
+        // the loaded vCPU's page tables: where that faults, the engine
+        // keeps the #PF (CR2 = the physical address) and raises it on the
+        // guest at the next start. With paging off for the length of the
+        // remap the lookup is the identity and cannot fault; the vCPU's
+        // registers are saved around it and put back as they were.
+        let saved = self.save_state()?;
+        self.engine.write(Reg::CR0, saved.cr(0) & !mmu::CR0_PG);
+        let user = self.hooks as *mut c_void;
+        let mut above_4g = false;
+        let mut result = Ok(());
+        for r in Remap::coalesce(remaps) {
             let done = match r {
                 // Over the all-ones space of frames the domain never had.
                 Remap::Overlay { gpa, host } => self
                     .engine
                     .unmap(gpa, layout::PAGE_SIZE)
                     .and_then(|()| unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }),
+                Remap::Hole { gpa, len } => self.engine.unmap(gpa, len).and_then(|()| unsafe {
+                    self.engine.map_mmio(gpa, len, Some(absent_read), Some(absent_write), user)
+                }),
+                Remap::Ram { gpa, len, host } => self
+                    .engine
+                    .unmap(gpa, len)
+                    .and_then(|()| unsafe { self.engine.map_ptr(gpa, len, host as *mut u8) }),
             };
-            done.map_err(|e| format!("remapping guest-physical memory ({r:?}): {e}"))?;
+            above_4g |= r.end() > 1 << 32;
+            if let Err(e) = done {
+                result = Err(format!("remapping guest-physical memory ({r:?}): {e}"));
+                break;
+            }
         }
-        // Unicorn's unmap flushes the TLB at the range's *physical*
-        // addresses as if they were virtual; the guest may have reached
-        // the all-ones space there through its own mappings.
+        let mut saved = saved;
+        saved.store(&self.engine);
+        // Without paging Unicorn truncates the lookup to 32 bits, so code
+        // it translated from pages above 4 GiB is dropped wholesale.
+        if above_4g {
+            self.flush_code_cache();
+        }
+        // The guest reached these frames through its own mappings too.
         self.engine.flush_tlb();
-        Ok(())
+        result
+    }
+
+    /// The loaded vCPU's registers, saved from the engine.
+    fn save_state(&self) -> Result<CpuState, String> {
+        let mut st = CpuState::new(&self.engine, self.layout())?;
+        st.load(&self.engine);
+        Ok(st)
     }
 
     fn set_exit_checks(&mut self, on: bool) {

@@ -423,6 +423,9 @@ impl Domain {
                         uc_error::READ_UNMAPPED | uc_error::WRITE_UNMAPPED | uc_error::FETCH_UNMAPPED => {
                             "guest access to unbacked guest-physical memory: "
                         }
+                        // Frames the domain has no RAM at read as all ones,
+                        // but code cannot run there (Xen crashes the domain).
+                        uc_error::FETCH_PROT => "instruction fetch from unbacked guest-physical memory: ",
                         _ => "",
                     };
                     return SliceEnd::Exit(ExitReason::Error {

@@ -59,6 +59,10 @@ pub struct GuestRam {
     /// Xen-owned pages the guest placed outside RAM (grant frames in the
     /// guest's unpopulated space): guest-physical page -> host page.
     overlays: std::sync::Mutex<Vec<(u64, usize)>>,
+    /// Overlay pages taken back from the guest (released to the host, kept
+    /// mapped in this process until drop: the engine may still point at
+    /// one until its remap). Reused first by `add_overlay`.
+    retired: std::sync::Mutex<Vec<usize>>,
     /// RAM pages the guest gave back (XENMEM_decrease_reservation), one
     /// bit per page of the host buffer: no host access reaches them until
     /// they are populated again, and their host memory is released.
@@ -96,6 +100,7 @@ impl GuestRam {
             size,
             regions: layout::ram_regions(size),
             overlays: Default::default(),
+            retired: Default::default(),
             given_back: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             given_back_pages: AtomicU64::new(0),
         })
@@ -256,6 +261,10 @@ impl GuestRam {
         if let Some(&(_, p)) = ov.iter().find(|(g, _)| *g == page) {
             return Ok(p as *mut u8);
         }
+        if let Some(p) = self.retired.lock().unwrap().pop() {
+            ov.push((page, p));
+            return Ok(p as *mut u8);
+        }
         if ov.len() >= MAX_OVERLAYS {
             return Err(MemError::Alloc(layout::PAGE_SIZE));
         }
@@ -283,6 +292,19 @@ impl GuestRam {
         let Some(i) = ov.iter().position(|(g, _)| *g == page) else { return false };
         let (_, p) = ov.remove(i);
         unsafe { libc::munmap(p as *mut libc::c_void, layout::PAGE_SIZE as usize) };
+        true
+    }
+
+    /// Take an overlay page away from the guest: no host access reaches it
+    /// and its memory goes back to the host, but it stays mapped here (see
+    /// `retired`). Returns whether one was there.
+    pub fn retire_overlay(&self, gpa: u64) -> bool {
+        let page = gpa & !(layout::PAGE_SIZE - 1);
+        let mut ov = self.overlays.lock().unwrap();
+        let Some(i) = ov.iter().position(|(g, _)| *g == page) else { return false };
+        let (_, p) = ov.remove(i);
+        unsafe { libc::madvise(p as *mut libc::c_void, layout::PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        self.retired.lock().unwrap().push(p);
         true
     }
 
@@ -320,6 +342,9 @@ impl Drop for GuestRam {
     fn drop(&mut self) {
         unsafe { libc::munmap(self.base as *mut libc::c_void, self.size as usize) };
         for &(_, p) in self.overlays.lock().unwrap().iter() {
+            unsafe { libc::munmap(p as *mut libc::c_void, layout::PAGE_SIZE as usize) };
+        }
+        for &p in self.retired.lock().unwrap().iter() {
             unsafe { libc::munmap(p as *mut libc::c_void, layout::PAGE_SIZE as usize) };
         }
     }

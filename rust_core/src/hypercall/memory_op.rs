@@ -100,7 +100,10 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
         // Xen's page replaces whatever the frame held, a given-back frame
         // too (Linux puts grant frames on ballooned pages): here Xen's
         // pages live in the guest's frame, so it is populated again.
-        c.dom.ram.repopulate(gpa);
+        if let Some(host) = c.dom.ram.repopulate(gpa) {
+            c.dom.pending_remaps.push(Remap::Ram { gpa, len: 4096, host: host as usize });
+            c.effects.remap = true;
+        }
     }
     match space {
         SPACE_SHARED_INFO => {

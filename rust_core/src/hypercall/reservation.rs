@@ -6,11 +6,9 @@
 //!
 //! Pages given back are released to the host at once (`GuestRam::give_back`:
 //! RSS falls) and are no frame of the domain until populated again: every
-//! hypercall, grant and page walk that names one fails as on Xen, and
-//! populating one gives a zeroed page. Unlike Xen, the CPU itself still
-//! reaches a given-back frame (reading zeros): remapping guest RAM in the
-//! engine between runs lost pages in Unicorn when the balloon took them
-//! back (docs/hypercalls.md), so the engine's mapping stays as it was.
+//! hypercall, grant and page walk that names one fails, and the engine maps
+//! an all-ones, write-ignoring hole there, which is what an HVM guest meets
+//! at an empty p2m entry on Xen. Populating maps the host pages back, zeroed.
 //!
 //! Results are counts of extents done, as Xen's: a bad argument, another
 //! domain or a failing extent ends the call with what was done so far (0
@@ -19,7 +17,8 @@
 
 use super::{Call, Guest, HcResult};
 use crate::abi::{errno, Width};
-use crate::layout::PAGE_SIZE;
+use crate::layout::{self, PAGE_SIZE};
+use crate::xen::Remap;
 
 pub const INCREASE_RESERVATION: u64 = 0;
 pub const DECREASE_RESERVATION: u64 = 1;
@@ -35,6 +34,9 @@ pub const DOMU_MAX_ORDER: u32 = 9;
 const EXTENTS_PER_CALL: u64 = 4096;
 /// XENMEMF_address_bits: the low byte of mem_flags.
 const ADDRESS_BITS_MASK: u32 = 0xff;
+/// XENMEMF_exact_node_request: only the hardware domain may insist on a
+/// NUMA node (Xen's propagate_node).
+const EXACT_NODE_REQUEST: u32 = 1 << 17;
 
 /// struct xen_memory_reservation { XEN_GUEST_HANDLE(xen_pfn_t) extent_start;
 /// xen_ulong_t nr_extents; unsigned int extent_order; unsigned int mem_flags;
@@ -80,7 +82,7 @@ pub fn adjust(c: &mut Call, op: u64, start: u64, arg: u64) -> HcResult {
     if op != DECREASE_RESERVATION && address_bits != 0 && address_bits <= 12 {
         return Ok(done);
     }
-    if c.check_self(r.domid).is_err() {
+    if c.check_self(r.domid).is_err() || r.mem_flags & EXACT_NODE_REQUEST != 0 {
         return Ok(done);
     }
     if r.extent_order > DOMU_MAX_ORDER {
@@ -118,7 +120,7 @@ pub fn adjust(c: &mut Call, op: u64, start: u64, arg: u64) -> HcResult {
 /// not one of Xen's pages in the guest's frames.
 fn removable(c: &Call, gpa: u64) -> bool {
     if !c.dom.ram.is_ram(gpa, PAGE_SIZE) {
-        return false;
+        return c.dom.extra_frames.contains(&gpa);
     }
     if c.dom.ports().shared_info() == Some(gpa) {
         return false;
@@ -143,7 +145,13 @@ fn give_back(c: &mut Call, gfn: u64, order: u32) -> bool {
         if !removable(c, page) {
             return false;
         }
-        c.dom.ram.give_back(page);
+        if c.dom.extra_frames.remove(&page) {
+            c.dom.ram.retire_overlay(page);
+        } else {
+            c.dom.ram.give_back(page);
+        }
+        c.dom.pending_remaps.push(Remap::Hole { gpa: page, len: PAGE_SIZE });
+        c.effects.remap = true;
     }
     true
 }
@@ -156,25 +164,44 @@ fn populate(c: &mut Call, gfn: u64, order: u32) -> bool {
     if gfn & (pages - 1) != 0 {
         return false;
     }
-    let absent = (0..pages).filter(|p| c.dom.ram.is_given_back(gpa + p * PAGE_SIZE)).count() as u64;
-    let populated_or_absent = (0..pages).all(|p| {
-        let page = gpa + p * PAGE_SIZE;
-        c.dom.ram.is_given_back(page) || c.dom.ram.is_ram(page, PAGE_SIZE)
+    let frame = |p: u64| gpa + p * PAGE_SIZE;
+    // Frames the domain has no page at: given back, or never had (above
+    // its RAM, outside the MMIO hole, up to what the engine maps).
+    let beyond_ram = |c: &Call, page: u64| {
+        !c.dom.ram.is_ram(page, PAGE_SIZE)
+            && !c.dom.ram.is_given_back(page)
+            && !c.dom.extra_frames.contains(&page)
+            && !(layout::MMIO_HOLE_START..layout::HIGH_RAM_START).contains(&page)
+            && page < layout::GUEST_PHYS_END
+            && c.dom.ram.slice(page, PAGE_SIZE).is_err()
+    };
+    let new_pages = (0..pages).filter(|&p| c.dom.ram.is_given_back(frame(p)) || beyond_ram(c, frame(p))).count() as u64;
+    let usable = (0..pages).all(|p| {
+        let page = frame(p);
+        c.dom.ram.is_given_back(page) || removable(c, page) || beyond_ram(c, page)
     });
-    // Frames outside the domain's RAM cannot be backed here (see docs/hypercalls.md).
-    if !populated_or_absent || c.dom.populated_pages() + absent > c.dom.max_pages {
+    if !usable || c.dom.populated_pages() + new_pages > c.dom.max_pages {
         return false;
     }
     for p in 0..pages {
-        let page = gpa + p * PAGE_SIZE;
+        let page = frame(p);
+        if beyond_ram(c, page) {
+            // A host page of its own (Xen's p2m grows to take it).
+            let Ok(host) = c.dom.ram.add_overlay(page) else { return false };
+            c.dom.extra_frames.insert(page);
+            c.dom.pending_remaps.push(Remap::Overlay { gpa: page, host: host as usize });
+            c.effects.remap = true;
+            continue;
+        }
         match c.dom.ram.repopulate(page) {
-            Some(_) => {}
+            Some(host) => {
+                c.dom.pending_remaps.push(Remap::Ram { gpa: page, len: PAGE_SIZE, host: host as usize });
+                c.effects.remap = true;
+            }
             // Already populated: a fresh page in its place.
             None => {
-                if removable(c, page) {
-                    if let Ok(s) = c.dom.ram.slice_mut(page, PAGE_SIZE) {
-                        s.fill(0);
-                    }
+                if let Ok(s) = c.dom.ram.slice_mut(page, PAGE_SIZE) {
+                    s.fill(0);
                 }
             }
         }
@@ -263,7 +290,8 @@ pub fn exchange(c: &mut Call, arg: u64) -> HcResult {
 pub fn maximum_gpfn(c: &Call) -> u64 {
     let ram_top = c.dom.ram.regions().iter().map(|r| r.gpa + r.len).max().unwrap_or(PAGE_SIZE);
     let shared = c.dom.ports().shared_info().map(|g| g + PAGE_SIZE);
+    let extra = c.dom.extra_frames.last().map(|g| g + PAGE_SIZE);
     let gt = c.dom.grants();
     let placed = gt.frames.iter().chain(gt.status_frames.iter()).flatten().map(|g| g + PAGE_SIZE);
-    (placed.chain(shared).fold(ram_top, u64::max) >> 12) - 1
+    (placed.chain(shared).chain(extra).fold(ram_top, u64::max) >> 12) - 1
 }

@@ -649,8 +649,22 @@ fn reservation_ops_give_pages_back_and_take_them_again() {
     assert_eq!(f.get(0x400 * 4096, 10), vec![0; 10], "a populated page reads as zeros");
     reservation(&f, 0x3000, &[0x403], 1, self_id);
     assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 0, "order-1 extents are aligned");
-    // Frames past the domain's RAM cannot be populated here.
+    // Frames in the MMIO hole cannot be populated; frames above RAM get
+    // pages of their own, and maximum_gpfn follows them.
+    reservation(&f, 0x3000, &[0xf_0000], 0, self_id);
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 0);
+    f.dom.max_pages += 1;
     reservation(&f, 0x3000, &[0x10_0000], 0, self_id);
+    let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6, ARG]);
+    assert_eq!((rax, fx.remap), (1, true));
+    f.put(ARG + 0x100, &self_id.to_le_bytes());
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[14, ARG + 0x100]), 0x10_0000, "maximum_gpfn");
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[1, ARG]), 1, "and given back");
+    assert_eq!(f.call(0, hc::MEMORY_OP, &[14, ARG + 0x100]), total - 1);
+    f.dom.max_pages -= 1;
+    // Only the hardware domain may insist on a NUMA node.
+    reservation(&f, 0x3000, &[0x402], 0, self_id);
+    f.put(ARG + 20, &(1u32 << 17 | 1 << 8).to_le_bytes()); // XENMEMF_exact_node(0)
     assert_eq!(f.call(0, hc::MEMORY_OP, &[6, ARG]), 0);
     // The domain's limit: at max_pages nothing more is populated.
     f.dom.max_pages = total as u64 - 1;

@@ -143,6 +143,60 @@ impl SharedState {
 pub enum Remap {
     /// A Xen page placed outside RAM: map the host page there.
     Overlay { gpa: u64, host: usize },
+    /// RAM the guest gave back: nothing behind it any more. As on Xen,
+    /// where the empty p2m entry ends in the emulator's null handler, it
+    /// reads as all ones and ignores writes.
+    Hole { gpa: u64, len: u64 },
+    /// Given-back RAM populated again: the host pages mapped back.
+    Ram { gpa: u64, len: u64, host: usize },
+}
+
+impl Remap {
+    /// The same changes in as few ranges as possible: runs of one kind are
+    /// put in address order and adjacent pages merged (the balloon gives
+    /// back hundreds of pages a call, and every engine region costs).
+    /// Changes of different kinds keep their order.
+    pub fn coalesce(remaps: &[Remap]) -> Vec<Remap> {
+        let mut out: Vec<Remap> = Vec::with_capacity(remaps.len());
+        let mut i = 0;
+        while i < remaps.len() {
+            let kind = std::mem::discriminant(&remaps[i]);
+            let mut j = i;
+            while j < remaps.len() && std::mem::discriminant(&remaps[j]) == kind {
+                j += 1;
+            }
+            let mut run = remaps[i..j].to_vec();
+            run.sort_by_key(|r| r.gpa());
+            run.dedup();
+            for r in run {
+                match (out.last_mut(), r) {
+                    (Some(Remap::Hole { gpa, len }), Remap::Hole { gpa: g, len: l }) if *gpa + *len == g => *len += l,
+                    (Some(Remap::Ram { gpa, len, host }), Remap::Ram { gpa: g, len: l, host: h })
+                        if *gpa + *len == g && *host + *len as usize == h =>
+                    {
+                        *len += l
+                    }
+                    _ => out.push(r),
+                }
+            }
+            i = j;
+        }
+        out
+    }
+
+    fn gpa(&self) -> u64 {
+        match *self {
+            Remap::Overlay { gpa, .. } | Remap::Hole { gpa, .. } | Remap::Ram { gpa, .. } => gpa,
+        }
+    }
+
+    /// The end of the range it changes.
+    pub fn end(&self) -> u64 {
+        match *self {
+            Remap::Overlay { gpa, .. } => gpa + 4096,
+            Remap::Hole { gpa, len } | Remap::Ram { gpa, len, .. } => gpa + len,
+        }
+    }
 }
 
 /// The domain state that belongs to the run thread.
@@ -167,6 +221,8 @@ pub struct DomainState {
     /// Pages increase_reservation allocated: counted, mapped at no frame
     /// (Xen tells only a PV guest where they are).
     pub unmapped_pages: u64,
+    /// Frames populated outside RAM (host pages of their own, overlays).
+    pub extra_frames: std::collections::BTreeSet<u64>,
     pub nr_vcpus: u32,
 }
 
@@ -189,13 +245,14 @@ impl DomainState {
             pending_remaps: Vec::new(),
             max_pages: ram_pages,
             unmapped_pages: 0,
+            extra_frames: Default::default(),
             nr_vcpus,
         }
     }
 
     /// RAM pages the domain holds (Xen's tot_pages): its RAM less what it gave back.
     pub fn populated_pages(&self) -> u64 {
-        self.ram.size() / 4096 - self.ram.given_back_pages() + self.unmapped_pages
+        self.ram.size() / 4096 - self.ram.given_back_pages() + self.unmapped_pages + self.extra_frames.len() as u64
     }
 
     /// Xen system time in ns.
@@ -302,4 +359,29 @@ pub fn write_time_info(ram: &GuestRam, gpa: u64, body: &[u8; 32]) {
     t[0..4].copy_from_slice(&odd.to_le_bytes());
     t[4..32].copy_from_slice(&body[4..32]);
     t[0..4].copy_from_slice(&odd.wrapping_add(1).to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Remap;
+
+    #[test]
+    fn remaps_coalesce_by_kind_in_order() {
+        let p = 4096;
+        let hole = |n: u64| Remap::Hole { gpa: n * p, len: p };
+        let ram = |n: u64| Remap::Ram { gpa: n * p, len: p, host: 0x1000_0000 + (n * p) as usize };
+        // Shuffled and repeated pages of one call merge; a later Ram run stays after them.
+        let r = Remap::coalesce(&[hole(5), hole(4), hole(7), hole(6), hole(6), hole(9), ram(5), ram(6)]);
+        assert_eq!(
+            r,
+            vec![
+                Remap::Hole { gpa: 4 * p, len: 4 * p },
+                hole(9),
+                Remap::Ram { gpa: 5 * p, len: 2 * p, host: 0x1000_0000 + 5 * p as usize },
+            ]
+        );
+        // Host addresses that do not follow each other are not merged.
+        let odd = Remap::Ram { gpa: 6 * p, len: p, host: 0x2000_0000 };
+        assert_eq!(Remap::coalesce(&[ram(5), odd]).len(), 2);
+    }
 }
