@@ -160,7 +160,7 @@ def test_cli_rootfs_failure_is_one_line_and_status_2(tmp_path):
         "from pathlib import Path\n"
         "from pvhvm import images, rootfs, cli\n"
         "from pvhvm.errors import BuildError\n"
-        "images.prepare_default_guest = lambda force=False: images.GuestFiles("
+        "images.prepare_default_guest = lambda force=False, arch='amd64': images.GuestFiles("
         "Path('vmlinux'), Path('initrd'), None, '6.1.0-9', 'linux-image-6.1.0-9 1')\n"
         "def fail(force=False):\n"
         "    raise BuildError('mmdebstrap failed: E: Could not resolve deb.debian.org')\n"
