@@ -36,6 +36,9 @@ import pytest
 import pvhvm
 from pvhvm import BuildError
 from pvhvm.devices.blkback import (
+    ABI_X86_32,
+    ABI_X86_64,
+    ABIS,
     BLKIF_OP_DISCARD,
     BLKIF_OP_FLUSH_DISKCACHE,
     BLKIF_OP_INDIRECT,
@@ -57,6 +60,7 @@ from pvhvm.devices.disk import (
     vdev_name,
     vdev_number,
 )
+from pvhvm.devices.ring import ring_slots as backend_ring_slots
 from pvhvm.shell import GuestShell
 from pvhvm.xenbus import XenbusState
 from pvhvm.xenstore import XenstoreError
@@ -78,6 +82,16 @@ REQ_INDIRECT = struct.Struct("<BBHIQQHH8I")  # 6, indirect_op, nr_segments, pad,
 REQ_DISCARD = struct.Struct("<BBHIQQQ")  # 5, flag, pad, pad, id, sector_number, nr_sectors
 RSP = struct.Struct("<QBxh")  # id, operation, pad, status (then 4 bytes of padding)
 
+# blkif.h for a 32-bit frontend (x86_32-abi): the same structs packed with
+# 64-bit fields at 4-byte alignment, so no padding after `handle` (id at 4)
+# and a 12-byte response; a slot is the rw request with 11 segments.
+SLOT_32 = 108
+REQ_RW_32 = struct.Struct("<BBHQQ")  # operation, nr_segments, handle, id, sector_number; segments at 20
+REQ_INDIRECT_32 = struct.Struct("<BBHQQHH8IQ")  # 6, indirect_op, nr_segments, id, sector, handle, pad, grefs, pad
+REQ_DISCARD_32 = struct.Struct("<BBHQQQ")  # 5, flag, pad, id, sector_number, nr_sectors
+RSP_32_SIZE = 12  # id, operation, pad, status: RSP without the x86-64 tail padding
+
+MAX_ORDER = 4  # max-ring-page-order offered
 DISK_SECTORS = 8192  # 4 MiB images for the ring-level tests
 XVDA = 51712
 
@@ -85,9 +99,9 @@ XVDA = 51712
 # --------------------------------------------------------------------------- the test's blkfront
 
 
-def ring_slots(pages: int) -> int:
-    """__RING_SIZE for a blkif ring over `pages` pages."""
-    fit = (pages * PAGE - RING_HEADER) // SLOT
+def ring_slots(pages: int, slot: int = SLOT) -> int:
+    """__RING_SIZE for a blkif ring of `slot`-byte slots over `pages` pages."""
+    fit = (pages * PAGE - RING_HEADER) // slot
     return 1 << (fit.bit_length() - 1)
 
 
@@ -107,19 +121,36 @@ def discard_request(rid: int, sector: int, count: int, flag: int = 0) -> bytes:
     return REQ_DISCARD.pack(BLKIF_OP_DISCARD, flag, 0, 0, rid, sector, count)
 
 
+def rw_request_32(op: int, rid: int, sector: int, segs, *, nseg: int | None = None, handle: int = 0) -> bytes:
+    raw = REQ_RW_32.pack(op, len(segs) if nseg is None else nseg, handle, rid, sector)
+    for gref, first, last in segs:
+        raw += SEGMENT.pack(gref, first, last, 0)
+    return raw
+
+
+def indirect_request_32(iop: int, rid: int, sector: int, nseg: int, grefs, handle: int = 0) -> bytes:
+    grefs = list(grefs) + [0] * (8 - len(grefs))
+    return REQ_INDIRECT_32.pack(BLKIF_OP_INDIRECT, iop, nseg, rid, sector, handle, 0, *grefs, 0)
+
+
+def discard_request_32(rid: int, sector: int, count: int, flag: int = 0) -> bytes:
+    return REQ_DISCARD_32.pack(BLKIF_OP_DISCARD, flag, 0, rid, sector, count)
+
+
 class Ring:
     """One queue's shared ring as blkfront lays it out: `pages` granted
     pages (not adjacent in guest RAM), the frontend's private indexes and
     the event channel port standing for the guest's."""
 
-    def __init__(self, fe: "Frontend", order: int, port: int) -> None:
+    def __init__(self, fe: "Frontend", order: int, port: int, slot: int = SLOT) -> None:
         self.fe = fe
         self.order = order
+        self.slot = slot  # 112 for x86_64-abi, 108 for x86_32-abi
         self.pages = []
         for _ in range(1 << order):
             self.pages.append(fe.page())
             fe.page()  # a gap: slots that straddle pages must really be split
-        self.size = ring_slots(len(self.pages))
+        self.size = ring_slots(len(self.pages), slot)
         struct.pack_into("<IIII", fe.mem, self.pages[0], 0, 1, 0, 1)  # SHARED_RING_INIT
         self.refs = [fe.grant(p) for p in self.pages]
         self.port = port
@@ -143,17 +174,20 @@ class Ring:
         return b"".join(bytes(self.fe.mem[gpa : gpa + k]) for gpa, k in self._span(off, n))
 
     def slot_offset(self, idx: int) -> int:
-        return RING_HEADER + (idx % self.size) * SLOT
+        return RING_HEADER + (idx % self.size) * self.slot
 
     def straddles(self, idx: int) -> bool:
         off = self.slot_offset(idx)
-        return off // PAGE != (off + SLOT - 1) // PAGE
+        return off // PAGE != (off + self.slot - 1) // PAGE
+
+    def slot_bytes(self, idx: int) -> bytes:
+        return self._get(self.slot_offset(idx), self.slot)
 
     def post(self, raw: bytes) -> int:
         """Put a request in the next slot (published by `push`); its index."""
-        assert len(raw) <= SLOT
+        assert len(raw) <= self.slot
         idx = self.req_prod
-        self._put(self.slot_offset(idx), raw.ljust(SLOT, b"\xee"))
+        self._put(self.slot_offset(idx), raw.ljust(self.slot, b"\xee"))
         self.req_prod += 1
         return idx
 
@@ -305,11 +339,15 @@ def backend_state(dom, vbd) -> int:
 
 
 def connect(env: Env, vbd: Blkback, *, order: int = 0, queues: int = 1, persistent: bool = False,
-            extra: dict | None = None, state: XenbusState = XenbusState.INITIALISED) -> list[Ring]:
+            extra: dict | None = None, state: XenbusState = XenbusState.INITIALISED,
+            protocol: str | None = "x86_64-abi") -> list[Ring]:
     """Lay the rings and write what blkfront's talk_to_blkback writes, then
-    switch to `state`. `extra` overrides keys (None removes one)."""
+    switch to `state`. `extra` overrides keys (None removes one); `protocol`
+    None writes no protocol node. The rings' slots are laid out for
+    `protocol` (108 bytes for x86_32-abi, else 112)."""
     dom, fe = env.dom, env.fe
-    rings = [Ring(fe, order, dom.backend_ops.bind_host_port()) for _ in range(queues)]
+    slot = SLOT_32 if protocol == "x86_32-abi" else SLOT
+    rings = [Ring(fe, order, dom.backend_ops.bind_host_port(), slot) for _ in range(queues)]
     keys: dict = {}
     if order:
         keys["ring-page-order"] = order
@@ -323,7 +361,8 @@ def connect(env: Env, vbd: Blkback, *, order: int = 0, queues: int = 1, persiste
         else:
             keys[f"{prefix}ring-ref"] = ring.refs[0]
         keys[f"{prefix}event-channel"] = ring.port
-    keys["protocol"] = "x86_64-abi"
+    if protocol is not None:
+        keys["protocol"] = protocol
     keys["feature-persistent"] = int(persistent)
     keys.update(extra or {})
     for k, v in keys.items():
@@ -839,6 +878,285 @@ def test_two_queues(env):
     assert all(fe.grant_flags(ref) & IN_USE == 0 for r in rings for ref in r.refs)
 
 
+# --------------------------------------------------------------------------- x86_32-abi (32-bit frontends)
+
+
+def test_x86_32_layout_and_slot_arithmetic():
+    """The two ABIs' sizes, and __RING_SIZE ((ring bytes - 64) / slot,
+    rounded down to a power of two) for each ring-page-order offered."""
+    assert REQ_RW.size == 24 and REQ_RW_32.size == 20  # no _pad1 after handle: id at 4, sector at 12
+    assert SLOT == 24 + 11 * SEGMENT.size == 112 and SLOT_32 == 20 + 11 * SEGMENT.size == 108
+    assert REQ_DISCARD_32.size == 28 and REQ_INDIRECT_32.size == REQ_INDIRECT.size + 4 == 64
+    assert (ABI_X86_64.slot, ABI_X86_32.slot) == (SLOT, SLOT_32)
+    assert (ABI_X86_64.response.size, ABI_X86_32.response.size) == (16, RSP_32_SIZE)
+    assert (ABI_X86_64.seg_offset, ABI_X86_32.seg_offset) == (24, 20)
+    assert ABIS == {"x86_64-abi": ABI_X86_64, "x86_32-abi": ABI_X86_32}
+    # (4096 - 64) // 108 = 37 and // 112 = 36: both 32 slots; 75 and 72 in
+    # two pages: both 64. The counts agree for every order; where the slots
+    # lie does not.
+    fits_32 = [(PAGE * (1 << o) - RING_HEADER) // SLOT_32 for o in range(MAX_ORDER + 1)]
+    assert fits_32 == [37, 75, 151, 302, 606]
+    for order, n in enumerate([32, 64, 128, 256, 512]):
+        pages = 1 << order
+        assert ring_slots(pages, SLOT_32) == ring_slots(pages) == n
+        assert backend_ring_slots(SLOT_32, pages) == backend_ring_slots(SLOT, pages) == n
+    # The first slot to straddle a page in a two-page ring: 64 + 37 * 108 =
+    # 4060 (x86_32) against 64 + 36 * 112 = 4096, which does not straddle.
+    straddle_32 = [i for i in range(64) if (RING_HEADER + i * SLOT_32) // PAGE
+                   != (RING_HEADER + (i + 1) * SLOT_32 - 1) // PAGE]
+    straddle_64 = [i for i in range(64) if (RING_HEADER + i * SLOT) // PAGE
+                   != (RING_HEADER + (i + 1) * SLOT - 1) // PAGE]
+    assert (straddle_32, straddle_64) == ([37], [])
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_x86_32_read_and_write(env, order):
+    fe = env.fe
+    image = env.tmp_path / "d.img"
+    make_image(image)
+    vbd = env.vbd(image)
+    (ring,) = connect(env, vbd, order=order, protocol="x86_32-abi")
+    assert vbd.abi is ABI_X86_32
+    assert (vbd.queues[0].ring.slot_size, vbd.queues[0].ring.size) == (SLOT_32, ring.size)
+    assert ring.size == (32 if order == 0 else 64)
+
+    # READ of 18 sectors from sector 100 (an id using all 64 bits: read at
+    # offset 8, as the x86-64 layout has it, it would not come back).
+    rid = 0x0123456789ABCDEF
+    bufs = [fe.buffer() for _ in range(3)]
+    segs = [(bufs[0][1], 2, 7), (bufs[1][1], 0, 7), (bufs[2][1], 0, 3)]
+    raw = rw_request_32(BLKIF_OP_READ, rid, 100, segs, handle=XVDA)
+    idx = ring.post(raw)
+    ring.push()
+    kick(env, ring)
+    assert wait_responses(ring, 1) == [(rid, BLKIF_OP_READ, BLKIF_RSP_OKAY)]
+    # A 12-byte response: the rest of the slot still holds the request.
+    assert ring.slot_bytes(idx)[RSP_32_SIZE:] == raw.ljust(SLOT_32, b"\xee")[RSP_32_SIZE:]
+    disk = file_bytes(image, 100, 18)
+    assert fe.read(bufs[0][0], 0, 1024) == b"\xaa" * 1024
+    assert fe.read(bufs[0][0], 1024) + fe.read(bufs[1][0]) + fe.read(bufs[2][0], 0, 4 * SECTOR) == disk
+    assert fe.read(bufs[2][0], 4 * SECTOR) == b"\xaa" * (4 * SECTOR)
+
+    # WRITE with all 11 segments: the last one ends at the slot's last byte.
+    windows = [(0, 7), (3, 3), (1, 6), (7, 7), (0, 0), (2, 7), (0, 5), (4, 4), (0, 7), (5, 6), (1, 1)]
+    pages = [fe.buffer(os.urandom(PAGE), readonly=True) for _ in windows]
+    expect = b"".join(fe.read(gpa, f * SECTOR, (l + 1) * SECTOR) for (gpa, _), (f, l) in zip(pages, windows))
+    count = len(expect) // SECTOR
+    before, after = file_bytes(image, 4999, 1), file_bytes(image, 5000 + count, 1)
+    raw = rw_request_32(BLKIF_OP_WRITE, 7, 5000, [(ref, f, l) for (_, ref), (f, l) in zip(pages, windows)])
+    assert len(raw) == SLOT_32
+    assert roundtrip(env, ring, raw) == [(7, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+    assert file_bytes(image, 5000, count) == expect
+    assert file_bytes(image, 4999, 1) == before and file_bytes(image, 5000 + count, 1) == after
+    assert all(fe.grant_flags(ref) & IN_USE == 0 for _, ref in bufs + pages)
+    stats = vbd.stats
+    assert (stats["reads"], stats["writes"], stats["sectors_read"], stats["sectors_written"]) == (1, 1, 18, count)
+    # The last sector is in reach.
+    gpa, ref = fe.buffer()
+    assert roundtrip(env, ring, rw_request_32(BLKIF_OP_READ, 8, DISK_SECTORS - 1, [(ref, 7, 7)])) == [(8, 0, 0)]
+    assert fe.read(gpa, 7 * SECTOR) == file_bytes(image, DISK_SECTORS - 1, 1)
+    assert vbd.connected and vbd.failure is None
+
+
+def test_x86_32_full_ring_with_a_straddling_slot(env):
+    """A two-page x86_32 ring of 64 slots filled twice over: slot 37 starts
+    36 bytes before the first page ends; an 11-segment write there is read
+    whole, and every response lands at its 108-byte slot."""
+    fe = env.fe
+    image = env.tmp_path / "d.img"
+    make_image(image)
+    vbd = env.vbd(image)
+    (ring,) = connect(env, vbd, order=1, protocol="x86_32-abi")
+    assert ring.size == 64 and [i for i in range(ring.size) if ring.straddles(i)] == [37]
+    small = [fe.buffer() for _ in range(8)]
+    big = [fe.buffer(os.urandom(PAGE)) for _ in range(11)]
+    written = b"".join(fe.read(gpa) for gpa, _ in big)
+
+    def fill(base: int, op_big: int) -> None:
+        for i in range(ring.size):
+            rid = (base + i) | 0x32 << 56
+            if i == 37:
+                ring.post(rw_request_32(op_big, rid, 6000, [(ref, 0, 7) for _, ref in big]))
+            else:
+                ring.post(rw_request_32(BLKIF_OP_READ, rid, 3000 + i, [(small[i % 8][1], i // 8, i // 8)]))
+        ring.push()
+        kick(env, ring)
+        rsps = wait_responses(ring, ring.size)
+        assert [r[0] for r in rsps] == [(base + i) | 0x32 << 56 for i in range(ring.size)]
+        assert [r[1] for r in rsps] == [op_big if i == 37 else BLKIF_OP_READ for i in range(ring.size)]
+        assert [r[2] for r in rsps] == [BLKIF_RSP_OKAY] * ring.size
+        for i in range(ring.size):
+            if i != 37:
+                gpa, s = small[i % 8][0], i // 8
+                assert fe.read(gpa, s * SECTOR, (s + 1) * SECTOR) == file_bytes(image, 3000 + i, 1), i
+
+    fill(0, BLKIF_OP_WRITE)
+    assert file_bytes(image, 6000, 88) == written
+    for gpa, _ in big:
+        fe.mem[gpa : gpa + PAGE] = bytes(PAGE)
+    fill(ring.size, BLKIF_OP_READ)
+    assert b"".join(fe.read(gpa) for gpa, _ in big) == written
+    assert vbd.stats["requests"] == 2 * ring.size and vbd.connected
+
+
+def test_x86_32_flush_barrier_discard_and_unknown(env):
+    fe = env.fe
+    image = env.tmp_path / "d.img"
+    content = make_image(image)
+    vbd = env.vbd(image)
+    (ring,) = connect(env, vbd, protocol="x86_32-abi")
+    # blkfront's flush without data: sector -1, no segments.
+    assert roundtrip(env, ring, rw_request_32(BLKIF_OP_FLUSH_DISKCACHE, 0xF1F1F1F1F1F1F1F1, (1 << 64) - 1, [])) == [
+        (0xF1F1F1F1F1F1F1F1, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_OKAY)]
+    data = [fe.buffer(os.urandom(PAGE)) for _ in range(2)]
+    assert roundtrip(env, ring, rw_request_32(BLKIF_OP_WRITE_BARRIER, 2, 64, [(r, 0, 7) for _, r in data])) == [
+        (2, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY)]
+    assert file_bytes(image, 64, 16) == fe.read(data[0][0]) + fe.read(data[1][0])
+    assert vbd.stats["flushes"] == 2
+
+    # Discard: nr_sectors at 20 (28 in the x86-64 layout).
+    start, count = 2048, 256
+    assert roundtrip(env, ring, discard_request_32(0xD15CA4D0000000D1, start, count)) == [
+        (0xD15CA4D0000000D1, BLKIF_OP_DISCARD, BLKIF_RSP_OKAY)]
+    with open(image, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == start * SECTOR
+        assert os.lseek(f.fileno(), start * SECTOR, os.SEEK_DATA) == (start + count) * SECTOR
+    after = image.read_bytes()
+    assert after[start * SECTOR : (start + count) * SECTOR] == bytes(count * SECTOR)
+    assert after[(start + count) * SECTOR :] == content[(start + count) * SECTOR :]
+    assert roundtrip(env, ring, discard_request_32(13, 0, 8, flag=1)) == [(13, BLKIF_OP_DISCARD, BLKIF_RSP_EOPNOTSUPP)]
+    assert file_bytes(image, 0, 8) == content[: 8 * SECTOR]
+
+    # Operations we do not know: the id comes from offset 4 (request_other).
+    assert roundtrip(env, ring, rw_request_32(4, 0x4142434445464748, 0, []),
+                     rw_request_32(9, 0x42, 0, [])) == [
+        (0x4142434445464748, 4, BLKIF_RSP_EOPNOTSUPP), (0x42, 9, BLKIF_RSP_EOPNOTSUPP)]
+    assert vbd.connected and vbd.failure is None
+
+
+def test_x86_32_indirect_requests(env):
+    fe = env.fe
+    image = env.tmp_path / "d.img"
+    make_image(image)
+    vbd = env.vbd(image)
+    (ring,) = connect(env, vbd, protocol="x86_32-abi")
+    n = 100
+    pages = [fe.buffer(os.urandom(PAGE)) for _ in range(n)]
+    windows = [(k % 4, 7 - k % 3) for k in range(n)]
+    table = b"".join(SEGMENT.pack(ref, f, l, 0) for (_, ref), (f, l) in zip(pages, windows))
+    _, iref = fe.buffer(table, readonly=True)
+    expect = b"".join(fe.read(gpa, f * SECTOR, (l + 1) * SECTOR) for (gpa, _), (f, l) in zip(pages, windows))
+    count = len(expect) // SECTOR
+    rid = 0x7766554433221100
+    assert roundtrip(env, ring, indirect_request_32(BLKIF_OP_WRITE, rid, 1000, n, [iref], handle=XVDA)) == [
+        (rid, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+    assert file_bytes(image, 1000, count) == expect
+    for gpa, _ in pages:
+        fe.mem[gpa : gpa + PAGE] = b"\xaa" * PAGE
+    assert roundtrip(env, ring, indirect_request_32(BLKIF_OP_READ, rid + 1, 1000, n, [iref])) == [
+        (rid + 1, BLKIF_OP_READ, BLKIF_RSP_OKAY)]
+    got = b""
+    for (gpa, _), (f, l) in zip(pages, windows):
+        assert fe.read(gpa, 0, f * SECTOR) == b"\xaa" * (f * SECTOR)
+        got += fe.read(gpa, f * SECTOR, (l + 1) * SECTOR)
+    assert got == expect
+    # 256 segments, the indirect page's gref in the second slot of grefs[].
+    segs = [(pages[k % n][1], 0, 7) for k in range(256)]
+    _, iref2 = fe.buffer(b"".join(SEGMENT.pack(r, f, l, 0) for r, f, l in segs))
+    _, iref3 = fe.buffer(bytes(PAGE))
+    assert roundtrip(env, ring, indirect_request_32(BLKIF_OP_READ, 23, 0, 256, [iref2, iref3])) == [
+        (23, BLKIF_OP_READ, BLKIF_RSP_OKAY)]
+    for k in (0, 55, 56, 99):
+        seg = 200 + k if k < 56 else 100 + k
+        assert fe.read(pages[k][0]) == file_bytes(image, 8 * seg, 8), k
+    assert vbd.stats["indirect"] == 3 and vbd.connected
+
+
+def _x86_32_twelve_segments(env, ring):
+    _, ref = env.fe.buffer()
+    ring.post(rw_request_32(BLKIF_OP_READ, 1, 0, [(ref, 0, 7)] * 11, nseg=12))
+
+
+def _x86_32_past_the_end(env, ring):
+    _, ref = env.fe.buffer()
+    ring.post(rw_request_32(BLKIF_OP_WRITE, 1, DISK_SECTORS - 2, [(ref, 0, 7)]))
+
+
+def _x86_32_discard_past_the_end(env, ring):
+    ring.post(discard_request_32(1, 8, DISK_SECTORS))
+
+
+def _x86_32_indirect_257(env, ring):
+    _, iref = env.fe.buffer(bytes(PAGE))
+    ring.post(indirect_request_32(BLKIF_OP_READ, 1, 0, 257, [iref]))
+
+
+def _x86_32_bad_indirect_gref(env, ring):
+    ring.post(indirect_request_32(BLKIF_OP_WRITE, 1, 0, 20, [4001]))
+
+
+def _x86_32_bad_segment(env, ring):
+    _, ref = env.fe.buffer()
+    ring.post(rw_request_32(BLKIF_OP_READ, 1, 0, [(ref, 6, 2)]))
+
+
+HOSTILE_32 = {
+    "12 direct segments": (_x86_32_twelve_segments, "12 segments"),
+    "sectors past the end": (_x86_32_past_the_end, f"past the end of the disk ({DISK_SECTORS} sectors)"),
+    "discard past the end": (_x86_32_discard_past_the_end, "past the end of the disk"),
+    "257 indirect segments": (_x86_32_indirect_257, "257 indirect segments"),
+    "bad indirect gref": (_x86_32_bad_indirect_gref, "bad indirect grant reference 4001"),
+    "first_sect after last_sect": (_x86_32_bad_segment, "segment sectors 6..2 outside their page"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_32))
+def test_x86_32_hostile_request_disconnects_the_vbd(env, case):
+    fe = env.fe
+    image = env.tmp_path / "d.img"
+    content = make_image(image)
+    vbd = env.vbd(image)
+    (ring,) = connect(env, vbd, persistent=True, protocol="x86_32-abi")
+    _, kept = fe.buffer()
+    assert roundtrip(env, ring, rw_request_32(BLKIF_OP_READ, 99, 0, [(kept, 0, 7)])) == [(99, 0, 0)]
+    make, words = HOSTILE_32[case]
+    make(env, ring)
+    ring.push()
+    kick(env, ring)
+    wait_failure(env, vbd)
+    _assert_disconnected(env, vbd, [ring], words, held=[kept])
+    assert image.read_bytes() == content
+    # The ABI is the next connection's choice: a 64-bit frontend now.
+    (ring,) = connect(env, vbd, protocol="x86_64-abi")
+    assert vbd.abi is ABI_X86_64 and vbd.queues[0].ring.slot_size == SLOT
+    gpa, ref = fe.buffer()
+    assert roundtrip(env, ring, rw_request(BLKIF_OP_READ, 5, 8, [(ref, 0, 7)])) == [(5, 0, 0)]
+    assert fe.read(gpa) == content[8 * SECTOR : 16 * SECTOR]
+
+
+def test_protocol_is_read_at_each_connect(env):
+    """No protocol node means the native (x86-64) ABI; the same vbd then
+    serves a 32-bit frontend, then a native one again."""
+    dom, fe = env.dom, env.fe
+    image = env.tmp_path / "d.img"
+    content = make_image(image)
+    vbd = env.vbd(image)
+    for protocol, request in ((None, rw_request), ("x86_32-abi", rw_request_32), (None, rw_request)):
+        if protocol is None and dom.store.exists(f"{vbd.frontend_path}/protocol"):
+            dom.store.rm(dom.domid, f"{vbd.frontend_path}/protocol")
+        (ring,) = connect(env, vbd, protocol=protocol)
+        assert vbd.abi is (ABI_X86_32 if protocol else ABI_X86_64), protocol
+        gpa, ref = fe.buffer()
+        rid = 0xFEDCBA9876543210
+        assert roundtrip(env, ring, request(BLKIF_OP_READ, rid, 24, [(ref, 0, 7)])) == [(rid, 0, 0)], protocol
+        assert fe.read(gpa) == content[24 * SECTOR : 32 * SECTOR]
+        set_frontend_state(dom, vbd, XenbusState.CLOSING)
+        set_frontend_state(dom, vbd, XenbusState.CLOSED)
+        set_frontend_state(dom, vbd, XenbusState.INITIALISING)
+        assert backend_state(dom, vbd) == XenbusState.INIT_WAIT
+    assert vbd.connections == 3 and vbd.failure is None
+
+
 # --------------------------------------------------------------------------- hostile frontends
 
 
@@ -1010,8 +1328,8 @@ def test_hostile_second_queue_keeps_the_first_from_serving(env):
 @pytest.mark.parametrize("kw, words", [
     ({"order": 5}, "ring-page-order 5 is over the 4 offered"),
     ({"queues": 3}, "asks for 3 queues; at most 2 offered"),
-    ({"extra": {"protocol": "x86_32-abi"}}, "x86_32-abi"),
     ({"extra": {"protocol": "x86_64-abi-but-not-quite"}}, "is not served"),
+    ({"extra": {"protocol": "arm-abi"}}, "frontend protocol 'arm-abi' is not served (x86_64-abi or x86_32-abi)"),
     ({"extra": {"ring-ref": 4000}}, "cannot map ring-ref [4000]"),
     ({"order": 2, "extra": {"ring-ref2": 4000}}, "cannot map ring-ref"),
     ({"queues": 2, "extra": {"queue-1/ring-ref": 4000}}, "cannot map queue-1/ring-ref"),

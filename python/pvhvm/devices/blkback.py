@@ -13,9 +13,15 @@ speaks it:
   blkback writes them. The frontend answers with ``ring-ref`` (or
   ``ring-page-order`` and ``ring-ref0``…), ``event-channel``, per queue
   under ``queue-N/`` when ``multi-queue-num-queues`` > 1, ``protocol``
-  (x86_64-abi) and ``feature-persistent``.
-* each queue is an io/ring.h ring of 112-byte slots (blkif_request, packed
-  as the x86-64 ABI lays it out) and 16-byte responses, served by its own
+  and ``feature-persistent``.
+* the ``protocol`` node picks the ring's ABI per vbd at connect, as Xen's
+  blkback does: ``x86_64-abi`` (also the default with no node: our native
+  ABI) lays out 112-byte slots (blkif_request, 64-bit fields 8-aligned)
+  and 16-byte responses; ``x86_32-abi`` (a 32-bit frontend: i386 Linux)
+  packs the 64-bit fields at 4-byte alignment, so there is no padding after
+  ``handle``, every later field sits 4 bytes earlier, a slot is 108 bytes
+  and a response 12. Any other protocol fails the vbd.
+* each queue is an io/ring.h ring of those slots, served by its own
   worker thread: the run loop only wakes the worker when the guest
   notifies the queue's port, so disk I/O never runs on the vCPUs' thread.
   Requests are taken in batches; sector data moves with preadv/pwritev
@@ -81,14 +87,45 @@ MAX_PERSISTENT_GRANTS = 1056  # per queue, Linux's xen_blkif_max_pgrants
 SECTORS_PER_PAGE = PAGE_SIZE // SECTOR
 BATCH = 64  # requests taken off the ring before answering
 
-SLOT = 112  # sizeof(union {blkif_request, blkif_response}) on x86-64
-# struct blkif_request (x86-64, packed): operation u8, then per kind
-_REQ_RW = struct.Struct("<BBHIQQ")  # op, nr_segments, handle, pad, id, sector_number; segments at 24
-_SEG = struct.Struct("<IBBH")  # gref, first_sect, last_sect, pad
-_REQ_DISCARD = struct.Struct("<BBHIQQQ")  # op, flag, pad, pad, id, sector_number, nr_sectors
-_REQ_INDIRECT = struct.Struct("<BBHIQQHH8I")  # op, indirect_op, nr_segments, pad, id, sector, handle, pad, grefs
-_RSP = struct.Struct("<QBxh4x")  # id, operation, status (16 bytes with padding)
-SEG_OFFSET = 24
+_SEG = struct.Struct("<IBBH")  # blkif_request_segment: gref, first_sect, last_sect, pad (same in both ABIs)
+
+# xenstore's protocol names (io/protocols.h)
+XEN_IO_PROTO_ABI_X86_32 = "x86_32-abi"
+XEN_IO_PROTO_ABI_X86_64 = "x86_64-abi"
+
+
+class BlkifAbi:
+    """One ABI's layout of blkif_request and blkif_response (io/blkif.h).
+    The request structs unpack to the same fields in both ABIs, pads
+    skipped: rw (op, nr_segments, handle, id, sector_number), discard (op,
+    flag, id, sector_number, nr_sectors), indirect (op, indirect_op,
+    nr_segments, id, sector_number, handle, grefs[8])."""
+
+    def __init__(self, protocol: str, rw: str, discard: str, indirect: str, id_offset: int, response: str) -> None:
+        self.protocol = protocol
+        self.rw = struct.Struct(rw)
+        self.seg_offset = self.rw.size
+        self.discard = struct.Struct(discard)
+        self.indirect = struct.Struct(indirect)
+        self.id_offset = id_offset  # of blkif_request_other's id: for operations we do not know
+        self.response = struct.Struct(response)
+        # A slot holds the largest request (rw with its 11 segments) or a response.
+        self.slot = max(self.seg_offset + BLKIF_MAX_SEGMENTS_PER_REQUEST * _SEG.size, self.discard.size,
+                        self.indirect.size, self.response.size)
+
+
+# x86-64: ``_pad1`` (u32) after ``handle`` puts ``id`` at 8; the response
+# is padded to 16 (its id is 8-aligned).
+ABI_X86_64 = BlkifAbi(XEN_IO_PROTO_ABI_X86_64, rw="<BBH4xQQ", discard="<BB6xQQQ", indirect="<BBH4xQQH2x8I4x",
+                      id_offset=8, response="<QBxh4x")
+# x86-32: packed with 64-bit fields at 4-byte alignment: no pad after
+# ``handle``, ``id`` at 4; the response is 12 bytes.
+ABI_X86_32 = BlkifAbi(XEN_IO_PROTO_ABI_X86_32, rw="<BBHQQ", discard="<BB2xQQQ", indirect="<BBHQQH2x8I8x",
+                      id_offset=4, response="<QBxh")
+# What the protocol node may say; none at all means the backend's own ABI.
+ABIS = {abi.protocol: abi for abi in (ABI_X86_64, ABI_X86_32)}
+NATIVE_ABI = ABI_X86_64
+SLOT = NATIVE_ABI.slot  # 112
 
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
@@ -117,10 +154,12 @@ class _Segment:
 class Queue:
     """One ring of a vbd and the worker thread that serves it."""
 
-    def __init__(self, vbd: "Blkback", index: int, ring: BackRing, port: int, maps: list) -> None:
+    def __init__(self, vbd: "Blkback", index: int, ring: BackRing, port: int, maps: list,
+                 abi: BlkifAbi = NATIVE_ABI) -> None:
         self.vbd = vbd
         self.index = index
         self.ring = ring
+        self.abi = abi
         self.port = port
         self.maps = maps  # the ring pages' GrantMappings
         self.persistent: dict[int, _core.GrantMapping] = {}
@@ -188,17 +227,19 @@ class Queue:
                 self.stats["notifications"] += 1
 
     def _handle(self, raw: bytes) -> bytes:
+        abi = self.abi
+        rsp = abi.response
         op = raw[0]
         self.stats["requests"] += 1
         if op in (BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_FLUSH_DISKCACHE):
-            _, nseg, _handle, _, rid, sector = _REQ_RW.unpack_from(raw)
+            _, nseg, _handle, rid, sector = abi.rw.unpack_from(raw)
             limit = BLKIF_MAX_SEGMENTS_PER_REQUEST
             if nseg > limit or (nseg == 0 and op in (BLKIF_OP_READ, BLKIF_OP_WRITE)):
                 raise ProtocolError(f"request {rid:#x}: {nseg} segments (a direct request carries 1 to {limit})")
-            segs = [_Segment(*_SEG.unpack_from(raw, SEG_OFFSET + 8 * i)[:3]) for i in range(nseg)]
-            return _RSP.pack(rid, op, self._rw(op, rid, sector, segs))
+            segs = [_Segment(*_SEG.unpack_from(raw, abi.seg_offset + _SEG.size * i)[:3]) for i in range(nseg)]
+            return rsp.pack(rid, op, self._rw(op, rid, sector, segs))
         if op == BLKIF_OP_INDIRECT:
-            _, iop, nseg, _, rid, sector, _handle, _, *grefs = _REQ_INDIRECT.unpack_from(raw)
+            _, iop, nseg, rid, sector, _handle, *grefs = abi.indirect.unpack_from(raw)
             self.stats["indirect"] += 1
             if iop not in (BLKIF_OP_READ, BLKIF_OP_WRITE):
                 raise ProtocolError(f"request {rid:#x}: indirect operation {iop} (only read and write)")
@@ -208,13 +249,13 @@ class Queue:
             segs = self._indirect_segments(rid, grefs, nseg)
             # Answered as the operation it carries, as blkback does (blkfront
             # checks the response's operation against that).
-            return _RSP.pack(rid, iop, self._rw(iop, rid, sector, segs))
+            return rsp.pack(rid, iop, self._rw(iop, rid, sector, segs))
         if op == BLKIF_OP_DISCARD:
-            _, flag, _, _, rid, sector, count = _REQ_DISCARD.unpack_from(raw)
-            return _RSP.pack(rid, op, self._discard(rid, sector, count, flag))
-        rid = struct.unpack_from("<Q", raw, 8)[0]
+            _, flag, rid, sector, count = abi.discard.unpack_from(raw)
+            return rsp.pack(rid, op, self._discard(rid, sector, count, flag))
+        rid = struct.unpack_from("<Q", raw, abi.id_offset)[0]
         self.stats["errors"] += 1
-        return _RSP.pack(rid, op, BLKIF_RSP_EOPNOTSUPP)
+        return rsp.pack(rid, op, BLKIF_RSP_EOPNOTSUPP)
 
     def _indirect_segments(self, rid: int, grefs: list[int], nseg: int) -> list[_Segment]:
         pages = -(-nseg // SEGMENTS_PER_INDIRECT_PAGE)
@@ -353,6 +394,7 @@ class Blkback(BackendDevice):
         self.max_queues = max(1, max_queues)
         self.queues: list[Queue] = []
         self.persistent = False
+        self.abi = NATIVE_ABI  # the frontend's, from its protocol node at connect
         self.closed = False
         self._past_stats: dict[str, int] = {}  # of queues since disconnected
 
@@ -390,8 +432,10 @@ class Blkback(BackendDevice):
 
     def connect(self) -> None:
         protocol = self.read_frontend("protocol")
-        if protocol not in (None, "", "x86_64-abi"):
-            raise DeviceError(f"frontend protocol {protocol!r} is not served (x86_64-abi only)")
+        abi = NATIVE_ABI if not protocol else ABIS.get(protocol)
+        if abi is None:
+            raise DeviceError(f"frontend protocol {protocol!r} is not served ({' or '.join(ABIS)})")
+        self.abi = abi
         nqueues = self.read_frontend_int("multi-queue-num-queues", 1)
         if not 1 <= nqueues <= self.max_queues:
             raise DeviceError(f"frontend asks for {nqueues} queues; at most {self.max_queues} offered")
@@ -414,8 +458,8 @@ class Blkback(BackendDevice):
         self.write_backend("info", str(self.info))
         for queue in queues:
             queue.start()
-        log.info("%s: %s connected, %d queue(s) of %d slots, persistent grants %s", self.backend_path,
-                 self.vdev, nqueues, queues[0].ring.size, "on" if self.persistent else "off")
+        log.info("%s: %s connected, %s, %d queue(s) of %d slots, persistent grants %s", self.backend_path,
+                 self.vdev, self.abi.protocol, nqueues, queues[0].ring.size, "on" if self.persistent else "off")
 
     def _connect_queue(self, q: int, nqueues: int, order: int) -> Queue:
         prefix = f"queue-{q}/" if nqueues > 1 else ""
@@ -440,7 +484,7 @@ class Blkback(BackendDevice):
             for m in maps:
                 self.ops.grant_unmap(m)
             raise DeviceError(f"cannot bind {prefix}event-channel: {e}") from None
-        queue = Queue(self, q, BackRing(maps, SLOT, f"{self.vdev} queue {q}"), port, maps)
+        queue = Queue(self, q, BackRing(maps, self.abi.slot, f"{self.vdev} queue {q}"), port, maps, self.abi)
         self.devices.own_port(port, queue.kick)
         return queue
 
@@ -497,4 +541,5 @@ def attach_disk(dom, spec: DiskSpec, *, max_queues: Optional[int] = None) -> Blk
 
 __all__ = ["Blkback", "Queue", "attach_disk", "BLKIF_OP_READ", "BLKIF_OP_WRITE", "BLKIF_OP_WRITE_BARRIER",
            "BLKIF_OP_FLUSH_DISKCACHE", "BLKIF_OP_DISCARD", "BLKIF_OP_INDIRECT", "BLKIF_RSP_OKAY",
-           "BLKIF_RSP_ERROR", "BLKIF_RSP_EOPNOTSUPP", "VDISK_READONLY", "SLOT"]
+           "BLKIF_RSP_ERROR", "BLKIF_RSP_EOPNOTSUPP", "VDISK_READONLY", "SLOT", "BlkifAbi", "ABI_X86_32",
+           "ABI_X86_64", "ABIS", "XEN_IO_PROTO_ABI_X86_32", "XEN_IO_PROTO_ABI_X86_64"]
