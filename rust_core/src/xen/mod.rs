@@ -295,10 +295,7 @@ impl DomainState {
     /// Put shared_info at guest-physical `gpa` (a RAM page), with the wall clock.
     pub fn place_shared_info(&mut self, gpa: u64) -> bool {
         let Ok(page) = self.ram.slice_mut(gpa, 4096) else { return false };
-        let (old, layout) = {
-            let ev = self.ports();
-            (ev.shared_info(), ev.layout())
-        };
+        let old = self.ports().shared_info();
         match old {
             Some(old) if old != gpa => {
                 // Move the live contents, as the page is Xen's, not the frame's.
@@ -308,12 +305,10 @@ impl DomainState {
                 }
             }
             Some(_) => {}
-            None => {
-                page.fill(0);
-                // Every port masked until the guest unmasks it, as Xen starts them.
-                let mask = layout.mask() as usize;
-                page[mask..mask + layout.nr_ports() as usize / 8].fill(0xff);
-            }
+            // A fresh shared_info is a cleared page (Xen's arch_domain_create;
+            // only a PV guest's toolstack masks its ports, libxc's
+            // shared_info hook, which HVM and PVH do not have).
+            None => page.fill(0),
         }
         self.ports().set_shared_info(Some(gpa));
         self.write_wallclock(gpa);
