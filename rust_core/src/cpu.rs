@@ -370,7 +370,7 @@ unsafe extern "C" fn on_rdmsr_site(uc: *mut uc_engine, addr: u64, _size: u32, us
 
 /// MSRs the vCPU answers that Unicorn would read as 0.
 fn msr_answer(index: u32) -> Option<u64> {
-    (index == MSR_ARCH_CAPABILITIES).then_some(ARCH_CAPABILITIES)
+    (index == MSR_ARCH_CAPABILITIES && crate::cpuid::unaffected()).then_some(ARCH_CAPABILITIES)
 }
 
 unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {

@@ -74,6 +74,15 @@ pub const ARCH_CAPABILITIES: u64 = ARCH_CAPS_RDCL_NO
     | ARCH_CAPS_RFDS_NO
     | ARCH_CAPS_ITS_NO;
 
+/// Whether the vCPU presents itself free of speculation flaws (the
+/// default). `PVHVM_CPU_AFFECTED=1` in the environment brings back the
+/// plain Haswell that Linux treats as affected by all of them, for
+/// measuring what the mitigations cost (benches/bench_cpu.py).
+pub fn unaffected() -> bool {
+    static UNAFFECTED: OnceLock<bool> = OnceLock::new();
+    *UNAFFECTED.get_or_init(|| std::env::var("PVHVM_CPU_AFFECTED").map_or(true, |v| v.is_empty() || v == "0"))
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cpuid {
     pub eax: u32,
@@ -168,7 +177,7 @@ impl CpuidPolicy {
                 // No LA57 (the page walk is 4-level), no PKU, no AVX2 family.
                 r.ecx &= !((1 << 16) | (1 << 3) | (1 << 4));
                 r.ebx &= !((1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31));
-                if sub == 0 {
+                if sub == 0 && unaffected() {
                     // ARCH_CAPABILITIES (answered by cpu.rs's RDMSR sites);
                     // enhanced IBRS implies SPEC_CTRL.IBRS and STIBP exist.
                     // Their MSRs take writes and do nothing, which is all
@@ -176,7 +185,7 @@ impl CpuidPolicy {
                     r.edx |= CPUID7_EDX_ARCH_CAPS | CPUID7_EDX_IBRSB | CPUID7_EDX_STIBP;
                     r.eax = r.eax.max(2);
                 }
-                if sub == 2 {
+                if sub == 2 && unaffected() {
                     // Linux (6.1.y too) assumes any eIBRS part, and any guest,
                     // open to branch history injection whatever BHI_NO says,
                     // and clears the history in a loop on every syscall
