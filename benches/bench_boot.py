@@ -33,7 +33,10 @@ MARKER = re.compile(rb"PVHVM-INIT-OK uptime=([0-9.]+)")
 FIRST_LINE = re.compile(rb"\[\s*0\.0+\] Linux version")
 QEMU = "qemu-system-x86_64"
 # The model pvhvm's vCPU presents (Unicorn's default for x86-64; Linux logs
-# "Intel Core Processor (Haswell)" under both), under QEMU's name.
+# "Intel Core Processor (Haswell)" under both), under QEMU's name. pvhvm's
+# also enumerates ARCH_CAPABILITIES (no speculation flaw, see cpuid.rs),
+# which QEMU 7.2's TCG refuses ("TCG doesn't support requested feature"):
+# under QEMU this guest mitigates everything (bench_cpu.py measures both).
 QEMU_SAME_CPU = "Haswell"
 # The pvhvm boot's command line, also used in-process by bench_profile.py.
 CMDLINE = "console=hvc0"

@@ -21,6 +21,12 @@ Sections (in run order):
             and 4 vCPUs under pvhvm (--vcpus) and QEMU TCG (-smp, same CPU
             model), alternated; IPI round trips between two vCPUs
             (bench_boot.py, bench_guests.py with tests/guests/smp.c)
+  cpu       what the vCPU's speculation story costs: the default guest with
+            the truthful vCPU (no flaw, so no costly mitigation), the old
+            affected one (PVHVM_CPU_AFFECTED=1), each with mitigations=off,
+            and QEMU TCG -cpu Haswell / qemu64, alternated: boot to init, a
+            dd bs=1 syscall loop and a fork+exec loop timed in the guest
+            (bench_cpu.py)
   profile   the same boot in-process: core vs Python time, exits by kind,
             hypercalls by name, exceptions and interrupts (bench_profile.py)
   memory    peak RSS of `python -m pvhvm boot --memory 256/1024` (bench_memory.py)
@@ -63,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, metric, not_measured, tsc_hz  # noqa: E402
 
 SCHEMA = 1
-SECTIONS = ("core", "events", "xenstore", "boot", "smp", "profile", "memory", "net", "disk")
+SECTIONS = ("core", "events", "xenstore", "boot", "smp", "cpu", "profile", "memory", "net", "disk")
 MEMORY_SIZES = (256, 1024)
 TIMER_CASES = ("1ms_halt", "1ms_spin", "10ms_halt", "10ms_spin")
 NET_METRICS = {
@@ -277,6 +283,26 @@ def run_smp(ctx: dict) -> tuple[dict, dict]:
     return res, {"ipi_us": ipi, "boot": boot}
 
 
+def run_cpu(ctx: dict) -> tuple[dict, dict]:
+    import bench_cpu
+
+    r = bench_cpu.measure(ctx["boot_runs"], ctx["timeout"], skip_qemu=ctx["skip_qemu"], log=sys.stderr)
+    labels = {"marker_s": "boot to the init marker", "dd_s": "dd bs=1 of 200000 bytes, in the guest",
+              "exec_s": "200 fork+exec of cat, in the guest"}
+    res = {}
+    for name, median in r["median"].items():
+        for k, label in labels.items():
+            text = f"{name}: {label}, median of {ctx['boot_runs']}"
+            res[f"cpu.{name}.{k}"] = (metric(median[k], "s", text, "lower") if median[k] is not None
+                                      else not_measured("s", text, "every run failed", "lower"))
+    for pair, ratios in r["ratios"].items():
+        for k in labels:
+            if k in ratios:
+                res[f"cpu.ratio.{pair}.{k}"] = metric(ratios[k], "ratio", f"{labels[k]}: {pair.replace('_over_', ' / ')}",
+                                                      "lower")
+    return res, r
+
+
 def run_profile(ctx: dict) -> tuple[dict, dict]:
     import bench_profile
 
@@ -449,7 +475,7 @@ def _disk_why(r: dict, hv: str, key: str, skip_qemu: bool) -> str:
     return "every run failed"
 
 
-RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot, "smp": run_smp,
+RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot, "smp": run_smp, "cpu": run_cpu,
            "profile": run_profile, "memory": run_memory, "net": run_net, "disk": run_disk}
 
 

@@ -164,7 +164,8 @@ def test_run_all_quick_writes_schema_1(tmp_path):
                  "boot.pvhvm.guest_uptime_s", "profile.core_s", "profile.python_s", "profile.exits.notify.count",
                  "profile.hypercalls.total", "profile.exceptions_delivered", "profile.interrupts_delivered",
                  "memory.peak_rss_mib.256", "memory.peak_rss_mib.1024", "smp.ipi_rtt_us.evtchn.p50",
-                 "smp.ipi_rtt_us.lapic.p50", "smp.boot.pvhvm_1.init_s", "smp.boot.pvhvm_4.init_s"):
+                 "smp.ipi_rtt_us.lapic.p50", "smp.boot.pvhvm_1.init_s", "smp.boot.pvhvm_4.init_s",
+                 "cpu.pvhvm.marker_s", "cpu.pvhvm.dd_s", "cpu.pvhvm_affected.dd_s"):
         assert isinstance(res[name]["value"], (int, float)) and res[name]["value"] > 0, name
     assert res["boot.qemu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.qemu_default_cpu.init_s"]["status"] == "not measured: --skip-qemu"

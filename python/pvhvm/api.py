@@ -525,6 +525,12 @@ class Domain:
         again in translation)."""
         return self._vm.code_cache_flushes
 
+    @property
+    def rdmsr_stats(self) -> tuple[int, int]:
+        """(RDMSR sites the core hooks, reads it answered there): MSRs such
+        as ARCH_CAPABILITIES that Unicorn alone would read as 0."""
+        return self._vm.rdmsr_stats
+
     def symbolize(self, addr: int) -> str | None:
         """`function+offset` for a guest kernel address, from System.map or vmlinux."""
         if self._symbols is None:

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use unicorn_engine::{uc_engine, uc_error, HookType, X86Insn};
 
-use crate::cpuid::{CpuidPolicy, XEN_CPUID_BASE, XEN_HYPERCALL_MSR};
+use crate::cpuid::{CpuidPolicy, ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES, XEN_CPUID_BASE, XEN_HYPERCALL_MSR};
 use crate::exit::ExitReason;
 use crate::hypercall::{self, Call};
 use crate::interrupts;
@@ -49,6 +49,18 @@ pub const MSR_CSTAR: u32 = 0xc000_0083;
 pub const MSR_FMASK: u32 = 0xc000_0084;
 
 const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+const RDMSR: [u8; 2] = [0x0f, 0x32];
+/// Code hooks are matched one by one against every instruction Unicorn
+/// translates: past this many RDMSR sites, new ones are left to Unicorn.
+const MAX_RDMSR_SITES: usize = 256;
+
+/// A translated block as Unicorn's new-block (edge) hook gives it.
+#[repr(C)]
+struct UcTb {
+    pc: u64,
+    icount: u16,
+    size: u16,
+}
 const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
 /// Why a hook stopped the engine.
@@ -108,6 +120,15 @@ struct HookData {
     window_open: bool,
     /// The engine's live mode (for the hypercall ABI).
     mode: Option<LiveMode>,
+    /// RDMSR sites (linear addresses) with a code hook, and those found in
+    /// new blocks whose hook is still to be added (see `on_new_block`).
+    rdmsr_sites: std::collections::HashSet<u64>,
+    pending_rdmsr_sites: Vec<u64>,
+    /// An RDMSR of an MSR Unicorn does not know is about to run here: its
+    /// result is put in EDX:EAX at the instruction after it.
+    rdmsr_armed: Option<(u64, u64)>,
+    /// RDMSRs answered in place of Unicorn.
+    rdmsrs_answered: u64,
 }
 
 impl Stop {
@@ -127,6 +148,27 @@ impl Stop {
 }
 
 impl HookData {
+    /// Note the RDMSRs in `len` bytes of code at linear `pc` that have no
+    /// hook yet; returns whether there were any. A match may be a false one
+    /// inside another instruction: its hook then never sees an instruction
+    /// start there, and does nothing.
+    unsafe fn find_rdmsr_sites(&mut self, uc: *mut uc_engine, pc: u64, len: usize) -> bool {
+        let mut code = vec![0u8; len];
+        let ps = paging_of_raw(uc);
+        let mut m: &GuestRam = &self.ram;
+        if len < 2 || mmu::read_linear(&mut m, &ps, pc, &mut code, false).is_err() {
+            return false;
+        }
+        let before = self.pending_rdmsr_sites.len();
+        for (i, w) in code.windows(2).enumerate() {
+            let at = pc.wrapping_add(i as u64);
+            if w == RDMSR && !self.rdmsr_sites.contains(&at) && !self.pending_rdmsr_sites.contains(&at) {
+                self.pending_rdmsr_sites.push(at);
+            }
+        }
+        self.pending_rdmsr_sites.len() > before
+    }
+
     /// Record why the engine stops.
     fn stop(&mut self, uc: *mut uc_engine, why: Stop) {
         if self.stop.as_ref().is_none_or(|s| s.rank() < why.rank()) {
@@ -147,6 +189,9 @@ pub struct Cpu {
     pub code_cache_flushes: u64,
     /// Times another vCPU's registers were loaded.
     pub context_switches: u64,
+    /// The engine has run: its new blocks reach `on_new_block` (Unicorn
+    /// skips the hook for the very first block of an engine).
+    ran: bool,
     /// The vCPU whose translations the TLB holds.
     tlb_owner: Option<u32>,
     /// Instructions left to watch for the hypercall-page WRMSR.
@@ -289,6 +334,60 @@ unsafe extern "C" fn on_cpuid(uc: *mut uc_engine, user: *mut c_void) -> c_int {
     1
 }
 
+/// A block was just translated (Unicorn calls this before it first runs).
+/// Unicorn answers RDMSR itself, with 0 for MSRs it does not know, and has
+/// no RDMSR hook; so every RDMSR in kernel code gets a code hook of its own
+/// (`on_rdmsr_site`). Scanning here costs once per translation, where a
+/// hook on all code would cost on every instruction. A block with a new
+/// site is not run: the engine stops before its first instruction, the run
+/// loop adds the hook and drops the block, and it is translated again with
+/// the hook in it.
+unsafe extern "C" fn on_new_block(uc: *mut uc_engine, tb: *const UcTb, _prev: *const UcTb, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    if tb.is_null() || h.rdmsr_sites.len() + h.pending_rdmsr_sites.len() >= MAX_RDMSR_SITES {
+        return;
+    }
+    // RDMSR outside ring 0 raises #GP: nothing to answer.
+    let mode = h.mode.as_ref().expect("set at engine creation");
+    if mode.cpl() != 0 || mode.in_vm86() {
+        return;
+    }
+    if h.find_rdmsr_sites(uc, (*tb).pc, (*tb).size as usize) {
+        h.stop(uc, Stop::Kicked);
+    }
+}
+
+/// Before the instruction at an RDMSR site and before the one after it.
+/// At an RDMSR (from ring 0) of an MSR the vCPU answers and Unicorn does
+/// not, arm; at the next instruction, put the answer in EDX:EAX. Unicorn's
+/// RDMSR itself runs in between (it only writes EDX:EAX).
+unsafe extern "C" fn on_rdmsr_site(uc: *mut uc_engine, addr: u64, _size: u32, user: *mut c_void) {
+    let h = &mut *(user as *mut HookData);
+    if let Some((at, value)) = h.rdmsr_armed.take() {
+        if at.wrapping_add(2) == addr {
+            uc::raw_write(uc, Reg::RAX, value & 0xffff_ffff);
+            uc::raw_write(uc, Reg::RDX, value >> 32);
+            h.rdmsrs_answered += 1;
+        }
+    }
+    let mode = h.mode.as_ref().expect("set at engine creation");
+    if mode.cpl() != 0 || mode.in_vm86() {
+        return;
+    }
+    let Some(value) = msr_answer(uc::raw_read(uc, Reg::RCX) as u32) else { return };
+    let ps = paging_of_raw(uc);
+    let mut code = [0u8; 2];
+    let mut m: &GuestRam = &h.ram;
+    if mmu::read_linear(&mut m, &ps, addr, &mut code, false).is_ok() && code == RDMSR {
+        h.rdmsr_armed = Some((addr, value));
+    }
+}
+
+/// MSRs the vCPU answers that Unicorn would read as 0.
+fn msr_answer(index: u32) -> Option<u64> {
+    (index == MSR_ARCH_CAPABILITIES && crate::cpuid::unaffected()).then_some(ARCH_CAPABILITIES)
+}
+
 unsafe extern "C" fn on_syscall(uc: *mut uc_engine, user: *mut c_void) {
     let h = &mut *(user as *mut HookData);
     h.stop(uc, Stop::Syscall);
@@ -413,6 +512,10 @@ impl Cpu {
             line: None,
             mode: None,
             window_open: false,
+            rdmsr_sites: std::collections::HashSet::new(),
+            pending_rdmsr_sites: Vec::new(),
+            rdmsr_armed: None,
+            rdmsrs_answered: 0,
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -421,6 +524,7 @@ impl Cpu {
                 .and_then(|_| engine.add_hook(HookType::INSN, on_cpuid as *mut c_void, user, Some(X86Insn::CPUID)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_sysenter as *mut c_void, user, Some(X86Insn::SYSENTER)))
+                .and_then(|_| engine.add_hook(HookType::EDGE_GENERATED, on_new_block as *mut c_void, user, None))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
                 .and_then(|_| {
@@ -471,6 +575,7 @@ impl Cpu {
             exit_checks: false,
             code_cache_flushes: 0,
             context_switches: 0,
+            ran: false,
             tlb_owner: None,
             msr_watch: 0,
             bad_hypercall_page: false,
@@ -543,6 +648,14 @@ impl Cpu {
         // Stepping stops through Unicorn's exit checks; kicks must not
         // land in a step (with the checks on they can tear instructions).
         self.set_exit_checks(count > 0);
+        if !std::mem::replace(&mut self.ran, true) {
+            // The first block: scan the rest of its page by hand.
+            let ip = self.linear_ip();
+            let len = (layout::PAGE_SIZE - (ip & (layout::PAGE_SIZE - 1))) as usize;
+            if unsafe { (*self.hooks).find_rdmsr_sites(self.engine.raw(), ip, len) } {
+                self.settle_rdmsr_sites();
+            }
+        }
         unsafe { (*self.hooks).ctx = RunCtx { dom, vcpus } };
         let r = if count > 0 {
             Some((self.engine.start(rip, count), false))
@@ -551,7 +664,38 @@ impl Cpu {
             self.ticker.run(rip, || engine.start(rip, 0))
         };
         unsafe { (*self.hooks).ctx = RunCtx { dom: std::ptr::null_mut(), vcpus: std::ptr::null_mut() } };
+        self.settle_rdmsr_sites();
         r
+    }
+
+    /// After a run: answer an RDMSR the engine stopped right after, and
+    /// hook the RDMSR sites found in new blocks (dropping those blocks, so
+    /// that they are translated again with the hook).
+    fn settle_rdmsr_sites(&mut self) {
+        let h = unsafe { &mut *self.hooks };
+        if let Some((at, value)) = h.rdmsr_armed.take() {
+            if self.engine.read(Reg::RIP) == at.wrapping_add(2) {
+                self.engine.write(Reg::RAX, value & 0xffff_ffff);
+                self.engine.write(Reg::RDX, value >> 32);
+                h.rdmsrs_answered += 1;
+            }
+        }
+        let user = self.hooks as *mut c_void;
+        for at in std::mem::take(&mut h.pending_rdmsr_sites) {
+            let added = unsafe {
+                self.engine.add_hook_range(HookType::CODE, on_rdmsr_site as *mut c_void, user, at, at.wrapping_add(2))
+            };
+            if added.is_ok() {
+                h.rdmsr_sites.insert(at);
+                self.engine.remove_cache(at, at.wrapping_add(3));
+            }
+        }
+    }
+
+    /// RDMSR sites hooked, and RDMSRs answered there.
+    pub fn rdmsr_stats(&self) -> (usize, u64) {
+        let h = self.hooks();
+        (h.rdmsr_sites.len(), h.rdmsrs_answered)
     }
 
     /// Why the engine stopped, if a hook said so, and the exception it
@@ -788,5 +932,93 @@ pub fn fill_hypercall_page(page: &mut [u8], amd: bool) {
         stub[1..5].copy_from_slice(&(nr as u32).to_le_bytes());
         stub[5..8].copy_from_slice(if amd { &VMMCALL } else { &VMCALL });
         stub[8] = 0xc3;
+    }
+}
+
+/// RDMSR of ARCH_CAPABILITIES against a tiny 32-bit ring-0 guest on real
+/// Unicorn (the PVH entry state).
+#[cfg(test)]
+mod tests {
+    use crate::domain::Domain;
+    use crate::exit::ExitReason;
+
+    const CODE: u64 = 0x10_0000;
+    const OUT: u32 = 0x9000;
+
+    fn run(code: &[u8]) -> (Domain, Vec<u8>) {
+        run_at(&[(CODE, code)])
+    }
+
+    fn run_at(pieces: &[(u64, &[u8])]) -> (Domain, Vec<u8>) {
+        let mut d = Domain::new(4 << 20, 1, [0; 16], 1).unwrap();
+        for (gpa, code) in pieces {
+            d.ram().slice_mut(*gpa, code.len() as u64).unwrap().copy_from_slice(code);
+        }
+        d.set_pvh_entry(CODE, 0x2000).unwrap();
+        let e = d.run();
+        assert!(matches!(e.reason, ExitReason::Hung { .. }), "{e:?}");
+        let out = d.ram().slice(OUT as u64, 48).unwrap().to_vec();
+        (d, out)
+    }
+
+    fn mov_ecx(msr: u32) -> Vec<u8> {
+        let mut v = vec![0xb9];
+        v.extend(msr.to_le_bytes());
+        v
+    }
+
+    /// mov [OUT + off], eax / edx / ecx
+    fn store(reg_modrm: u8, off: u32) -> Vec<u8> {
+        let mut v = vec![0x89, reg_modrm];
+        v.extend((OUT + off).to_le_bytes());
+        v
+    }
+
+    fn rdmsr_and_store(msr: u32, off: u32) -> Vec<u8> {
+        let mut v = mov_ecx(msr);
+        v.extend([0x0f, 0x32]);
+        v.extend(store(0x05, off)); // eax
+        v.extend(store(0x15, off + 4)); // edx
+        v.extend(store(0x0d, off + 8)); // ecx
+        v
+    }
+
+    fn word(out: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(out[off..off + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn arch_capabilities_reads_as_the_policy_says() {
+        // Twice in one block (the first run finds the sites, the block is
+        // translated again with their hooks), then an MSR Unicorn knows
+        // nothing of, which still reads as 0.
+        let mut code = rdmsr_and_store(0x10a, 0);
+        code.extend(rdmsr_and_store(0x10a, 12));
+        code.extend([0xb8, 0xff, 0xff, 0xff, 0xff, 0x89, 0xc2]); // eax = edx = ~0
+        code.extend(rdmsr_and_store(0x10b, 24)); // FLUSH_CMD: write-only
+        code.extend([0xfa, 0xf4]); // cli; hlt
+        let (d, out) = run(&code);
+        let caps = crate::cpuid::ARCH_CAPABILITIES;
+        for off in [0, 12] {
+            assert_eq!(word(&out, off), caps as u32);
+            assert_eq!(word(&out, off + 4), (caps >> 32) as u32);
+            assert_eq!(word(&out, off + 8), 0x10a, "RDMSR leaves ECX alone");
+        }
+        assert_eq!((word(&out, 24), word(&out, 28), word(&out, 32)), (0, 0, 0x10b));
+        let (sites, answered) = d.rdmsr_stats();
+        assert_eq!((sites, answered), (3, 2));
+    }
+
+    #[test]
+    fn a_site_in_a_later_block_is_found_when_it_is_translated() {
+        // The first block jumps to another page, whose block is new to
+        // the engine: found by the new-block hook, not by the first scan.
+        let jmp = [0xe9, 0xfb, 0x0f, 0, 0]; // jmp CODE + 0x1000
+        let mut far = rdmsr_and_store(0x10a, 0);
+        far.extend([0xfa, 0xf4]);
+        let (d, out) = run_at(&[(CODE, &jmp), (CODE + 0x1000, &far)]);
+        assert_eq!(word(&out, 0), crate::cpuid::ARCH_CAPABILITIES as u32);
+        assert_eq!(word(&out, 4), (crate::cpuid::ARCH_CAPABILITIES >> 32) as u32);
+        assert_eq!(d.rdmsr_stats(), (1, 1));
     }
 }

@@ -21,6 +21,68 @@ const XEN_HVM_CPUID_DOMID_PRESENT: u32 = 1 << 4;
 /// say so): Linux then takes events through a vector per vCPU.
 const XEN_HVM_CPUID_UPCALL_VECTOR: u32 = 1 << 6;
 
+/// IA32_ARCH_CAPABILITIES, enumerated by CPUID.7.0:EDX bit 29.
+pub const MSR_ARCH_CAPABILITIES: u32 = 0x10a;
+// CPUID.7.0:EDX: IBRS/IBPB (SPEC_CTRL and PRED_CMD exist), STIBP,
+// ARCH_CAPABILITIES.
+const CPUID7_EDX_IBRSB: u32 = 1 << 26;
+const CPUID7_EDX_STIBP: u32 = 1 << 27;
+const CPUID7_EDX_ARCH_CAPS: u32 = 1 << 29;
+// CPUID.7.2:EDX: BHI_CTRL (SPEC_CTRL.BHI_DIS_S exists).
+const CPUID7_2_EDX_BHI_CTRL: u32 = 1 << 4;
+
+// ARCH_CAPABILITIES bits (Xen's public arch-x86/cpufeatureset.h names them
+// for the guest policy; Intel SDM vol. 4 "IA32_ARCH_CAPABILITIES").
+const ARCH_CAPS_RDCL_NO: u64 = 1 << 0;
+const ARCH_CAPS_EIBRS: u64 = 1 << 1;
+const ARCH_CAPS_SKIP_L1DFL: u64 = 1 << 3;
+const ARCH_CAPS_SSB_NO: u64 = 1 << 4;
+const ARCH_CAPS_MDS_NO: u64 = 1 << 5;
+const ARCH_CAPS_IF_PSCHANGE_MC_NO: u64 = 1 << 6;
+const ARCH_CAPS_TAA_NO: u64 = 1 << 8;
+const ARCH_CAPS_SBDR_SSDP_NO: u64 = 1 << 13;
+const ARCH_CAPS_FBSDP_NO: u64 = 1 << 14;
+const ARCH_CAPS_PSDP_NO: u64 = 1 << 15;
+const ARCH_CAPS_BHI_NO: u64 = 1 << 20;
+const ARCH_CAPS_PBRSB_NO: u64 = 1 << 24;
+const ARCH_CAPS_GDS_NO: u64 = 1 << 26;
+const ARCH_CAPS_RFDS_NO: u64 = 1 << 27;
+const ARCH_CAPS_ITS_NO: u64 = 1 << 62;
+
+/// What the vCPU says of itself in ARCH_CAPABILITIES: immune to every
+/// transient-execution leak that has a "no" bit, with enhanced IBRS. True
+/// of TCG: it executes nothing speculatively, keeps no fill or store
+/// buffers, predictors or RSB a guest could train or sample, and a guest's
+/// VERW, IBPB or return thunk would not touch the host's anyway. With these
+/// bits Linux turns off the mitigations that cost it on every kernel entry
+/// and exit (VERW, PTI, retpolines, L1D flushes, return thunks), as it does
+/// under Xen on hardware that enumerates them. No TSX_CTRL, RSBA, RRSBA or
+/// FB_CLEAR: those announce controls or flaws the vCPU does not have.
+pub const ARCH_CAPABILITIES: u64 = ARCH_CAPS_RDCL_NO
+    | ARCH_CAPS_EIBRS
+    | ARCH_CAPS_SKIP_L1DFL
+    | ARCH_CAPS_SSB_NO
+    | ARCH_CAPS_MDS_NO
+    | ARCH_CAPS_IF_PSCHANGE_MC_NO
+    | ARCH_CAPS_TAA_NO
+    | ARCH_CAPS_SBDR_SSDP_NO
+    | ARCH_CAPS_FBSDP_NO
+    | ARCH_CAPS_PSDP_NO
+    | ARCH_CAPS_BHI_NO
+    | ARCH_CAPS_PBRSB_NO
+    | ARCH_CAPS_GDS_NO
+    | ARCH_CAPS_RFDS_NO
+    | ARCH_CAPS_ITS_NO;
+
+/// Whether the vCPU presents itself free of speculation flaws (the
+/// default). `PVHVM_CPU_AFFECTED=1` in the environment brings back the
+/// plain Haswell that Linux treats as affected by all of them, for
+/// measuring what the mitigations cost (benches/bench_cpu.py).
+pub fn unaffected() -> bool {
+    static UNAFFECTED: OnceLock<bool> = OnceLock::new();
+    *UNAFFECTED.get_or_init(|| std::env::var("PVHVM_CPU_AFFECTED").map_or(true, |v| v.is_empty() || v == "0"))
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cpuid {
     pub eax: u32,
@@ -115,6 +177,21 @@ impl CpuidPolicy {
                 // No LA57 (the page walk is 4-level), no PKU, no AVX2 family.
                 r.ecx &= !((1 << 16) | (1 << 3) | (1 << 4));
                 r.ebx &= !((1 << 5) | (1 << 16) | (1 << 17) | (1 << 28) | (1 << 30) | (1 << 31));
+                if sub == 0 && unaffected() {
+                    // ARCH_CAPABILITIES (answered by cpu.rs's RDMSR sites);
+                    // enhanced IBRS implies SPEC_CTRL.IBRS and STIBP exist.
+                    // Their MSRs take writes and do nothing, which is all
+                    // IBRS and IBPB mean to a CPU with no predictors.
+                    r.edx |= CPUID7_EDX_ARCH_CAPS | CPUID7_EDX_IBRSB | CPUID7_EDX_STIBP;
+                    r.eax = r.eax.max(2);
+                }
+                if sub == 2 && unaffected() {
+                    // Linux (6.1.y too) assumes any eIBRS part, and any guest,
+                    // open to branch history injection whatever BHI_NO says,
+                    // and clears the history in a loop on every syscall
+                    // unless BHI_DIS_S can be set once: offer that control.
+                    r.edx |= CPUID7_2_EDX_BHI_CTRL;
+                }
                 r
             }
             0x8000_0008 => {
@@ -165,6 +242,22 @@ mod tests {
         assert_eq!(p.query(1, 0).ebx >> 24, 4, "APIC ID is twice the vCPU id, as Xen gives it");
         assert_eq!(p.query(0xb, 0), Cpuid::default());
         assert_eq!(p.query(0x4000_0100, 0), Cpuid::default());
+    }
+
+    #[test]
+    fn arch_capabilities_enumerated() {
+        let p = CpuidPolicy { vcpu_id: 0, domid: 1, nr_vcpus: 1 };
+        let l7 = p.query(7, 0);
+        assert_ne!(l7.edx & (1 << 29), 0, "ARCH_CAPABILITIES");
+        assert_ne!(l7.edx & (1 << 26), 0, "IBRS/IBPB with enhanced IBRS");
+        assert_eq!(p.query(7, 1).edx & (1 << 29), 0, "only in subleaf 0");
+        assert!(p.query(7, 0).eax >= 2, "subleaf 2 is enumerated");
+        assert_ne!(p.query(7, 2).edx & (1 << 4), 0, "BHI_CTRL");
+        // RDCL_NO, MDS_NO, TAA_NO, PSCHANGE_MC_NO; never TSX_CTRL (7) or RSBA (2).
+        for bit in [0, 5, 6, 8] {
+            assert_ne!(ARCH_CAPABILITIES & (1 << bit), 0, "bit {bit}");
+        }
+        assert_eq!(ARCH_CAPABILITIES & ((1 << 2) | (1 << 7)), 0);
     }
 
     #[test]

@@ -111,6 +111,11 @@ impl Domain {
         self.cpu.code_cache_flushes
     }
 
+    /// RDMSR sites hooked and RDMSRs answered there (cpu.rs).
+    pub fn rdmsr_stats(&self) -> (usize, u64) {
+        self.cpu.rdmsr_stats()
+    }
+
     pub fn context_switches(&self) -> u64 {
         self.cpu.context_switches
     }

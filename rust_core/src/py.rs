@@ -524,6 +524,13 @@ impl Vm {
         self.domain.code_cache_flushes()
     }
 
+    /// RDMSR sites with a code hook, and reads answered there (MSRs such
+    /// as ARCH_CAPABILITIES that Unicorn would read as 0).
+    #[getter]
+    fn rdmsr_stats(&self) -> (usize, u64) {
+        self.domain.rdmsr_stats()
+    }
+
     /// Times the engine switched from one vCPU's registers to another's.
     #[getter]
     fn context_switches(&self) -> u64 {
