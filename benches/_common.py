@@ -63,3 +63,30 @@ def metric(value: Any, unit: str, label: str, better: str | None = None, **extra
 
 def not_measured(unit: str, label: str, reason: str, better: str | None = None) -> dict:
     return metric(None, unit, label, better, status=f"not measured: {reason}")
+
+
+def boot_bench_args(doc: str):
+    """The command line the QEMU-compared boot benches share."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--skip-qemu", action="store_true", help="Boot under pvhvm only.")
+    return ap.parse_args()
+
+
+def write_result(kind: str, json_path: Path | None, measured: dict) -> tuple[dict, Path]:
+    """A bench's result with when and where it ran, written as JSON to
+    `json_path` or benches/results/KIND-TIME.json."""
+    import json
+    import os
+    import platform
+
+    result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count()}, **measured}
+    out = json_path or RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result, out

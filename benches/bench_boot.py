@@ -13,10 +13,7 @@ with benches/bench_profile.py's breakdown of the pvhvm boot.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -27,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS  # noqa: E402
+from _common import boot_bench_args, write_result  # noqa: E402
 
 MARKER = re.compile(rb"PVHVM-INIT-OK uptime=([0-9.]+)")
 FIRST_LINE = re.compile(rb"\[\s*0\.0+\] Linux version")
@@ -179,19 +176,8 @@ def measure_smp(vcpus=(1, 2, 4), runs: int = 3, timeout: float = 300, skip_qemu:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--skip-qemu", action="store_true", help="Boot under pvhvm only.")
-    args = ap.parse_args()
-
-    result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-              **measure(args.runs, args.timeout, args.skip_qemu)}
-    out = args.json or RESULTS / f"boot-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    args = boot_bench_args(__doc__)
+    result, out = write_result("boot", args.json, measure(args.runs, args.timeout, args.skip_qemu))
     summary = result["median"]
     names = list(summary)
     print(f"{'median':<28}" + "".join(f"{'qemu-tcg' if n == 'qemu' else n:>10}" for n in names))

@@ -16,10 +16,7 @@ too), then in the guest's shell times, by /proc/uptime: `dd bs=1` of
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -30,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS  # noqa: E402
+from _common import boot_bench_args, write_result  # noqa: E402
 from bench_boot import MEMORY_MIB, QEMU, QEMU_SAME_CPU, qemu_version  # noqa: E402
 
 MARKER = re.compile(rb"PVHVM-INIT-OK uptime=([0-9.]+)")
@@ -164,18 +161,8 @@ def measure(runs: int = 3, timeout: float = 300, skip_qemu: bool = False, log=sy
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--skip-qemu", action="store_true", help="Boot under pvhvm only.")
-    args = ap.parse_args()
-    result = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
-              **measure(args.runs, args.timeout, args.skip_qemu)}
-    out = args.json or RESULTS / f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    args = boot_bench_args(__doc__)
+    result, out = write_result("cpu", args.json, measure(args.runs, args.timeout, args.skip_qemu))
     print(f"{'median (s)':<34}" + "".join(f"{k:>15}" for k in KEYS))
     for name, m in result["median"].items():
         print(f"{name:<34}" + "".join(f"{m[k]:>15.2f}" if m[k] is not None else f"{'-':>15}" for k in KEYS))

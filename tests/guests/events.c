@@ -157,6 +157,26 @@ static void setup(void)
 #endif
 }
 
+/* Ring 3 entering the kernel back to back (the entry set up by the
+ * caller) under a 50 us re-armed timer: every increment and every entry
+ * counted once, and the timer taken in ring 3. */
+static void ring3_stress(const char *what, const char *entries)
+{
+    enum { ROUNDS = 5000 };
+    uint64_t user_upcalls = upcall_from_user;
+    rearm_ns = 50000;
+    set_timer(now_ns() + rearm_ns);
+    ring3_call(user_stress, ROUNDS);
+    rearm_ns = 0;
+    asm volatile("sti");
+    for (volatile int i = 0; i < 200000; i++) {} /* let the last re-armed timer fire */
+    asm volatile("cli");
+    user_upcalls = upcall_from_user - user_upcalls;
+    check(user_incs == ROUNDS && kernel_syscalls == ROUNDS, "ring-3 %s exact under preemption: %lu increments, %lu %s of %d",
+          what, user_incs, kernel_syscalls, entries, ROUNDS);
+    check(user_upcalls >= 5, "the stress was preempted in ring 3 (%lu timer upcalls there)", user_upcalls);
+}
+
 int guest_main(uint32_t start_info)
 {
     setup();
@@ -307,23 +327,10 @@ int guest_main(uint32_t start_info)
      * on the command line (tests/test_guests32.py runs it on its own: a
      * SYSENTER that never arrives spins in ring 3 until the host's timeout). */
     if (cmdline_arg(start_info, "sysenter", 0)) {
-        enum { ROUNDS = 5000 };
         wrmsr(0x174, KERNEL_CS);                                                  /* SYSENTER_CS */
         wrmsr(0x175, (uint32_t)(uintptr_t)(kstack + sizeof(kstack)));             /* SYSENTER_ESP */
         wrmsr(0x176, (uint32_t)(uintptr_t)stress_sysenter_entry);                 /* SYSENTER_EIP */
-        uint64_t user_upcalls = upcall_from_user;
-        rearm_ns = 50000;
-        set_timer(now_ns() + rearm_ns);
-        ring3_call(user_stress, ROUNDS);
-        rearm_ns = 0;
-        asm volatile("sti");
-        for (volatile int i = 0; i < 200000; i++) {} /* let the last re-armed timer fire */
-        asm volatile("cli");
-        user_upcalls = upcall_from_user - user_upcalls;
-        check(user_incs == ROUNDS && kernel_syscalls == ROUNDS,
-              "ring-3 SYSENTER stress exact under preemption: %lu increments, %lu sysenters of %d", user_incs, kernel_syscalls,
-              ROUNDS);
-        check(user_upcalls >= 5, "the stress was preempted in ring 3 (%lu timer upcalls there)", user_upcalls);
+        ring3_stress("SYSENTER stress", "sysenters");
     } else {
         print("(the SYSENTER stress runs with sysenter=1)\n");
     }
@@ -331,24 +338,11 @@ int guest_main(uint32_t start_info)
     /* Ring 3 making back-to-back SYSCALLs (whose entry runs with IF=0)
      * still gets its timer, and preemption there is exact: no increment
      * runs twice, no SYSCALL is lost. */
-    enum { ROUNDS = 5000 };
     wrmsr(0xc0000080, rdmsr(0xc0000080) | 1);                                  /* EFER.SCE */
     wrmsr(0xc0000081, ((uint64_t)0x18 << 48) | ((uint64_t)KERNEL_CS << 32));   /* STAR */
     wrmsr(0xc0000082, (uint64_t)(uintptr_t)stress_syscall_entry);              /* LSTAR */
     wrmsr(0xc0000084, 0x700);                                                  /* FMASK: TF, IF, DF */
-    uint64_t user_upcalls = upcall_from_user;
-    rearm_ns = 50000;
-    set_timer(now_ns() + rearm_ns);
-    ring3_call(user_stress, ROUNDS);
-    rearm_ns = 0;
-    asm volatile("sti");
-    for (volatile int i = 0; i < 200000; i++) {} /* let the last re-armed timer fire */
-    asm volatile("cli");
-    user_upcalls = upcall_from_user - user_upcalls;
-    check(user_incs == ROUNDS && kernel_syscalls == ROUNDS,
-          "ring-3 stress exact under preemption: %lu increments, %lu syscalls of %d", user_incs, kernel_syscalls,
-          ROUNDS);
-    check(user_upcalls >= 5, "the stress was preempted in ring 3 (%lu timer upcalls there)", user_upcalls);
+    ring3_stress("stress", "syscalls");
 
     /* Ring 0 in the upper half, as a kernel runs: preempted too. */
     boot_pml4[256] = boot_pml4[0];
