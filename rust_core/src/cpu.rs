@@ -442,6 +442,9 @@ unsafe extern "C" fn lapic_write(uc: *mut uc_engine, offset: u64, _size: c_uint,
     }
 }
 
+/// The first piece of never-populated space one engine region covers (see `Cpu::new`).
+const ABSENT_PIECE: u64 = 64 << 20;
+
 /// The rest of the MMIO hole: absent hardware reads as all ones.
 unsafe extern "C" fn absent_read(_uc: *mut uc_engine, _offset: u64, _size: c_uint, _user: *mut c_void) -> u64 {
     u64::MAX
@@ -548,12 +551,21 @@ impl Cpu {
                     // Frames the domain never had read as all ones and
                     // drop writes, as Xen's empty p2m entries do: up to the
                     // hole, and above RAM to the top of guest-physical space.
-                    if low_end < layout::MMIO_HOLE_START {
-                        let len = layout::MMIO_HOLE_START - low_end;
-                        engine.map_mmio(low_end, len, Some(absent_read), Some(absent_write), user)?;
-                    }
-                    engine.map_mmio(high_end, layout::GUEST_PHYS_END - high_end, Some(absent_read), Some(absent_write), user)
-                        .map(|_| 0)
+                    // In pieces, small near RAM and doubling away from it:
+                    // placing a page there (a grant frame, usually just
+                    // past RAM) splits its piece, and Unicorn's unmap walks
+                    // every page of it; few pieces keep engine creation cheap.
+                    let mut absent = |from: u64, to: u64| -> Result<(), crate::uc::UcError> {
+                        let mut at = from;
+                        while at < to {
+                            let end = (at + ABSENT_PIECE.max(at - from)).min(to);
+                            engine.map_mmio(at, end - at, Some(absent_read), Some(absent_write), user)?;
+                            at = end;
+                        }
+                        Ok(())
+                    };
+                    absent(low_end, layout::MMIO_HOLE_START)?;
+                    absent(high_end, layout::GUEST_PHYS_END).map(|_| 0)
                 })
         }
         .map_err(|e| e.to_string());
