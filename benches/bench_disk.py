@@ -56,6 +56,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS  # noqa: E402
+from pvhvm.images import INIT_START  # noqa: E402
 from bench_boot import MEMORY_MIB, QEMU, QEMU_SAME_CPU, qemu_version  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parent / "tools"
@@ -85,14 +86,7 @@ FLUSH_GRACE_S = 30
 IO_RUN_TIMEOUT_S = 60
 BOOT_IDLE_S = 120
 
-DISK_INIT = """\
-#!/bin/sh
-# benches/bench_disk.py: run /bin/diskbench on the first disk, power off.
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+DISK_INIT = "#!/bin/sh\n# benches/bench_disk.py: run /bin/diskbench on the first disk, power off.\n" + INIT_START + """\
 args="16 3"
 for a in $(cat /proc/cmdline); do
     case "$a" in diskbench=*) args=$(echo "${a#diskbench=}" | tr , ' ') ;; esac

@@ -560,6 +560,31 @@ def test_readonly_vbd(env):
 # --------------------------------------------------------------------------- the ring
 
 
+def write_11_segments_then_read_the_last_sector(env, ring, vbd, image, bufs, encode) -> None:
+    """After an 18-sector read into `bufs`: a WRITE with the full 11
+    segments, each a different window of its page, one of them a single
+    sector, then a read of the disk's last sector (one more is tested with
+    the hostile frontends). `encode` builds a read/write request in the
+    ring's ABI."""
+    fe = env.fe
+    windows = [(0, 7), (3, 3), (1, 6), (7, 7), (0, 0), (2, 7), (0, 5), (4, 4), (0, 7), (5, 6), (1, 1)]
+    pages = [fe.buffer(os.urandom(PAGE), readonly=True) for _ in windows]  # the backend only reads them
+    expect = b"".join(fe.read(gpa, f * SECTOR, (l + 1) * SECTOR) for (gpa, _), (f, l) in zip(pages, windows))
+    count = len(expect) // SECTOR
+    before, after = file_bytes(image, 4999, 1), file_bytes(image, 5000 + count, 1)
+    rsp = roundtrip(env, ring, encode(BLKIF_OP_WRITE, 7, 5000, [(ref, f, l) for (_, ref), (f, l) in zip(pages, windows)]))
+    assert rsp == [(7, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
+    assert file_bytes(image, 5000, count) == expect
+    assert file_bytes(image, 4999, 1) == before and file_bytes(image, 5000 + count, 1) == after
+    # Not persistent: each grant is unmapped once its request is answered.
+    assert all(fe.grant_flags(ref) & IN_USE == 0 for _, ref in bufs + pages)
+    stats = vbd.stats
+    assert (stats["reads"], stats["writes"], stats["sectors_read"], stats["sectors_written"]) == (1, 1, 18, count)
+    gpa, ref = fe.buffer()
+    assert roundtrip(env, ring, encode(BLKIF_OP_READ, 8, DISK_SECTORS - 1, [(ref, 7, 7)])) == [(8, 0, 0)]
+    assert fe.read(gpa, 7 * SECTOR) == file_bytes(image, DISK_SECTORS - 1, 1)
+
+
 @pytest.mark.parametrize("order", [0, 2])
 def test_read_and_write_partial_segments(env, order):
     fe = env.fe
@@ -582,28 +607,7 @@ def test_read_and_write_partial_segments(env, order):
     assert fe.read(bufs[2][0], 0, 4 * SECTOR) == disk[14 * SECTOR :]
     assert fe.read(bufs[2][0], 4 * SECTOR) == b"\xaa" * (4 * SECTOR)
 
-    # WRITE with the full 11 segments, each a different window of its page,
-    # one of them a single sector.
-    windows = [(0, 7), (3, 3), (1, 6), (7, 7), (0, 0), (2, 7), (0, 5), (4, 4), (0, 7), (5, 6), (1, 1)]
-    pages = [fe.buffer(os.urandom(PAGE), readonly=True) for _ in windows]  # the backend only reads them
-    expect = b"".join(fe.read(gpa, f * SECTOR, (l + 1) * SECTOR) for (gpa, _), (f, l) in zip(pages, windows))
-    count = len(expect) // SECTOR
-    before, after = file_bytes(image, 4999, 1), file_bytes(image, 5000 + count, 1)
-    rsp = roundtrip(env, ring, rw_request(BLKIF_OP_WRITE, 7, 5000,
-                                          [(ref, f, l) for (_, ref), (f, l) in zip(pages, windows)]))
-    assert rsp == [(7, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
-    assert file_bytes(image, 5000, count) == expect
-    assert file_bytes(image, 4999, 1) == before and file_bytes(image, 5000 + count, 1) == after
-    # Not persistent: each grant is unmapped once its request is answered.
-    assert all(fe.grant_flags(ref) & IN_USE == 0 for _, ref in bufs + pages)
-    stats = vbd.stats
-    assert (stats["reads"], stats["writes"], stats["sectors_read"], stats["sectors_written"]) == (1, 1, 18, count)
-
-    # The last sector of the disk is in reach; one more is not (tested with
-    # the hostile frontends).
-    gpa, ref = fe.buffer()
-    assert roundtrip(env, ring, rw_request(BLKIF_OP_READ, 8, DISK_SECTORS - 1, [(ref, 7, 7)])) == [(8, 0, 0)]
-    assert fe.read(gpa, 7 * SECTOR) == file_bytes(image, DISK_SECTORS - 1, 1)
+    write_11_segments_then_read_the_last_sector(env, ring, vbd, image, bufs, rw_request)
 
 
 def test_notifications_follow_rsp_event(env):
@@ -937,24 +941,9 @@ def test_x86_32_read_and_write(env, order):
     assert fe.read(bufs[0][0], 1024) + fe.read(bufs[1][0]) + fe.read(bufs[2][0], 0, 4 * SECTOR) == disk
     assert fe.read(bufs[2][0], 4 * SECTOR) == b"\xaa" * (4 * SECTOR)
 
-    # WRITE with all 11 segments: the last one ends at the slot's last byte.
-    windows = [(0, 7), (3, 3), (1, 6), (7, 7), (0, 0), (2, 7), (0, 5), (4, 4), (0, 7), (5, 6), (1, 1)]
-    pages = [fe.buffer(os.urandom(PAGE), readonly=True) for _ in windows]
-    expect = b"".join(fe.read(gpa, f * SECTOR, (l + 1) * SECTOR) for (gpa, _), (f, l) in zip(pages, windows))
-    count = len(expect) // SECTOR
-    before, after = file_bytes(image, 4999, 1), file_bytes(image, 5000 + count, 1)
-    raw = rw_request_32(BLKIF_OP_WRITE, 7, 5000, [(ref, f, l) for (_, ref), (f, l) in zip(pages, windows)])
-    assert len(raw) == SLOT_32
-    assert roundtrip(env, ring, raw) == [(7, BLKIF_OP_WRITE, BLKIF_RSP_OKAY)]
-    assert file_bytes(image, 5000, count) == expect
-    assert file_bytes(image, 4999, 1) == before and file_bytes(image, 5000 + count, 1) == after
-    assert all(fe.grant_flags(ref) & IN_USE == 0 for _, ref in bufs + pages)
-    stats = vbd.stats
-    assert (stats["reads"], stats["writes"], stats["sectors_read"], stats["sectors_written"]) == (1, 1, 18, count)
-    # The last sector is in reach.
-    gpa, ref = fe.buffer()
-    assert roundtrip(env, ring, rw_request_32(BLKIF_OP_READ, 8, DISK_SECTORS - 1, [(ref, 7, 7)])) == [(8, 0, 0)]
-    assert fe.read(gpa, 7 * SECTOR) == file_bytes(image, DISK_SECTORS - 1, 1)
+    # All 11 segments: the last one ends at the slot's last byte.
+    assert len(rw_request_32(BLKIF_OP_WRITE, 7, 5000, [(0, 0, 7)] * 11)) == SLOT_32
+    write_11_segments_then_read_the_last_sector(env, ring, vbd, image, bufs, rw_request_32)
     assert vbd.connected and vbd.failure is None
 
 

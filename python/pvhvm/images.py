@@ -75,13 +75,17 @@ def guest_arch(name: str) -> GuestArch:
 # Xen, virtio_blk and virtio_pci for the same guest under QEMU.
 DEFAULT_MODULES = ("xen-netfront", "xen-blkfront", "virtio_pci", "virtio_blk")
 
-DEFAULT_INIT = """\
-#!/bin/sh
+# What every /init of ours starts with: the kernel's file systems, then the
+# marker that tests and benches wait for.
+INIT_START = """\
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+"""
+
+DEFAULT_INIT = "#!/bin/sh\n" + INIT_START + """\
 # With root=DEV (/dev/xvda, LABEL=..., UUID=...): load the disk drivers, wait
 # up to ~30 s for the device, mount it as the kernel would (ro unless rw,
 # rootfstype= default ext4, rootflags=) and hand over to its init (init=,
