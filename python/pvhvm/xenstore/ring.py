@@ -17,13 +17,14 @@ dropped) until the guest asks for a reconnect.
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections import deque
 from typing import Callable, Optional
 
 from ..devices.ring import ByteRing, RingError
 from . import wire
-from .store import Store
+from .store import StateError, Store, state_bytes, state_get, state_int
 
 RING_SIZE = 1024
 RING_MASK = RING_SIZE - 1
@@ -79,9 +80,17 @@ class RingConnection:
     whenever the guest kicks the channel (or on every exit): it consumes
     requests, answers them and pushes pending watch events. Watch events
     caused by other clients are written to the ring as they happen when
-    there is room (with notify()), else on the next service()."""
+    there is room (with notify()), else on the next service().
 
-    def __init__(self, page, store: Store, domid: int, notify: Callable[[], None]) -> None:
+    ``state``: what save_state() returned, to carry on a connection after
+    the store's restore_state() and the restore of guest RAM (the ring
+    indexes live in the page); the store's restored ring connection of
+    ``domid`` is taken over, with its watches and transactions. Call
+    service() once the event channel works again: it writes what was
+    waiting and answers what the guest sent meanwhile."""
+
+    def __init__(self, page, store: Store, domid: int, notify: Callable[[], None], *,
+                 state: Optional[dict] = None) -> None:
         mv = memoryview(page)
         if mv.readonly:
             raise ValueError("the ring page must be writable")
@@ -101,7 +110,17 @@ class RingConnection:
         self._in_service = False
         self.broken = False
         self.error = XENSTORE_ERROR_NONE
-        self.conn_id = store.connect(domid, self._on_event)
+        if state is None:
+            self.conn_id = store.connect(domid, self._on_event, guest_ring=True)
+        else:
+            self._load_state(state)
+            # The events the store held for the connection are queued, not
+            # written: the ring is touched by service() only.
+            self._in_service = True
+            try:
+                self.conn_id = store.reattach(domid, self._on_event)
+            finally:
+                self._in_service = False
         # Advertise before consuming or producing anything.
         self._set(OFF_SERVER_FEATURES, self._get(OFF_SERVER_FEATURES) | SERVER_FEATURES)
 
@@ -149,6 +168,55 @@ class RingConnection:
         self._set(OFF_ERROR, XENSTORE_ERROR_NONE)
         # Indexes first, then the state the guest waits on.
         self._set(OFF_CONNECTION, XENSTORE_CONNECTED)
+
+    def save_state(self) -> dict:
+        """What this connection keeps outside guest memory, as plain JSON
+        types: a request read in part, the replies and watch events still
+        waiting for room in the response ring, and whether the connection
+        is broken. Its watches and transactions are in Store.save_state()."""
+        return {
+            "domid": self.domid,
+            "partial_request": base64.b64encode(bytes(self._inbuf)).decode("ascii"),
+            "pending": [{"data": base64.b64encode(o.data).decode("ascii"), "event": o.event, "sent": o.sent}
+                        for o in self._out],
+            "broken": self.broken,
+            "error": self.error,
+        }
+
+    def _load_state(self, state: dict) -> None:
+        """Take save_state()'s dict, checked as untrusted: StateError (a
+        ValueError) if malformed."""
+        w = "ring"
+        if state_int(state, "domid", w, 0, 0xFFFF) != self.domid:
+            raise StateError(f"xenstore state: ring.domid is not {self.domid}")
+        inbuf = state_bytes(state, "partial_request", w)
+        # Only a request still incomplete can wait here: a complete one
+        # would have been answered before the save.
+        if len(inbuf) >= wire.HEADER_SIZE:
+            length = _U32.unpack_from(inbuf, 12)[0]
+            if length > self.store.payload_max or len(inbuf) >= wire.HEADER_SIZE + length:
+                raise StateError("xenstore state: ring.partial_request is not part of one request")
+        out: deque[_Out] = deque()
+        event_bytes = 0
+        for i, item in enumerate(state_get(state, "pending", list, w)):
+            where = f"ring.pending[{i}]"
+            data = state_bytes(item, "data", where)
+            if not wire.HEADER_SIZE <= len(data) <= wire.HEADER_SIZE + self.store.payload_max:
+                raise StateError(f"xenstore state: {where}.data is not one message")
+            o = _Out(data, state_get(item, "event", bool, where))
+            # Only the first message can have been written in part.
+            o.sent = state_int(item, "sent", where, 0, len(data) - 1 if i == 0 else 0)
+            event_bytes += len(data) if o.event else 0
+            out.append(o)
+        if sum(1 for o in out if not o.event) > MAX_OUTSTANDING or event_bytes > MAX_EVENT_BACKLOG:
+            raise StateError("xenstore state: ring.pending holds more than a connection may queue")
+        broken = state_get(state, "broken", bool, w)
+        error = state_int(state, "error", w, XENSTORE_ERROR_NONE, XENSTORE_ERROR_PROTO)
+        self._inbuf = bytearray(inbuf)
+        self._out = out
+        self._event_bytes = event_bytes
+        self.broken = broken
+        self.error = error
 
     # --------------------------------------------------------------- events
 

@@ -30,10 +30,14 @@ doc is silent:
   quota (nodes, node size, watches, transactions, permissions per node; older
   versions said E2BIG for watches). A limit N allows N: N + 1 is refused.
   Domain 0 has no quotas.
+* Save/restore (Store.save_state()) keeps the tree and the guest rings'
+  watches; their open transactions come back doomed to EAGAIN.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, NamedTuple, Optional, Union
@@ -105,6 +109,11 @@ class XenstoreError(PvhvmError):
         super().__init__(f"{errno}: {detail}" if detail else errno)
 
 
+class StateError(PvhvmError, ValueError):
+    """A state given to Store.restore_state() or RingConnection(state=...)
+    is malformed."""
+
+
 def parse_perm(text: str) -> Perm:
     """``"r5"`` -> ``("r", 5)``; EINVAL if malformed."""
     if (
@@ -164,6 +173,23 @@ def _basename(path: str) -> str:
 
 def _join(parent: str, name: str) -> str:
     return "/" + name if parent == "/" else f"{parent}/{name}"
+
+
+def _canonical(domid: int, path: str, allow_special: bool, quota_path: int) -> str:
+    if not isinstance(path, str) or not _VALID_PATH.match(path):
+        raise XenstoreError("EINVAL", f"invalid path {path!r}")
+    if path[0] == "@" and not allow_special:
+        raise XenstoreError("EINVAL", f"special path {path!r} not allowed here")
+    name = path if path[0] in "/@" else f"{Store.get_domain_path(domid)}/{path}"
+    if (name.endswith("/") and name != "/") or "//" in name:
+        raise XenstoreError("EINVAL", f"invalid path {path!r}")
+    if len(name) > XENSTORE_ABS_PATH_MAX:
+        raise XenstoreError("EINVAL", "path too long")
+    if domid != PRIV_DOMID:
+        m = _LOCAL_DOMAIN.match(name)
+        if len(name) - (m.end() if m else 0) > quota_path:
+            raise XenstoreError("EINVAL", "path too long")
+    return name
 
 
 class Node(NamedTuple):
@@ -235,12 +261,31 @@ class _Watch:
     prefix_len: int  # chars to strip when reporting (relative watches)
 
 
+def _new_watch(domid: int, path: str, token: str, quota_path: int) -> _Watch:
+    if not isinstance(token, str) or "\0" in token:
+        raise XenstoreError("EINVAL", "bad token")
+    relative = isinstance(path, str) and path[:1] not in ("/", "@")
+    name = _canonical(domid, path, True, quota_path)
+    prefix = len(Store.get_domain_path(domid)) + 1 if relative else 0
+    return _Watch(name, token, prefix)
+
+
+def _check_watch_addable(domid: int, watches: list[_Watch], w: _Watch, quota_watches: int) -> None:
+    if any(x.path == w.path and x.token == w.token for x in watches):
+        raise XenstoreError("EEXIST", "watch exists")
+    if domid != PRIV_DOMID and len(watches) >= quota_watches:
+        raise XenstoreError("ENOSPC", "watch quota")
+
+
 @dataclass
 class _Conn:
     id: int
     domid: int
     deliver: Deliver
     watches: list[_Watch] = field(default_factory=list)
+    guest_ring: bool = False  # a domain's ring: save_state() keeps it
+    # Events for a restored ring whose RingConnection is not back yet.
+    held: Optional[list[tuple[str, str]]] = None
 
 
 @dataclass
@@ -254,6 +299,7 @@ class _Transaction:
     modified: set[str] = field(default_factory=set)
     events: list[_Event] = field(default_factory=list)
     created: bool = False
+    doomed: bool = False  # lost in a save/restore: committing it is EAGAIN
 
 
 class Store:
@@ -345,20 +391,7 @@ class Store:
 
     def canonical(self, domid: int, path: str, allow_special: bool = False) -> str:
         """The absolute form of ``path`` for ``domid``; EINVAL if invalid."""
-        if not isinstance(path, str) or not _VALID_PATH.match(path):
-            raise XenstoreError("EINVAL", f"invalid path {path!r}")
-        if path[0] == "@" and not allow_special:
-            raise XenstoreError("EINVAL", f"special path {path!r} not allowed here")
-        name = path if path[0] in "/@" else f"{self.get_domain_path(domid)}/{path}"
-        if (name.endswith("/") and name != "/") or "//" in name:
-            raise XenstoreError("EINVAL", f"invalid path {path!r}")
-        if len(name) > XENSTORE_ABS_PATH_MAX:
-            raise XenstoreError("EINVAL", "path too long")
-        if not self.is_privileged(domid):
-            m = _LOCAL_DOMAIN.match(name)
-            if len(name) - (m.end() if m else 0) > self.quota_path:
-                raise XenstoreError("EINVAL", "path too long")
-        return name
+        return _canonical(domid, path, allow_special, self.quota_path)
 
     def _tx(self, domid: int, tx: int) -> Optional[_Transaction]:
         if not tx:
@@ -659,6 +692,8 @@ class Store:
         del self._txs[tx]
         if not commit:
             return
+        if t.doomed:
+            raise XenstoreError("EAGAIN", "transaction lost in a save/restore")
         glob = self._tree.nodes
         for path in t.touched:
             if path[0] == "@":
@@ -693,12 +728,14 @@ class Store:
 
     # --------------------------------------------------- connections, watches
 
-    def connect(self, domid: int, deliver: Deliver) -> int:
+    def connect(self, domid: int, deliver: Deliver, *, guest_ring: bool = False) -> int:
         """Register a client of ``domid``; its watch events are passed to
-        ``deliver(path, token)``. Returns the connection id."""
+        ``deliver(path, token)``. Returns the connection id. ``guest_ring``:
+        the domain's own ring, whose watches and transactions save_state()
+        keeps (host clients register theirs again after a restore)."""
         conn_id = self._next_conn
         self._next_conn += 1
-        self._conns[conn_id] = _Conn(conn_id, domid, deliver)
+        self._conns[conn_id] = _Conn(conn_id, domid, deliver, guest_ring=guest_ring)
         return conn_id
 
     def disconnect(self, conn_id: int) -> None:
@@ -718,18 +755,10 @@ class Store:
     def watch(self, conn_id: int, path: str, token: str) -> None:
         """Add a watch; it fires once straight away with the path as given."""
         conn = self._conn(conn_id)
-        if not isinstance(token, str) or "\0" in token:
-            raise XenstoreError("EINVAL", "bad token")
-        relative = isinstance(path, str) and path[:1] not in ("/", "@")
-        name = self.canonical(conn.domid, path, allow_special=True)
-        if any(w.path == name and w.token == token for w in conn.watches):
-            raise XenstoreError("EEXIST", "watch exists")
-        if not self.is_privileged(conn.domid) and len(conn.watches) >= self.quota_watches:
-            raise XenstoreError("ENOSPC", "watch quota")
-        prefix = len(self.get_domain_path(conn.domid)) + 1 if relative else 0
-        w = _Watch(name, token, prefix)
+        w = _new_watch(conn.domid, path, token, self.quota_path)
+        _check_watch_addable(conn.domid, conn.watches, w, self.quota_watches)
         conn.watches.append(w)
-        conn.deliver(name[prefix:], token)
+        conn.deliver(w.path[w.prefix_len :], token)
 
     def unwatch(self, conn_id: int, path: str, token: str) -> None:
         conn = self._conn(conn_id)
@@ -839,3 +868,256 @@ class Store:
     def paths(self) -> list[str]:
         """Every existing path, sorted (no permission check)."""
         return sorted(self._tree.nodes)
+
+    # ------------------------------------------------------ save and restore
+
+    def save_state(self) -> dict:
+        """The store as plain JSON types, for restore_state() on a fresh Store.
+
+        Kept: every node (value, permissions, generation) in tree order, so
+        directories list their children as before and DIRECTORY_PART's
+        generations stay valid; the special paths' permissions; the
+        generation and transaction counters; the quotas; introduced domains
+        and SET_TARGET links; and for each guest ring connection
+        (``connect(guest_ring=True)``) its watches and the ids of its open
+        transactions -- what the NODE_DATA, WATCH_DATA and TRANSACTION_DATA
+        records of xen.git docs/designs/xenstore-migration.md carry. Host
+        clients (xenbus backends, the xenstore socket) are not saved, nor
+        their transactions: they connect and watch again after the restore.
+
+        Open transactions come back doomed, under the same id: requests in
+        them still work (on a private copy of the restored tree), an abort
+        succeeds, and a commit fails with EAGAIN, the answer
+        docs/misc/xenstore.txt gives when other writes intervened and on
+        which Linux's xenbus users (xenbus_switch_state() and the drivers'
+        ``again:`` loops) start the transaction over. Their changes are
+        lost, as in Xen: the design above only names the transactions, the C
+        xenstored ignores TRANSACTION_DATA on restore (tools/xenstored/lu.c,
+        "ignore transaction record") and oxenstored refuses to dump a
+        connection with open transactions. We keep the id alive rather than
+        answer ENOENT, as xenstored would for an unknown id, because a guest
+        saved without its knowledge cannot have quiesced its transactions as
+        Linux's xs_suspend() does before a cooperative save, and ENOENT would
+        make its drivers fail where EAGAIN makes them retry.
+        """
+        nodes = []
+        stack = ["/"]
+        while stack:
+            path = stack.pop()
+            node = self._tree.nodes.get(path)
+            if node is None:
+                continue
+            nodes.append({"path": path, "value": _b64(node.value), "perms": [format_perm(p) for p in node.perms],
+                          "gen": node.gen})
+            stack.extend(reversed([_join(path, c) for c in node.children]))
+        connections = []
+        for conn in self._conns.values():
+            if not conn.guest_ring:
+                continue
+            connections.append({
+                "domid": conn.domid,
+                "watches": [{"path": w.path[w.prefix_len :], "token": _b64(w.token.encode("utf-8", "surrogateescape"))}
+                            for w in conn.watches],
+                "transactions": sorted(t.id for t in self._txs.values() if t.conn_id == conn.id),
+            })
+        return {
+            "format": STATE_FORMAT,
+            "quotas": {name: getattr(self, "quota_" + name) for name in _QUOTA_NAMES} | {"payload_max": self.payload_max},
+            "keep_orphans": self.keep_orphans,
+            "generation": self._gen,
+            "next_transaction": self._next_tx,
+            "nodes": nodes,
+            "specials": {name: {"perms": [format_perm(p) for p in n.perms], "gen": n.gen}
+                         for name, n in self._special.items()},
+            "introduced": sorted(self._introduced),
+            "targets": [{"domid": d, "target": t} for d, t in sorted(self._targets.items())],
+            "guest_connections": connections,
+        }
+
+    def restore_state(self, state: dict) -> None:
+        """Replace this store's contents with what save_state() returned.
+
+        Call it on a fresh Store, before the guest's RingConnection is made
+        and before host clients add their watches: restoring fires no
+        events, and a watch fires once when it is added, so an owner that
+        watches afterwards sees the restored tree. Host connections that
+        exist already are kept with their watches. Each saved guest ring
+        connection comes back detached, holding the events for it until
+        ``RingConnection(..., state=...)`` takes it over (reattach()).
+        A malformed ``state`` raises StateError (a ValueError) with a
+        one-line message and changes nothing."""
+        if self._txs or any(c.guest_ring for c in self._conns.values()):
+            raise StateError("xenstore state: restore_state needs a fresh store (no ring connection or transaction)")
+        w = "state"
+        if state_get(state, "format", int, w) != STATE_FORMAT:
+            raise StateError(f"xenstore state: format {state['format']} is not {STATE_FORMAT}")
+        q = state_get(state, "quotas", dict, w)
+        quotas = {name: state_int(q, name, "state.quotas", 0, 0xFFFFFFFF) for name in _QUOTA_NAMES}
+        payload_max = state_int(q, "payload_max", "state.quotas", 1, 0xFFFFFFFF)
+        keep_orphans = state_get(state, "keep_orphans", bool, w)
+        generation = state_int(state, "generation", w, 0, 2**63)
+        next_tx = state_int(state, "next_transaction", w, 0, 0xFFFFFFFF)
+        tree = _restore_tree(state_get(state, "nodes", list, w), generation)
+
+        specials_in = state_get(state, "specials", dict, w)
+        if set(specials_in) != set(self._special):
+            raise StateError(f"xenstore state: state.specials must name exactly {sorted(self._special)}")
+        special = {}
+        for name in self._special:
+            where = f"state.specials.{name}"
+            special[name] = Node(b"", _state_perms(specials_in[name], where), (),
+                                 state_int(specials_in[name], "gen", where, 0, generation))
+
+        introduced = set()
+        for i, domid in enumerate(state_get(state, "introduced", list, w)):
+            if type(domid) is not int or not 0 <= domid <= 0xFFFF:
+                raise StateError(f"xenstore state: state.introduced[{i}] is not a domain id")
+            introduced.add(domid)
+        targets = {}
+        for i, item in enumerate(state_get(state, "targets", list, w)):
+            where = f"state.targets[{i}]"
+            targets[state_int(item, "domid", where, 0, 0xFFFF)] = state_int(item, "target", where, 0, 0xFFFF)
+
+        guests: list[tuple[int, list[_Watch], list[int]]] = []
+        tx_ids: set[int] = set()
+        for i, item in enumerate(state_get(state, "guest_connections", list, w)):
+            where = f"state.guest_connections[{i}]"
+            domid = state_int(item, "domid", where, 0, 0xFFFF)
+            if any(g[0] == domid for g in guests):
+                raise StateError(f"xenstore state: {where}: a second ring connection of domain {domid}")
+            watches: list[_Watch] = []
+            for j, saved in enumerate(state_get(item, "watches", list, where)):
+                wwhere = f"{where}.watches[{j}]"
+                path = state_get(saved, "path", str, wwhere)
+                token = state_bytes(saved, "token", wwhere).decode("utf-8", "surrogateescape")
+                try:
+                    watch = _new_watch(domid, path, token, quotas["path"])
+                    _check_watch_addable(domid, watches, watch, quotas["watches"])
+                except XenstoreError as e:
+                    raise StateError(f"xenstore state: {wwhere}: {e}") from None
+                watches.append(watch)
+            txs = []
+            for j, tx_id in enumerate(state_get(item, "transactions", list, where)):
+                if type(tx_id) is not int or not 1 <= tx_id <= 0xFFFFFFFF or tx_id in tx_ids:
+                    raise StateError(f"xenstore state: {where}.transactions[{j}] is not a new transaction id")
+                tx_ids.add(tx_id)
+                txs.append(tx_id)
+            guests.append((domid, watches, txs))
+
+        # Everything checked: now change the store.
+        for name, value in quotas.items():
+            setattr(self, "quota_" + name, value)
+        self.payload_max = payload_max
+        self.keep_orphans = keep_orphans
+        self._gen = generation
+        self._next_tx = next_tx
+        self._tree = tree
+        self._special = special
+        self._introduced = introduced
+        self._targets = targets
+        for domid, watches, txs in guests:
+            held: list[tuple[str, str]] = []
+            conn_id = self._next_conn
+            self._next_conn += 1
+            self._conns[conn_id] = _Conn(conn_id, domid, lambda path, token, held=held: held.append((path, token)),
+                                         watches, guest_ring=True, held=held)
+            for tx_id in txs:
+                self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, dict(tree.nodes), tree.copy(), doomed=True)
+
+    def reattach(self, domid: int, deliver: Deliver) -> int:
+        """Hand the restored ring connection of ``domid`` to a new owner:
+        its watch events now go to ``deliver``, starting with those held
+        since restore_state(). Returns its connection id; StateError if the
+        restored state had no ring connection of ``domid`` (or it was taken)."""
+        for conn in self._conns.values():
+            if conn.guest_ring and conn.domid == domid and conn.held is not None:
+                held, conn.held = conn.held, None
+                conn.deliver = deliver
+                for path, token in held:
+                    deliver(path, token)
+                return conn.id
+        raise StateError(f"xenstore state: no restored ring connection of domain {domid}")
+
+
+# ------------------------------------------------------------ saved state
+
+STATE_FORMAT = 1
+_QUOTA_NAMES = ("nodes", "node_size", "watches", "transactions", "perms", "path")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def state_get(d: object, key: str, kind: type, where: str):
+    """``d[key]`` of exactly type ``kind`` (as JSON loads it: a bool is not
+    an int), else StateError; ``where`` names ``d`` in the message."""
+    if type(d) is not dict:
+        raise StateError(f"xenstore state: {where} is not an object")
+    if key not in d:
+        raise StateError(f"xenstore state: {where}.{key} is missing")
+    value = d[key]
+    if type(value) is not kind:
+        raise StateError(f"xenstore state: {where}.{key} is not {kind.__name__}")
+    return value
+
+
+def state_int(d: object, key: str, where: str, lo: int, hi: int) -> int:
+    value = state_get(d, key, int, where)
+    if not lo <= value <= hi:
+        raise StateError(f"xenstore state: {where}.{key} is out of range [{lo}, {hi}]")
+    return value
+
+
+def state_bytes(d: object, key: str, where: str) -> bytes:
+    """A base64 field."""
+    text = state_get(d, key, str, where)
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise StateError(f"xenstore state: {where}.{key} is not base64") from None
+
+
+def _state_perms(d: object, where: str) -> Perms:
+    raw = state_get(d, "perms", list, where)
+    if not all(type(p) is str for p in raw):
+        raise StateError(f"xenstore state: {where}.perms is not a list of strings")
+    try:
+        return _as_perms(raw)
+    except XenstoreError as e:
+        raise StateError(f"xenstore state: {where}.perms: {e}") from None
+
+
+def _restore_tree(items: list, generation: int) -> _Tree:
+    """The tree from save_state()'s node list: the root first, every other
+    node after its parent, children in the order they are listed."""
+    if not items:
+        raise StateError("xenstore state: state.nodes is empty (no root)")
+    children: dict[str, list[str]] = {}
+    nodes: list[tuple[str, Node]] = []
+    for i, item in enumerate(items):
+        where = f"state.nodes[{i}]"
+        path = state_get(item, "path", str, where)
+        try:
+            valid = path[:1] == "/" and _canonical(PRIV_DOMID, path, False, XENSTORE_REL_PATH_MAX) == path
+        except XenstoreError:
+            valid = False
+        if not valid:
+            raise StateError(f"xenstore state: {where}.path {path[:80]!r} is not an absolute path")
+        if (i == 0) != (path == "/"):
+            raise StateError(f"xenstore state: {where}: the root must come first, and once")
+        if path in children:
+            raise StateError(f"xenstore state: {where}: {path[:80]!r} is listed twice")
+        if i:
+            parent = parent_of(path)
+            if parent not in children:
+                raise StateError(f"xenstore state: {where}: {path[:80]!r} comes before its parent")
+            children[parent].append(_basename(path))
+        children[path] = []
+        node = Node(state_bytes(item, "value", where), _state_perms(item, where), (),
+                    state_int(item, "gen", where, 0, generation))
+        nodes.append((path, node))
+    tree = _Tree()
+    for path, node in nodes:
+        tree.put(path, node._replace(children=tuple(children[path])))
+    return tree
