@@ -93,7 +93,7 @@ def test_guest_sees_memory_map_and_initrd(guests, tmp_path):
     entries = re.findall(r"memmap: (0x[0-9a-f]+) (0x[0-9a-f]+) (\d)", out)
     assert [(int(a, 16), int(s, 16), int(t)) for a, s, t in entries] == dom.layout.memory_map()
     carved = sum(n for _, n, _ in dom.layout.carved)
-    assert carved == 3 * 4096  # console ring, xenstore ring, ACPI tables
+    assert carved == 4 * 4096  # console ring, xenstore ring, ACPI tables, VM generation ID
     assert sum(int(s, 16) for a, s, t in entries if t == "1") == (48 << 20) - 0x60000 - carved
 
 

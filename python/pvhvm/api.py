@@ -454,6 +454,25 @@ class Domain:
         return {"target": int(target), "maxmem": self.memory_bytes >> 10, "current": current,
                 "given_back": (self.memory_bytes >> 10) - current}
 
+    @property
+    def generation_id(self) -> bytes:
+        """The VM generation ID (16 bytes) as the guest reads it now, from
+        the reserved page its ACPI device \\_SB.VGEN points at."""
+        from .builder.vmgenid import GENERATION_ID_SIZE
+
+        return self._vm.read_phys(self.placement.generation_id, GENERATION_ID_SIZE)
+
+    def renew_generation_id(self) -> bytes:
+        """Give the domain a new random VM generation ID, as after a restore
+        or a fork, and return it. No ACPI notification goes with it (a PVH
+        domU has no interrupt to carry one): the guest sees the new ID when
+        it next reads it. Call it on the run loop's thread, between runs."""
+        from .builder.vmgenid import new_generation_id
+
+        new_id = new_generation_id(other_than=self.generation_id)
+        self._vm.write_phys(self.placement.generation_id, new_id)
+        return new_id
+
     def set_online_vcpus(self, n: int) -> None:
         """As `xl vcpu-set`: mark vCPUs 0..n-1 available and the rest not in
         the domain's xenstore (cpu/N/availability); the guest's Xen CPU

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .. import _core
 from ..errors import BuildError
+from .vmgenid import COMPATIBLE_ID, DEVICE_NAME, DISPLAY_NAME, HARDWARE_ID
 
 # --- layouts (little endian, packed) ---------------------------------------
 
@@ -178,14 +179,72 @@ def _sdt(signature: bytes, revision: int, body: bytes, oem_id: bytes, oem_table_
     return bytes(table)
 
 
-def _dsdt_aml() -> bytes:
+# AML opcodes and prefixes (ACPI 6.3 §20.2), the few the DSDT uses.
+AML_NAME_OP = 0x08
+AML_DWORD_PREFIX = 0x0C
+AML_STRING_PREFIX = 0x0D
+AML_SCOPE_OP = 0x10
+AML_PACKAGE_OP = 0x12
+AML_EXT_OP_PREFIX = 0x5B
+AML_DEVICE_OP = 0x82  # after AML_EXT_OP_PREFIX
+AML_ROOT_CHAR = 0x5C  # "\\"
+
+
+def _pkg_length(body_len: int) -> bytes:
+    """PkgLength (§20.2.4) of a package whose contents after it are
+    `body_len` bytes: it counts its own 1 to 4 bytes. One byte holds up to
+    63; longer, the lead byte's bits 7-6 say how many bytes follow, its
+    bits 3-0 are the low nibble and each following byte 8 more bits."""
+    if body_len + 1 <= 0x3F:
+        return bytes([body_len + 1])
+    for extra in (1, 2, 3):
+        total = body_len + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([extra << 6 | total & 0x0F]) + (total >> 4).to_bytes(extra, "little")
+    raise BuildError(f"AML package of {body_len} bytes is too long")
+
+
+def _aml_string(text: bytes) -> bytes:
+    """StringPrefix, ASCII characters, NullChar."""
+    return bytes([AML_STRING_PREFIX]) + text + b"\0"
+
+
+def _aml_name(seg: bytes, value: bytes) -> bytes:
+    """Name (seg, value): NameOp NameSeg DataRefObject."""
+    assert len(seg) == 4
+    return bytes([AML_NAME_OP]) + seg + value
+
+
+def _vmgenid_device_aml(gen_id_paddr: int) -> bytes:
+    """``Device (VGEN)`` as the VM Generation ID spec and Linux's vmgenid
+    driver want it: _HID, _CID and _DDN, and ``ADDR``, a package of two
+    integers, the low and high 32 bits of the ID's guest-physical address.
+    A Name will do for ADDR (the driver evaluates it, and evaluating a Name
+    yields its value); Hyper-V and QEMU make it a Method because their
+    firmware only learns the address at boot. The integers are DWordConsts
+    whatever their value, so the table's size does not depend on it."""
+    addr = bytes([AML_PACKAGE_OP]) + _pkg_length(1 + 5 + 5) + bytes([2])  # NumElements
+    for half in (gen_id_paddr & 0xFFFFFFFF, gen_id_paddr >> 32):
+        addr += bytes([AML_DWORD_PREFIX]) + half.to_bytes(4, "little")
+    body = (
+        DEVICE_NAME
+        + _aml_name(b"_HID", _aml_string(HARDWARE_ID))
+        + _aml_name(b"_CID", _aml_string(COMPATIBLE_ID))
+        + _aml_name(b"_DDN", _aml_string(DISPLAY_NAME))
+        + _aml_name(b"ADDR", addr)
+    )
+    return bytes([AML_EXT_OP_PREFIX, AML_DEVICE_OP]) + _pkg_length(len(body)) + body
+
+
+def _dsdt_aml(gen_id_paddr: int | None = None) -> bytes:
     """A minimal AML body: ``Scope (\\_SB) {}`` and ``Name (_S5, Package
-    () {5, 5})``. The guest gets no devices from AML: its CPUs come from the
-    MADT and its devices from Xen PV interfaces. \\_S5 lets it power off
-    through the FADT's sleep control register (see `_fadt_body`)."""
-    name = b"\\_SB_"  # root prefix + NameSeg
-    pkg_length = 1 + len(name)  # one-byte PkgLength counts itself
-    scope = bytes([0x10, pkg_length]) + name  # 0x10 = ScopeOp
+    () {5, 5})``. The guest gets its CPUs from the MADT and its devices from
+    Xen PV interfaces; the one ACPI device under \\_SB is the VM Generation
+    ID (when `gen_id_paddr` is given). \\_S5 lets it power off through the
+    FADT's sleep control register (see `_fadt_body`)."""
+    name = bytes([AML_ROOT_CHAR]) + b"_SB_"
+    contents = _vmgenid_device_aml(gen_id_paddr) if gen_id_paddr is not None else b""
+    scope = bytes([AML_SCOPE_OP]) + _pkg_length(len(name) + len(contents)) + name + contents
     typ = _core.ACPI_SLP_TYP_S5
     # NameOp "_S5_" PackageOp PkgLength(6) NumElements(2) BytePrefix typ BytePrefix typ
     s5 = b"\x08_S5_" + bytes([0x12, 6, 2, 0x0A, typ, 0x0A, typ])
@@ -257,12 +316,15 @@ def build_acpi_tables(
     online_vcpus: int | None = None,
     oem_id: bytes = b"PVHVM ",
     oem_table_id: bytes = b"PVHVMACP",
+    gen_id_paddr: int | None = None,
 ) -> AcpiTables:
     """Lay out RSDP, XSDT, FADT, DSDT and MADT contiguously from ``base``
     (guest-physical, 16-byte aligned, the whole blob below 4 GiB).
 
     vCPUs ``0 .. online_vcpus-1`` (default: all) are marked enabled in the
-    MADT; the rest are marked online capable, i.e. hot-pluggable."""
+    MADT; the rest are marked online capable, i.e. hot-pluggable. With
+    `gen_id_paddr`, the DSDT has the VM Generation ID device, its ID at
+    that guest-physical address (8-byte aligned, as the spec asks)."""
     if base < 0 or base % TABLE_ALIGN:
         raise BuildError(f"ACPI tables base {base:#x} is not {TABLE_ALIGN}-byte aligned")
     if not 1 <= nr_vcpus <= MAX_VCPUS:
@@ -271,11 +333,13 @@ def build_acpi_tables(
         online_vcpus = nr_vcpus
     if not 1 <= online_vcpus <= nr_vcpus:
         raise BuildError(f"online vCPUs must be 1..{nr_vcpus}, not {online_vcpus}")
+    if gen_id_paddr is not None and (not 0 < gen_id_paddr < 1 << 64 or gen_id_paddr % 8):
+        raise BuildError(f"VM generation ID address {gen_id_paddr:#x} is not a nonzero, 8-byte aligned address")
     oem_id = _fixed(oem_id, 6, "OEM ID")
     oem_table_id = _fixed(oem_table_id, 8, "OEM table ID")
 
     # Sizes are known up front, so addresses can be assigned in one pass.
-    dsdt_body = _dsdt_aml()
+    dsdt_body = _dsdt_aml(gen_id_paddr)
     madt_body = _madt_body(nr_vcpus, online_vcpus)
     sizes = {
         "RSDP": RSDP.size,

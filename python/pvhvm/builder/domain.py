@@ -7,7 +7,8 @@ touches the core: `plan_domain` returns a `DomainPlan`, and
 The phases, as xl's domain builder has them: parse the image (its PVH
 entry note), lay out guest-physical memory (kernel segments, then Xen's
 own pages at the top of low RAM: console ring, xenstore ring, ACPI
-tables), place the initrd, build hvm_start_info and the E820 map.
+tables, the VM generation ID), place the initrd, build hvm_start_info
+and the E820 map.
 Each failure is a `BuildError` naming the input at fault.
 """
 
@@ -22,8 +23,9 @@ from ..errors import BuildError
 from ..xenstore import Store, populate_domu
 from .acpi import build_acpi_tables
 from .elf import ElfImage, load_elf
-from .layout import E820_ACPI, PhysLayout
+from .layout import E820_ACPI, E820_RESERVED, PhysLayout
 from .start_info import PlacedModule, build_start_info
+from .vmgenid import new_generation_id
 
 PAGE = 4096
 
@@ -46,6 +48,7 @@ class Placement:
     rsdp: int = 0
     console_ring: int = 0
     store_ring: int = 0
+    generation_id: int = 0  # where the VM generation ID's 16 bytes are
     extra: dict = field(default_factory=dict)
 
 
@@ -61,7 +64,7 @@ class DomainPlan:
     layout: PhysLayout
     placement: Placement
     # (guest-physical address, bytes) in load order: segments, initrd,
-    # start_info and its strings, ACPI tables.
+    # start_info and its strings, ACPI tables, the VM generation ID.
     blobs: list[tuple[int, bytes]]
     # xl's memory (the balloon's first target); memory_bytes is maxmem.
     target_bytes: int = 0
@@ -124,7 +127,10 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
     placement.console_ring = layout.carve(PAGE, "console ring")
     placement.store_ring = layout.carve(PAGE, "xenstore ring")
     placement.acpi = layout.carve(PAGE, "ACPI tables", E820_ACPI)
-    acpi = build_acpi_tables(placement.acpi, nr_vcpus=vcpus)
+    # The spec wants the ID where the OS keeps no RAM, not even ACPI
+    # reclaimable memory: a reserved page of its own.
+    placement.generation_id = layout.carve(PAGE, "VM generation ID", E820_RESERVED)
+    acpi = build_acpi_tables(placement.acpi, nr_vcpus=vcpus, gen_id_paddr=placement.generation_id)
     placement.rsdp = acpi.rsdp_paddr
 
     blobs = [(seg.paddr, image.segment_bytes(seg)) for seg in image.segments if seg.filesz]
@@ -139,6 +145,7 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
     placement.start_info = boot.start_info_paddr
     blobs += list(boot.blobs)
     blobs.append((placement.acpi, acpi.blob))
+    blobs.append((placement.generation_id, new_generation_id()))
     return DomainPlan(image, memory_bytes, vcpus, cmdline, layout, placement, blobs, target_bytes)
 
 
