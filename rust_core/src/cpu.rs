@@ -641,6 +641,12 @@ impl Cpu {
         }
     }
 
+    /// The engine's registers are nobody's (a save or restore used it):
+    /// the next vCPU loaded flushes the TLB.
+    pub fn forget_loaded(&mut self) {
+        self.tlb_owner = None;
+    }
+
     /// The TLB no longer matches vCPU `v`'s registers (edited outside its slice).
     pub fn forget_tlb_of(&mut self, v: u32) {
         if self.tlb_owner == Some(v) {

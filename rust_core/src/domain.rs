@@ -27,7 +27,11 @@ use crate::unicorn_gaps::{self, RFLAGS_IF};
 use crate::vcpu::{Activity, Vcpu, RUNSTATE_RUNNING};
 use crate::waker::{Wait, Waker};
 use crate::xen::evtchn::VIRQ_TIMER;
-use crate::xen::{DomainState, SharedState};
+use crate::layout;
+use crate::snapshot::{self, invalid, ArchRegs, Dec, Enc, SnapshotError};
+use crate::xen::evtchn::EventChannels;
+use crate::xen::gnttab::GrantTable;
+use crate::xen::{DomainState, Remap, SharedState};
 
 /// The most vCPUs a domain may have (xl's `vcpus`, within what the 2-level
 /// event ABI and the MADT here describe).
@@ -73,7 +77,16 @@ impl Domain {
         if !(1..=MAX_VCPUS).contains(&nr_vcpus) {
             return Err(format!("a domain has 1 to {MAX_VCPUS} vCPUs, not {nr_vcpus}"));
         }
-        let ram = Arc::new(GuestRam::new(memory_bytes).map_err(|e| e.to_string())?);
+        let ram = GuestRam::new(memory_bytes).map_err(|e| e.to_string())?;
+        Self::with_ram(ram, domid, uuid, nr_vcpus)
+    }
+
+    /// A domain on RAM made elsewhere (a save file's image, a fork's).
+    pub fn with_ram(ram: GuestRam, domid: u32, uuid: [u8; 16], nr_vcpus: u32) -> Result<Self, String> {
+        if !(1..=MAX_VCPUS).contains(&nr_vcpus) {
+            return Err(format!("a domain has 1 to {MAX_VCPUS} vCPUs, not {nr_vcpus}"));
+        }
+        let ram = Arc::new(ram);
         let cpu = Cpu::new(ram.clone(), domid, nr_vcpus)?;
         let waker = Waker::new().map_err(|e| format!("eventfd: {e}"))?;
         waker.set_kicker(cpu.kicker());
@@ -89,6 +102,143 @@ impl Domain {
             time_slice: Duration::from_millis(50),
             idle_waits: 0,
         })
+    }
+
+    /// The core's part of a save (snapshot.rs): every vCPU, Xen's state of
+    /// the domain, the pages Xen placed outside RAM. Between runs only.
+    pub fn save_state(&mut self) -> Vec<u8> {
+        // Events device threads queued belong in the saved bitmaps.
+        self.state.shared.raise_queued();
+        let mut e = Enc::default();
+        let now = self.state.system_time_ns();
+        e.section(b"PVHC", |e| {
+            e.u32(snapshot::FORMAT);
+            e.u32(self.vcpus.len() as u32);
+            e.u64(self.state.ram.size());
+            e.u32(self.state.domid);
+            e.u64(now);
+        });
+        e.section(b"DOMS", |e| self.state.encode(e));
+        for v in &self.vcpus {
+            e.section(b"VCPU", |e| {
+                ArchRegs::capture(self.cpu.engine(), &v.regs).encode(e);
+                v.encode_state(e);
+            });
+        }
+        // The engine holds whichever vCPU was captured last.
+        self.cpu.forget_loaded();
+        e.section(b"OVRL", |e| {
+            let pages = self.state.ram.overlay_pages();
+            e.len(pages.len());
+            for (gpa, bytes) in pages {
+                e.u64(gpa);
+                e.buf.extend_from_slice(&bytes);
+            }
+        });
+        e.section(b"GBAK", |e| {
+            let bits = self.state.ram.given_back_bitmap();
+            e.len(bits.len());
+            for w in bits {
+                e.u64(w);
+            }
+        });
+        // After the pages they may live in.
+        e.section(b"EVTC", |e| self.state.ports().encode(e));
+        e.section(b"GNTT", |e| self.state.grants().encode(e));
+        e.buf
+    }
+
+    /// A domain from a save: `ram` holds the guest's memory as saved,
+    /// `state` is `save_state`'s record. `domid` and `uuid` may be new (a
+    /// fork). System time goes on from the saved instant (timers keep the
+    /// time they had left), the wall clock jumps to now.
+    pub fn restore(ram: GuestRam, domid: u32, uuid: [u8; 16], state: &[u8]) -> Result<Self, SnapshotError> {
+        let mut d = Dec::new(state);
+        let mut h = d.section(b"PVHC")?;
+        let format = h.u32()?;
+        if format != snapshot::FORMAT {
+            return Err(SnapshotError::Format(format));
+        }
+        let nr_vcpus = h.u32()?;
+        let ram_size = h.u64()?;
+        let old_domid = h.u32()?;
+        let now = h.u64()?;
+        h.finish()?;
+        if ram_size != ram.size() {
+            return Err(invalid(format!("saved with {ram_size} bytes of RAM, restored into {}", ram.size())));
+        }
+        if !(1..=MAX_VCPUS).contains(&nr_vcpus) {
+            return Err(invalid(format!("{nr_vcpus} vCPUs")));
+        }
+        let mut dom = Self::with_ram(ram, domid, uuid, nr_vcpus).map_err(invalid)?;
+        dom.state.clock.resume_at(now);
+        let mut s = d.section(b"DOMS")?;
+        dom.state.decode(&mut s)?;
+        s.finish()?;
+        for i in 0..nr_vcpus as usize {
+            let mut s = d.section(b"VCPU")?;
+            let regs = ArchRegs::decode(&mut s)?;
+            let v = &mut dom.vcpus[i];
+            v.decode_state(&mut s)?;
+            s.finish()?;
+            v.regs = regs.rebuild(dom.cpu.engine(), dom.cpu.pristine()).map_err(invalid)?;
+        }
+        dom.cpu.forget_loaded();
+        let ram = dom.state.ram.clone();
+        let mut remaps = Vec::new();
+        let mut s = d.section(b"OVRL")?;
+        for _ in 0..s.len(crate::memory::MAX_OVERLAYS, 8 + 4096)? {
+            let gpa = s.u64()?;
+            let bytes = s.bytes_fixed(4096)?;
+            if !gpa.is_multiple_of(4096) || gpa >= layout::GUEST_PHYS_END || ram.offset_of(gpa, 4096).is_some() {
+                return Err(invalid(format!("a Xen page at {gpa:#x}")));
+            }
+            let host = ram.add_overlay(gpa).map_err(|e| invalid(e.to_string()))?;
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), host, 4096) };
+            remaps.push(Remap::Overlay { gpa, host: host as usize });
+        }
+        s.finish()?;
+        let mut s = d.section(b"GBAK")?;
+        let n = s.len(usize::MAX, 8)?;
+        let bits = (0..n).map(|_| s.u64()).collect::<Result<Vec<_>, _>>()?;
+        s.finish()?;
+        for gpa in ram.restore_given_back(&bits).map_err(|e| invalid(e.to_string()))? {
+            remaps.push(Remap::Hole { gpa, len: 4096 });
+        }
+        let mut s = d.section(b"EVTC")?;
+        *dom.state.ports() = EventChannels::decode(&ram, domid as u16, old_domid as u16, nr_vcpus, &mut s)?;
+        s.finish()?;
+        let mut s = d.section(b"GNTT")?;
+        *dom.state.grants() = GrantTable::decode(&ram, &mut s)?;
+        s.finish()?;
+        d.finish()?;
+        dom.cpu.remap(&remaps).map_err(invalid)?;
+        // The guest's clocks: the wall clock moves to now, each vCPU's
+        // pvclock is stamped against this host's TSC.
+        let shared_info = dom.state.ports().shared_info();
+        if let Some(gpa) = shared_info {
+            dom.state.write_wallclock(gpa);
+        }
+        for v in 0..nr_vcpus {
+            dom.state.update_vcpu_time(v);
+        }
+        Ok(dom)
+    }
+
+    /// After a restore of a domain saved when it asked to suspend: its
+    /// SCHEDOP_shutdown(SHUTDOWN_suspend) returns 1 on vCPU `vcpu`, "the
+    /// suspend was cancelled, go on in the same domain", as Xen's toolstack
+    /// answers a guest it resumes (libxc's modify_returncode), so the guest
+    /// keeps its event channels and devices, which the save carried.
+    pub fn resume_after_suspend(&mut self, vcpu: usize) -> Result<(), String> {
+        if self.state.shutdown_code != Some(crate::abi::schedop::SHUTDOWN_SUSPEND) {
+            return Err("the domain did not ask to suspend".into());
+        }
+        let v = self.vcpus.get_mut(vcpu).ok_or_else(|| format!("no vCPU {vcpu}"))?;
+        v.regs.set_reg(0, 1);
+        self.cpu.forget_tlb_of(vcpu as u32);
+        self.state.shutdown_code = None;
+        Ok(())
     }
 
     pub fn ram(&self) -> &Arc<GuestRam> {

@@ -117,6 +117,28 @@ impl Lapic {
         Self { id, regs, pending: [0; 4] }
     }
 
+    pub fn encode(&self, e: &mut crate::snapshot::Enc) {
+        for r in self.regs {
+            e.u32(r);
+        }
+        for p in self.pending {
+            e.u64(p);
+        }
+    }
+
+    /// The registers and pending vectors of a save, on this vCPU's APIC
+    /// (its ID is the vCPU's, whatever the file says).
+    pub fn decode(&mut self, d: &mut crate::snapshot::Dec) -> Result<(), crate::snapshot::SnapshotError> {
+        for r in self.regs.iter_mut() {
+            *r = d.u32()?;
+        }
+        for p in self.pending.iter_mut() {
+            *p = d.u64()?;
+        }
+        self.regs[(REG_ID >> 4) as usize] = self.id << 24;
+        Ok(())
+    }
+
     pub fn read(&self, offset: u64) -> u32 {
         let reg = offset & 0xff0;
         match reg {

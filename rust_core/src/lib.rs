@@ -17,6 +17,7 @@ pub mod memory;
 pub mod mmu;
 mod py;
 pub mod sched;
+pub mod snapshot;
 pub mod ticker;
 pub mod uc;
 pub mod unicorn_gaps;

@@ -68,6 +68,10 @@ pub struct GuestRam {
     /// they are populated again, and their host memory is released.
     given_back: Vec<AtomicU64>,
     given_back_pages: AtomicU64,
+    /// The buffer is a private mapping of a file (a save file, a fork's
+    /// shared image): a page dropped with MADV_DONTNEED reads as the file
+    /// again, not as zeros.
+    file_backed: std::sync::atomic::AtomicBool,
 }
 
 // The buffer is plain memory; the vCPU and Python may touch it from different
@@ -94,16 +98,127 @@ impl GuestRam {
         if p == libc::MAP_FAILED {
             return Err(MemError::Alloc(size));
         }
+        Ok(Self::at(p as *mut u8, size, false))
+    }
+
+    /// RAM that starts as the `size` bytes of file `fd` at `offset`, mapped
+    /// privately: pages are read from the file (its page cache, shared by
+    /// every domain mapping it) until the guest writes them, copy-on-write.
+    /// Restore and fork use it; `offset` must be page-aligned.
+    pub fn from_file(fd: i32, offset: u64, size: u64) -> Result<Self, MemError> {
+        if size == 0 || !size.is_multiple_of(layout::PAGE_SIZE) || size > layout::MAX_RAM {
+            return Err(MemError::Alloc(size));
+        }
+        let p = unsafe { map_file(std::ptr::null_mut(), fd, offset, size, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Alloc(size));
+        }
+        Ok(Self::at(p as *mut u8, size, true))
+    }
+
+    fn at(base: *mut u8, size: u64, file_backed: bool) -> Self {
         let pages = size / layout::PAGE_SIZE;
-        Ok(Self {
-            base: p as *mut u8,
+        Self {
+            base,
             size,
             regions: layout::ram_regions(size),
             overlays: Default::default(),
             retired: Default::default(),
             given_back: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             given_back_pages: AtomicU64::new(0),
-        })
+            file_backed: file_backed.into(),
+        }
+    }
+
+    /// Put the file's bytes (`write_image`'s copy of this RAM) under the
+    /// buffer in place, at the same host address: Unicorn's mappings,
+    /// Python's views and grant mappings stay valid, and the pages become
+    /// shared copy-on-write with every other mapping of the file (a fork's
+    /// parent and children). Only between runs, with the contents equal.
+    pub fn rebase_on_file(&self, fd: i32, offset: u64) -> Result<(), MemError> {
+        let p = unsafe { map_file(self.base, fd, offset, self.size, libc::MAP_FIXED) };
+        if p == libc::MAP_FAILED {
+            return Err(MemError::Alloc(self.size));
+        }
+        self.file_backed.store(true, SeqCst);
+        Ok(())
+    }
+
+    /// Write the buffer to `fd` at `offset` (the file already that long,
+    /// so pages of zeros stay holes): every page that is not all zeros.
+    /// Returns the runs written as (first page, pages) and the CRC-32 of
+    /// their bytes in order.
+    pub fn write_image(&self, fd: i32, offset: u64) -> std::io::Result<(Vec<(u64, u64)>, u32)> {
+        let page = layout::PAGE_SIZE as usize;
+        let buf = unsafe { std::slice::from_raw_parts(self.base, self.size as usize) };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut crc = crc32fast::Hasher::new();
+        for (i, p) in buf.chunks_exact(page).enumerate() {
+            let i = i as u64;
+            if self.page_given_back(i) || is_zero(p) {
+                continue;
+            }
+            crc.update(p);
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == i => *n += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        for &(first, n) in &runs {
+            let start = (first * layout::PAGE_SIZE) as usize;
+            write_all_at(fd, &buf[start..start + (n * layout::PAGE_SIZE) as usize], offset + first * layout::PAGE_SIZE)?;
+        }
+        Ok((runs, crc.finalize()))
+    }
+
+    /// CRC-32 of the pages `runs` names (as `write_image` returned them),
+    /// read through the buffer. None if a run lies outside it.
+    pub fn crc_of(&self, runs: &[(u64, u64)]) -> Option<u32> {
+        let pages = self.size / layout::PAGE_SIZE;
+        let buf = unsafe { std::slice::from_raw_parts(self.base, self.size as usize) };
+        let mut crc = crc32fast::Hasher::new();
+        for &(first, n) in runs {
+            let end = first.checked_add(n).filter(|&e| e <= pages)?;
+            crc.update(&buf[(first * layout::PAGE_SIZE) as usize..(end * layout::PAGE_SIZE) as usize]);
+        }
+        Some(crc.finalize())
+    }
+
+    /// The given-back bitmap, one bit per page of the buffer.
+    pub fn given_back_bitmap(&self) -> Vec<u64> {
+        self.given_back.iter().map(|w| w.load(SeqCst)).collect()
+    }
+
+    /// Mark the pages set in `bitmap` (as `given_back_bitmap` returned it)
+    /// given back, their memory released. Returns their guest-physical
+    /// addresses, for the engine's holes. Errors if it does not fit.
+    pub fn restore_given_back(&self, bitmap: &[u64]) -> Result<Vec<u64>, MemError> {
+        if bitmap.len() != self.given_back.len() {
+            return Err(MemError::OutOfRange { gpa: 0, len: bitmap.len() as u64 * 64 * layout::PAGE_SIZE });
+        }
+        let mut gpas = Vec::new();
+        for (w, &bits) in bitmap.iter().enumerate() {
+            for b in 0..64u64 {
+                if bits & (1 << b) == 0 {
+                    continue;
+                }
+                let off = (w as u64 * 64 + b) * layout::PAGE_SIZE;
+                let r = self.regions.iter().find(|r| off >= r.host_offset && off < r.host_offset + r.len);
+                let Some(r) = r else { return Err(MemError::OutOfRange { gpa: off, len: layout::PAGE_SIZE }) };
+                let gpa = r.gpa + (off - r.host_offset);
+                self.give_back(gpa).ok_or(MemError::OutOfRange { gpa, len: layout::PAGE_SIZE })?;
+                gpas.push(gpa);
+            }
+        }
+        Ok(gpas)
+    }
+
+    /// Overlay pages with their contents (grant frames placed outside RAM).
+    pub fn overlay_pages(&self) -> Vec<(u64, Vec<u8>)> {
+        let ov = self.overlays.lock().unwrap();
+        ov.iter()
+            .map(|&(gpa, p)| (gpa, unsafe { std::slice::from_raw_parts(p as *const u8, layout::PAGE_SIZE as usize) }.to_vec()))
+            .collect()
     }
 
     pub fn size(&self) -> u64 {
@@ -247,6 +362,10 @@ impl GuestRam {
         let host = unsafe { self.base.add(off as usize) };
         // Whatever a host view wrote there meanwhile is not the guest's.
         unsafe { libc::madvise(host as *mut libc::c_void, layout::PAGE_SIZE as usize, libc::MADV_DONTNEED) };
+        if self.file_backed.load(SeqCst) {
+            // Dropped, the page reads as the file again: scrub it.
+            unsafe { std::ptr::write_bytes(host, 0, layout::PAGE_SIZE as usize) };
+        }
         let bit = 1u64 << (page % 64);
         self.given_back[(page / 64) as usize].fetch_and(!bit, SeqCst);
         self.given_back_pages.fetch_sub(1, SeqCst);
@@ -352,6 +471,46 @@ impl Drop for GuestRam {
 
 /// Xen pages a guest may place outside RAM (grant frames and status frames).
 pub const MAX_OVERLAYS: usize = 256;
+
+/// mmap `size` bytes of `fd` at `offset` privately, read-write (at `addr`
+/// with `extra` = MAP_FIXED).
+unsafe fn map_file(addr: *mut u8, fd: i32, offset: u64, size: u64, extra: i32) -> *mut libc::c_void {
+    if !offset.is_multiple_of(layout::PAGE_SIZE) || offset > i64::MAX as u64 {
+        return libc::MAP_FAILED;
+    }
+    libc::mmap(
+        addr as *mut libc::c_void,
+        size as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE | extra,
+        fd,
+        offset as libc::off_t,
+    )
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+fn write_all_at(fd: i32, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let n = unsafe { libc::pwrite(fd, data.as_ptr() as *const libc::c_void, data.len(), offset as libc::off_t) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n as usize..];
+        offset += n as u64;
+    }
+    Ok(())
+}
 
 /// A flat vector as guest-physical memory from 0, for unit tests.
 impl PhysMem for Vec<u8> {

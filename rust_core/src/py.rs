@@ -411,6 +411,66 @@ impl Vm {
         self.domain.set_pvh_entry(entry, start_info).map_err(core_err)
     }
 
+    /// The core's part of a save (vCPUs, event channels, grant table, HVM
+    /// params, timers, Xen's pages outside RAM): an opaque, versioned record.
+    fn save_state<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.domain.save_state())
+    }
+
+    /// Write guest RAM to file `fd` at page-aligned `offset` (the file
+    /// already that long: pages of zeros are left as holes). Returns the
+    /// page runs written, [(first page, pages)], and their CRC-32.
+    fn write_ram_image(&self, py: Python<'_>, fd: i32, offset: u64) -> PyResult<(Vec<(u64, u64)>, u32)> {
+        let ram = self.domain.ram().clone();
+        py.allow_threads(move || ram.write_image(fd, offset)).map_err(core_err)
+    }
+
+    /// Put guest RAM on the image `write_ram_image` wrote to `fd` at
+    /// `offset`, in place and copy-on-write (a fork's parent shares its
+    /// pages with its children from then on). Between runs only.
+    fn rebase_ram(&self, fd: i32, offset: u64) -> PyResult<()> {
+        self.domain.ram().rebase_on_file(fd, offset).map_err(core_err)
+    }
+
+    /// A domain from a save: RAM mapped copy-on-write from `fd` at
+    /// `offset` (`memory_bytes` long), checked against `runs` and `crc` if
+    /// given, and `state` from `save_state`. `domid` and `uuid` may differ
+    /// from the saved domain's (a fork).
+    #[staticmethod]
+    #[pyo3(signature = (fd, offset, memory_bytes, domid, uuid, state, runs = None, crc = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn restore(
+        py: Python<'_>,
+        fd: i32,
+        offset: u64,
+        memory_bytes: u64,
+        domid: u32,
+        uuid: &[u8],
+        state: &[u8],
+        runs: Option<Vec<(u64, u64)>>,
+        crc: Option<u32>,
+    ) -> PyResult<Self> {
+        let u: [u8; 16] = uuid.try_into().map_err(|_| PyValueError::new_err("uuid must be 16 bytes"))?;
+        let ram = GuestRam::from_file(fd, offset, memory_bytes).map_err(core_err)?;
+        if let (Some(runs), Some(crc)) = (runs, crc) {
+            let found = py.allow_threads(|| ram.crc_of(&runs));
+            match found {
+                None => return Err(core_err("the RAM image's page runs lie outside its RAM")),
+                Some(c) if c != crc => {
+                    return Err(core_err(format!("the RAM image is damaged (CRC-32 {c:08x}, expected {crc:08x})")))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Self { domain: Domain::restore(ram, domid, u, state).map_err(core_err)? })
+    }
+
+    /// After restoring a domain saved when it asked to suspend: its
+    /// suspend hypercall on `vcpu` returns 1 (cancelled: go on as before).
+    fn resume_after_suspend(&mut self, vcpu: usize) -> PyResult<()> {
+        self.domain.resume_after_suspend(vcpu).map_err(core_err)
+    }
+
     /// Run the guest until the host is needed. Releases the GIL meanwhile.
     fn run(&mut self, py: Python<'_>) -> Exit {
         let p = DomainPtr(&mut self.domain);

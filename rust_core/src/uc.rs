@@ -142,6 +142,16 @@ impl Engine {
         unsafe { ucs::uc_reg_write(self.handle, reg as c_int, &m as *const Mmr as *const c_void) };
     }
 
+    /// A register wider than 64 bits (x87 80-bit, XMM) as its bytes.
+    pub fn read_bytes(&self, reg: Reg, out: &mut [u8]) {
+        unsafe { ucs::uc_reg_read(self.handle, reg as c_int, out.as_mut_ptr() as *mut c_void) };
+    }
+
+    /// `bytes` must be the register's whole width.
+    pub fn write_bytes(&self, reg: Reg, bytes: &[u8]) {
+        unsafe { ucs::uc_reg_write(self.handle, reg as c_int, bytes.as_ptr() as *const c_void) };
+    }
+
     pub fn read_msr(&self, index: u32) -> u64 {
         unsafe { raw_read_msr(self.handle, index) }
     }

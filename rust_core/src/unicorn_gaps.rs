@@ -344,6 +344,12 @@ impl CpuState {
         self.set_hflags(hf);
     }
 
+    /// As after STI or MOV SS: no interrupt before the next instruction.
+    pub fn set_interrupt_shadow(&mut self) {
+        let hf = self.hflags() | HF_INHIBIT_IRQ;
+        self.set_hflags(hf);
+    }
+
     pub fn clear_interrupt_shadow(&mut self) {
         let hf = self.hflags() & !HF_INHIBIT_IRQ;
         self.set_hflags(hf);

@@ -10,7 +10,8 @@
 use std::time::Instant;
 
 use crate::abi::Width;
-use crate::interrupts::Event;
+use crate::interrupts::{Event, Source};
+use crate::snapshot::{invalid, Dec, Enc, SnapshotError};
 use crate::lapic::{IpiKind, Lapic};
 use crate::layout;
 use crate::memory::GuestRam;
@@ -205,6 +206,140 @@ impl Vcpu {
             exceptions_delivered: 0,
             interrupts_delivered: 0,
         }
+    }
+
+    /// Everything of this vCPU but its registers (`snapshot::ArchRegs`),
+    /// for a save. Times are system time, which a restore continues.
+    pub fn encode_state(&self, e: &mut Enc) {
+        e.bool(self.initialised);
+        e.bool(self.down);
+        match &self.activity {
+            Activity::Running => e.u8(0),
+            Activity::Halted => e.u8(1),
+            Activity::Blocked => e.u8(2),
+            Activity::Polling { ports } => {
+                e.u8(3);
+                e.len(ports.len());
+                for &p in ports {
+                    e.u32(p);
+                }
+            }
+            Activity::WaitForSipi => e.u8(4),
+        }
+        e.opt_u64(self.poll_deadline);
+        match self.pending_exception {
+            None => e.bool(false),
+            Some(ev) => {
+                e.bool(true);
+                e.u8(ev.vector);
+                e.u8(match ev.source {
+                    Source::Exception => 0,
+                    Source::Software => 1,
+                    Source::External => 2,
+                });
+                e.opt_u64(ev.error_code.map(u64::from));
+                e.opt_u64(ev.cr2);
+                e.u8(ev.insn_len);
+            }
+        }
+        e.bool(self.nmi_pending);
+        e.opt_u64(self.timers.singleshot_ns);
+        e.opt_u64(self.timers.periodic.map(|p| p.period_ns));
+        e.u64(self.timers.periodic.map_or(0, |p| p.next_ns));
+        e.opt_u64(self.upcall_vector.map(u64::from));
+        e.u32(self.runstate.state);
+        e.u64(self.runstate.entry_ns);
+        for t in self.runstate.time {
+            e.u64(t);
+        }
+        for area in [self.runstate_area, self.time_area] {
+            match area {
+                None => e.u8(0),
+                Some(Area::Virtual(va)) => {
+                    e.u8(1);
+                    e.u64(va)
+                }
+                Some(Area::Physical(pa)) => {
+                    e.u8(2);
+                    e.u64(pa)
+                }
+            }
+        }
+        self.lapic.encode(e);
+        e.u64(self.exceptions_delivered);
+        e.u64(self.interrupts_delivered);
+    }
+
+    /// The state `encode_state` wrote, checked: ports are checked again
+    /// whenever they are used, vectors and states must be ones that exist.
+    pub fn decode_state(&mut self, d: &mut Dec) -> Result<(), SnapshotError> {
+        self.initialised = d.bool()?;
+        self.down = d.bool()?;
+        self.activity = match d.u8()? {
+            0 => Activity::Running,
+            1 => Activity::Halted,
+            2 => Activity::Blocked,
+            3 => {
+                let n = d.len(crate::abi::schedop::POLL_MAX_PORTS as usize, 4)?;
+                Activity::Polling { ports: (0..n).map(|_| d.u32()).collect::<Result<_, _>>()? }
+            }
+            4 => Activity::WaitForSipi,
+            a => return Err(invalid(format!("vCPU {}: activity {a}", self.id))),
+        };
+        self.poll_deadline = d.opt_u64()?;
+        self.pending_exception = if d.bool()? {
+            let vector = d.u8()?;
+            let source = match d.u8()? {
+                0 => Source::Exception,
+                1 => Source::Software,
+                2 => Source::External,
+                s => return Err(invalid(format!("vCPU {}: event source {s}", self.id))),
+            };
+            let error_code = d.opt_u64()?.map(|c| c as u32);
+            let cr2 = d.opt_u64()?;
+            let insn_len = d.u8()?;
+            if insn_len > 15 {
+                return Err(invalid(format!("vCPU {}: instruction length {insn_len}", self.id)));
+            }
+            Some(Event { vector, source, error_code, cr2, insn_len })
+        } else {
+            None
+        };
+        self.nmi_pending = d.bool()?;
+        self.timers.singleshot_ns = d.opt_u64()?;
+        let period = d.opt_u64()?;
+        let next_ns = d.u64()?;
+        self.timers.periodic = match period {
+            None => None,
+            Some(0) => return Err(invalid(format!("vCPU {}: a periodic timer of period 0", self.id))),
+            Some(period_ns) => Some(PeriodicTimer { period_ns, next_ns }),
+        };
+        self.upcall_vector = d.opt_u64()?.map(|v| v as u8);
+        let state = d.u32()?;
+        if state > RUNSTATE_OFFLINE {
+            return Err(invalid(format!("vCPU {}: runstate {state}", self.id)));
+        }
+        self.runstate.state = state;
+        self.runstate.entry_ns = d.u64()?;
+        for t in self.runstate.time.iter_mut() {
+            *t = d.u64()?;
+        }
+        let area = |d: &mut Dec| -> Result<Option<Area>, SnapshotError> {
+            Ok(match d.u8()? {
+                0 => None,
+                1 => Some(Area::Virtual(d.u64()?)),
+                2 => Some(Area::Physical(d.u64()?)),
+                k => return Err(invalid(format!("area kind {k}"))),
+            })
+        };
+        self.runstate_area = area(d)?;
+        self.time_area = area(d)?;
+        self.lapic.decode(d)?;
+        self.exceptions_delivered = d.u64()?;
+        self.interrupts_delivered = d.u64()?;
+        self.window_poll_at = None;
+        self.boosted = true;
+        Ok(())
     }
 
     /// Up, and not waiting for anything.

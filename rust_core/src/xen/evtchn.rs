@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use crate::abi::Width;
 use super::evtchn_fifo::{self, Fifo};
 use crate::memory::GuestRam;
+use crate::snapshot::{invalid, Dec, Enc, SnapshotError};
+use std::sync::Arc;
 
 /// Ports a 64-bit guest can name under the 2-level ABI (64 words of 64 bits).
 pub const NR_PORTS: u32 = 64 * 64;
@@ -192,6 +194,106 @@ impl EventChannels {
             host_notifications: VecDeque::new(),
             fifo: None,
         }
+    }
+
+    pub fn encode(&self, e: &mut Enc) {
+        e.len(self.ports.len());
+        for p in &self.ports {
+            match p.state {
+                PortState::Free => e.u8(0),
+                PortState::Unbound { remote } => {
+                    e.u8(1);
+                    e.u16(remote);
+                }
+                PortState::Interdomain { remote, remote_port } => {
+                    e.u8(2);
+                    e.u16(remote);
+                    e.u32(remote_port);
+                }
+                PortState::Virq(v) => {
+                    e.u8(3);
+                    e.u32(v);
+                }
+                PortState::Ipi => e.u8(4),
+            }
+            e.u32(p.vcpu);
+        }
+        e.opt_u64(self.shared_info);
+        e.bool(self.layout.width == Width::Bits32);
+        for &v in &self.vcpu_info {
+            e.opt_u64(v);
+        }
+        e.len(self.host_notifications.len());
+        for &p in &self.host_notifications {
+            e.u32(p);
+        }
+        match &self.fifo {
+            None => e.bool(false),
+            Some(f) => {
+                e.bool(true);
+                f.encode(e);
+            }
+        }
+    }
+
+    /// A save's event channels for domain `domid` (a fork's own id:
+    /// a port bound to the old id's own ports is bound to the new one's).
+    pub fn decode(
+        ram: &Arc<GuestRam>,
+        domid: u16,
+        old_domid: u16,
+        nr_vcpus: u32,
+        d: &mut Dec,
+    ) -> Result<Self, SnapshotError> {
+        let mut ev = EventChannels::new(domid, nr_vcpus);
+        let n = d.len(evtchn_fifo::NR_CHANNELS as usize, 5)?;
+        if n == 0 {
+            return Err(invalid("no port 0"));
+        }
+        ev.ports.clear();
+        let own = |r: u16| if r == old_domid { domid } else { r };
+        for i in 0..n {
+            let state = match d.u8()? {
+                0 => PortState::Free,
+                1 => PortState::Unbound { remote: own(d.u16()?) },
+                2 => {
+                    let (remote, remote_port) = (own(d.u16()?), d.u32()?);
+                    if remote_port as usize >= n {
+                        return Err(invalid(format!("port {i} bound to port {remote_port}")));
+                    }
+                    PortState::Interdomain { remote, remote_port }
+                }
+                3 => PortState::Virq(d.u32()?),
+                4 => PortState::Ipi,
+                s => return Err(invalid(format!("port {i} in state {s}"))),
+            };
+            let vcpu = d.u32()?;
+            if vcpu >= nr_vcpus || (i == 0 && state != PortState::Free) {
+                return Err(invalid(format!("port {i} on vCPU {vcpu}")));
+            }
+            ev.ports.push(Port { state, vcpu });
+        }
+        ev.shared_info = d.opt_u64()?;
+        if ev.shared_info.is_some_and(|gpa| !gpa.is_multiple_of(4096) || !ram.is_ram(gpa, 4096)) {
+            return Err(invalid("shared_info outside RAM"));
+        }
+        ev.layout = ShinfoLayout { width: if d.bool()? { Width::Bits32 } else { Width::Bits64 } };
+        for v in ev.vcpu_info.iter_mut() {
+            *v = d.opt_u64()?;
+            if v.is_some_and(|gpa| !ram.is_ram(gpa, VCPU_INFO_SIZE)) {
+                return Err(invalid("a vcpu_info outside RAM"));
+            }
+        }
+        for _ in 0..d.len(n, 4)? {
+            ev.host_notifications.push_back(d.u32()?);
+        }
+        if d.bool()? {
+            ev.fifo = Some(Fifo::decode(ram.clone(), nr_vcpus, d)?);
+        }
+        if ev.ports.len() as u32 > ev.max_ports() {
+            return Err(invalid(format!("{} ports where the event ABI has {}", ev.ports.len(), ev.max_ports())));
+        }
+        Ok(ev)
     }
 
     pub fn domid(&self) -> u16 {

@@ -25,6 +25,7 @@ use std::sync::atomic::Ordering::SeqCst;
 
 use super::evtchn::EventChannels;
 use crate::memory::GuestRam;
+use crate::snapshot::{invalid, Dec, Enc, SnapshotError};
 
 /// Ports the FIFO ABI can name (1 << EVTCHN_FIFO_LINK_BITS).
 pub const NR_CHANNELS: u32 = 1 << LINK_BITS;
@@ -147,6 +148,71 @@ impl Fifo {
         let page = frame_gpa(&self.ram, gfn, PAGE_SIZE).ok_or(FifoError::Invalid)?;
         self.vcpus[vcpu as usize].control_block = Some(page + offset as u64);
         Ok(())
+    }
+
+    pub fn encode(&self, e: &mut Enc) {
+        e.len(self.vcpus.len());
+        for v in &self.vcpus {
+            e.opt_u64(v.control_block);
+            for t in v.tails {
+                e.u32(t);
+            }
+        }
+        e.len(self.array.len());
+        for &a in &self.array {
+            e.u64(a);
+        }
+        e.len(self.ports.len());
+        for p in &self.ports {
+            e.u8(p.priority);
+            e.u32(p.last_queue.0);
+            e.u8(p.last_queue.1);
+            e.bool(p.saved_pending);
+        }
+    }
+
+    /// A save's FIFO state, every address and index checked as the
+    /// hypercalls that set them check them.
+    pub fn decode(ram: Arc<GuestRam>, nr_vcpus: u32, d: &mut Dec) -> Result<Self, SnapshotError> {
+        let mut f = Fifo::new(ram, nr_vcpus);
+        if d.len(nr_vcpus as usize, 9)? != nr_vcpus as usize {
+            return Err(invalid("FIFO state for another number of vCPUs"));
+        }
+        for v in f.vcpus.iter_mut() {
+            v.control_block = d.opt_u64()?;
+            if let Some(cb) = v.control_block {
+                let page = cb & !(PAGE_SIZE - 1);
+                if frame_gpa(&f.ram, page / PAGE_SIZE, PAGE_SIZE).is_none()
+                    || cb - page > PAGE_SIZE - CONTROL_BLOCK_SIZE
+                    || !(cb - page).is_multiple_of(CONTROL_BLOCK_ALIGN as u64)
+                {
+                    return Err(invalid(format!("a FIFO control block at {cb:#x}")));
+                }
+            }
+            for t in v.tails.iter_mut() {
+                *t = d.u32()?;
+                if *t >= NR_CHANNELS {
+                    return Err(invalid(format!("a FIFO queue tail {t}")));
+                }
+            }
+        }
+        for _ in 0..d.len(MAX_ARRAY_PAGES, 8)? {
+            let gpa = d.u64()?;
+            if !gpa.is_multiple_of(PAGE_SIZE) || frame_gpa(&f.ram, gpa / PAGE_SIZE, PAGE_SIZE).is_none() {
+                return Err(invalid(format!("a FIFO event array page at {gpa:#x}")));
+            }
+            f.array.push(gpa);
+        }
+        for _ in 0..d.len(NR_CHANNELS as usize, 7)? {
+            let priority = d.u8()?;
+            let last_queue = (d.u32()?, d.u8()?);
+            let saved_pending = d.bool()?;
+            if priority > PRIORITY_MIN || last_queue.1 > PRIORITY_MIN || last_queue.0 >= nr_vcpus {
+                return Err(invalid("a FIFO port on a queue that does not exist"));
+            }
+            f.ports.push(PortFifo { priority, last_queue, saved_pending });
+        }
+        Ok(f)
     }
 
     pub fn has_control_block(&self, vcpu: u32) -> bool {

@@ -85,6 +85,55 @@ impl GrantTable {
         Self { version: 1, ..Default::default() }
     }
 
+    /// Version and frames, and which grants backends had mapped (not the
+    /// mappings: their owners make them again after a restore).
+    pub fn encode(&self, e: &mut crate::snapshot::Enc) {
+        e.u32(self.version);
+        for frames in [&self.frames, &self.status_frames] {
+            e.len(frames.len());
+            for &f in frames.iter() {
+                e.opt_u64(f);
+            }
+        }
+        let mut grefs: Vec<u32> = self.mapped.keys().copied().collect();
+        grefs.sort_unstable();
+        e.len(grefs.len());
+        for g in grefs {
+            e.u32(g);
+        }
+    }
+
+    /// A save's grant table, on `ram` as restored. The grants backends had
+    /// mapped lose their in-use flags, as if unmapped: the backends map
+    /// what they still use again, and the guest can end the rest.
+    pub fn decode(ram: &GuestRam, d: &mut crate::snapshot::Dec) -> Result<Self, crate::snapshot::SnapshotError> {
+        let version = d.u32()?;
+        if !(1..=2).contains(&version) {
+            return Err(crate::snapshot::invalid(format!("grant table version {version}")));
+        }
+        let frames = |d: &mut crate::snapshot::Dec| -> Result<Vec<Option<u64>>, crate::snapshot::SnapshotError> {
+            let n = d.len(MAX_FRAMES as usize, 9)?;
+            (0..n)
+                .map(|_| {
+                    let f = d.opt_u64()?;
+                    if f.is_some_and(|gpa| !gpa.is_multiple_of(PAGE)) {
+                        return Err(crate::snapshot::invalid("a grant frame not on a page"));
+                    }
+                    Ok(f)
+                })
+                .collect()
+        };
+        let frames_ = frames(d)?;
+        let status_frames = frames(d)?;
+        let table = Self { version, frames: frames_, status_frames, mapped: HashMap::new() };
+        let n = d.len(1 << 20, 4)?;
+        for _ in 0..n {
+            // A gref the restored table does not hold is nothing to release.
+            let _ = table.release(ram, d.u32()?);
+        }
+        Ok(table)
+    }
+
     fn entry_size(&self) -> u64 {
         if self.version == 2 {
             16

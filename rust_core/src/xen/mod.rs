@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::abi::Width;
 use crate::hypercall_log::HypercallLog;
 use crate::memory::GuestRam;
+use crate::snapshot::{Dec, Enc, SnapshotError};
 use crate::waker::Waker;
 use evtchn::{EventChannels, PortState, ShinfoLayout, DOMID_HOST, VI_TIME};
 use gnttab::GrantTable;
@@ -43,6 +44,9 @@ pub mod hvm_param {
     pub const CONSOLE_EVTCHN: usize = 18;
     pub const NR: usize = 40;
 }
+
+/// The most E820 entries a domain's memory map may have (XENMEM_set_memory_map's E820MAX).
+pub const E820_MAX: usize = 128;
 
 /// What the host's console output buffer may hold before old output is dropped.
 pub const CONSOLE_OUT_CAP: usize = 16 << 20;
@@ -250,6 +254,45 @@ impl DomainState {
         }
     }
 
+    /// What a save keeps of this state (the clock and the domain's
+    /// identity travel apart; the hypercall log starts again).
+    pub fn encode(&self, e: &mut Enc) {
+        for p in self.hvm_params {
+            e.u64(p);
+        }
+        e.len(self.memory_map.len());
+        for &(addr, size, kind) in &self.memory_map {
+            e.u64(addr);
+            e.u64(size);
+            e.u32(kind);
+        }
+        e.u64(self.vm_assist);
+        e.u64(self.max_pages);
+        e.u64(self.unmapped_pages);
+        e.len(self.extra_frames.len());
+        for &f in &self.extra_frames {
+            e.u64(f);
+        }
+        e.bytes(&self.console_in.iter().copied().collect::<Vec<u8>>());
+        e.opt_u64(self.shutdown_code.map(u64::from));
+    }
+
+    pub fn decode(&mut self, d: &mut Dec) -> Result<(), SnapshotError> {
+        for p in self.hvm_params.iter_mut() {
+            *p = d.u64()?;
+        }
+        let n = d.len(E820_MAX, 20)?;
+        self.memory_map = (0..n).map(|_| Ok((d.u64()?, d.u64()?, d.u32()?))).collect::<Result<_, SnapshotError>>()?;
+        self.vm_assist = d.u64()?;
+        self.max_pages = d.u64()?;
+        self.unmapped_pages = d.u64()?;
+        let n = d.len(crate::memory::MAX_OVERLAYS, 8)?;
+        self.extra_frames = (0..n).map(|_| d.u64()).collect::<Result<_, _>>()?;
+        self.console_in = d.bytes()?.iter().copied().collect();
+        self.shutdown_code = d.opt_u64()?.map(|c| c as u32);
+        Ok(())
+    }
+
     /// RAM pages the domain holds (Xen's tot_pages): its RAM less what it gave back.
     pub fn populated_pages(&self) -> u64 {
         self.ram.size() / 4096 - self.ram.given_back_pages() + self.unmapped_pages + self.extra_frames.len() as u64
@@ -318,7 +361,7 @@ impl DomainState {
         true
     }
 
-    fn write_wallclock(&self, gpa: u64) {
+    pub fn write_wallclock(&self, gpa: u64) {
         let Ok(p) = self.ram.slice_mut(gpa, 4096) else { return };
         let (version, sec_hi) = wallclock_offsets(self.shinfo_width());
         let wall = self.clock.boot_wall;

@@ -70,6 +70,16 @@ impl Clock {
         Self { tsc0: rdtsc(), mul, shift, hz, boot_wall }
     }
 
+    /// Go on from system time `ns` (a restored domain's): the guest sees
+    /// no time pass while it was saved, so none of its timers or watchdogs
+    /// jump; the wall clock is now's.
+    pub fn resume_at(&mut self, ns: u64) {
+        let ticks = (ns as u128 * self.hz as u128 / 1_000_000_000) as u64;
+        self.tsc0 = rdtsc().saturating_sub(ticks);
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.boot_wall = wall.saturating_sub(Duration::from_nanos(ns));
+    }
+
     /// System time (ns since the domain was built) at host TSC `tsc`.
     pub fn ns_at(&self, tsc: u64) -> u64 {
         scale_delta(tsc.saturating_sub(self.tsc0), self.mul, self.shift)
