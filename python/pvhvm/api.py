@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import _core, hypercalls
+from . import _core, hypercalls, savefile
 from .builder.domain import HVM_PARAM_CONSOLE_EVTCHN, HVM_PARAM_STORE_EVTCHN, PAGE, DomainPlan, plan_domain
 from .devices import ConsoleBackend
 from .devices.blkback import attach_disk
@@ -174,10 +175,44 @@ class Domain:
                 uuid if isinstance(uuid, uuidlib.UUID) else uuidlib.UUID(str(uuid)))
         except ValueError as err:
             raise BuildError(f"uuid: {err}: {uuid!r}") from None
-        self._symbols = None
+        self.kernel_path = Path(plan.image.path)
 
-        self._vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)
-        plan.load(self._vm)
+        vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)
+        plan.load(vm)
+        self._init_host_side(vm, console=console, trace=trace)
+        # The PV console (hvc0) and the xenstore ring, as xl sets them up:
+        # ports bound to the host before the guest runs, owned by their backends.
+        ops = self.backend_ops
+        console_port, store_port = ops.bind_host_port(), ops.bind_host_port()
+        vm.set_hvm_param(HVM_PARAM_CONSOLE_EVTCHN, console_port)
+        vm.set_hvm_param(HVM_PARAM_STORE_EVTCHN, store_port)
+        plan.populate_store(self.store, domid=domid, name=name, uuid=self.uuid, console_port=console_port,
+                            store_port=store_port)
+        self._init_rings(console_port, store_port)
+        self._net = net
+        self._net_forwards = tuple(net_forwards)
+        self._init_endpoints(xenstore_socket)
+        try:
+            # Disks (vbd), served by blkback from raw images; opened (and
+            # locked) now, so a bad image is a BuildError before anything runs.
+            for spec in disk_specs:
+                self.disks.append(attach_disk(self, spec))
+            # Network cards (vif), served by netback on passt or a TAP device.
+            if net is not None and net != "none":
+                from .devices.net_host import open_host
+                from .devices.netback import attach_vif
+
+                host = open_host(net, net_forwards) if isinstance(net, str) else net
+                self.vifs.append(attach_vif(self, host, mac=mac))
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_host_side(self, vm: _core.Vm, *, console, trace) -> None:
+        """What every domain has on the host, built or restored: the core,
+        the console and trace sinks, the run loop and the device manager."""
+        self._symbols = None
+        self._vm = vm
         self._vm.tracing = trace is not None
         self._console_sink = console
         self._trace_sink = trace
@@ -192,54 +227,42 @@ class Domain:
         self.time_in_core = 0.0
         self.time_in_host = 0.0
         self.started_at: float | None = None  # time.monotonic() of the first run()
+        # The SCHEDOP_shutdown(suspend) exit's vCPU, while the guest waits to be saved.
+        self._suspended_vcpu: int | None = None
 
-        # 2. The run loop's host side, and the device manager on it.
+        # The run loop's host side, and the device manager on it.
         self.loop = HostLoop(self._vm)
         self.backend_ops = self._vm.backend_ops()
         self.store = Store()
-        self.devices = DeviceManager(self.backend_ops, self.store, domid, self.loop,
+        self.devices = DeviceManager(self.backend_ops, self.store, self.domid, self.loop,
                                      kick_store=lambda: self.xenstore.service())
-        # The PV console (hvc0) and the xenstore ring, as xl sets them up:
-        # ports bound to the host before the guest runs, owned by their backends.
-        ops = self.backend_ops
-        self.console_port = ops.bind_host_port()
-        self.store_port = ops.bind_host_port()
-        self._vm.set_hvm_param(HVM_PARAM_CONSOLE_EVTCHN, self.console_port)
-        self._vm.set_hvm_param(HVM_PARAM_STORE_EVTCHN, self.store_port)
-        console_port, store_port = self.console_port, self.store_port
-        self.console = ConsoleBackend(self._page(plan.placement.console_ring),
-                                      notify=lambda: ops.notify(console_port), sink=self._on_console)
-        plan.populate_store(self.store, domid=domid, name=name, uuid=self.uuid, console_port=console_port,
-                            store_port=store_port)
-        self.xenstore = RingConnection(self._page(plan.placement.store_ring), self.store, domid,
-                                       notify=lambda: ops.notify(store_port))
-        self.devices.own_port(console_port, self.console.on_event)
-        self.devices.own_port(store_port, self.xenstore.on_event)
         # Called after the guest's notifications were handled (hosts of the
         # store that must see its changes: the xenstore socket).
         self._after_events: list[Callable[[], bool]] = []
+        self.disks: list = []
+        self.vifs: list = []
+
+    def _init_rings(self, console_port: int, store_port: int, *, console_state: dict | None = None,
+                    ring_state: dict | None = None) -> None:
+        """The console and xenstore backends on their ring pages and ports."""
+        ops = self.backend_ops
+        self.console_port, self.store_port = console_port, store_port
+        self.console = ConsoleBackend(self._page(self.placement.console_ring),
+                                      notify=lambda: ops.notify(console_port), sink=self._on_console)
+        if console_state is not None:
+            self.console.pending_input = bytearray(base64.b64decode(console_state["pending_input"]))
+            self.console.bytes_out = int(console_state["bytes_out"])
+        self.xenstore = RingConnection(self._page(self.placement.store_ring), self.store, self.domid,
+                                       notify=lambda: ops.notify(store_port), state=ring_state)
+        self.devices.own_port(console_port, self.console.on_event)
+        self.devices.own_port(store_port, self.xenstore.on_event)
+
+    def _init_endpoints(self, xenstore_socket) -> None:
         # The store for host tools, as xenstored's socket (XENSTORED_PATH).
         self.xenstore_socket: XenstoreSocketServer | None = None
         if xenstore_socket is not None:
             self.xenstore_socket = XenstoreSocketServer(self.store, xenstore_socket)
             self.xenstore_socket.attach(self)
-        # Disks (vbd), served by blkback from raw images; opened (and
-        # locked) now, so a bad image is a BuildError before anything runs.
-        self.disks: list = []
-        self.vifs: list = []
-        try:
-            for spec in disk_specs:
-                self.disks.append(attach_disk(self, spec))
-        except BaseException:
-            self.close()
-            raise
-        # Network cards (vif), served by netback on passt or a TAP device.
-        if net is not None and net != "none":
-            from .devices.net_host import open_host
-            from .devices.netback import attach_vif
-
-            host = open_host(net, net_forwards) if isinstance(net, str) else net
-            self.vifs.append(attach_vif(self, host, mac=mac))
 
     # -- running ---------------------------------------------------------
 
@@ -383,6 +406,8 @@ class Domain:
         if kind in ("console", "notify", "kicked", "host_io"):
             return None
         if kind == "shutdown":
+            if exit.reason == ShutdownReason.SUSPEND:
+                self._suspended_vcpu = exit.vcpu if exit.vcpu is not None else 0
             return Outcome(OutcomeKind.SHUTDOWN, ShutdownReason(exit.reason))
         if kind == "idle":
             # Every vCPU waits with no timer armed: only a host source
@@ -433,6 +458,185 @@ class Domain:
             raise ValueError(f"unknown shutdown action {action!r}")
         self.store.write(0, f"/local/domain/{self.domid}/control/shutdown", action)
         self.xenstore.service()
+
+    # -- save, restore, fork ------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Save the domain to `path` as it is now, between runs (xl save
+        without the pause: the domain may go on running). Device requests
+        in flight are finished first. Returns the file's size. A guest that
+        asked to suspend (SHUTDOWN_suspend) is saved as it asked, and is
+        told on restore that its suspend was cancelled, as Xen's toolstack
+        tells a guest it resumes (so it keeps its devices and channels)."""
+        if self.outcome is not None and self._suspended_vcpu is None:
+            raise GuestError(f"domain ended ({self.outcome}): nothing left to save")
+        core, meta = self._capture()
+        return savefile.write(path, self._vm, core, meta)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, console: Callable[[bytes], None] | None = None,
+                trace: Callable[[HypercallRecord], None] | None = None, name: str | None = None,
+                domid: int | None = None, xenstore_socket: str | os.PathLike | None = None,
+                net_forwards=None) -> "Domain":
+        """A domain from a save file, ready to run on from where it was
+        saved: guest RAM mapped copy-on-write from the file, vCPUs, event
+        channels, grants, xenstore and devices as they were. Disks are
+        opened again (the saved domain must have let them go); the network's
+        host side is started afresh (passt: the guest's open connections
+        are gone, its address stays). The guest's system time goes on from
+        the saved instant, its wall clock is now's, and it gets a new VM
+        generation ID. SaveFileError (one line) if the file cannot be used."""
+        image = savefile.read(path)
+        try:
+            return cls._from_image(image.fd, image.ram_offset, image.core, image.meta, source=str(path),
+                                   console=console, trace=trace, name=name, domid=domid,
+                                   xenstore_socket=xenstore_socket, net_forwards=net_forwards, checked=True)
+        finally:
+            image.close()  # the mapping keeps what it needs of the file
+
+    def snapshot(self) -> "Snapshot":
+        """The domain as it is now, in memory: its RAM in a sealed memfd
+        that this domain (from now on) and every domain made from the
+        snapshot share copy-on-write. `Snapshot.spawn()` makes domains."""
+        core, meta = self._capture()
+        fd = os.memfd_create(f"pvhvm-{self.name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, len(self._vm.memory))
+            self._vm.write_ram_image(fd, 0)
+            # This domain's pages become the memfd's too: a fork costs no
+            # copy of RAM the parent does not write again.
+            self._vm.rebase_ram(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Snapshot(fd, core, meta)
+
+    def fork(self, n: int = 1, **kw) -> "list[Domain]":
+        """`n` new domains from this one as it is now (the parent goes on):
+        RAM shared copy-on-write, each with its own domain id, name,
+        xenstore, console, network host side and a new VM generation ID.
+        `kw` goes to each child (console=, trace=). Disks are refused unless
+        read-only: two domains writing one image would corrupt it."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"fork count must be a positive number, not {n!r}")
+        rw = [d.vdev for d in self.disks if not d.spec.readonly]
+        if rw:
+            raise BuildError(f"cannot fork a domain with writable disks ({', '.join(rw)}): "
+                             "its children would write one image")
+        snap = self.snapshot()
+        try:
+            return [snap.spawn(**kw) for _ in range(n)]
+        finally:
+            snap.close()
+
+    def _capture(self) -> tuple[bytes, dict]:
+        """The core's record and the host side's, between runs."""
+        for device in self.devices.devices:
+            device.quiesce()
+        self._drain()
+        self.console.service()
+        meta = {
+            "pvhvm": _version(),
+            "domain": {"name": self.name, "domid": self.domid, "uuid": str(self.uuid), "vcpus": self.vcpus,
+                       "memory_bytes": self.memory_bytes, "cmdline": self.cmdline,
+                       "kernel": str(self.kernel_path),
+                       "system_map": str(self.system_map) if self.system_map is not None else None},
+            "placement": {"console_ring": self.placement.console_ring, "store_ring": self.placement.store_ring,
+                          "generation_id": self.placement.generation_id},
+            "ports": {"console": self.console_port, "store": self.store_port},
+            "console": {"pending_input": base64.b64encode(bytes(self.console.pending_input)).decode(),
+                        "bytes_out": self.console.bytes_out},
+            "xenstore": self.store.save_state(),
+            "xenstore_ring": self.xenstore.save_state(),
+            "devices": [d.save_state() for d in self.devices.devices],
+            "net": self._net if isinstance(self._net, str) else None,
+            "net_forwards": [list(f) if isinstance(f, tuple) else f for f in self._net_forwards],
+            "suspended_vcpu": self._suspended_vcpu,
+        }
+        return self._vm.save_state(), meta
+
+    @classmethod
+    def _from_image(cls, fd: int, ram_offset: int, core: bytes, meta: dict, *, source: str, console, trace,
+                    name: str | None, domid: int | None, xenstore_socket, net_forwards, checked: bool,
+                    uuid: uuidlib.UUID | None = None) -> "Domain":
+        try:
+            saved = _SavedDomain.parse(meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise savefile.SaveFileError(f"{source}: damaged (domain record: {e})") from None
+        self = cls.__new__(cls)
+        self.name = name or saved.name
+        self.domid = domid if domid is not None else saved.domid
+        self.uuid = uuid or saved.uuid
+        self.vcpus = saved.vcpus
+        self.memory_bytes = saved.memory_bytes
+        self.cmdline = saved.cmdline
+        self.kernel_path = Path(saved.kernel)
+        self.system_map = Path(saved.system_map) if saved.system_map else None
+        self.plan = self.image = self.layout = None
+        from .builder.domain import Placement
+
+        self.placement = Placement((0, 0), console_ring=saved.console_ring, store_ring=saved.store_ring,
+                                   generation_id=saved.generation_id)
+        runs = [tuple(r) for r in meta["ram"]["runs"]] if checked else None
+        crc = meta["ram"]["crc"] if checked else None
+        try:
+            vm = _core.Vm.restore(fd, ram_offset, saved.memory_bytes, self.domid, self.uuid.bytes, core, runs, crc)
+        except _core.CoreError as e:
+            raise savefile.SaveFileError(f"{source}: {e}") from None
+        self._init_host_side(vm, console=console, trace=trace)
+        store_state, ring_state = meta["xenstore"], meta["xenstore_ring"]
+        try:
+            if self.domid != saved.domid or self.name != saved.name or self.uuid != saved.uuid:
+                store_state, ring_state = _renamed_store(store_state, ring_state, saved, self)
+            self.store.restore_state(store_state)
+            self._init_rings(saved.console_port, saved.store_port, console_state=meta["console"],
+                             ring_state=ring_state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise savefile.SaveFileError(f"{source}: damaged (xenstore: {e})") from None
+        self._net = saved.net
+        self._net_forwards = tuple(net_forwards if net_forwards is not None else saved.net_forwards)
+        self._init_endpoints(xenstore_socket)
+        try:
+            self._resume_devices(meta["devices"])
+        except BaseException:
+            self.close()
+            raise
+        if saved.suspended_vcpu is not None:
+            self._vm.resume_after_suspend(saved.suspended_vcpu)
+        self.renew_generation_id()
+        # The guest's side of the store's changes (watches that fired while
+        # restoring) and the console's queued input.
+        self.xenstore.service()
+        self.console.service()
+        return self
+
+    def _resume_devices(self, saved_devices: list) -> None:
+        from .devices.blkback import Blkback
+        from .devices.disk import DiskSpec
+        from .devices.netback import Netback
+
+        for saved in saved_devices:
+            config = saved["config"]
+            if saved["type"] == "vbd":
+                spec = DiskSpec(Path(config["path"]), bool(config["readonly"]), config["vdev"],
+                                bool(config["cdrom"]))
+                device = Blkback(self.devices, spec, max_queues=self.vcpus)
+                self.disks.append(device)
+            elif saved["type"] == "vif":
+                from .devices.net_host import open_host
+
+                # The host side starts afresh: a new passt (the guest keeps
+                # its address, its open connections are gone) or the TAP.
+                kind = config.get("host")
+                host = open_host(kind, self._net_forwards) if isinstance(kind, str) else None
+                device = Netback(self.devices, host, devid=int(saved["devid"]), mac=config["mac"],
+                                 split_event_channels=bool(config["split_event_channels"]))
+                self.vifs.append(device)
+            else:
+                raise savefile.SaveFileError(f"a saved device of unknown type {saved['type']!r}")
+            device.resume(saved)
+            self.devices.devices.append(device)
+        self.devices.settle()
 
     def set_memory_target(self, mib: int) -> None:
         """As `xl mem-set`: write memory/target; the guest's balloon driver
@@ -555,7 +759,7 @@ class Domain:
         if self._symbols is None:
             from .symbols import load_symbols
 
-            self._symbols = load_symbols(self.image.path, self.system_map) or False
+            self._symbols = load_symbols(self.kernel_path, self.system_map) or False
         return self._symbols.lookup(addr) if self._symbols else None
 
     def crash_report(self) -> str:
@@ -586,6 +790,149 @@ class Domain:
         return "\n".join(lines)
 
 
+class Snapshot:
+    """A domain at one instant, in memory (`Domain.snapshot()`): RAM in a
+    memfd shared copy-on-write by every domain spawned from it."""
+
+    def __init__(self, fd: int, core: bytes, meta: dict) -> None:
+        self._fd = fd
+        self._core = core
+        self._meta = meta
+        self._spawned = 0
+
+    def spawn(self, *, name: str | None = None, domid: int | None = None, **kw) -> Domain:
+        """A new domain from the snapshot, with its own domain id (the
+        parent's + 1, 2, …) and name (parent-1, …), a new uuid and VM
+        generation ID, its own store, console and network host side."""
+        if self._fd < 0:
+            raise ValueError("the snapshot is closed")
+        self._spawned += 1
+        base = self._meta["domain"]
+        return Domain._from_image(self._fd, 0, self._core, self._meta, source="snapshot", checked=False,
+                                  name=name or f"{base['name']}-{self._spawned}",
+                                  domid=domid if domid is not None else int(base["domid"]) + self._spawned,
+                                  uuid=uuidlib.uuid4(), console=kw.pop("console", None),
+                                  trace=kw.pop("trace", None), xenstore_socket=kw.pop("xenstore_socket", None),
+                                  net_forwards=kw.pop("net_forwards", None), **kw)
+
+    def close(self) -> None:
+        """Let the memfd go (the domains made from it keep their mappings)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _SavedDomain:
+    """The settings part of a save's domain record, checked."""
+
+    name: str
+    domid: int
+    uuid: uuidlib.UUID
+    vcpus: int
+    memory_bytes: int
+    cmdline: str
+    kernel: str
+    system_map: str | None
+    console_ring: int
+    store_ring: int
+    generation_id: int
+    console_port: int
+    store_port: int
+    net: str | None
+    net_forwards: tuple
+    suspended_vcpu: int | None
+
+    @classmethod
+    def parse(cls, meta: dict) -> "_SavedDomain":
+        d, p, ports = meta["domain"], meta["placement"], meta["ports"]
+
+        def num(x, lo: int = 0, hi: int = 1 << 64) -> int:
+            if isinstance(x, bool) or not isinstance(x, int) or not lo <= x < hi:
+                raise ValueError(f"{x!r} is not a number in range")
+            return x
+
+        def text(x) -> str:
+            if not isinstance(x, str):
+                raise ValueError(f"{x!r} is not text")
+            return x
+
+        vcpus = num(d["vcpus"], 1, MAX_VCPUS + 1)
+        susp = meta.get("suspended_vcpu")
+        net = meta.get("net")
+        if not isinstance(meta.get("ram"), dict) or not isinstance(meta["ram"].get("runs"), list):
+            raise ValueError("no RAM runs")
+        for key in ("xenstore", "xenstore_ring", "console"):
+            if not isinstance(meta.get(key), dict):
+                raise ValueError(f"no {key}")
+        if not isinstance(meta.get("devices"), list) or not all(isinstance(x, dict) for x in meta["devices"]):
+            raise ValueError("devices is not a list of records")
+        return cls(
+            name=text(d["name"]), domid=num(d["domid"], 1, 0x7FF0), uuid=uuidlib.UUID(text(d["uuid"])),
+            vcpus=vcpus, memory_bytes=num(d["memory_bytes"], 4096), cmdline=text(d["cmdline"]),
+            kernel=text(d["kernel"]), system_map=None if d.get("system_map") is None else text(d["system_map"]),
+            console_ring=num(p["console_ring"]), store_ring=num(p["store_ring"]),
+            generation_id=num(p["generation_id"]), console_port=num(ports["console"], 1, 1 << 17),
+            store_port=num(ports["store"], 1, 1 << 17), net=None if net is None else text(net),
+            net_forwards=tuple(tuple(f) if isinstance(f, list) else text(f) for f in meta.get("net_forwards", [])),
+            suspended_vcpu=None if susp is None else num(susp, 0, vcpus),
+        )
+
+
+def _renamed_store(state: dict, ring: dict, old: _SavedDomain, new: Domain) -> tuple[dict, dict]:
+    """The saved store and ring for a domain restored or forked under
+    another id, name or uuid: its home moves with the id (the guest's
+    relative paths follow), permissions and the nodes that name it say so;
+    backends keep their directories, whose paths the guest has cached."""
+    o, n = old.domid, new.domid
+    old_home, new_home = f"/local/domain/{o}", f"/local/domain/{n}"
+    old_vm, new_vm = f"/vm/{old.uuid}", f"/vm/{new.uuid}"
+
+    def move(path: str) -> str:
+        for a, b in ((old_home, new_home), (old_vm, new_vm)):
+            if path == a or path.startswith(a + "/"):
+                return b + path[len(a):]
+        return path
+
+    def perm(p: str) -> str:
+        return p[0] + str(n) if p[1:] == str(o) else p
+
+    def text(b64: str) -> str:
+        return base64.b64decode(b64).decode("utf-8", "replace")
+
+    def b64(value: str) -> str:
+        return base64.b64encode(value.encode()).decode()
+
+    nodes = []
+    for node in state["nodes"]:
+        path = move(node["path"])
+        value = node["value"]
+        leaf = path.rsplit("/", 1)[-1]
+        if leaf in ("frontend-id", "domid") and text(value) == str(o):
+            value = b64(str(n))
+        elif leaf == "name" and path == f"{new_home}/name":
+            value = b64(new.name)
+        elif leaf in ("frontend", "vm", "uuid") and value:
+            v = text(value)
+            value = b64(str(new.uuid)) if leaf == "uuid" and v == str(old.uuid) else b64(move(v))
+        nodes.append(dict(node, path=path, value=value, perms=[perm(p) for p in node["perms"]]))
+    conns = [dict(c, domid=n if c["domid"] == o else c["domid"]) for c in state["guest_connections"]]
+    introduced = [n if d == o else d for d in state["introduced"]]
+    return dict(state, nodes=nodes, guest_connections=conns, introduced=introduced), dict(ring, domid=n)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _record(t: tuple) -> HypercallRecord:
     vcpu, nr, args, result, time_ns = t
     return HypercallRecord(vcpu, nr, tuple(args), result, time_ns)
@@ -596,4 +943,4 @@ def self_test() -> dict[str, int]:
     return dict(_core.self_test())
 
 
-__all__ = ["MAX_VCPUS", "Domain", "Outcome", "OutcomeKind", "ShutdownReason", "HypercallRecord", "self_test", "EXIT_STATUS"]
+__all__ = ["MAX_VCPUS", "Domain", "Snapshot", "Outcome", "OutcomeKind", "ShutdownReason", "HypercallRecord", "self_test", "EXIT_STATUS"]

@@ -167,6 +167,42 @@ class BackendDevice:
         The default has none."""
         self._do_disconnect()
 
+    def host_ports(self) -> list[int]:
+        """The guest's event channel ports this device bound to the host."""
+        return []
+
+    def quiesce(self) -> None:
+        """Finish the requests in hand, so that every request the device
+        took from its rings has its response there (before a save)."""
+
+    def save_state(self) -> dict:
+        """What a restore needs to take the device over (plain JSON). The
+        rings and the nodes are in guest RAM and the store; this is the
+        handshake's state and what the device was built from
+        (`save_config`)."""
+        return {"type": self.devtype, "devid": self.devid, "state": int(self.state),
+                "connected": self.connected, "ports": self.host_ports(), "config": self.save_config()}
+
+    def save_config(self) -> dict:
+        """What the device was made from (its image, its MAC …)."""
+        return {}
+
+    def resume(self, saved: dict) -> None:
+        """Take over this device of a restored domain: its nodes are in the
+        restored store, its rings in RAM. The handshake goes on from the
+        saved backend state; a connected device connects again as it did
+        (the guest's ports, still bound to the host in the saved core, are
+        released first so that connect() binds them as before), and its
+        rings pick up where the responses stopped (the save quiesced them)."""
+        self.created = True
+        self.state = XenbusState(saved["state"])
+        if saved["connected"]:
+            for port in saved["ports"]:
+                self.ops.unbind_port(port)
+            self._do_connect()
+        self._conn_id = self.store.connect(PRIV_DOMID, self._on_watch)
+        self.store.watch(self._conn_id, f"{self.frontend_path}/state", self._token)
+
     def can_wake(self) -> bool:
         """Whether the device may raise an event for the guest on its own
         (from another thread) before the guest asks it anything again."""

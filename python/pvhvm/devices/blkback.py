@@ -52,6 +52,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from typing import Optional
 
 from .. import _core
@@ -503,6 +504,22 @@ class Blkback(BackendDevice):
 
     def can_wake(self) -> bool:
         return any(q.can_wake() for q in self.queues)
+
+    def host_ports(self) -> list[int]:
+        return [q.port for q in self.queues]
+
+    def quiesce(self, timeout: float = 30.0) -> None:
+        """Wait for the workers to answer what they took (a save keeps no
+        request in flight: the restored rings start from their responses)."""
+        deadline = time.monotonic() + timeout
+        while self.can_wake():
+            if time.monotonic() > deadline:
+                raise DeviceError(f"{self.vdev}: requests still in flight after {timeout} s")
+            time.sleep(0.001)
+
+    def save_config(self) -> dict:
+        spec = self.spec
+        return {"path": str(spec.path), "readonly": spec.readonly, "vdev": spec.vdev, "cdrom": spec.cdrom}
 
     def report_failure(self, reason: str) -> None:
         """From a worker: the frontend broke the protocol."""

@@ -173,6 +173,22 @@ class Netback(BackendDevice):
         super().create()
         self._start_reading()
 
+    def resume(self, saved: dict) -> None:
+        super().resume(saved)
+        self._start_reading()
+
+    def host_ports(self) -> list[int]:
+        return sorted({self.tx_port, self.rx_port} - {0})
+
+    def save_config(self) -> dict:
+        # Frames queued for a full rx ring are not kept: a save drops them
+        # as a switch would.
+        from .net_host import PasstHost, TapHost
+
+        host = self.host
+        kind = "passt" if isinstance(host, PasstHost) else f"tap:{host.name}" if isinstance(host, TapHost) else None
+        return {"mac": self.mac, "split_event_channels": self.split_event_channels, "host": kind}
+
     def close(self) -> None:
         """Stop serving: disconnect, stop reading and close the host end."""
         self._stop_reading()
