@@ -502,7 +502,8 @@ class Domain:
         fd = os.memfd_create(f"pvhvm-{self.name}", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, len(self._vm.memory))
-            self._vm.write_ram_image(fd, 0)
+            runs, crc = self._vm.write_ram_image(fd, 0)
+            meta["ram"] = {"runs": [list(r) for r in runs], "crc": crc}
             # This domain's pages become the memfd's too: a fork costs no
             # copy of RAM the parent does not write again.
             self._vm.rebase_ram(fd, 0)
@@ -601,8 +602,6 @@ class Domain:
         except BaseException:
             self.close()
             raise
-        if saved.suspended_vcpu is not None:
-            self._vm.resume_after_suspend(saved.suspended_vcpu)
         self.renew_generation_id()
         # The guest's side of the store's changes (watches that fired while
         # restoring) and the console's queued input.

@@ -213,6 +213,14 @@ impl Domain {
         s.finish()?;
         d.finish()?;
         dom.cpu.remap(&remaps).map_err(invalid)?;
+        // Saved when it asked to suspend: its SCHEDOP_shutdown(SHUTDOWN_suspend)
+        // returns 1, "the suspend was cancelled, go on in the same domain",
+        // as Xen's toolstack answers a guest it resumes (libxc's
+        // modify_returncode): the guest keeps its event channels and
+        // devices, which the save carried.
+        if let Some(v) = dom.state.suspended_vcpu.take() {
+            dom.vcpus[v as usize].regs.set_reg(0, 1);
+        }
         // The guest's clocks: the wall clock moves to now, each vCPU's
         // pvclock is stamped against this host's TSC.
         let shared_info = dom.state.ports().shared_info();
@@ -223,22 +231,6 @@ impl Domain {
             dom.state.update_vcpu_time(v);
         }
         Ok(dom)
-    }
-
-    /// After a restore of a domain saved when it asked to suspend: its
-    /// SCHEDOP_shutdown(SHUTDOWN_suspend) returns 1 on vCPU `vcpu`, "the
-    /// suspend was cancelled, go on in the same domain", as Xen's toolstack
-    /// answers a guest it resumes (libxc's modify_returncode), so the guest
-    /// keeps its event channels and devices, which the save carried.
-    pub fn resume_after_suspend(&mut self, vcpu: usize) -> Result<(), String> {
-        if self.state.shutdown_code != Some(crate::abi::schedop::SHUTDOWN_SUSPEND) {
-            return Err("the domain did not ask to suspend".into());
-        }
-        let v = self.vcpus.get_mut(vcpu).ok_or_else(|| format!("no vCPU {vcpu}"))?;
-        v.regs.set_reg(0, 1);
-        self.cpu.forget_tlb_of(vcpu as u32);
-        self.state.shutdown_code = None;
-        Ok(())
     }
 
     pub fn ram(&self) -> &Arc<GuestRam> {

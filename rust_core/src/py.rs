@@ -465,12 +465,6 @@ impl Vm {
         Ok(Self { domain: Domain::restore(ram, domid, u, state).map_err(core_err)? })
     }
 
-    /// After restoring a domain saved when it asked to suspend: its
-    /// suspend hypercall on `vcpu` returns 1 (cancelled: go on as before).
-    fn resume_after_suspend(&mut self, vcpu: usize) -> PyResult<()> {
-        self.domain.resume_after_suspend(vcpu).map_err(core_err)
-    }
-
     /// Run the guest until the host is needed. Releases the GIL meanwhile.
     fn run(&mut self, py: Python<'_>) -> Exit {
         let p = DomainPtr(&mut self.domain);

@@ -27,6 +27,10 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             if reason > schedop::SHUTDOWN_MAX {
                 return Err(errno::EINVAL);
             }
+            if reason == schedop::SHUTDOWN_SUSPEND {
+                // The toolstack saves the domain now; its restore answers here.
+                c.dom.suspended_vcpu = Some(c.vcpu);
+            }
             c.exit_with(ExitReason::Shutdown { reason });
             Ok(0)
         }

@@ -214,6 +214,8 @@ pub struct DomainState {
     pub console_in: VecDeque<u8>,
     pub log: HypercallLog,
     pub shutdown_code: Option<u32>,
+    /// The vCPU whose SCHEDOP_shutdown(SHUTDOWN_suspend) ended the last run.
+    pub suspended_vcpu: Option<u32>,
     pub hvm_params: [u64; hvm_param::NR],
     /// E820 map for XENMEM_memory_map: (addr, size, type).
     pub memory_map: Vec<(u64, u64, u32)>,
@@ -243,6 +245,7 @@ impl DomainState {
             console_in: VecDeque::new(),
             log: HypercallLog::new(nr_vcpus),
             shutdown_code: None,
+            suspended_vcpu: None,
             hvm_params: [0; hvm_param::NR],
             memory_map: Vec::new(),
             vm_assist: 0,
@@ -275,6 +278,7 @@ impl DomainState {
         }
         e.bytes(&self.console_in.iter().copied().collect::<Vec<u8>>());
         e.opt_u64(self.shutdown_code.map(u64::from));
+        e.opt_u64(self.suspended_vcpu.map(u64::from));
     }
 
     pub fn decode(&mut self, d: &mut Dec) -> Result<(), SnapshotError> {
@@ -290,6 +294,10 @@ impl DomainState {
         self.extra_frames = (0..n).map(|_| d.u64()).collect::<Result<_, _>>()?;
         self.console_in = d.bytes()?.iter().copied().collect();
         self.shutdown_code = d.opt_u64()?.map(|c| c as u32);
+        self.suspended_vcpu = match d.opt_u64()? {
+            Some(v) if v >= self.nr_vcpus as u64 => return Err(crate::snapshot::invalid(format!("suspended vCPU {v}"))),
+            v => v.map(|v| v as u32),
+        };
         Ok(())
     }
 
