@@ -673,6 +673,7 @@ fn self_test(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("error_code", l.error_code)?;
     d.set_item("exception_is_int", l.exception_is_int)?;
     d.set_item("old_exception", l.old_exception)?;
+    d.set_item("xcr0", l.xcr0)?;
     Ok(d)
 }
 

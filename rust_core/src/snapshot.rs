@@ -218,6 +218,7 @@ pub struct ArchRegs {
     /// CR0, CR2, CR3, CR4.
     pub cr: [u64; 4],
     pub efer: u64,
+    pub xcr0: u64,
     pub interrupt_shadow: bool,
     pub dr: [u64; 6],
     pub msrs: Vec<(u32, u64)>,
@@ -253,6 +254,7 @@ impl ArchRegs {
             r.cr[i] = st.cr(c);
         }
         r.efer = st.efer();
+        r.xcr0 = st.xcr0();
         r.interrupt_shadow = st.interrupt_shadow();
         let mut copy = CpuState::new(engine, st.layout()).expect("a context for a live engine");
         copy.copy_from(st);
@@ -297,6 +299,7 @@ impl ArchRegs {
             st.set_cr(c, self.cr[i]);
         }
         st.set_efer(self.efer);
+        st.set_xcr0(self.xcr0);
         st.end_exception();
         st.clear_interrupt_shadow();
         st.sync_hflags();
@@ -346,6 +349,7 @@ impl ArchRegs {
             e.u64(c);
         }
         e.u64(self.efer);
+        e.u64(self.xcr0);
         e.bool(self.interrupt_shadow);
         for d in self.dr {
             e.u64(d);
@@ -388,6 +392,11 @@ impl ArchRegs {
             *c = d.u64()?;
         }
         r.efer = d.u64()?;
+        r.xcr0 = d.u64()?;
+        // x87 must stay on; only x87 and SSE exist on this vCPU.
+        if r.xcr0 & 1 == 0 || r.xcr0 & !3 != 0 {
+            return Err(invalid(format!("XCR0 {:#x}", r.xcr0)));
+        }
         r.interrupt_shadow = d.bool()?;
         for x in r.dr.iter_mut() {
             *x = d.u64()?;

@@ -124,6 +124,9 @@ pub struct BlobLayout {
     pub interrupt_request: usize,
     pub env_ptr: usize,
     pub vm_vmcb: usize,
+    /// `CPUX86State.xcr0` (XSETBV's register, which the register API does
+    /// not reach; a save carries it).
+    pub xcr0: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -159,6 +162,14 @@ impl CpuState {
     pub fn new(engine: &Engine, layout: BlobLayout) -> Result<Self, String> {
         let ctx = Context::new(engine, layout.data_offset).map_err(|e| e.to_string())?;
         Ok(Self { ctx, layout })
+    }
+
+    /// The CPUX86State copy, for the self-test's searches.
+    fn raw_data(&self) -> &[u8] {
+        self.ctx.data()
+    }
+    fn raw_data_mut(&mut self) -> &mut [u8] {
+        self.ctx.data_mut()
     }
 
     /// Make this state a copy of `other` (same build, same layout).
@@ -303,6 +314,15 @@ impl CpuState {
     pub fn set_vm_vmcb(&mut self, gpa: u64) {
         let off = self.layout.vm_vmcb;
         self.set_u64_at(off, gpa)
+    }
+
+    /// XCR0, the state components XSAVE/XRSTOR cover (set by XSETBV).
+    pub fn xcr0(&self) -> u64 {
+        self.u64_at(self.layout.xcr0)
+    }
+    pub fn set_xcr0(&mut self, v: u64) {
+        let off = self.layout.xcr0;
+        self.set_u64_at(off, v)
     }
 
     /// The exception QEMU's check_exception last recorded (-1: none).
@@ -743,7 +763,7 @@ fn probe() -> Result<BlobLayout, String> {
     eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
     eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
     eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
-    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0 };
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0 };
     let mut st = CpuState::new(&eng, provisional)?;
     st.load(&eng);
     let checks = [
@@ -805,7 +825,7 @@ fn probe() -> Result<BlobLayout, String> {
     // reset it must stay #GP. Try each candidate.
     let mut old_exception = None;
     for cand in old_candidates {
-        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0 };
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0 };
         let mut st = CpuState::new(&eng, layout)?;
         st.load(&eng);
         if st.old_exception() != 13 {
@@ -834,6 +854,7 @@ fn probe() -> Result<BlobLayout, String> {
             interrupt_request: 0,
             env_ptr: 0,
             vm_vmcb: 0,
+            xcr0: 0,
         };
 
     // 5. exception_is_int: 1 after INT n, 0 after a fault.
@@ -882,6 +903,54 @@ fn probe() -> Result<BlobLayout, String> {
     if hits.last_intr.get().is_some() || eng.read(Reg::RIP) != PROBE_CODE + 4 {
         return Err("ring 0 through the blob did not hold".into());
     }
+
+    // 6b. XCR0: found by XSETBV setting it to x87 only, then to x87+SSE,
+    // then checked both ways with XGETBV.
+    const CR4_OSXSAVE: u64 = 1 << 18;
+    let mut xsetbv_to = |value: u8, st: &mut CpuState, eng: &mut Engine| -> Result<Vec<u8>, String> {
+        // mov eax, value ; xor edx, edx ; xor ecx, ecx ; xsetbv ; hlt
+        let code = [0xb8, value, 0, 0, 0, 0x31, 0xd2, 0x31, 0xc9, 0x0f, 0x01, 0xd1, 0xf4];
+        ram[PROBE_CODE as usize..PROBE_CODE as usize + code.len()].copy_from_slice(&code);
+        eng.flush_tb();
+        st.load(eng);
+        st.end_exception();
+        st.set_cr(4, st.cr(4) | CR4_OSXSAVE);
+        st.set_rip(PROBE_CODE);
+        st.store(eng);
+        hits.last_intr.set(None);
+        eng.start(PROBE_CODE, 0);
+        if hits.last_intr.get().is_some() {
+            return Err(format!("XSETBV raised {:?}", hits.last_intr.get()));
+        }
+        st.load(eng);
+        Ok(st.raw_data().to_vec())
+    };
+    let before = xsetbv_to(1, &mut st, &mut eng)?;
+    let after = xsetbv_to(3, &mut st, &mut eng)?;
+    let quad = |d: &[u8], o: usize| u64::from_le_bytes(rd(d, o));
+    let xcr0_candidates: Vec<usize> =
+        (8..before.len().min(after.len()) - 8).step_by(8).filter(|&o| quad(&before, o) == 1 && quad(&after, o) == 3).collect();
+    // xor ecx, ecx ; xgetbv ; hlt
+    let xgetbv = [0x31, 0xc9, 0x0f, 0x01, 0xd0, 0xf4];
+    ram[PROBE_CODE as usize..PROBE_CODE as usize + xgetbv.len()].copy_from_slice(&xgetbv);
+    eng.flush_tb();
+    let mut xcr0 = None;
+    'cand: for cand in xcr0_candidates {
+        for want in [1u64, 3] {
+            st.end_exception();
+            st.set_rip(PROBE_CODE);
+            st.raw_data_mut()[cand..cand + 8].copy_from_slice(&want.to_le_bytes());
+            st.store(&eng);
+            eng.start(PROBE_CODE, 0);
+            if eng.read(Reg::RAX) != want {
+                continue 'cand;
+            }
+            st.load(&eng);
+        }
+        xcr0 = Some(cand);
+        break;
+    }
+    layout.xcr0 = xcr0.ok_or("CPUX86State.xcr0 not found")?;
 
     // 7. The exit check after memory accesses: with it, a stop from an MMIO
     // write lands right after the store; without it, at the end of the block.
