@@ -175,7 +175,8 @@ def _variants(good: bytes) -> dict[str, tuple[bytes, str]]:
     # A domain record that checksums right but lies.
     for name, edit, why in (("record vcpus", lambda m: m["domain"].update(vcpus=0), "domain record"),
                             ("record port", lambda m: m["ports"].update(console="x"), "domain record"),
-                            ("record runs", lambda m: m["ram"].update(runs=[[1 << 40, 1]]), "outside its RAM")):
+                            ("record runs", lambda m: m["ram"].update(runs=[[1 << 40, 1]]), "outside its RAM"),
+                            ("record device", lambda m: m["devices"].append({"type": "vbd"}), "device record")):
         meta = _meta(good)
         edit(meta)
         blob = savefile.json.dumps(meta).encode()
@@ -192,7 +193,8 @@ def _meta(good: bytes) -> dict:
 
 BAD_KINDS = ["empty", "not a save", "short header", "cut in RAM", "cut in core", "cut in record",
              "header flipped", "core flipped", "record flipped", "RAM flipped", "future format",
-             "foreign arch", "core format", "core vCPUs", "record vcpus", "record port", "record runs"]
+             "foreign arch", "core format", "core vCPUs", "record vcpus", "record port", "record runs",
+             "record device"]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)

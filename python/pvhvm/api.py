@@ -599,6 +599,9 @@ class Domain:
         self._init_endpoints(xenstore_socket)
         try:
             self._resume_devices(meta["devices"])
+        except (KeyError, TypeError, ValueError) as e:
+            self.close()
+            raise savefile.SaveFileError(f"{source}: damaged (device record: {e!r})") from None
         except BaseException:
             self.close()
             raise
