@@ -135,6 +135,32 @@ def test_version_self_test_and_help():
     assert "Exit status" in h and "powered off" in h
 
 
+@pytest.mark.parametrize("command, options", [
+    ("boot", ["--save-to", "--save-on-suspend", "--snapshot"]),
+    ("restore", ["--save-to", "--save-on-suspend", "--escape-char", "--timeout", "--xenstore-socket", "--forward",
+                 "--name", "--trace"]),
+])
+def test_save_and_restore_options_are_documented(command, options):
+    import typer
+
+    from pvhvm.cli import app
+
+    params = {opt: param for param in typer.main.get_command(app).commands[command].params for opt in param.opts}
+    for option in options:
+        assert len(params[option].help or "") > 20, option
+    h = pvhvm(command, "--help").stdout
+    assert all(option in h for option in options), h
+    assert "Exit status" in h and "4 suspend (nothing saved)" in h
+
+
+def test_snapshot_is_for_the_default_guest_without_disks(guests, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    one_line_error(pvhvm("boot", "--snapshot", "--disk", disk), "--snapshot cannot go with --disk")
+    one_line_error(pvhvm("boot", "--snapshot", "-d", disk, "--net", "none"), "--snapshot cannot go with --disk")
+    one_line_error(pvhvm("boot", guests["hello"], "--snapshot"), "--snapshot is for the default guest")
+
+
 def test_trace_flag(guests):
     p = pvhvm("boot", guests["hello"], "--memory", "32", "--trace")
     assert p.returncode == 0

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
-from . import __version__, _core
-from .api import MAX_VCPUS, Domain, HypercallRecord, OutcomeKind
+from . import __version__, _core, savefile
+from .api import EXIT_STATUS, MAX_VCPUS, Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason
 from .builder import load_elf
 from .errors import PvhvmError
-from .terminal import Detached, Terminal, parse_escape
+from .terminal import CURSOR_QUERY, Detached, Terminal, parse_escape
 
 EXIT_BAD_INPUT = 2
 
@@ -80,6 +86,245 @@ def _escape_key(spec: str) -> bytes | None:
         raise typer.BadParameter(str(e)) from None
 
 
+# -- what `boot` and `restore` share: the console session, saves, exit status
+
+
+def _save_path(option: str, path: Path | None) -> Path | None:
+    """A file to save to, checked before the guest runs: a typo must not
+    lose a guest that suspends an hour later."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise _fail(f"{option} {path}: is a directory")
+    if not path.parent.is_dir():
+        raise _fail(f"{option} {path}: no such directory {path.parent}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise _fail(f"{option} {path}: cannot write in {path.parent}")
+    return path
+
+
+def _why(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
+def _mib_on_disk(path: Path) -> str:
+    # The RAM image is sparse: what the file takes, not its length.
+    return f"{os.stat(path).st_blocks * 512 / (1 << 20):.1f}"
+
+
+def _say(term: Terminal, message: str) -> None:
+    """One line of pvhvm's own while the console is attached: on a line of
+    its own on a terminal, where the guest's output may have left the cursor
+    mid-line."""
+    lead = term.eol if sys.stderr.isatty() else ""
+    print(f"{lead}pvhvm: {message}", file=sys.stderr, end=term.eol, flush=True)
+
+
+class _SaveSignal:
+    """SIGUSR1: save the running domain. The handler only notes it; the
+    run loop saves between runs of the core, never inside the handler."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.pending = True
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+
+# What the default guest's /init prints before anything else (images.INIT_START).
+INIT_MARKER = b"PVHVM-INIT-OK"
+
+
+class _FirstPromptSnapshot:
+    """`boot --snapshot` without a cached snapshot: the console output is
+    watched for the default guest's shell first waiting at its prompt after
+    /init's marker (busybox's line editor then asks for the cursor
+    position), and the domain is saved to `path` at that moment. The
+    terminal's input is held until then, so the saved guest has read none
+    of it."""
+
+    def __init__(self, path: Path, term: Terminal) -> None:
+        self.path = path
+        self.term = term
+        self.done = False
+        self._at_prompt = False
+        self._after_marker = False
+        self._tail = b""
+        term.hold_input()
+
+    def write(self, data: bytes) -> None:
+        """The domain's console sink: on to the terminal, and watched."""
+        self.term.write(data)
+        if self._at_prompt:
+            return
+        seen = self._tail + data
+        if not self._after_marker:
+            at = seen.find(INIT_MARKER)
+            if at < 0:
+                self._tail = seen[-(len(INIT_MARKER) - 1):]
+                return
+            self._after_marker = True
+            seen = seen[at + len(INIT_MARKER):]
+        self._at_prompt = CURSOR_QUERY in seen
+        self._tail = seen[-(len(CURSOR_QUERY) - 1):]
+
+    @property
+    def due(self) -> bool:
+        return self._at_prompt and not self.done
+
+    def take(self, dom: Domain) -> None:
+        self.done = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            dom.save(self.path)  # written beside it and renamed: never half a snapshot
+            _say(self.term, f"snapshot saved to {self.path} ({_mib_on_disk(self.path)} MiB on disk); "
+                            "`pvhvm boot --snapshot` starts from it next time")
+        except (OSError, PvhvmError) as e:
+            _say(self.term, f"no snapshot saved: {_why(e)}")
+        # A fresh prompt under that line, then what was typed meanwhile.
+        self.term.nudge()
+        self.term.release_input()
+
+
+def _run_until_end(dom: Domain, term: Terminal, timeout: float | None, save_to: Path | None,
+                   usr1: _SaveSignal, snapshot: _FirstPromptSnapshot | None) -> Outcome:
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def host_work() -> bool:
+        return usr1.pending or (snapshot is not None and snapshot.due)
+
+    while dom.run_until(host_work, None if deadline is None else max(0.0, deadline - time.monotonic())):
+        if usr1.pending:
+            usr1.pending = False
+            if save_to is None:
+                _say(term, "SIGUSR1: nothing was saved (start pvhvm with --save-to FILE to save on SIGUSR1)")
+            else:
+                try:
+                    dom.save(save_to)
+                    _say(term, f"saved to {save_to} ({_mib_on_disk(save_to)} MiB on disk); the guest goes on, "
+                               f"`pvhvm restore {save_to}` continues it from there")
+                except (OSError, PvhvmError) as e:
+                    _say(term, f"SIGUSR1: cannot save to {save_to}: {_why(e)}")
+        if snapshot is not None and snapshot.due:
+            snapshot.take(dom)
+    if dom.outcome is None:  # with a condition, run_until leaves the timeout to its caller
+        dom.outcome = Outcome(OutcomeKind.TIMEOUT, message=f"no shutdown within {timeout} s")
+    return dom.outcome
+
+
+def _suspended(dom: Domain, save_on_suspend: Path | None) -> int:
+    """The guest asked to be suspended: save it where --save-on-suspend says."""
+    nothing_saved = EXIT_STATUS[ShutdownReason.SUSPEND]
+    if save_on_suspend is None:
+        print("pvhvm: guest suspended; nothing was saved (use --save-on-suspend FILE)", file=sys.stderr)
+        return nothing_saved
+    try:
+        dom.save(save_on_suspend)
+    except (OSError, PvhvmError) as e:
+        print(f"pvhvm: guest suspended; nothing was saved: cannot save to {save_on_suspend}: {_why(e)}",
+              file=sys.stderr)
+        return nothing_saved
+    print(f"pvhvm: guest suspended; saved to {save_on_suspend} ({_mib_on_disk(save_on_suspend)} MiB on disk); "
+          f"`pvhvm restore {save_on_suspend}` continues it", file=sys.stderr)
+    return 0
+
+
+def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: float | None,
+                 xenstore_socket: Path | None, save_to: Path | None, save_on_suspend: Path | None,
+                 snapshot: _FirstPromptSnapshot | None = None, nudge: bool = False) -> NoReturn:
+    """Run `dom` with its console on `term` until it ends, then exit with
+    its status: the session of `pvhvm boot` and `pvhvm restore`."""
+    try:
+        if xenstore_socket is not None:
+            print(f"pvhvm: xenstore on {xenstore_socket} (export XENSTORED_PATH={xenstore_socket})",
+                  file=sys.stderr, end=term.eol)
+        try:
+            with term.attach(dom):
+                if nudge:
+                    term.nudge()
+                outcome = _run_until_end(dom, term, timeout, save_to, usr1, snapshot)
+            if outcome.kind is OutcomeKind.SHUTDOWN and outcome.reason is ShutdownReason.SUSPEND:
+                raise typer.Exit(_suspended(dom, save_on_suspend))
+        except KeyboardInterrupt:
+            print("\npvhvm: interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Detached as d:
+            # The domain goes with this process: pvhvm is its hypervisor.
+            print(f"\npvhvm: {d.reason}", file=sys.stderr)
+            raise typer.Exit(d.status) from None
+    finally:
+        usr1.close()
+        dom.close()
+    if outcome.crashed or outcome.kind in (OutcomeKind.HUNG, OutcomeKind.TIMEOUT):
+        print(dom.crash_report(), file=sys.stderr)
+    print(f"pvhvm: domain {outcome}", file=sys.stderr)
+    raise typer.Exit(outcome.exit_status)
+
+
+def _snapshot_path(guest, initrd: Path, cmdline: str, memory: int, maxmem: int | None, vcpus: int,
+                   net: str) -> Path:
+    """Where `boot --snapshot` keeps the default guest at its shell prompt
+    for these settings: in the cache, named by a hash of everything the
+    saved state depends on."""
+    from .images import cache_dir
+
+    try:
+        if initrd == guest.initrd:
+            # The cache's own initrd: its name is the hash of what it was built from.
+            initrd_id = f"{initrd.name} {initrd.stat().st_size}"
+        else:
+            digest = hashlib.sha256()
+            with open(initrd, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            initrd_id = digest.hexdigest()
+        core = os.stat(_core.__file__)
+    except OSError as e:
+        raise _fail(f"{e.filename}: {_why(e)}") from None
+    inputs = {
+        # The cache's vmlinux is extracted from this package, as it says.
+        "kernel": [guest.kernel_package, guest.arch, guest.kernel_version, guest.payload_compression],
+        "initrd": initrd_id,
+        "cmdline": cmdline,
+        "memory": memory,
+        "maxmem": memory if maxmem is None else maxmem,
+        "vcpus": vcpus,
+        "net": net,
+        # Another build of pvhvm may save its core's state differently.
+        "pvhvm": [__version__, savefile.FORMAT, core.st_size, core.st_mtime_ns],
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "snapshots" / f"default-guest-{key}.save"
+
+
+SAVE_TO_HELP = ("On SIGUSR1 (kill -USR1 PID), save the running domain to FILE and go on (`pvhvm restore FILE` "
+                "continues from there; each signal overwrites FILE).")
+SAVE_ON_SUSPEND_HELP = ("When the guest suspends itself (SHUTDOWN_suspend: on its own, or asked by `suspend` "
+                        "written to its control/shutdown, as `xl save` asks), save it to FILE and exit 0; "
+                        "`pvhvm restore FILE` continues it. Without it a suspend saves nothing and exits 4.")
+ESCAPE_HELP = ("The key that detaches from the console and ends pvhvm, when stdin is a terminal: ^X caret "
+               "notation, one ASCII character, or `none`.")
+XENSTORE_SOCKET_HELP = ("Serve the domain's xenstore to host tools on this Unix socket, as xenstored does for dom0 "
+                        "(XENSTORED_PATH=PATH xenstore-ls /local/domain/1).")
+FORWARD_HELP = ("With passt: 127.0.0.1:HOSTPORT on the host reaches GUESTPORT in the guest (tcp:/udp: prefix; "
+                "repeatable).")
+EXIT_STATUS_HELP = """\
+    Exit status: 0 the guest powered off (or suspended and was saved by
+    --save-on-suspend); 1 it crashed (SHUTDOWN_crash, triple fault, emulator
+    error); 2 bad input; 3 reboot; 4 suspend (nothing saved); 5 watchdog;
+    6 soft reset; 7 hung (halted or blocked with nothing to wake it);
+    8 --timeout expired; 130 interrupted (Ctrl-C from outside, or detached
+    with the escape key); 129 SIGHUP; 143 SIGTERM."""
+
+
 @app.command()
 def boot(
     kernel: Annotated[
@@ -103,10 +348,7 @@ def boot(
         Optional[Path], typer.Option("--system-map", help="System.map to name addresses in crash reports.")
     ] = None,
     xenstore_socket: Annotated[
-        Optional[Path],
-        typer.Option("--xenstore-socket", metavar="PATH",
-                     help="Serve the domain's xenstore to host tools on this Unix socket, as xenstored "
-                     "does for dom0 (XENSTORED_PATH=PATH xenstore-ls /local/domain/1)."),
+        Optional[Path], typer.Option("--xenstore-socket", metavar="PATH", help=XENSTORE_SOCKET_HELP)
     ] = None,
     net: Annotated[
         str, typer.Option("--net", metavar="passt|tap:NAME|none|auto",
@@ -115,9 +357,7 @@ def boot(
                           "installed.")
     ] = "auto",
     forward: Annotated[
-        Optional[list[str]], typer.Option("--forward", "-p", metavar="HOSTPORT[:GUESTPORT]",
-                                          help="With passt: 127.0.0.1:HOSTPORT on the host reaches GUESTPORT in "
-                                          "the guest (tcp:/udp: prefix; repeatable).")
+        Optional[list[str]], typer.Option("--forward", "-p", metavar="HOSTPORT[:GUESTPORT]", help=FORWARD_HELP)
     ] = None,
     disk: Annotated[
         Optional[list[str]], typer.Option("--disk", "-d", metavar="PATH[,ro][,vdev=xvdb]",
@@ -131,15 +371,22 @@ def boot(
                                     "/dev/xvda; the default guest's initramfs loads xen-blkfront, mounts it and "
                                     "starts its /sbin/init).")
     ] = None,
-    escape_char: Annotated[
-        str, typer.Option("--escape-char", metavar="KEY",
-                          help="The key that detaches from the console and ends pvhvm, when stdin is a "
-                          "terminal: ^X caret notation, one ASCII character, or `none`.")
-    ] = "^]",
+    escape_char: Annotated[str, typer.Option("--escape-char", metavar="KEY", help=ESCAPE_HELP)] = "^]",
     arch: Annotated[
         Optional[str], typer.Option("--arch", metavar="amd64|i386",
                                     help=ARCH_HELP + " Only without KERNEL.", show_default=False)
     ] = None,
+    save_to: Annotated[Optional[Path], typer.Option("--save-to", metavar="FILE", help=SAVE_TO_HELP)] = None,
+    save_on_suspend: Annotated[
+        Optional[Path], typer.Option("--save-on-suspend", metavar="FILE", help=SAVE_ON_SUSPEND_HELP)
+    ] = None,
+    snapshot: Annotated[
+        bool, typer.Option("--snapshot",
+                           help="Start the default guest (no KERNEL) from a snapshot at its shell prompt, in "
+                           "about a second: the first boot with these settings (kernel, initrd, command line, "
+                           "memory, maxmem, vCPUs, --net, pvhvm's build) saves it in the cache ($PVHVM_CACHE) "
+                           "when the prompt first appears; later ones restore it. Not with --disk.")
+    ] = False,
 ) -> None:
     """Boot KERNEL as a PVH domU, with its console (hvc0) on stdin and stdout,
     as `xl console` would attach it.
@@ -164,11 +411,11 @@ def boot(
       counts as empty input when pvhvm runs in the background or when both
       stdout and stderr are redirected away from terminals.
 
-    Exit status: 0 the guest powered off; 1 it crashed (SHUTDOWN_crash,
-    triple fault, emulator error); 2 bad input; 3 reboot; 4 suspend;
-    5 watchdog; 6 soft reset; 7 hung (halted or blocked with nothing to wake
-    it); 8 --timeout expired; 130 interrupted (Ctrl-C from outside, or
-    detached with the escape key); 129 SIGHUP; 143 SIGTERM.
+    Saving: SIGUSR1 saves the running domain to --save-to FILE (the guest
+    goes on); a guest that suspends itself is saved to --save-on-suspend
+    FILE. `pvhvm restore FILE` continues either.
+
+    {exit_status}
     """
     escape = _escape_key(escape_char)
     nr_vcpus = _vcpus(vcpus)
@@ -176,6 +423,12 @@ def boot(
         arch = _guest_arch(arch)
         if kernel is not None:
             raise _fail("--arch picks the default guest; a KERNEL's ELF header already says what it is")
+    if snapshot and kernel is not None:
+        raise _fail("--snapshot is for the default guest (no KERNEL): it is saved at its shell prompt")
+    if snapshot and disk:
+        raise _fail("--snapshot cannot go with --disk: the disk's contents would not match the saved guest's")
+    save_to = _save_path("--save-to", save_to)
+    save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
     term = Terminal(escape=escape)
 
     def show(rec: HypercallRecord) -> None:
@@ -187,6 +440,9 @@ def boot(
         net = "passt" if find_passt() else "none"
     if root is not None:
         cmdline = f"{cmdline} root={root} rw"
+    usr1 = _SaveSignal()
+    dom: Domain | None = None
+    first_prompt: _FirstPromptSnapshot | None = None
     try:
         if kernel is None:
             from .images import prepare_default_guest
@@ -196,31 +452,101 @@ def boot(
             initrd = initrd or guest.initrd
             flags = [SHELL_FLAG] + (["pvhvm.net"] if net != "none" else [])
             cmdline = " ".join([cmdline, *(f for f in flags if f not in cmdline.split())]).strip()
-        dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
-                     console=term.write,
-                     trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
-                     net=net, net_forwards=forward or (), vcpus=nr_vcpus, disks=disk or ())
+            if snapshot:
+                cached = _snapshot_path(guest, initrd, cmdline, memory, maxmem, nr_vcpus, net)
+                dom = _restore_snapshot(cached, term, trace=show if trace else None,
+                                        xenstore_socket=xenstore_socket, forward=forward)
+                if dom is None:
+                    first_prompt = _FirstPromptSnapshot(cached, term)
+        if dom is None:
+            dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
+                         console=first_prompt.write if first_prompt is not None else term.write,
+                         trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
+                         net=net, net_forwards=forward or (), vcpus=nr_vcpus, disks=disk or ())
     except (PvhvmError, _core.CoreError) as e:
+        usr1.close()
         raise _fail(str(e)) from None
-    if xenstore_socket is not None:
-        print(f"pvhvm: xenstore on {xenstore_socket} (export XENSTORED_PATH={xenstore_socket})",
-              file=sys.stderr, end=term.eol)
+    # Restored from the snapshot, the shell waits at a prompt nobody saw: a fresh one.
+    _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
+                 save_on_suspend=save_on_suspend, snapshot=first_prompt, nudge=snapshot and first_prompt is None)
+
+
+boot.__doc__ = boot.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
+
+
+def _restore_snapshot(path: Path, term: Terminal, *, trace, xenstore_socket: Path | None,
+                      forward: list[str] | None) -> Domain | None:
+    """The cached snapshot at `path` restored, or None if there is none
+    (or none that this pvhvm can use: it is then dropped, and made again)."""
+    if not path.is_file():
+        return None
     try:
-        with term.attach(dom):
-            outcome = dom.run(timeout=timeout)
-    except KeyboardInterrupt:
-        print("\npvhvm: interrupted", file=sys.stderr)
-        raise typer.Exit(130) from None
-    except Detached as d:
-        # The domain goes with this process: pvhvm is its hypervisor.
-        print(f"\npvhvm: {d.reason}", file=sys.stderr)
-        raise typer.Exit(d.status) from None
-    finally:
-        dom.close()
-    if outcome.crashed or outcome.kind in (OutcomeKind.HUNG, OutcomeKind.TIMEOUT):
-        print(dom.crash_report(), file=sys.stderr)
-    print(f"pvhvm: domain {outcome}", file=sys.stderr)
-    raise typer.Exit(outcome.exit_status)
+        return Domain.restore(path, console=term.write, trace=trace, xenstore_socket=xenstore_socket,
+                              net_forwards=tuple(forward or ()))
+    except savefile.SaveFileError as e:
+        print(f"pvhvm: the cached snapshot cannot be used ({e}); booting afresh", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+
+@app.command()
+def restore(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A save file (`pvhvm boot --save-to` or "
+                                         "--save-on-suspend, Domain.save).", show_default=False)],
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="The domain's name (default: the saved one).",
+                                    show_default=False)
+    ] = None,
+    trace: Annotated[bool, typer.Option("--trace", help="Print every hypercall to stderr.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds.")] = None,
+    xenstore_socket: Annotated[
+        Optional[Path], typer.Option("--xenstore-socket", metavar="PATH", help=XENSTORE_SOCKET_HELP)
+    ] = None,
+    forward: Annotated[
+        Optional[list[str]], typer.Option("--forward", "-p", metavar="HOSTPORT[:GUESTPORT]",
+                                          help=FORWARD_HELP + " Default: the saved domain's (which it may "
+                                          "still hold, if it runs on).")
+    ] = None,
+    escape_char: Annotated[str, typer.Option("--escape-char", metavar="KEY", help=ESCAPE_HELP)] = "^]",
+    save_to: Annotated[Optional[Path], typer.Option("--save-to", metavar="FILE", help=SAVE_TO_HELP)] = None,
+    save_on_suspend: Annotated[
+        Optional[Path], typer.Option("--save-on-suspend", metavar="FILE", help=SAVE_ON_SUSPEND_HELP)
+    ] = None,
+) -> None:
+    """Continue a saved domain from FILE, with its console attached as
+    `pvhvm boot` attaches it (same keys, piped input, exit statuses).
+
+    Everything comes back as it was saved: vCPUs, memory, event channels,
+    xenstore, devices (disks are opened again; the network's host side is
+    started afresh, so the guest's open connections are gone but its address
+    stays). A guest saved as it suspended itself is told its suspend was
+    cancelled and goes on. The console shows only what the guest writes from
+    now on: press Enter for a shell's prompt. A file that cannot be used
+    (missing, not a save, truncated, damaged, from another pvhvm format) is
+    one line on stderr and status 2.
+
+    {exit_status}
+    """
+    escape = _escape_key(escape_char)
+    save_to = _save_path("--save-to", save_to)
+    save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
+    term = Terminal(escape=escape)
+
+    def show(rec: HypercallRecord) -> None:
+        print(f"trace: {rec}", file=sys.stderr, end=term.eol)
+
+    usr1 = _SaveSignal()
+    try:
+        dom = Domain.restore(file, console=term.write, trace=show if trace else None, name=name,
+                             xenstore_socket=xenstore_socket, net_forwards=forward)
+    except (PvhvmError, _core.CoreError) as e:
+        usr1.close()
+        raise _fail(str(e)) from None
+    _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
+                 save_on_suspend=save_on_suspend)
+
+
+restore.__doc__ = restore.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
 
 
 @app.command()

@@ -141,6 +141,7 @@ class Terminal:
         self._guest_waiting = False  # a line editor asked for the cursor since our last input
         self._tail = b""  # last bytes of output, to find a query split across writes
         self._closing = False
+        self._held: bytearray | None = None  # input kept from the guest until release_input()
 
     # -- guest output ------------------------------------------------------
 
@@ -166,12 +167,43 @@ class Terminal:
 
     # -- guest input -------------------------------------------------------
 
+    def hold_input(self) -> None:
+        """Keep what stdin sends (and its end) from the guest until
+        `release_input()`; the escape key and the signals still work. For
+        `pvhvm boot --snapshot`, whose saved guest must not have read any
+        of it."""
+        if self._held is None:
+            self._held = bytearray()
+
+    def release_input(self) -> None:
+        """Type the input held since `hold_input()` into the guest, and go
+        on passing it through."""
+        held, self._held = self._held, None
+        if held:
+            self._send(bytes(held))
+        if self._at_eof and self._guest_waiting:
+            self._send_eof()
+
+    def nudge(self) -> None:
+        """Press Enter in the guest, ahead of any held input: a shell waiting
+        at its prompt prints a fresh one (after a restore, whose console
+        history starts empty, or under a line of pvhvm's own)."""
+        if self._held is not None:
+            self._held[0:0] = b"\r"
+        else:
+            self._send(b"\r")
+
     def _send(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held += data
+            return
         if data and self._dom is not None:
             self._guest_waiting = False
             self._dom.send(data)
 
     def _send_eof(self) -> None:
+        if self._held is not None:
+            return  # release_input() sends it if the guest still waits then
         if self._dom is not None and self._guest_waiting:
             self._dom.send(EOF_KEY)
             self._guest_waiting = False
