@@ -17,8 +17,8 @@ def python_examples() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
-def test_readme_has_a_python_example():
-    assert len(python_examples()) == 1
+def test_readme_has_its_python_examples():
+    assert len(python_examples()) == 2
 
 
 @pytest.mark.slow
@@ -33,3 +33,17 @@ def test_readme_python_example_runs():
     assert "'requests':" in printed, printed
     assert "shutdown (poweroff) 0" in printed, printed
     assert "'online': True" in printed and "'rip':" in printed, printed
+
+
+@pytest.mark.slow
+def test_readme_save_restore_fork_example_runs():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(python_examples()[1], "README.md", "exec"), {})
+    printed = out.getvalue()
+    assert "256 MiB file" in printed, printed
+    assert "before-save\n" in printed, printed
+    assert "['before-save', 'only-in-kid-0', 'before-save']" in printed, printed
+    assert "[1, 2, 3]" in printed, printed
+    ids = re.search(r"\[1, 2, 3\] \['([0-9a-f]{8})', '([0-9a-f]{8})', '([0-9a-f]{8})'\]", printed)
+    assert ids and len(set(ids.groups())) == 3, printed
