@@ -21,6 +21,7 @@ import pvhvm
 from pvhvm import savefile
 from pvhvm.savefile import SaveFileError
 from pvhvm.shell import GuestShell
+from test_netback import GUEST_INIT as NET_GUEST_INIT  # netfront loaded, then a shell on hvc0
 
 ID = re.compile(rb"VMGENID ([0-9a-f]{32})")
 
@@ -223,18 +224,6 @@ def test_the_good_file_restores(good_save):
 
 # --------------------------------------------------------------- Debian's kernel
 
-LINUX_INIT = """\
-#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-modprobe xen-netfront
-echo PVHVM-NET-READY
-setsid cttyhack sh
-poweroff -f
-"""
-
 STALLS = re.compile(r"soft lockup|rcu.*(stall|detected)|hung_task|BUG|Oops|Call Trace")
 
 
@@ -243,7 +232,7 @@ def linux_guest():
     from pvhvm.devices import net_host
     from pvhvm.images import prepare_default_guest
 
-    return prepare_default_guest(LINUX_INIT, modules=["xen-netfront"],
+    return prepare_default_guest(NET_GUEST_INIT, modules=["xen-netfront"],
                                  extra_files={net_host.UDHCPC_SCRIPT_PATH: net_host.UDHCPC_SCRIPT.encode()})
 
 

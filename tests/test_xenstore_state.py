@@ -9,6 +9,7 @@ import json
 import struct
 
 import pytest
+import test_xenstore_wire
 
 from pvhvm.xenstore import Message, RingConnection, Store, XenstoreError, XsType
 from pvhvm.xenstore import ring as R
@@ -18,40 +19,13 @@ DOMU = 1
 HOME = "/local/domain/1"
 
 
-class Guest:
-    """The guest's side of the xenstore ring page (free-running indexes)."""
+class Guest(test_xenstore_wire.Guest):
+    """The guest's side of the ring page, as test_xenstore_wire drives it,
+    taking the page as it is (a restored page keeps its indexes)."""
 
     def __init__(self, page: bytearray) -> None:
         self.page = page
         self.inbox = bytearray()
-
-    def get(self, off: int) -> int:
-        return struct.unpack_from("<I", self.page, off)[0]
-
-    def set(self, off: int, v: int) -> None:
-        struct.pack_into("<I", self.page, off, v & 0xFFFFFFFF)
-
-    def send(self, data: bytes) -> int:
-        cons, prod = self.get(R.OFF_REQ_CONS), self.get(R.OFF_REQ_PROD)
-        n = min(len(data), R.RING_SIZE - ((prod - cons) & 0xFFFFFFFF))
-        for i in range(n):
-            self.page[R.OFF_REQ + ((prod + i) & R.RING_MASK)] = data[i]
-        self.set(R.OFF_REQ_PROD, prod + n)
-        return n
-
-    def messages(self) -> list[Message]:
-        cons, prod = self.get(R.OFF_RSP_CONS), self.get(R.OFF_RSP_PROD)
-        for i in range((prod - cons) & 0xFFFFFFFF):
-            self.inbox.append(self.page[R.OFF_RSP + ((cons + i) & R.RING_MASK)])
-        self.set(R.OFF_RSP_CONS, prod)
-        out = []
-        while len(self.inbox) >= 16:
-            end = 16 + struct.unpack_from("<I", self.inbox, 12)[0]
-            if len(self.inbox) < end:
-                break
-            out.append(Message.decode(bytes(self.inbox[:end])))
-            del self.inbox[:end]
-        return out
 
 
 def json_round_trip(state: dict) -> dict:

@@ -622,6 +622,16 @@ mod tests {
     /// How late after `deadline` it is now, less the time this thread spent
     /// waiting for a CPU since `runqueue_before` (no preemption is earlier
     /// than the host gives the vCPU a CPU).
+    /// An engine on 1 MiB of RAM with `jmp .` at CODE, the ticker's to stop.
+    fn spinning_engine(t: &Ticker) -> (GuestRam, Engine) {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        ram.slice_mut(CODE, 2).unwrap().copy_from_slice(&[0xeb, 0xfe]); // jmp .
+        let mut engine = Engine::new_x86_64().unwrap();
+        unsafe { engine.map_ptr(0, 1 << 20, ram.host_ptr()) }.unwrap();
+        t.set_engine(engine.raw());
+        (ram, engine)
+    }
+
     fn late_of_ours(deadline: Instant, runqueue_before: u64) -> Duration {
         let late = Instant::now().saturating_duration_since(deadline);
         late.saturating_sub(Duration::from_nanos(runqueue_ns() - runqueue_before))
@@ -630,11 +640,7 @@ mod tests {
     #[test]
     fn the_alarm_stops_kernel_code_while_the_ticker_thread_waits_for_a_cpu() {
         let t = Ticker::new();
-        let ram = GuestRam::new(1 << 20).unwrap();
-        ram.slice_mut(CODE, 2).unwrap().copy_from_slice(&[0xeb, 0xfe]); // jmp .
-        let mut engine = Engine::new_x86_64().unwrap();
-        unsafe { engine.map_ptr(0, 1 << 20, ram.host_ptr()) }.unwrap();
-        t.set_engine(engine.raw());
+        let (_ram, mut engine) = spinning_engine(&t);
         let starved = StarvedTicker::new(&t);
         for _ in 0..5 {
             let runqueue = runqueue_ns();
@@ -684,11 +690,7 @@ mod tests {
         // block starts any more): the alarm stops it once the vCPU thread
         // has run 1 ms of CPU time past the kick without one.
         let t = Ticker::new();
-        let ram = GuestRam::new(1 << 20).unwrap();
-        ram.slice_mut(CODE, 2).unwrap().copy_from_slice(&[0xeb, 0xfe]); // jmp .
-        let mut engine = Engine::new_x86_64().unwrap();
-        unsafe { engine.map_ptr(0, 1 << 20, ram.host_ptr()) }.unwrap();
-        t.set_engine(engine.raw());
+        let (_ram, mut engine) = spinning_engine(&t);
         let starved = StarvedTicker::new(&t);
         for _ in 0..3 {
             let runqueue = runqueue_ns();
