@@ -30,6 +30,12 @@ Sections (in run order):
   profile   the same boot in-process: core vs Python time, exits by kind,
             hypercalls by name, exceptions and interrupts (bench_profile.py)
   memory    peak RSS of `python -m pvhvm boot --memory 256/1024` (bench_memory.py)
+  snapshot  the default guest saved at its shell prompt: a new process
+            restoring it until the shell answers (issue 13: <= 150 ms) vs
+            a cold boot and vs QEMU TCG restoring its own migration file of
+            the same guest; 8 forks of it (spawn + first command, a write,
+            PSS/RSS against 8 x the guest's used memory); the save file's
+            size and allocated blocks (bench_snapshot.py)
   net       ping and TCP throughput over the vif on passt (bench_net.py);
             recorded as "not measured: <reason>" when it cannot run here
   disk      pvhvm (blkfront/blkback) vs QEMU TCG (virtio-blk), alternated, on
@@ -69,7 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, metric, not_measured, tsc_hz  # noqa: E402
 
 SCHEMA = 1
-SECTIONS = ("core", "events", "xenstore", "boot", "smp", "cpu", "profile", "memory", "net", "disk")
+SECTIONS = ("core", "events", "xenstore", "boot", "smp", "cpu", "profile", "memory", "snapshot", "net",
+            "disk")
 MEMORY_SIZES = (256, 1024)
 TIMER_CASES = ("1ms_halt", "1ms_spin", "10ms_halt", "10ms_spin")
 NET_METRICS = {
@@ -363,6 +370,108 @@ def run_memory(ctx: dict) -> tuple[dict, dict]:
     return res, raw
 
 
+def snapshot_metrics(forks: int = 8) -> dict[str, tuple[tuple[str, ...], str, str, str | None]]:
+    """The snapshot section's metrics from bench_snapshot's medians: name ->
+    (the keys to it in "median", unit, label, better). Values in seconds
+    are reported in ms where the unit says so."""
+    m = {
+        "snapshot.restore.pvhvm.answer_ms": (("pvhvm_restore", "answer_s"), "ms",
+                                             "pvhvm: spawn `python -c` -> restored shell answered `echo ok`", "lower"),
+        "snapshot.restore.pvhvm.python_start_ms": (("pvhvm_restore", "python_start_s"), "ms",
+                                                   "pvhvm restore: spawn -> the interpreter runs the script", "lower"),
+        "snapshot.restore.pvhvm.import_ms": (("pvhvm_restore", "import_s"), "ms", "pvhvm restore: import pvhvm",
+                                             "lower"),
+        "snapshot.restore.pvhvm.import_compiling_ms": (("import_compiling_s",), "ms",
+                                                       "import pvhvm with no bytecode yet (the untimed warm-up)",
+                                                       "lower"),
+        "snapshot.restore.pvhvm.restore_call_ms": (("pvhvm_restore", "ready_s"), "ms",
+                                                   "pvhvm restore: Domain.restore(file)", "lower"),
+        "snapshot.restore.pvhvm.first_command_ms": (("pvhvm_restore", "first_command_s"), "ms",
+                                                    "pvhvm restore: first `echo ok` through GuestShell", "lower"),
+        "snapshot.restore.pvhvm.second_command_ms": (("pvhvm_restore", "second_command_s"), "ms",
+                                                     "pvhvm restore: second `echo ok` (code translated by then)",
+                                                     "lower"),
+        "snapshot.restore.qemu.answer_ms": (("qemu_restore", "answer_s"), "ms",
+                                            "QEMU TCG: spawn with -incoming exec:cat FILE -> serial shell answered",
+                                            "lower"),
+        "snapshot.restore.qemu.running_ms": (("qemu_restore", "running_s"), "ms",
+                                             "QEMU TCG: spawn -> guest running again (QMP RESUME)", "lower"),
+        "snapshot.boot.pvhvm.answer_s": (("pvhvm_boot", "answer_s"), "s",
+                                         "pvhvm: spawn `python -c` -> cold-booted shell answered `echo ok`", "lower"),
+        "snapshot.boot.qemu.answer_s": (("qemu_cold_boot_answer_s",), "s",
+                                        "QEMU TCG: spawn -> cold-booted serial shell answered (1 run)", "lower"),
+        "snapshot.ratio.restore_over_target": (("ratio", "restore_over_target"), "ratio",
+                                               "pvhvm restore answer / issue 13's 150 ms target", "lower"),
+        "snapshot.ratio.restore_over_goal": (("ratio", "restore_over_goal"), "ratio",
+                                             "pvhvm restore answer / issue 13's 50 ms goal", "lower"),
+        "snapshot.ratio.restore_over_cold_boot": (("ratio", "restore_over_cold_boot"), "ratio",
+                                                  "pvhvm: restore answer / cold boot answer", "lower"),
+        "snapshot.ratio.restore_pvhvm_over_qemu": (("ratio", "restore_pvhvm_over_qemu"), "ratio",
+                                                   "restore answer: pvhvm / QEMU TCG", "lower"),
+        "snapshot.fork.snapshot_ms": (("fork", "snapshot_s"), "ms", "Domain.snapshot() of the booted guest", "lower"),
+        "snapshot.fork.spawn_ms": (("fork", "spawn_s"), "ms", "Snapshot.spawn(), per fork", "lower"),
+        "snapshot.fork.first_command_ms": (("fork", "first_command_s"), "ms",
+                                           "a fork's first command (`echo $((1+1))`)", "lower"),
+        "snapshot.fork.per_fork_ms": (("fork", "per_fork_s"), "ms", "per fork: spawn + first command", "lower"),
+        "snapshot.fork.write_ms": (("fork", "write_s"), "ms", "a fork writing 8 MiB to its tmpfs (dd)", "lower"),
+        "snapshot.fork.snapshot_memfd_mib": (("fork", "snapshot_memfd_mib"), "MiB",
+                                             "the snapshot's RAM image (memfd, allocated)", "lower"),
+        "snapshot.fork.guest_used_mib": (("fork", "guest_used_mib"), "MiB",
+                                         "the guest's used memory (MemTotal - MemFree)", None),
+        "snapshot.fork.n_x_guest_used_mib": (("fork", "n_x_guest_used_mib"), "MiB",
+                                             f"{forks} x the guest's used memory", None),
+    }
+    for key, what in (("footprint", "PSS with snapshot memfds counted whole"), ("pss", "PSS"), ("rss", "RSS")):
+        for point, when in (("before", "before forking"), ("after_write", f"after {forks} forks ran and wrote")):
+            m[f"snapshot.fork.{key}_mib.{point}"] = (("fork", f"{key}_mib.{point}"), "MiB",
+                                                     f"this process's {what}, {when}", "lower")
+        m[f"snapshot.fork.{key}_growth_mib"] = (("fork", f"{key}_growth_mib"), "MiB",
+                                                f"{what}: growth for {forks} forks", "lower")
+        m[f"snapshot.fork.{key}_growth_over_n_x_used"] = (
+            ("fork", f"{key}_growth_over_n_x_used"), "ratio", f"{what}: growth for {forks} forks / "
+            f"{forks} x guest used", "lower")
+    m.update({
+        "snapshot.save.save_ms": (("save", "save_s"), "ms", "Domain.save(file) of the booted guest", "lower"),
+        "snapshot.save.file_mib": (("save", "file_mib"), "MiB", "save file size (st_size; RAM is 256 MiB)", None),
+        "snapshot.save.allocated_mib": (("save", "allocated_mib"), "MiB", "save file allocated (st_blocks x 512)",
+                                        "lower"),
+        "snapshot.save.guest_used_mib": (("save", "guest_used_mib"), "MiB",
+                                         "the guest's used memory (MemTotal - MemFree)", None),
+        "snapshot.save.allocated_over_used": (("save", "allocated_over_used"), "ratio",
+                                              "save file allocated / the guest's used memory", "lower"),
+        "snapshot.save.qemu_allocated_mib": (("save", "qemu_allocated_mib"), "MiB",
+                                             "QEMU's migration file of the same guest, allocated", None),
+    })
+    return m
+
+
+def run_snapshot(ctx: dict) -> tuple[dict, dict]:
+    import bench_snapshot
+
+    r = bench_snapshot.measure(ctx["snapshot_runs"], ctx["timeout"], skip_qemu=ctx["skip_qemu"], log=sys.stderr)
+    median = r["median"]
+    counts = {kind: sum(1 for s in runs if not s.get("failed")) for kind, runs in r["runs"].items()}
+    res = {}
+    for name, (where, unit, label, better) in snapshot_metrics(r["forks"]).items():
+        value = median
+        for key in where:
+            value = value.get(key) if isinstance(value, dict) else None
+        if where[0] in counts:
+            label = f"{label}, median of {counts[where[0]]}"
+        if value is None:
+            why = "--skip-qemu" if ctx["skip_qemu"] and "qemu" in name else "every run failed"
+            res[name] = not_measured(unit, label, why, better)
+            continue
+        res[name] = metric(value * 1e3 if unit == "ms" else value, unit, label, better)
+    for kind in ("pvhvm_restore", "pvhvm_boot", "qemu_restore"):
+        hv, what = kind.split("_")
+        name, label = f"snapshot.{what}.{hv}.failed_runs", f"{hv} {what}: runs that did not finish"
+        runs = r["runs"].get(kind)
+        res[name] = (metric(len(runs) - counts[kind], "count", f"{label}, of {len(runs)}", "lower") if runs is not None
+                     else not_measured("count", label, "--skip-qemu", "lower"))
+    return res, r
+
+
 def run_net(ctx: dict) -> tuple[dict, dict]:
     import bench_net
 
@@ -476,7 +585,7 @@ def _disk_why(r: dict, hv: str, key: str, skip_qemu: bool) -> str:
 
 
 RUNNERS = {"core": run_core, "events": run_events, "xenstore": run_xenstore, "boot": run_boot, "smp": run_smp, "cpu": run_cpu,
-           "profile": run_profile, "memory": run_memory, "net": run_net, "disk": run_disk}
+           "profile": run_profile, "memory": run_memory, "snapshot": run_snapshot, "net": run_net, "disk": run_disk}
 
 
 # --------------------------------------------------------------------------- output
@@ -586,11 +695,12 @@ def main(argv: list[str] | None = None) -> int:
         "xs_n": 200 if quick else 1000,
         "smp_ipi_n": 200 if quick else 1000,
         "memory_runs": 1 if quick else 3,
+        "snapshot_runs": args.runs or (1 if quick else 3),
         "disk_runs": args.runs or (1 if quick else 3),
     }
     started = time.time()
     ctx["host"] = host_info()
-    if any(s in sections for s in ("boot", "smp", "profile", "memory", "net", "disk")):
+    if any(s in sections for s in ("boot", "smp", "profile", "memory", "snapshot", "net", "disk")):
         from pvhvm.images import prepare_default_guest
 
         log("== preparing the default guest (downloads on first use)")
@@ -620,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         "host": ctx["host"],
         "config": {"quick": quick, "skip_qemu": args.skip_qemu, "sections": sections,
                    "boot_runs": ctx["boot_runs"], "core_runs": ctx["core_runs"], "events_n": ctx["events_n"],
-                   "xenstore_n": ctx["xs_n"], "memory_runs": ctx["memory_runs"], "disk_runs": ctx["disk_runs"],
+                   "xenstore_n": ctx["xs_n"], "memory_runs": ctx["memory_runs"],
+                   "snapshot_runs": ctx["snapshot_runs"], "disk_runs": ctx["disk_runs"],
                    "duration_s": round(time.time() - started, 1)},
         "results": results,
         "details": details,

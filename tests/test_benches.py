@@ -19,6 +19,7 @@ import bench_guests  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_net  # noqa: E402
 import bench_profile  # noqa: E402
+import bench_snapshot  # noqa: E402
 import run_all  # noqa: E402
 
 STATS = ("min", "p50", "p99", "max")
@@ -109,6 +110,52 @@ def test_peak_rss_is_the_childs_own(tmp_path):
     del ballast
 
 
+@pytest.mark.slow
+def test_snapshot_bench_restores_forks_and_sizes(monkeypatch):
+    """bench_snapshot at its smallest, without QEMU: every restore and boot
+    answers, its phases add up to the answer, forks cost at least what they
+    wrote, and run_all reports every snapshot metric (QEMU's with why not)."""
+    r = bench_snapshot.measure(runs=1, timeout=300, skip_qemu=True, forks=2, log=sys.stderr)
+    assert set(r["runs"]) == {"pvhvm_restore", "pvhvm_boot"} and len(r["runs"]["pvhvm_restore"]) == 3
+    for kind, runs in r["runs"].items():
+        for s in runs:
+            assert not s.get("failed"), (kind, s)
+            # Contiguous phases, from the spawn to the shell's answer.
+            parts = s["python_start_s"] + s["import_s"] + s["ready_s"] + s.get("boot_s", 0) + s["first_command_s"]
+            assert parts == pytest.approx(s["answer_s"], abs=1e-3), (kind, s)
+            assert 0 < s["python_start_s"] < s["answer_s"] < s["exit_s"], (kind, s)
+    m = r["median"]
+    assert m["pvhvm_restore"]["answer_s"] < m["pvhvm_boot"]["init_s"] < m["pvhvm_boot"]["answer_s"]
+    assert m["ratio"]["restore_pvhvm_over_qemu"] is None
+
+    used = r["guest_memory_kib"]
+    assert 0 < used["used"] < used["MemTotal"] <= bench_snapshot.MEMORY_MIB << 10, used
+    for f in (f for rnd in r["fork_rounds"] for f in rnd["forks"]):
+        assert f["per_fork_s"] == pytest.approx(f["spawn_s"] + f["first_command_s"], abs=1e-3) and f["write_s"] > 0
+    fork = m["fork"]
+    # Each fork's 8 MiB in its tmpfs is its own: the guest sees it, and so
+    # does the host's footprint (at least, with the new engines on top).
+    assert fork["guest_used_after_write_mib"] >= fork["guest_used_mib"] + bench_snapshot.FORK_WRITE_MIB - 1, fork
+    assert fork["footprint_growth_mib"] >= 2 * bench_snapshot.FORK_WRITE_MIB, fork
+    assert fork["footprint_mib.after_children_dropped"] < fork["footprint_mib.after_write"], fork
+    # The save file: RAM's length with its zero pages as holes; the
+    # snapshot's memfd holds the same pages (the parent did not run between).
+    save = m["save"]
+    assert save["file_mib"] > bench_snapshot.MEMORY_MIB and 0 < save["allocated_mib"] < save["file_mib"], save
+    assert fork["snapshot_memfd_mib"] == pytest.approx(save["allocated_mib"], abs=2), (fork, save)
+
+    monkeypatch.setattr(bench_snapshot, "measure", lambda *a, **k: r)
+    res, raw = run_all.run_snapshot({"snapshot_runs": 1, "timeout": 300, "skip_qemu": True})
+    assert raw is r and set(run_all.snapshot_metrics(2)) <= set(res)
+    for name, e in res.items():
+        if "qemu" in name:
+            assert e["value"] is None and e["status"] == "not measured: --skip-qemu", (name, e)
+        else:
+            assert isinstance(e["value"], (int, float)), (name, e)
+    assert res["snapshot.restore.pvhvm.answer_ms"]["value"] == pytest.approx(m["pvhvm_restore"]["answer_s"] * 1e3)
+    assert res["snapshot.restore.pvhvm.failed_runs"]["value"] == 0
+
+
 def test_network_placeholder_without_backend(monkeypatch):
     monkeypatch.setattr(bench_net, "backend_present", lambda: False)
     res, raw = run_all.run_net({"quick": True})
@@ -165,12 +212,15 @@ def test_run_all_quick_writes_schema_1(tmp_path):
                  "profile.hypercalls.total", "profile.exceptions_delivered", "profile.interrupts_delivered",
                  "memory.peak_rss_mib.256", "memory.peak_rss_mib.1024", "smp.ipi_rtt_us.evtchn.p50",
                  "smp.ipi_rtt_us.lapic.p50", "smp.boot.pvhvm_1.init_s", "smp.boot.pvhvm_4.init_s",
-                 "cpu.pvhvm.marker_s", "cpu.pvhvm.dd_s", "cpu.pvhvm_affected.dd_s"):
+                 "cpu.pvhvm.marker_s", "cpu.pvhvm.dd_s", "cpu.pvhvm_affected.dd_s",
+                 "snapshot.restore.pvhvm.answer_ms", "snapshot.restore.pvhvm.import_ms", "snapshot.fork.per_fork_ms",
+                 "snapshot.fork.footprint_growth_mib", "snapshot.save.allocated_mib"):
         assert isinstance(res[name]["value"], (int, float)) and res[name]["value"] > 0, name
     assert res["boot.qemu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.qemu_default_cpu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.ratio.init"]["value"] is None
     assert res["smp.boot.qemu_2.init_s"]["status"] == "not measured: --skip-qemu"
+    assert res["snapshot.restore.qemu.answer_ms"]["status"] == "not measured: --skip-qemu"
     # At least the one at the vCPU's reset; Linux never needs single steps.
     assert res["profile.code_cache_flushes"]["value"] >= 1
     for name in run_all.NET_METRICS:  # measured, or a reason why not
