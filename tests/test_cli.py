@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -165,3 +166,18 @@ def test_trace_flag(guests):
     p = pvhvm("boot", guests["hello"], "--memory", "32", "--trace")
     assert p.returncode == 0
     assert "trace: " in p.stderr and "console_io(write" in p.stderr and "sched_op(shutdown" in p.stderr
+
+
+def test_old_snapshots_are_pruned(tmp_path):
+    from pvhvm.cli import SNAPSHOTS_KEPT, _prune_snapshots
+
+    files = []
+    for i in range(SNAPSHOTS_KEPT + 3):
+        p = tmp_path / f"default-guest-{i}.save"
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i, 1000 + i))
+        files.append(p)
+    (tmp_path / "other.file").write_bytes(b"kept")
+    _prune_snapshots(files[-1])
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f.name for f in files[-1 - SNAPSHOTS_KEPT:]] + ["other.file"])

@@ -185,6 +185,7 @@ class _FirstPromptSnapshot:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             dom.save(self.path)  # written beside it and renamed: never half a snapshot
+            _prune_snapshots(self.path)
             _say(self.term, f"snapshot saved to {self.path} ({_mib_on_disk(self.path)} MiB on disk); "
                             "`pvhvm boot --snapshot` starts from it next time")
         except (OSError, PvhvmError) as e:
@@ -267,6 +268,19 @@ def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: flo
         print(dom.crash_report(), file=sys.stderr)
     print(f"pvhvm: domain {outcome}", file=sys.stderr)
     raise typer.Exit(outcome.exit_status)
+
+
+# Snapshots kept besides the newest (another kernel, command line, core build …).
+SNAPSHOTS_KEPT = 3
+
+
+def _prune_snapshots(newest: Path) -> None:
+    """Drop all but the most recent snapshots: each one is the size of the
+    guest's used memory, and a new core build or option set makes another."""
+    others = sorted((p for p in newest.parent.glob("default-guest-*.save") if p != newest),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[SNAPSHOTS_KEPT:]:
+        old.unlink(missing_ok=True)
 
 
 def _snapshot_path(guest, initrd: Path, cmdline: str, memory: int, maxmem: int | None, vcpus: int,
