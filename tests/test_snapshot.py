@@ -109,6 +109,35 @@ def test_snapshot_spawns_again_and_again(genid_guest):
             k.close()
 
 
+@pytest.mark.parametrize("variant", ["", ".i386-nopaging", ".i386-pse", ".i386-pae"])
+def test_a_suspend_is_saved_and_resumed_as_cancelled(guests, tmp_path, variant):
+    """The suspend guest (64-bit, and 32-bit in each paging mode: the
+    compat shared_info and 32-bit segments go through the save too) asks to
+    suspend; its restore answers 1 and it finds its memory and clock."""
+    dom = pvhvm.Domain(guests["suspend" + variant], memory_mib=64)
+    assert dom.run(timeout=60).reason is pvhvm.ShutdownReason.SUSPEND
+    path = tmp_path / "s.sav"
+    dom.save(path)
+    dom.close()
+    r = pvhvm.Domain.restore(path)
+    outcome = r.run(timeout=60)
+    out = r.console_output.decode()
+    assert outcome.reason is pvhvm.ShutdownReason.POWEROFF, (outcome, out)
+    assert "SUSPEND-GUEST resumed rc=1" in out and "VERDICT: PASS" in out, out
+    r.close()
+
+
+@pytest.mark.parametrize("variant", [".i386-nopaging", ".i386-pae"])
+def test_32bit_guest_restores_with_a_new_generation_id(guests, tmp_path, variant):
+    dom = pvhvm.Domain(guests["vmgenid" + variant], memory_mib=64)
+    first = next_id(dom)
+    dom.save(tmp_path / "g.sav")
+    dom.close()
+    r = pvhvm.Domain.restore(tmp_path / "g.sav")
+    assert next_id(r) == r.generation_id != first
+    r.close()
+
+
 # --------------------------------------------------------------- bad files
 
 @pytest.fixture(scope="module")
