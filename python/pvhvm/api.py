@@ -16,17 +16,20 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import _core, hypercalls, savefile
-from .builder.domain import HVM_PARAM_CONSOLE_EVTCHN, HVM_PARAM_STORE_EVTCHN, PAGE, DomainPlan, plan_domain
 from .devices import ConsoleBackend
-from .devices.blkback import attach_disk
-from .devices.disk import assign_vdevs, parse_disk_spec
 from .devices.manager import DeviceManager
 from .errors import BuildError, GuestError
 from .runloop import HostLoop
 from .xenstore import RingConnection, Store, XenstoreSocketServer
+
+if TYPE_CHECKING:
+    from .builder.domain import DomainPlan
+
+# The builder and blkback are imported where a domain is built or gets a
+# disk: a restore needs neither, and a restore is meant to start fast.
 
 # The most vCPUs a domain may have.
 MAX_VCPUS = _core.MAX_VCPUS
@@ -151,6 +154,10 @@ class Domain:
         `uuid`: the domain's handle (xl's `uuid`), a UUID or its string;
         a random one when None. The guest reads it as XENVER_guest_handle
         and in xenstore at /vm/<uuid>/uuid (Linux's /sys/hypervisor/uuid)."""
+        from .builder.domain import HVM_PARAM_CONSOLE_EVTCHN, HVM_PARAM_STORE_EVTCHN, plan_domain
+        from .devices.blkback import attach_disk
+        from .devices.disk import assign_vdevs, parse_disk_spec
+
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
             raise BuildError(f"vcpus must be a number from 1 to {MAX_VCPUS}, not {vcpus!r}")
         if isinstance(disks, (str, os.PathLike)):
@@ -302,7 +309,7 @@ class Domain:
 
     def _page(self, gpa: int) -> memoryview:
         """A zero-copy view of one page of low guest RAM."""
-        return memoryview(self._vm.memory)[gpa : gpa + PAGE]
+        return memoryview(self._vm.memory)[gpa : gpa + savefile.PAGE]
 
     def _on_console(self, data: bytes) -> None:
         self._console += data
