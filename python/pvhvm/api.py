@@ -620,19 +620,19 @@ class Domain:
         return self
 
     def _resume_devices(self, saved_devices: list) -> None:
-        from .devices.blkback import Blkback
-        from .devices.disk import DiskSpec
-        from .devices.netback import Netback
-
         for saved in saved_devices:
             config = saved["config"]
             if saved["type"] == "vbd":
+                from .devices.blkback import Blkback
+                from .devices.disk import DiskSpec
+
                 spec = DiskSpec(Path(config["path"]), bool(config["readonly"]), config["vdev"],
                                 bool(config["cdrom"]))
                 device = Blkback(self.devices, spec, max_queues=self.vcpus)
                 self.disks.append(device)
             elif saved["type"] == "vif":
                 from .devices.net_host import open_host
+                from .devices.netback import Netback
 
                 # The host side starts afresh: a new passt (the guest keeps
                 # its address, its open connections are gone) or the TAP.

@@ -16,17 +16,58 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Host TSC frequency, measured once against the monotonic clock.
+/// Host TSC frequency, measured once per boot of the host against the
+/// monotonic clock and kept for the next processes (`tsc_hz_file`): the
+/// measurement sleeps 25 ms, which every restore would otherwise pay.
 pub fn tsc_hz() -> u64 {
     static HZ: OnceLock<u64> = OnceLock::new();
     *HZ.get_or_init(|| {
-        let t0 = Instant::now();
-        let c0 = rdtsc();
-        std::thread::sleep(Duration::from_millis(25));
-        let c1 = rdtsc();
-        let dt = t0.elapsed().as_nanos();
-        ((c1 - c0) as u128 * 1_000_000_000 / dt.max(1)) as u64
+        let file = tsc_hz_file();
+        if let Some(hz) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).and_then(|t| t.trim().parse().ok()) {
+            if plausible_hz(hz) {
+                return hz;
+            }
+        }
+        let hz = measure_tsc_hz();
+        if let Some(f) = file {
+            // Written whole under another name and renamed: a reader never
+            // sees half a number. Failing to keep it only costs the next one.
+            let tmp = f.with_extension(format!("{}.tmp", std::process::id()));
+            if std::fs::create_dir_all(f.parent().unwrap_or(&f)).is_ok() && std::fs::write(&tmp, hz.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, &f);
+            }
+        }
+        hz
     })
+}
+
+fn plausible_hz(hz: u64) -> bool {
+    (10_000_000..=20_000_000_000).contains(&hz)
+}
+
+fn measure_tsc_hz() -> u64 {
+    let t0 = Instant::now();
+    let c0 = rdtsc();
+    std::thread::sleep(Duration::from_millis(25));
+    let c1 = rdtsc();
+    let dt = t0.elapsed().as_nanos();
+    ((c1 - c0) as u128 * 1_000_000_000 / dt.max(1)) as u64
+}
+
+/// Where this boot's measurement is kept: pvhvm's cache ($PVHVM_CACHE,
+/// else $XDG_CACHE_HOME/pvhvm, else ~/.cache/pvhvm, as images.py), named by
+/// the kernel's boot id, so a reboot (maybe on other hardware) measures again.
+fn tsc_hz_file() -> Option<std::path::PathBuf> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let boot_id = boot_id.trim();
+    if boot_id.is_empty() || !boot_id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return None;
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let dir = env("PVHVM_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("pvhvm")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/pvhvm")))?;
+    Some(dir.join(format!("tsc-hz-{boot_id}")))
 }
 
 /// pvclock scale: ns = ((tsc_delta << shift or >> -shift) * mul) >> 32.
