@@ -10,7 +10,7 @@ from pvhvm import _core
 
 def test_self_test_reports_blob_offsets():
     offs = pvhvm.self_test()
-    assert set(offs) == {"data_offset", "error_code", "exception_is_int", "old_exception", "xcr0"}
+    assert set(offs) == {"data_offset", "error_code", "exception_is_int", "old_exception", "xcr0", "tsc_offset"}
     assert offs["exception_is_int"] == offs["error_code"] + 4
     # XCR0 sits in CPUX86State before the exception bookkeeping, after the registers.
     assert 8 * 16 < offs["xcr0"] < offs["error_code"]

@@ -641,6 +641,12 @@ impl Cpu {
         }
     }
 
+    /// Every vCPU made from now on (brought up, INIT) reads its TSC `offset`
+    /// past the host's, as the domain's running vCPUs do (a restored domain).
+    pub fn set_guest_tsc_offset(&mut self, offset: u64) {
+        unsafe { (*self.hooks).pristine.set_tsc_offset(offset) }
+    }
+
     /// The engine's registers are nobody's (a save or restore used it):
     /// the next vCPU loaded flushes the TLB.
     pub fn forget_loaded(&mut self) {

@@ -111,12 +111,14 @@ impl Domain {
         self.state.shared.raise_queued();
         let mut e = Enc::default();
         let now = self.state.system_time_ns();
+        let guest_tsc = self.state.clock.guest_tsc();
         e.section(b"PVHC", |e| {
             e.u32(snapshot::FORMAT);
             e.u32(self.vcpus.len() as u32);
             e.u64(self.state.ram.size());
             e.u32(self.state.domid);
             e.u64(now);
+            e.u64(guest_tsc);
         });
         e.section(b"DOMS", |e| self.state.encode(e));
         for v in &self.vcpus {
@@ -163,6 +165,7 @@ impl Domain {
         let ram_size = h.u64()?;
         let old_domid = h.u32()?;
         let now = h.u64()?;
+        let guest_tsc = h.u64()?;
         h.finish()?;
         if ram_size != ram.size() {
             return Err(invalid(format!("saved with {ram_size} bytes of RAM, restored into {}", ram.size())));
@@ -171,7 +174,9 @@ impl Domain {
             return Err(invalid(format!("{nr_vcpus} vCPUs")));
         }
         let mut dom = Self::with_ram(ram, domid, uuid, nr_vcpus).map_err(invalid)?;
-        dom.state.clock.resume_at(now);
+        dom.state.clock.resume_at(now, guest_tsc);
+        let tsc_offset = dom.state.clock.guest_tsc_offset;
+        dom.cpu.set_guest_tsc_offset(tsc_offset);
         let mut s = d.section(b"DOMS")?;
         dom.state.decode(&mut s)?;
         s.finish()?;
@@ -845,11 +850,17 @@ mod tests {
         let mut r = Domain::restore(ram, 1, [0; 16], &first).unwrap();
         unsafe { libc::close(fd) };
         let second = r.save_state();
-        // The PVHC section's last 8 bytes are the instant of the save.
+        // The PVHC section's last 16 bytes are the instant of the save:
+        // system time and the guest's TSC, both gone on since.
         let at = 8 + 4 + 4 + 8 + 4;
+        let word = |r: &[u8], i: usize| u64::from_le_bytes(r[at + 8 * i..at + 8 * i + 8].try_into().unwrap());
         assert_eq!(first[..at], second[..at]);
-        assert_eq!(first[at + 8..], second[at + 8..]);
-        assert!(u64::from_le_bytes(second[at..at + 8].try_into().unwrap()) >= u64::from_le_bytes(first[at..at + 8].try_into().unwrap()));
+        assert_eq!(first[at + 16..], second[at + 16..]);
+        assert!(word(&second, 0) >= word(&first, 0) && word(&second, 1) >= word(&first, 1));
+        // The guest's TSC went on from the saved one, not from the host's.
+        assert!(word(&second, 1) - word(&first, 1) < r.state.clock.hz, "the TSC jumped");
+        assert_eq!(r.vcpus[1].regs.tsc_offset(), r.state.clock.guest_tsc_offset);
+        assert_eq!(r.cpu.pristine().tsc_offset(), r.state.clock.guest_tsc_offset);
         // And it runs on from where it was.
         assert_eq!(r.vcpus[0].regs.reg(9), 0x1122_3344_5566_7788);
         assert_eq!((r.vcpus[0].regs.xcr0(), r.vcpus[1].regs.xcr0()), (xcr0, default_xcr0));

@@ -674,6 +674,7 @@ fn self_test(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("exception_is_int", l.exception_is_int)?;
     d.set_item("old_exception", l.old_exception)?;
     d.set_item("xcr0", l.xcr0)?;
+    d.set_item("tsc_offset", l.tsc_offset)?;
     Ok(d)
 }
 

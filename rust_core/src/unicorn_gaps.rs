@@ -127,6 +127,9 @@ pub struct BlobLayout {
     /// `CPUX86State.xcr0` (XSETBV's register, which the register API does
     /// not reach; a save carries it).
     pub xcr0: usize,
+    /// `CPUX86State.tsc_offset`, which RDTSC adds to the host's counter: a
+    /// restored guest's TSC goes on from where it was saved.
+    pub tsc_offset: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -322,6 +325,15 @@ impl CpuState {
     }
     pub fn set_xcr0(&mut self, v: u64) {
         let off = self.layout.xcr0;
+        self.set_u64_at(off, v)
+    }
+
+    /// What RDTSC adds to the host's TSC for this vCPU.
+    pub fn tsc_offset(&self) -> u64 {
+        self.u64_at(self.layout.tsc_offset)
+    }
+    pub fn set_tsc_offset(&mut self, v: u64) {
+        let off = self.layout.tsc_offset;
         self.set_u64_at(off, v)
     }
 
@@ -763,7 +775,7 @@ fn probe() -> Result<BlobLayout, String> {
     eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
     eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
     eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
-    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0 };
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0, tsc_offset: 0 };
     let mut st = CpuState::new(&eng, provisional)?;
     st.load(&eng);
     let checks = [
@@ -825,7 +837,7 @@ fn probe() -> Result<BlobLayout, String> {
     // reset it must stay #GP. Try each candidate.
     let mut old_exception = None;
     for cand in old_candidates {
-        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0 };
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0, tsc_offset: 0 };
         let mut st = CpuState::new(&eng, layout)?;
         st.load(&eng);
         if st.old_exception() != 13 {
@@ -855,6 +867,7 @@ fn probe() -> Result<BlobLayout, String> {
             env_ptr: 0,
             vm_vmcb: 0,
             xcr0: 0,
+            tsc_offset: 0,
         };
 
     // 5. exception_is_int: 1 after INT n, 0 after a fault.
@@ -951,6 +964,25 @@ fn probe() -> Result<BlobLayout, String> {
         break;
     }
     layout.xcr0 = xcr0.ok_or("CPUX86State.xcr0 not found")?;
+
+    // 6c. tsc_offset follows vm_vmcb (after old_exception, an int, and
+    // padding): RDTSC must read the host's counter plus what is put there.
+    let tsc_offset = ((old_exception + 4 + 7) & !7) + 8;
+    ram[PROBE_CODE as usize..PROBE_CODE as usize + 3].copy_from_slice(&[0x0f, 0x31, 0xf4]); // rdtsc; hlt
+    eng.flush_tb();
+    for (offset, lifted) in [(1u64 << 62, true), (0, false)] {
+        st.load(&eng);
+        st.end_exception();
+        st.set_rip(PROBE_CODE);
+        st.raw_data_mut()[tsc_offset..tsc_offset + 8].copy_from_slice(&offset.to_le_bytes());
+        st.store(&eng);
+        eng.start(PROBE_CODE, 0);
+        let tsc = (eng.read(Reg::RDX) << 32) | (eng.read(Reg::RAX) & 0xffff_ffff);
+        if (tsc >= 1 << 62) != lifted {
+            return Err("CPUX86State.tsc_offset is not where expected".into());
+        }
+    }
+    layout.tsc_offset = tsc_offset;
 
     // 7. The exit check after memory accesses: with it, a stop from an MMIO
     // write lands right after the store; without it, at the end of the block.

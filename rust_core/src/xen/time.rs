@@ -101,6 +101,10 @@ pub struct Clock {
     pub hz: u64,
     /// Wall-clock time (since the epoch) at system time 0.
     pub boot_wall: Duration,
+    /// What the guest's TSC reads past the host's (RDTSC adds it, see
+    /// `CpuState::set_tsc_offset`): 0, but for a restored domain, whose TSC
+    /// goes on from where it was saved.
+    pub guest_tsc_offset: u64,
 }
 
 impl Clock {
@@ -108,15 +112,22 @@ impl Clock {
         let hz = tsc_hz();
         let (mul, shift) = scale_for(hz);
         let boot_wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        Self { tsc0: rdtsc(), mul, shift, hz, boot_wall }
+        Self { tsc0: rdtsc(), mul, shift, hz, boot_wall, guest_tsc_offset: 0 }
     }
 
-    /// Go on from system time `ns` (a restored domain's): the guest sees
-    /// no time pass while it was saved, so none of its timers or watchdogs
-    /// jump; the wall clock is now's.
-    pub fn resume_at(&mut self, ns: u64) {
+    /// The guest's TSC now.
+    pub fn guest_tsc(&self) -> u64 {
+        rdtsc().wrapping_add(self.guest_tsc_offset)
+    }
+
+    /// Go on from system time `ns` and guest TSC `guest_tsc` (a restored
+    /// domain's): the guest sees no time pass while it was saved, so none
+    /// of its timers or watchdogs jump; the wall clock is now's.
+    pub fn resume_at(&mut self, ns: u64, guest_tsc: u64) {
         let ticks = (ns as u128 * self.hz as u128 / 1_000_000_000) as u64;
-        self.tsc0 = rdtsc().saturating_sub(ticks);
+        let host = rdtsc();
+        self.tsc0 = host.saturating_sub(ticks);
+        self.guest_tsc_offset = guest_tsc.wrapping_sub(host);
         let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.boot_wall = wall.saturating_sub(Duration::from_nanos(ns));
     }
@@ -139,7 +150,8 @@ impl Clock {
     pub fn time_info(&self) -> [u8; 32] {
         let tsc = rdtsc();
         let mut b = [0u8; 32];
-        b[8..16].copy_from_slice(&tsc.to_le_bytes());
+        // The guest's TSC at that instant: it computes from its own reads.
+        b[8..16].copy_from_slice(&tsc.wrapping_add(self.guest_tsc_offset).to_le_bytes());
         b[16..24].copy_from_slice(&self.ns_at(tsc).to_le_bytes());
         b[24..28].copy_from_slice(&self.mul.to_le_bytes());
         b[28] = self.shift as u8;
