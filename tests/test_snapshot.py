@@ -13,6 +13,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import zlib
 
 import pytest
@@ -253,7 +254,9 @@ def test_the_good_file_restores(good_save):
 
 # --------------------------------------------------------------- Debian's kernel
 
-STALLS = re.compile(r"soft lockup|rcu.*(stall|detected)|hung_task|BUG|Oops|Call Trace")
+# What a guest that saw time jump or stall would log.
+STALLS = re.compile(r"soft lockup|rcu.*(stall|detected)|hung_task|BUG|Oops|Call Trace|"
+                    r"Long readout interval|Marking clocksource|clocksource.*unstable")
 
 
 @pytest.fixture(scope="module")
@@ -311,17 +314,20 @@ def test_linux_save_restore_keeps_files_network_watches_and_time(linux_guest, tm
     dom.save(path)
     log_before = dom.console_output.decode(errors="replace")
     dom.close()
+    time.sleep(2.5)  # the file sits a while: the guest must not see that time
 
     r = pvhvm.Domain.restore(path)
     sh2 = GuestShell(r)
     assert sh2.ok("cat /tmp/f") == "written-before-save\n"
     t_after = uptime(sh2)
-    assert t_before <= t_after < t_before + 30, (t_before, t_after)
+    assert t_before <= t_after < t_before + 2.5, (t_before, t_after)
     # The network: the vif's rings and channels went on; passt is new.
     assert host_receives(sh2, router, "after-restore") == b"after-restore\n"
     # Timers that fell due fired: sleep works, the guest's clock moves.
     sh2.ok("sleep 1")
     assert uptime(sh2) >= t_after + 1
+    dmesg = sh2.ok("dmesg")
+    assert not STALLS.search(dmesg), STALLS.search(dmesg)
     # xenstore watches went with the save: Linux's control/shutdown watch
     # turns a poweroff request into a clean power-off.
     r.request_shutdown("poweroff")
