@@ -19,38 +19,17 @@ DOMU = 1
 HOME = "/local/domain/1"
 
 
-class Guest(test_xenstore_wire.Guest):
-    """The guest's side of the ring page, as test_xenstore_wire drives it,
-    taking the page as it is (a restored page keeps its indexes)."""
-
-    def __init__(self, page: bytearray) -> None:
-        self.page = page
-        self.inbox = bytearray()
-
-
 def json_round_trip(state: dict) -> dict:
     return json.loads(json.dumps(state))
 
 
-class Domain:
+class Domain(test_xenstore_wire.Setup):
     """A guest's ring page and its RingConnection; restored() is the same
     domain after a save/restore: a new Store and connection, the page copied
     as guest RAM would be."""
 
     def __init__(self, store: Store, page: bytearray | None = None, state: dict | None = None) -> None:
-        self.store = store
-        self.page = bytearray(4096) if page is None else page
-        self.guest = Guest(self.page)
-        self.kicks = 0
-        self.ring = RingConnection(memoryview(self.page), store, DOMU, self.kick, state=state)
-
-    def kick(self) -> None:
-        self.kicks += 1
-
-    def request(self, typ: int, payload: bytes, req_id: int = 1, tx: int = 0) -> list[Message]:
-        assert self.guest.send(Message(typ, req_id, tx, payload).encode())
-        self.ring.service()
-        return self.guest.messages()
+        super().__init__(store, domid=DOMU, page=page, state=state)
 
     def restored(self) -> "Domain":
         store_state = json_round_trip(self.store.save_state())

@@ -339,6 +339,14 @@ class Guest:
             self.set(off, start)
         self.inbox = bytearray()
 
+    @classmethod
+    def on(cls, page: bytearray) -> "Guest":
+        """The guest side of a page as it is (a restored page keeps its indexes)."""
+        g = cls.__new__(cls)
+        g.page = page
+        g.inbox = bytearray()
+        return g
+
     def get(self, off: int) -> int:
         return struct.unpack_from("<I", self.page, off)[0]
 
@@ -376,11 +384,16 @@ class Guest:
 
 
 class Setup:
-    def __init__(self, store: Store, start: int = 0, domid: int = DOMU) -> None:
-        self.page = bytearray(4096)
-        self.guest = Guest(self.page, start)
+    """A guest's ring page and the RingConnection serving it. `page`: a page
+    as it was (indexes kept), `state`: the connection's saved state."""
+
+    def __init__(self, store: Store, start: int = 0, domid: int = DOMU, page: bytearray | None = None,
+                 state: dict | None = None) -> None:
+        self.store = store
+        self.page = bytearray(4096) if page is None else page
+        self.guest = Guest(self.page, start) if page is None else Guest.on(self.page)
         self.kicks = 0
-        self.ring = RingConnection(memoryview(self.page), store, domid, self.kick)
+        self.ring = RingConnection(memoryview(self.page), store, domid, self.kick, state=state)
 
     def kick(self) -> None:
         self.kicks += 1
