@@ -398,7 +398,8 @@ def test_linux_disk_across_a_save_with_io_in_flight(tmp_path):
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(64 << 20)
-    dom, sh = boot_with_disks(prepare_default_guest(modules=["xen-blkfront"]), [str(img)])
+    guest = prepare_default_guest(modules=["xen-blkfront"])
+    dom, sh = boot_with_disks(guest, [str(img)])
     sh.ok("dd if=/dev/urandom of=/tmp/data bs=1M count=16 2>/dev/null; md5sum /tmp/data > /tmp/sum")
     sh.start("dd if=/tmp/data of=/dev/xvda bs=64k oflag=direct 2>&1; sync")
     dom.run_until(lambda: dom.disks[0].stats["writes"] > 20, 60)  # mid-copy
@@ -418,3 +419,15 @@ def test_linux_disk_across_a_save_with_io_in_flight(tmp_path):
         import hashlib
 
         assert hashlib.md5(f.read(16 << 20)).hexdigest() == want
+
+    # And a suspend of the same guest with its disk: the domain waits to be
+    # saved with its disk connected, and after the restore it is served.
+    dom, sh = boot_with_disks(guest, [str(img)])
+    dom.request_shutdown("suspend")
+    assert dom.run(timeout=120).reason is pvhvm.ShutdownReason.SUSPEND
+    dom.save(tmp_path / "suspended.sav")
+    dom.close()
+    r = pvhvm.Domain.restore(tmp_path / "suspended.sav")
+    sh2 = GuestShell(r)
+    assert sh2.ok("dd if=/dev/xvda bs=1M count=16 iflag=direct 2>/dev/null | md5sum").split()[0] == want
+    r.close()

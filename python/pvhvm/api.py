@@ -349,9 +349,12 @@ class Domain:
                 self.console.service()
                 self.outcome = outcome
                 # The domain is gone, as after xl destroy: its images are
-                # synced, unlocked and free for the next user.
-                for disk in self.disks:
-                    disk.close()
+                # synced, unlocked and free for the next user. A domain that
+                # suspended is not gone: it waits to be saved, its devices
+                # as they were (close() lets them go).
+                if self._suspended_vcpu is None:
+                    for disk in self.disks:
+                        disk.close()
                 return False
             if condition is not None and condition():
                 return True
