@@ -431,3 +431,9 @@ def test_linux_disk_across_a_save_with_io_in_flight(tmp_path):
     sh2 = GuestShell(r)
     assert sh2.ok("dd if=/dev/xvda bs=1M count=16 iflag=direct 2>/dev/null | md5sum").split()[0] == want
     r.close()
+
+
+def test_restore_refuses_a_domid_xen_would_not_give(good_save):
+    for bad in (0, 0x7FF0, 70000, True):
+        with pytest.raises(ValueError, match="domid must be"):
+            pvhvm.Domain.restore(good_save, domid=bad)

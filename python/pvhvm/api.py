@@ -505,8 +505,8 @@ class Domain:
             image.close()  # the mapping keeps what it needs of the file
 
     def snapshot(self) -> "Snapshot":
-        """The domain as it is now, in memory: its RAM in a sealed memfd
-        that this domain (from now on) and every domain made from the
+        """The domain as it is now, in memory: its RAM in a memfd that
+        this domain (from now on) and every domain made from the
         snapshot share copy-on-write. `Snapshot.spawn()` makes domains."""
         core, meta = self._capture()
         fd = os.memfd_create(f"pvhvm-{self.name}", os.MFD_CLOEXEC)
@@ -574,6 +574,8 @@ class Domain:
             saved = _SavedDomain.parse(meta)
         except (KeyError, TypeError, ValueError) as e:
             raise savefile.SaveFileError(f"{source}: damaged (domain record: {e})") from None
+        if domid is not None and (isinstance(domid, bool) or not isinstance(domid, int) or not 1 <= domid < 0x7FF0):
+            raise ValueError(f"domid must be 1 to {0x7FEF} (DOMID_FIRST_RESERVED - 1), not {domid!r}")
         self = cls.__new__(cls)
         self.name = name or saved.name
         self.domid = domid if domid is not None else saved.domid
