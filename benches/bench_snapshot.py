@@ -366,6 +366,9 @@ def fork_round(parent, n: int, timeout: float, log, previous=None) -> tuple[dict
     parent's RAM is on its memfd until then (memory_point counts open ones)."""
     from pvhvm.shell import GuestShell
 
+    # Domains this process dropped earlier (reference cycles) still hold
+    # their RAM until the cycle collector runs: not this round's memory.
+    gc.collect()
     mem = {"before": memory_point(1)}
     t0 = time.monotonic()
     try:
