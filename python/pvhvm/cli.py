@@ -112,6 +112,15 @@ def _mib_on_disk(path: Path) -> str:
     return f"{os.stat(path).st_blocks * 512 / (1 << 20):.1f}"
 
 
+def _trace_printer(term: Terminal):
+    """`--trace`: each hypercall on stderr, on lines of their own."""
+
+    def show(rec: HypercallRecord) -> None:
+        print(f"trace: {rec}", file=sys.stderr, end=term.eol)
+
+    return show
+
+
 def _say(term: Terminal, message: str) -> None:
     """One line of pvhvm's own while the console is attached: on a line of
     its own on a terminal, where the guest's output may have left the cursor
@@ -445,9 +454,7 @@ def boot(
     save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
     term = Terminal(escape=escape)
 
-    def show(rec: HypercallRecord) -> None:
-        print(f"trace: {rec}", file=sys.stderr, end=term.eol)
-
+    show = _trace_printer(term)
     if net == "auto":
         from .devices.net_host import find_passt
 
@@ -546,9 +553,7 @@ def restore(
     save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
     term = Terminal(escape=escape)
 
-    def show(rec: HypercallRecord) -> None:
-        print(f"trace: {rec}", file=sys.stderr, end=term.eol)
-
+    show = _trace_printer(term)
     usr1 = _SaveSignal()
     try:
         dom = Domain.restore(file, console=term.write, trace=show if trace else None, name=name,
