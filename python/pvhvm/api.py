@@ -236,6 +236,8 @@ class Domain:
         self.started_at: float | None = None  # time.monotonic() of the first run()
         # The SCHEDOP_shutdown(suspend) exit's vCPU, while the guest waits to be saved.
         self._suspended_vcpu: int | None = None
+        # Paused (xl pause, a debugger's stop): no vCPU runs, host sources are still served.
+        self._paused = False
 
         # The run loop's host side, and the device manager on it.
         self.loop = HostLoop(self._vm)
@@ -340,6 +342,14 @@ class Domain:
         if self.started_at is None:
             self.started_at = time.monotonic()
         while True:
+            if self._paused:
+                if self._wait_paused(condition, deadline):
+                    return True
+                if self._paused:  # the deadline passed while paused
+                    if condition is None:
+                        self.outcome = Outcome(OutcomeKind.TIMEOUT, message=f"paused for {timeout} s")
+                    return False
+                continue
             outcome = self._step()
             if outcome is None and deadline is not None and time.monotonic() > deadline:
                 if condition is not None:
@@ -358,6 +368,37 @@ class Domain:
                 return False
             if condition is not None and condition():
                 return True
+
+    @property
+    def paused(self) -> bool:
+        """Whether the domain is paused (`pause()`)."""
+        return self._paused
+
+    def pause(self) -> None:
+        """As `xl pause`: no vCPU runs until `unpause()`. Host sources (the
+        xenstore socket, a control socket, a debugger) are still served by
+        `run_until`, which goes on waiting on them; guest time goes on, as
+        under Xen. Call it on the run loop's thread, or through
+        call_soon_threadsafe."""
+        self._paused = True
+
+    def unpause(self) -> None:
+        self._paused = False
+        self.wake()
+
+    def _wait_paused(self, condition: Callable[[], bool] | None, deadline: float | None) -> bool:
+        """While paused: serve host sources until `condition()` holds (True),
+        the domain is unpaused, or `deadline` passes (False)."""
+        while self._paused:
+            if condition is not None and condition():
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if self.loop.poll(left if left is not None else None):
+                for service in self._after_events:
+                    service()
+        return False
 
     def _step(self) -> Outcome | None:
         """One run of the vCPU and the host work that follows it."""
