@@ -8,6 +8,7 @@ from ._core import CoreError
 from .api import MAX_VCPUS, Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason, self_test
 from .errors import BuildError, GuestError, PvhvmError
 from .shell import GuestShell
+from .toolstack import DomainHandle, ToolstackError, connect, create, list_domains
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,11 @@ __all__ = [
     "ShutdownReason",
     "HypercallRecord",
     "GuestShell",
+    "connect",
+    "create",
+    "list_domains",
+    "DomainHandle",
+    "ToolstackError",
     "self_test",
     "PvhvmError",
     "BuildError",

@@ -139,6 +139,7 @@ class Domain:
         vcpus: int = 1,
         disks=(),
         uuid: uuidlib.UUID | str | None = None,
+        nics=(),
     ) -> None:
         """`net`: the vif's host side: "passt" (user-mode networking, no
         root), "tap:NAME" (root), a NetHost object, or None/"none" for no
@@ -153,7 +154,10 @@ class Domain:
         above `memory_mib`; `set_memory_target` moves the target later.
         `uuid`: the domain's handle (xl's `uuid`), a UUID or its string;
         a random one when None. The guest reads it as XENVER_guest_handle
-        and in xenstore at /vm/<uuid>/uuid (Linux's /sys/hypervisor/uuid)."""
+        and in xenstore at /vm/<uuid>/uuid (Linux's /sys/hypervisor/uuid).
+        `nics`: network cards after `net`'s (xl's vif list), each with
+        `host` ("passt", "tap:NAME"), `mac` (or None) and `forwards`
+        (pvhvm.config.VifSpec); they get devids 0, 1, … in order."""
         from .builder.domain import HVM_PARAM_CONSOLE_EVTCHN, HVM_PARAM_STORE_EVTCHN, plan_domain
         from .devices.blkback import attach_disk
         from .devices.disk import assign_vdevs, parse_disk_spec
@@ -211,6 +215,10 @@ class Domain:
 
                 host = open_host(net, net_forwards) if isinstance(net, str) else net
                 self.vifs.append(attach_vif(self, host, mac=mac))
+            for nic in nics:
+                if not self.vifs:  # the first card's forwards are the ones a save keeps
+                    self._net, self._net_forwards = nic.host, tuple(_forward_text(f) for f in nic.forwards)
+                self.attach_nic(nic.host, mac=nic.mac, forwards=nic.forwards)
         except BaseException:
             self.close()
             raise
@@ -238,6 +246,9 @@ class Domain:
         self._suspended_vcpu: int | None = None
         # Paused (xl pause, a debugger's stop): no vCPU runs, host sources are still served.
         self._paused = False
+        # The xl-style config the domain was made from (pvhvm.config), kept in
+        # its saves so that a restored domain can be rebuilt on reboot.
+        self.config_text: str | None = None
 
         # The run loop's host side, and the device manager on it.
         self.loop = HostLoop(self._vm)
@@ -604,6 +615,7 @@ class Domain:
             "net": self._net if isinstance(self._net, str) else None,
             "net_forwards": [list(f) if isinstance(f, tuple) else f for f in self._net_forwards],
             "suspended_vcpu": self._suspended_vcpu,
+            "config": self.config_text,
         }
         return self._vm.save_state(), meta
 
@@ -638,6 +650,8 @@ class Domain:
         except _core.CoreError as e:
             raise savefile.SaveFileError(f"{source}: {e}") from None
         self._init_host_side(vm, console=console, trace=trace)
+        config = meta.get("config")
+        self.config_text = config if isinstance(config, str) else None
         store_state, ring_state = meta["xenstore"], meta["xenstore_ring"]
         try:
             if self.domid != saved.domid or self.name != saved.name or self.uuid != saved.uuid:
@@ -692,6 +706,59 @@ class Domain:
             device.resume(saved)
             self.devices.devices.append(device)
         self.devices.settle()
+
+    # -- hot-plug (xl network-attach/-detach, block-attach/-detach) ---------
+
+    def attach_disk(self, spec):
+        """As `xl block-attach`: a vbd on a raw image (a path, "PATH[,ro][,vdev=xvdb]"
+        or xl's disk spec), before or while the domain runs; the guest's
+        blkfront sees it appear. The next free vdev when the spec names none.
+        Call it on the run loop's thread. Returns the Blkback."""
+        from .devices.blkback import attach_disk
+        from .devices.disk import assign_vdevs, parse_disk_spec
+
+        spec = parse_disk_spec(spec) if isinstance(spec, (str, os.PathLike)) else spec
+        spec = assign_vdevs([d.spec for d in self.disks] + [spec])[-1]  # refuses a vdev taken
+        disk = attach_disk(self, spec)
+        self.disks.append(disk)
+        return disk
+
+    def detach_disk(self, vdev: str) -> None:
+        """As `xl block-detach`: unplug the vbd `vdev` (xvdb, 51728): its
+        nodes go, its image is synced and unlocked."""
+        for disk in self.disks:
+            if vdev in (disk.vdev, str(disk.devid)):
+                self.devices.detach(disk)
+                self.disks.remove(disk)
+                return
+        raise BuildError(f"no disk {vdev!r} (the domain has {', '.join(d.vdev for d in self.disks) or 'none'})")
+
+    def attach_nic(self, host="passt", *, mac: str | None = None, forwards=()):
+        """As `xl network-attach`: a vif on `host` ("passt", "tap:NAME" or a
+        NetHost), with the next free devid. Returns the Netback."""
+        from .devices.net_host import open_host
+        from .devices.netback import attach_vif
+
+        devid = max((v.devid for v in self.vifs), default=-1) + 1
+        # "none" opens nothing: a card with no link.
+        end = open_host(host, forwards) if isinstance(host, str) else host
+        try:
+            vif = attach_vif(self, end, devid=devid, mac=mac)
+        except BaseException:
+            if end is not None:
+                end.close()
+            raise
+        self.vifs.append(vif)
+        return vif
+
+    def detach_nic(self, devid: int) -> None:
+        """As `xl network-detach`: unplug vif `devid`; its host end is closed."""
+        for vif in self.vifs:
+            if vif.devid == devid:
+                self.devices.detach(vif)
+                self.vifs.remove(vif)
+                return
+        raise BuildError(f"no network card {devid} (the domain has {', '.join(str(v.devid) for v in self.vifs) or 'none'})")
 
     def set_memory_target(self, mib: int) -> None:
         """As `xl mem-set`: write memory/target; the guest's balloon driver
@@ -980,6 +1047,13 @@ def _renamed_store(state: dict, ring: dict, old: _SavedDomain, new: Domain) -> t
     conns = [dict(c, domid=n if c["domid"] == o else c["domid"]) for c in state["guest_connections"]]
     introduced = [n if d == o else d for d in state["introduced"]]
     return dict(state, nodes=nodes, guest_connections=conns, introduced=introduced), dict(ring, domid=n)
+
+
+def _forward_text(f) -> str | tuple:
+    """A port forward as a save's domain record keeps it (JSON)."""
+    from .devices.net_host import Forward
+
+    return f"{f.proto}:{f.host_port}:{f.guest_port}" if isinstance(f, Forward) else f
 
 
 def _version() -> str:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Callable, NoReturn, Optional
 
 import typer
 
@@ -24,6 +24,7 @@ EXIT_BAD_INPUT = 2
 
 app = typer.Typer(
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="A Xen hypervisor in user space for PVH guests, on the Unicorn CPU emulator.",
@@ -249,9 +250,13 @@ def _suspended(dom: Domain, save_on_suspend: Path | None) -> int:
 
 def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: float | None,
                  xenstore_socket: Path | None, save_to: Path | None, save_on_suspend: Path | None,
-                 snapshot: _FirstPromptSnapshot | None = None, nudge: bool = False) -> NoReturn:
+                 snapshot: _FirstPromptSnapshot | None = None, nudge: bool = False,
+                 rebuild: Callable[[], Domain] | None = None) -> NoReturn:
     """Run `dom` with its console on `term` until it ends, then exit with
-    its status: the session of `pvhvm boot` and `pvhvm restore`."""
+    its status: the session of `pvhvm boot` and `pvhvm restore`. A guest
+    that reboots is built again by `rebuild` (on_reboot="restart"), with the
+    console still attached; without it pvhvm exits 3."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         if xenstore_socket is not None:
             print(f"pvhvm: xenstore on {xenstore_socket} (export XENSTORED_PATH={xenstore_socket})",
@@ -260,7 +265,19 @@ def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: flo
             with term.attach(dom):
                 if nudge:
                     term.nudge()
-                outcome = _run_until_end(dom, term, timeout, save_to, usr1, snapshot)
+                while True:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    outcome = _run_until_end(dom, term, left, save_to, usr1, snapshot)
+                    if rebuild is None or outcome.reason is not ShutdownReason.REBOOT:
+                        break
+                    _say(term, f"domain {dom.name} rebooted; building it again (on_reboot=restart)")
+                    dom.close()
+                    try:
+                        dom = rebuild()
+                    except (PvhvmError, _core.CoreError) as e:
+                        _say(term, f"cannot restart: {e}")
+                        raise typer.Exit(EXIT_BAD_INPUT) from None
+                    term.switch_domain(dom)
             if outcome.kind is OutcomeKind.SHUTDOWN and outcome.reason is ShutdownReason.SUSPEND:
                 raise typer.Exit(_suspended(dom, save_on_suspend))
         except KeyboardInterrupt:
@@ -273,7 +290,7 @@ def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: flo
     finally:
         usr1.close()
         dom.close()
-    if outcome.crashed or outcome.kind in (OutcomeKind.HUNG, OutcomeKind.TIMEOUT):
+    if outcome.crashed or outcome.kind is OutcomeKind.HUNG:
         print(dom.crash_report(), file=sys.stderr)
     print(f"pvhvm: domain {outcome}", file=sys.stderr)
     raise typer.Exit(outcome.exit_status)
@@ -342,8 +359,8 @@ FORWARD_HELP = ("With passt: 127.0.0.1:HOSTPORT on the host reaches GUESTPORT in
 EXIT_STATUS_HELP = """\
     Exit status: 0 the guest powered off (or suspended and was saved by
     --save-on-suspend); 1 it crashed (SHUTDOWN_crash, triple fault, emulator
-    error); 2 bad input; 3 reboot; 4 suspend (nothing saved); 5 watchdog;
-    6 soft reset; 7 hung (halted or blocked with nothing to wake it);
+    error); 2 bad input; 3 reboot (not rebuilt: --on-reboot destroy);
+    4 suspend (nothing saved); 5 watchdog; 6 soft reset; 7 hung (halted or blocked with nothing to wake it);
     8 --timeout expired; 130 interrupted (Ctrl-C from outside, or detached
     with the escape key); 129 SIGHUP; 143 SIGTERM."""
 
@@ -403,6 +420,11 @@ def boot(
     save_on_suspend: Annotated[
         Optional[Path], typer.Option("--save-on-suspend", metavar="FILE", help=SAVE_ON_SUSPEND_HELP)
     ] = None,
+    on_reboot: Annotated[
+        str, typer.Option("--on-reboot", metavar="restart|destroy",
+                          help="When the guest reboots: build it again with the console still attached "
+                          "(restart, as xl's default), or end with status 3 (destroy).")
+    ] = "restart",
     snapshot: Annotated[
         bool, typer.Option("--snapshot",
                            help="Start the default guest (no KERNEL) from a snapshot at its shell prompt, in "
@@ -442,6 +464,8 @@ def boot(
     """
     escape = _escape_key(escape_char)
     nr_vcpus = _vcpus(vcpus)
+    if on_reboot not in ("restart", "destroy"):
+        raise _fail(f"--on-reboot must be restart or destroy, not {on_reboot!r}")
     if arch is not None:
         arch = _guest_arch(arch)
         if kernel is not None:
@@ -479,17 +503,28 @@ def boot(
                                         xenstore_socket=xenstore_socket, forward=forward)
                 if dom is None:
                     first_prompt = _FirstPromptSnapshot(cached, term)
+
+        def build() -> Domain:
+            return Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
+                          console=term.write, trace=show if trace else None, system_map=system_map,
+                          xenstore_socket=xenstore_socket, net=net, net_forwards=forward or (), vcpus=nr_vcpus,
+                          disks=disk or ())
+
         if dom is None:
-            dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
-                         console=first_prompt.write if first_prompt is not None else term.write,
-                         trace=show if trace else None, system_map=system_map, xenstore_socket=xenstore_socket,
-                         net=net, net_forwards=forward or (), vcpus=nr_vcpus, disks=disk or ())
+            if first_prompt is not None:
+                dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
+                             console=first_prompt.write, trace=show if trace else None, system_map=system_map,
+                             xenstore_socket=xenstore_socket, net=net, net_forwards=forward or (),
+                             vcpus=nr_vcpus, disks=disk or ())
+            else:
+                dom = build()
     except (PvhvmError, _core.CoreError) as e:
         usr1.close()
         raise _fail(str(e)) from None
     # Restored from the snapshot, the shell waits at a prompt nobody saw: a fresh one.
     _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
-                 save_on_suspend=save_on_suspend, snapshot=first_prompt, nudge=snapshot and first_prompt is None)
+                 save_on_suspend=save_on_suspend, snapshot=first_prompt, nudge=snapshot and first_prompt is None,
+                 rebuild=build if on_reboot == "restart" else None)
 
 
 boot.__doc__ = boot.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
@@ -594,20 +629,34 @@ def inspect(
 
 @app.command()
 def shutdown(
-    socket_path: Annotated[Path, typer.Argument(metavar="SOCKET", help="The domain's --xenstore-socket.")],
+    target: Annotated[str, typer.Argument(metavar="NAME|SOCKET", help="A background domain's name, or the "
+                                          "--xenstore-socket of a `pvhvm boot`.", show_default=False)],
+    wait: Annotated[bool, typer.Option("-w", "--wait", help="Wait until the domain has gone down.")] = False,
     reboot: Annotated[bool, typer.Option("--reboot", help="Ask for a reboot instead of a power-off.")] = False,
-    domid: Annotated[int, typer.Option(help="The domain's id.")] = 1,
+    domid: Annotated[int, typer.Option(help="With SOCKET: the domain's id.")] = 1,
 ) -> None:
-    """Ask a running domain to shut down cleanly, as `xl shutdown` does: write
-    its control/shutdown node through the xenstore socket it was booted with
-    (`pvhvm boot --xenstore-socket SOCKET`). The guest powers off (or
-    reboots) itself; `pvhvm boot` then exits 0 (or 3)."""
+    """Ask a domain to shut down cleanly, as `xl shutdown` does: write its
+    control/shutdown node; the guest powers off (or reboots) itself.
+
+    NAME: a background domain (`pvhvm create`); -w waits until it is down.
+    SOCKET: the xenstore socket a foreground `pvhvm boot --xenstore-socket
+    SOCKET` serves; that `pvhvm boot` then exits 0.
+
+    Exit status: 0 asked (and with -w, done); 1 the domain could not be
+    asked (ended, paused); 2 no such domain or socket."""
     from .xenstore.client import xs_write
 
-    try:
-        xs_write(socket_path, f"/local/domain/{domid}/control/shutdown", "reboot" if reboot else "poweroff")
-    except PvhvmError as e:
-        raise _fail(str(e)) from None
+    if "/" in target or Path(target).is_socket():
+        try:
+            xs_write(Path(target), f"/local/domain/{domid}/control/shutdown", "reboot" if reboot else "poweroff")
+        except PvhvmError as e:
+            raise _fail(str(e)) from None
+        return
+    from .toolstack import commands
+
+    result = commands._call(target, "shutdown", "reboot" if reboot else "poweroff", wait=wait)
+    if result:
+        print(f"pvhvm: domain {target}: {result['outcome']}; {result['action']}", file=sys.stderr)
 
 
 @app.command("fetch-guest")
@@ -688,6 +737,15 @@ def self_test() -> None:
         print(f"pvhvm: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     print("ok: " + ", ".join(f"{k}={v}" for k, v in offsets.items()))
+
+
+def _register_toolstack() -> None:
+    from .toolstack.commands import register
+
+    register(app)
+
+
+_register_toolstack()
 
 
 def main() -> None:

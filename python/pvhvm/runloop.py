@@ -26,7 +26,7 @@ class HostLoop:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, {selectors.EVENT_READ: self._drain_wakeups})
         # While every vCPU idles the core sleeps itself, until a timer or
         # until one of these sources is ready (the selector's own fd).
         vm.set_host_fd(self._selector.fileno())
@@ -35,10 +35,36 @@ class HostLoop:
 
     def add_reader(self, fileobj, callback: Callable[[], None]) -> None:
         """Call `callback` (on the run loop's thread) when `fileobj` is readable."""
-        self._selector.register(fileobj, selectors.EVENT_READ, callback)
+        self._watch(fileobj, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fileobj) -> None:
-        self._selector.unregister(fileobj)
+        self._unwatch(fileobj, selectors.EVENT_READ)
+
+    def add_writer(self, fileobj, callback: Callable[[], None]) -> None:
+        """Call `callback` when `fileobj` is writable (a client that had more
+        output than its socket took), until `remove_writer`."""
+        self._watch(fileobj, selectors.EVENT_WRITE, callback)
+
+    def remove_writer(self, fileobj) -> None:
+        self._unwatch(fileobj, selectors.EVENT_WRITE)
+
+    def _watch(self, fileobj, event: int, callback: Callable[[], None]) -> None:
+        try:
+            key = self._selector.get_key(fileobj)
+        except KeyError:
+            self._selector.register(fileobj, event, {event: callback})
+            return
+        callbacks = dict(key.data)
+        callbacks[event] = callback
+        self._selector.modify(fileobj, key.events | event, callbacks)
+
+    def _unwatch(self, fileobj, event: int) -> None:
+        key = self._selector.get_key(fileobj)
+        callbacks = {e: cb for e, cb in key.data.items() if e != event}
+        if callbacks:
+            self._selector.modify(fileobj, key.events & ~event, callbacks)
+        else:
+            self._selector.unregister(fileobj)
 
     def wake(self) -> None:
         """From any thread: make the run loop look at its sources soon."""
@@ -66,8 +92,10 @@ class HostLoop:
         """Serve ready sources, waiting up to `timeout` (None: forever).
         True if any was ready."""
         events = self._selector.select(timeout)
-        for key, _ in events:
-            key.data()
+        for key, mask in events:
+            for event, callback in list(key.data.items()):
+                if mask & event:
+                    callback()
         return bool(events)
 
     @property

@@ -242,13 +242,16 @@ class Terminal:
 
     def _read_in_thread(self, fd: int) -> None:
         # For what epoll cannot watch (regular files, /dev/null): a blocking
-        # reader that hands each chunk to the run loop's thread.
-        dom = self._dom
+        # reader that hands each chunk to the run loop's thread (of the
+        # domain attached now: a rebooted guest is another Domain).
         while True:
             try:
                 data = os.read(fd, 65536)
             except OSError:
                 data = b""
+            dom = self._dom
+            if dom is None:
+                return
             if not data:
                 dom.call_soon_threadsafe(self._end_of_input)
                 return
@@ -291,13 +294,15 @@ class Terminal:
             elif os.isatty(fd):
                 if self._owns_terminal(fd) and self._output_on_terminal():
                     self._enter_raw_mode(fd)
-                    dom.add_reader(fd, self._on_terminal_input)
+                    self._reader = self._on_terminal_input
+                    dom.add_reader(fd, self._reader)
                     self._reading = True
                 else:
                     self._at_eof = True  # nobody there for us: as if stdin were empty
             else:
                 try:
-                    dom.add_reader(fd, self._on_stream_input)
+                    self._reader = self._on_stream_input
+                    dom.add_reader(fd, self._reader)
                     self._reading = True
                 except (OSError, ValueError):  # EPERM from epoll: a regular file or /dev/null
                     threading.Thread(target=self._read_in_thread, args=(fd,), daemon=True,
@@ -308,6 +313,16 @@ class Terminal:
             self._stop_reading()
             self._restore()
             self._dom = None
+
+    def switch_domain(self, dom: Domain) -> None:
+        """Carry the attached session over to `dom` (the guest built again
+        after it rebooted): raw mode and the signal handlers stay."""
+        if self._reading and self._dom is not None:
+            self._dom.remove_reader(self.fd)
+            dom.add_reader(self.fd, self._reader)
+        self._dom = dom
+        self._guest_waiting = False
+        self._tail = b""
 
     def _output_on_terminal(self) -> bool:
         """Whether someone can see the session: stdout or stderr is a
