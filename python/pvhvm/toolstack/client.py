@@ -28,6 +28,8 @@ START_TIMEOUT = 120.0
 
 def log_dir() -> Path:
     """Domain processes' logs, as xl's /var/log/xen/xl-NAME.log."""
+    if os.environ.get("PVHVM_LOG_DIR"):
+        return Path(os.environ["PVHVM_LOG_DIR"])
     if os.geteuid() == 0:
         return Path("/var/log/pvhvm")
     state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")

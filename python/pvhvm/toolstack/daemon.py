@@ -123,8 +123,8 @@ class DomainProcess:
                                               base_dir=Path("/"))
         else:
             assert self.config is not None
-            dom = Domain(**self.config.domain_kwargs(), domid=domid, name=self.name,
-                         console=self.server.hub.output)
+            kwargs = {**self.config.domain_kwargs(), "name": self.name}  # --name may rename it
+            dom = Domain(**kwargs, domid=domid, console=self.server.hub.output)
             dom.config_text = self.config.to_text()
             online = getattr(self.config, "online_vcpus", None)
             if online is not None and online < dom.vcpus:
@@ -226,6 +226,9 @@ class DomainProcess:
     # -- requests ------------------------------------------------------------
 
     def handle(self, request: Request) -> None:
+        if request.refusal is not None or request.command is None:
+            request.fail(*(request.refusal or ("no command", protocol.GENERIC)))
+            return
         handler = getattr(self, "cmd_" + request.command.replace("-", "_"))
         try:
             result = handler(request.arguments)

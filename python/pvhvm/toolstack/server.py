@@ -120,8 +120,10 @@ class Connection:
 class Request:
     conn: Connection
     ident: Any
-    command: str
+    command: str | None
     arguments: dict = field(default_factory=dict)
+    # A request refused as it arrived, answered in its turn (replies keep the order of requests).
+    refusal: tuple[str, str] | None = None
 
     def reply(self, value: Any = None) -> None:
         message: dict = {"return": {} if value is None else value}
@@ -230,18 +232,18 @@ class ControlServer:
         try:
             message = protocol.decode(line)
         except ValueError as e:
-            conn.reply(protocol.error(f"not a JSON object: {e}"))
+            self.requests.append(Request(conn, None, None, refusal=(f"not a JSON object: {e}", protocol.GENERIC)))
             return
         ident = message.get("id")
         command = message.get("execute")
         arguments = message.get("arguments", {})
+        refusal = None
         if not isinstance(command, str) or not isinstance(arguments, dict):
-            conn.reply(protocol.error("expected {\"execute\": NAME, \"arguments\": {...}}", ident=ident))
-            return
-        if command not in self.commands:
-            conn.reply(protocol.error(f"no command {command!r}", protocol.COMMAND_NOT_FOUND, ident))
-            return
-        self.requests.append(Request(conn, ident, command, arguments))
+            refusal = ("expected {\"execute\": NAME, \"arguments\": {...}}", protocol.GENERIC)
+        elif command not in self.commands:
+            refusal = (f"no command {command!r}", protocol.COMMAND_NOT_FOUND)
+        self.requests.append(Request(conn, ident, command if refusal is None else None, arguments
+                                     if refusal is None else {}, refusal))
 
     def take_requests(self) -> list[Request]:
         taken = [r for r in self.requests if not r.conn.closed]
