@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -205,9 +206,9 @@ class _FirstPromptSnapshot:
         self.term.release_input()
 
 
-def _run_until_end(dom: Domain, term: Terminal, timeout: float | None, save_to: Path | None,
-                   usr1: _SaveSignal, snapshot: _FirstPromptSnapshot | None) -> Outcome:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _run_until_end(dom: Domain, term: Terminal, timeout: float | None, deadline: float | None,
+                   save_to: Path | None, usr1: _SaveSignal, snapshot: _FirstPromptSnapshot | None) -> Outcome:
+    """Run `dom` until it ends or `deadline` (`timeout` s after the session began) passes."""
 
     def host_work() -> bool:
         return usr1.pending or (snapshot is not None and snapshot.due)
@@ -266,8 +267,7 @@ def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: flo
                 if nudge:
                     term.nudge()
                 while True:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    outcome = _run_until_end(dom, term, left, save_to, usr1, snapshot)
+                    outcome = _run_until_end(dom, term, timeout, deadline, save_to, usr1, snapshot)
                     if rebuild is None or outcome.reason is not ShutdownReason.REBOOT:
                         break
                     _say(term, f"domain {dom.name} rebooted; building it again (on_reboot=restart)")
@@ -504,20 +504,17 @@ def boot(
                 if dom is None:
                     first_prompt = _FirstPromptSnapshot(cached, term)
 
-        def build() -> Domain:
-            return Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
-                          console=term.write, trace=show if trace else None, system_map=system_map,
-                          xenstore_socket=xenstore_socket, net=net, net_forwards=forward or (), vcpus=nr_vcpus,
-                          disks=disk or ())
+        # The flags as a domain config: what `pvhvm create` would read from a file.
+        config = _boot_config(kernel, initrd, cmdline, memory, maxmem, nr_vcpus, net, forward, disk, system_map,
+                              xenstore_socket, on_reboot)
+
+        def build(console=term.write) -> Domain:
+            dom = Domain(**config.domain_kwargs(), console=console, trace=show if trace else None)
+            dom.config_text = config.to_text()
+            return dom
 
         if dom is None:
-            if first_prompt is not None:
-                dom = Domain(kernel, initrd=initrd, cmdline=cmdline, memory_mib=memory, maxmem_mib=maxmem,
-                             console=first_prompt.write, trace=show if trace else None, system_map=system_map,
-                             xenstore_socket=xenstore_socket, net=net, net_forwards=forward or (),
-                             vcpus=nr_vcpus, disks=disk or ())
-            else:
-                dom = build()
+            dom = build(first_prompt.write) if first_prompt is not None else build()
     except (PvhvmError, _core.CoreError) as e:
         usr1.close()
         raise _fail(str(e)) from None
@@ -528,6 +525,27 @@ def boot(
 
 
 boot.__doc__ = boot.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
+
+
+def _boot_config(kernel: Path, initrd: Path | None, cmdline: str, memory: int, maxmem: int | None, vcpus: int,
+                 net: str, forward: list[str] | None, disk: list[str] | None, system_map: Path | None,
+                 xenstore_socket: Path | None, on_reboot: str):
+    """`pvhvm boot`'s flags as the settings of a config file (pvhvm.config)."""
+    from .config import DomainConfig, VifSpec
+    from .devices.disk import assign_vdevs, parse_disk_spec
+    from .devices.net_host import parse_forward
+
+    forwards = tuple(parse_forward(f) for f in forward or ())
+    if forwards and net != "passt":
+        raise PvhvmError("port forwards need --net passt")
+    return DomainConfig(
+        name="pvhvm", kernel=Path(kernel).absolute(), ramdisk=Path(initrd).absolute() if initrd else None,
+        cmdline=cmdline, memory=memory, maxmem=maxmem, vcpus=vcpus, online_vcpus=vcpus,
+        vifs=() if net == "none" else (VifSpec(net, None, forwards),),
+        disks=tuple(dataclasses.replace(d, path=Path(d.path).absolute())
+                    for d in assign_vdevs([parse_disk_spec(d) for d in disk or ()])),
+        system_map=Path(system_map).absolute() if system_map else None,
+        xenstore_socket=Path(xenstore_socket).absolute() if xenstore_socket else None, on_reboot=on_reboot)
 
 
 def _restore_snapshot(path: Path, term: Terminal, *, trace, xenstore_socket: Path | None,
@@ -568,9 +586,14 @@ def restore(
     save_on_suspend: Annotated[
         Optional[Path], typer.Option("--save-on-suspend", metavar="FILE", help=SAVE_ON_SUSPEND_HELP)
     ] = None,
+    background: Annotated[
+        bool, typer.Option("--background", "-b", help="Run it in the background, as `xl restore` and `pvhvm "
+                           "create` do: reached by name (`pvhvm list`, `pvhvm console NAME` …).")
+    ] = False,
 ) -> None:
     """Continue a saved domain from FILE, with its console attached as
-    `pvhvm boot` attaches it (same keys, piped input, exit statuses).
+    `pvhvm boot` attaches it (same keys, piped input, exit statuses), or
+    in the background with --background.
 
     Everything comes back as it was saved: vCPUs, memory, event channels,
     xenstore, devices (disks are opened again; the network's host side is
@@ -586,6 +609,15 @@ def restore(
     escape = _escape_key(escape_char)
     save_to = _save_path("--save-to", save_to)
     save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
+    if background:
+        from .toolstack import restore_in_background
+
+        try:
+            handle = restore_in_background(file, name=name)
+        except PvhvmError as e:
+            raise _fail(str(e)) from None
+        print(f"pvhvm: domain {handle.name} restored (domid {handle.domid}, pid {handle.pid})", file=sys.stderr)
+        return
     term = Terminal(escape=escape)
 
     show = _trace_printer(term)
@@ -597,7 +629,27 @@ def restore(
         usr1.close()
         raise _fail(str(e)) from None
     _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
-                 save_on_suspend=save_on_suspend)
+                 save_on_suspend=save_on_suspend, rebuild=_rebuilder(dom, term.write, show if trace else None))
+
+
+def _rebuilder(dom: Domain, console, trace) -> Callable[[], Domain] | None:
+    """For a restored domain that reboots: built again from the config it
+    was made from (a save by the toolstack keeps it), else none."""
+    if dom.config_text is None:
+        return None
+    from .config import parse_config
+
+    config, _ = parse_config(dom.config_text, source=f"the saved config of {dom.name}", base_dir=Path("/"))
+    if config.on_reboot != "restart":
+        return None
+
+    def build() -> Domain:
+        rebuilt = Domain(**{**config.domain_kwargs(), "name": dom.name}, domid=dom.domid, console=console,
+                         trace=trace)
+        rebuilt.config_text = dom.config_text
+        return rebuilt
+
+    return build
 
 
 restore.__doc__ = restore.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
