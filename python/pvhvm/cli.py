@@ -352,8 +352,8 @@ EXIT_STATUS_HELP = """\
 def boot(
     kernel: Annotated[
         Optional[Path],
-        typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux). Default: Debian's cloud kernel, "
-                       "fetched and cached by `pvhvm fetch-guest`.", show_default=False),
+        typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux, or a bzImage, e.g. vmlinuz). Default: Debian's "
+                       "cloud kernel, fetched and cached by `pvhvm fetch-guest`.", show_default=False),
     ] = None,
     initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk, passed as the first module.")] = None,
     cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = DEFAULT_CMDLINE,
@@ -570,14 +570,15 @@ restore.__doc__ = restore.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
 
 @app.command()
 def inspect(
-    kernel: Annotated[Path, typer.Argument(help="Kernel image (ELF).", show_default=False)],
+    kernel: Annotated[Path, typer.Argument(help="Kernel image (ELF, or a bzImage).", show_default=False)],
 ) -> None:
     """Show a kernel's entry points, loadable segments and Xen ELF notes."""
     try:
         img = load_elf(kernel)
     except PvhvmError as e:
         raise _fail(str(e)) from None
-    print(f"{img.path}: ELF{img.elf_class} {'x86-64' if img.machine == 62 else 'i386'}")
+    from_bzimage = f" (in a bzImage, {img.compression} payload)" if img.compression else ""
+    print(f"{img.path}: ELF{img.elf_class} {'x86-64' if img.machine == 62 else 'i386'}{from_bzimage}")
     print(f"  ELF entry:        {img.entry:#x}")
     pvh = img.phys32_entry
     print(f"  PVH entry:        {pvh:#x}" if pvh is not None else "  PVH entry:        none (not bootable by pvhvm)")

@@ -118,7 +118,8 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
     image = load_elf(kernel)
     entry = image.phys32_entry
     if entry is None:
-        raise BuildError(f"{image.path}: no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
+        inside = " in this bzImage's vmlinux" if image.compression else ""
+        raise BuildError(f"{image.path}: no PVH entry point{inside} (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
                          "is the kernel built with CONFIG_XEN_PVH?")
     memory_bytes = memory_mib << 20
     layout = PhysLayout(memory_bytes)
