@@ -455,10 +455,13 @@ def boot(
     term = Terminal(escape=escape)
 
     show = _trace_printer(term)
-    if net == "auto":
-        from .devices.net_host import find_passt
+    from .devices import net_host
 
-        net = "passt" if find_passt() else "none"
+    requested_net = net
+    if net == "auto":
+        net = "passt" if net_host.find_passt() else "none"
+    net_warning = net_host.network_warning(requested_net, net)  # said once the domain is built
+    net_host.set_warning_sink(lambda message: _say(term, message))  # e.g. a TAP nothing answers DHCP on
     if root is not None:
         cmdline = f"{cmdline} root={root} rw"
     usr1 = _SaveSignal()
@@ -487,6 +490,8 @@ def boot(
     except (PvhvmError, _core.CoreError) as e:
         usr1.close()
         raise _fail(str(e)) from None
+    if net_warning is not None:
+        print(f"pvhvm: {net_warning}", file=sys.stderr)
     # Restored from the snapshot, the shell waits at a prompt nobody saw: a fresh one.
     _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
                  save_on_suspend=save_on_suspend, snapshot=first_prompt, nudge=snapshot and first_prompt is None)
