@@ -146,9 +146,12 @@ def kernel_of_bzimage(path: Path, data) -> tuple[Path | None, bytes | mmap.mmap,
         try:
             with open(cached, "rb") as f:
                 elf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            os.utime(cached)  # recently used: kept by the pruning below
         except (OSError, ValueError):
             continue
+        try:
+            os.utime(cached)  # recently used: kept by the pruning below
+        except OSError:
+            pass  # a read-only cache still serves
         return cached, elf, cached.name.split(".")[1]
     elf, compression = decompress_kernel(data, path)
     target = where / f"{key}.{compression}.vmlinux"
