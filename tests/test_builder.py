@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from conftest import PVH_NOTE, make_elf64
 from pvhvm.builder import PhysLayout, build_start_info, load_elf
+from pvhvm.builder.domain import plan_domain
 from pvhvm.builder.elf import parse_elf
 from pvhvm.builder.layout import E820_RAM, E820_RESERVED
 from pvhvm.builder.start_info import HVM_START_MAGIC, PlacedModule
@@ -122,3 +127,88 @@ def test_start_info_bytes():
 def test_command_line_limit():
     with pytest.raises(BuildError, match="command line"):
         build_start_info(PhysLayout(32 << 20), "x" * 5000, [])
+
+
+# --------------------------------------------------------------------------- initrd
+
+
+TINY_KERNEL = make_elf64([(0x100000, b"\xf4" * 16)], [(PVH_NOTE, (0x100000).to_bytes(4, "little"))])
+
+HUGE_INITRD_PROBE = """
+import resource, sys, time
+from pvhvm.builder.domain import plan_domain
+from pvhvm.errors import BuildError
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+try:
+    plan_domain(sys.argv[1], sys.argv[2], memory_mib=256)
+except BuildError as e:
+    print(e)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_huge_initrd_is_refused_from_its_size_without_reading_it(tmp_path):
+    """A 2 GiB initrd for a 256 MiB domain: refused in one line by its size,
+    in well under a second, and the process's peak RSS does not grow (it
+    used to read all 2 GiB first)."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(TINY_KERNEL)
+    huge = tmp_path / "huge.img"
+    with open(huge, "wb") as f:
+        f.truncate(2 << 30)  # sparse: costs no disk
+    p = subprocess.run([sys.executable, "-c", HUGE_INITRD_PROBE, str(kernel), str(huge)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    message, numbers = p.stdout.strip().splitlines()
+    assert message == f"{huge}: initrd (2048 MiB) does not fit in guest RAM (256 MiB)"
+    seconds, rss_growth_kib = numbers.split()
+    assert float(seconds) < 0.25, seconds
+    assert int(rss_growth_kib) < 16 << 10, rss_growth_kib
+
+
+def test_initrd_is_mapped_and_lands_whole_in_the_plan(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(TINY_KERNEL)
+    initrd = tmp_path / "initrd"
+    data = os.urandom(3 << 20)
+    initrd.write_bytes(data)
+    plan = plan_domain(kernel, initrd, memory_mib=64)
+    placed = plan.placement.initrd
+    assert placed.size == len(data)
+    assert bytes(dict(plan.blobs)[placed.paddr]) == data
+    with pytest.raises(BuildError, match="initrd is empty"):
+        initrd.write_bytes(b"")
+        plan_domain(kernel, initrd, memory_mib=64)
+
+
+def test_initrd_from_a_pipe_is_read_up_to_what_fits(tmp_path):
+    """A pipe (`--initrd <(...)`) has no size to check first: it is read up
+    to one byte past the domain's memory, then refused."""
+    kernel = tmp_path / "k"
+    kernel.write_bytes(TINY_KERNEL)
+
+    def plan_from_pipe(data: bytes, memory_mib: int):
+        r, w = os.pipe()
+        writer = threading.Thread(target=lambda: (_write_all(w, data), os.close(w)))
+        writer.start()
+        try:
+            return plan_domain(kernel, f"/proc/self/fd/{r}", memory_mib=memory_mib)
+        finally:
+            os.close(r)  # a refused pipe stops its writer (EPIPE)
+            writer.join(10)
+
+    data = os.urandom(1 << 20)
+    plan = plan_from_pipe(data, 32)
+    assert bytes(dict(plan.blobs)[plan.placement.initrd.paddr]) == data
+    with pytest.raises(BuildError, match=r"initrd \(more\) does not fit in guest RAM \(32 MiB\)"):
+        plan_from_pipe(b"\0" * (40 << 20), 32)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except BrokenPipeError:
+        pass

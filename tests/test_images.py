@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import pvhvm
 from conftest import PVH_NOTE, make_elf64
 from pvhvm.builder import load_elf
 from pvhvm.errors import BuildError
@@ -245,6 +246,7 @@ def fake_bzimage(payload: bytes, uncompressed_len: int, with_header: bool) -> by
     blob = payload + struct.pack("<I", uncompressed_len)
     if with_header:
         prefix[0x1F1] = 3  # setup sectors: the protected-mode part starts at 4 * 512
+        prefix[0x1FE:0x200] = b"\x55\xaa"  # the boot sector's signature
         prefix[0x202:0x208] = b"HdrS" + struct.pack("<H", 0x20F)
         prefix[0x248:0x250] = struct.pack("<II", 0x40, len(blob))
         prefix += noise(0x40)
@@ -290,6 +292,77 @@ def test_extract_vmlinux_without_payload_is_a_build_error(tmp_path):
     assert not (tmp_path / "vmlinux").exists()
     with pytest.raises(BuildError, match="cannot read"):
         extract_vmlinux(tmp_path / "missing", tmp_path / "vmlinux")
+
+
+# --------------------------------------------------------------------------- a bzImage as the kernel
+
+
+def pvhvm_cli(*args, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PVHVM_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "pvhvm", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pvhvm: ") and needle in lines[0], p.stderr
+
+
+def test_a_bzimage_boots_as_its_vmlinux_and_is_cached_by_hash(guests, tmp_path, monkeypatch):
+    """The hello guest wrapped as a bzImage (gzip payload) boots to its
+    marker; the vmlinux taken out goes to the cache, named by the bzImage's
+    hash, and the next load maps it from there."""
+    monkeypatch.setenv("PVHVM_CACHE", str(tmp_path / "cache"))
+    elf = guests["hello"].read_bytes()
+    bz = tmp_path / "vmlinuz"
+    bz.write_bytes(fake_bzimage(gzip.compress(elf), len(elf), with_header=True))
+
+    image = load_elf(bz)
+    assert image.path == bz and image.compression == "gzip" and image.phys32_entry == 0x100000
+    cached = list((tmp_path / "cache" / "bzimage").iterdir())
+    assert cached == [image.elf_path] and cached[0].read_bytes() == elf
+    assert load_elf(bz).elf_path == image.elf_path  # found again by the hash, not decompressed
+
+    dom = pvhvm.Domain(bz, cmdline="answer=42", memory_mib=32)
+    outcome = dom.run(timeout=60)
+    assert outcome.exit_status == 0, outcome
+    assert b"Hello from a PVH guest on pvhvm!" in dom.console_output
+
+    p = pvhvm_cli("inspect", bz, cache=tmp_path / "cache")
+    assert p.returncode == 0, p.stderr
+    assert f"{bz}: ELF64 x86-64 (in a bzImage, gzip payload)" in p.stdout
+    assert "PVH entry:        0x100000" in p.stdout
+
+
+def test_bzimage_cache_keeps_the_most_recent(tmp_path, monkeypatch):
+    from pvhvm.builder import bzimage
+
+    monkeypatch.setenv("PVHVM_CACHE", str(tmp_path))
+    paths = []
+    for i in range(bzimage.CACHE_KEPT + 2):
+        bz = tmp_path / f"vmlinuz-{i}"
+        bz.write_bytes(fake_bzimage(gzip.compress(TINY_ELF), len(TINY_ELF), with_header=True))  # noise differs
+        paths.append(load_elf(bz).elf_path)
+    assert sorted((tmp_path / "bzimage").iterdir()) == sorted(paths[-bzimage.CACHE_KEPT:])
+
+
+def test_bzimage_errors_are_one_line(tmp_path):
+    """What can be wrong with a bzImage given as the kernel: each one line on
+    stderr and status 2, from boot and from inspect."""
+    no_pvh = make_elf64([(0x1000000, b"\xf4")], [(6, b"linux\0")])
+    cases = {
+        "no-pvh": (gzip.compress(no_pvh), len(no_pvh), "no PVH entry point in this bzImage's vmlinux"),
+        "not-elf": (gzip.compress(b"not a kernel" * 64), 768, "no kernel ELF in its compressed payload (tried gzip)"),
+        "bzip2": (b"BZh91AY&SY" + noise(200), 4096, "its compression (bzip2) is not one pvhvm decompresses"),
+        "unknown": (b"\x01\x02\x03\x04" + noise(200), 4096, "(unknown, magic 01 02 03 04)"),
+    }
+    for name, (payload, size, needle) in cases.items():
+        bz = tmp_path / f"vmlinuz-{name}"
+        bz.write_bytes(fake_bzimage(payload, size, with_header=True))
+        one_line_error(pvhvm_cli("boot", bz, "--memory", "32", "--net", "none", cache=tmp_path / "cache"), needle)
+        if name != "no-pvh":  # inspect shows a kernel without PVH entry rather than refusing it
+            one_line_error(pvhvm_cli("inspect", bz, cache=tmp_path / "cache"), needle)
 
 
 # --------------------------------------------------------------------------- cache, apt, System.map
@@ -418,3 +491,25 @@ def test_prepare_default_guest_for_real(capfd):
     members = read_newc(other.initrd.read_bytes())
     assert any(name.endswith("/xen-netfront.ko") for name in members)
     assert f"lib/modules/{guest.kernel_version}/modules.dep" in members
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt (Debian)")
+def test_debian_vmlinuz_boots_as_given(tmp_path, monkeypatch):
+    """Debian's own /boot/vmlinuz (a bzImage, lz4 payload) given as the
+    kernel boots to the default init's marker, as `pvhvm boot vmlinuz` would."""
+    guest = prepare_default_guest()
+    vmlinuz = guest.modules_root.parents[2] / "boot" / f"vmlinuz-{guest.kernel_version}"
+    assert vmlinuz.read_bytes()[:4] != b"\x7fELF"
+    monkeypatch.setenv("PVHVM_CACHE", str(tmp_path))  # the vmlinux taken out goes here, not in the real cache
+
+    dom = pvhvm.Domain(vmlinuz, initrd=guest.initrd, cmdline="console=hvc0", memory_mib=256)
+    assert dom.image.compression == guest.payload_compression == "lz4"
+    assert dom.image.elf_path.read_bytes() == guest.vmlinux.read_bytes()
+    outcome = dom.run(timeout=600)
+    assert b"PVHVM-INIT-OK" in dom.console_output, dom.console_output[-2000:]
+    assert outcome.exit_status == 0, outcome
+    # Crash reports name addresses from the vmlinux's exported symbols.
+    from pvhvm.symbols import load_symbols
+
+    assert len(load_symbols(vmlinuz)) > 1000

@@ -3,6 +3,8 @@ with two vCPUs, like test_linux.py)."""
 
 from __future__ import annotations
 
+import ast
+import builtins
 import contextlib
 import io
 import re
@@ -19,6 +21,24 @@ def python_examples() -> list[str]:
 
 def test_readme_has_its_python_examples():
     assert len(python_examples()) == 2
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_readme_example_uses_names_it_has_and_public_api_only(index):
+    """Without booting anything: every name the example reads is imported,
+    assigned or a builtin (an undefined `gref` once ended the first one),
+    and it touches no attribute of pvhvm's that starts with an underscore."""
+    tree = ast.parse(python_examples()[index])
+    defined = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert read <= defined, read - defined
+    private = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")]
+    assert private == []
 
 
 @pytest.mark.slow

@@ -69,3 +69,53 @@ def test_host_pings_the_guest_through_tap():
             p.kill()
             p.wait()
         subprocess.run(["ip", "netns", "delete", ns])
+
+
+DHCP_INIT = """#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+modprobe xen-netfront
+udhcpc -i eth0 -q -n -t 8 -T 2 || echo DHCP-GAVE-UP
+read line
+poweroff -f
+"""
+
+
+def test_cli_says_once_that_nothing_answers_dhcp_on_the_tap():
+    """The guest asks for DHCP on a TAP that nothing serves: ~10 s after its
+    first DISCOVER, pvhvm says once on stderr that it has no network there."""
+    guest = prepare_default_guest(init_script=DHCP_INIT)
+    ns = f"pvhvm-dhcp-{uuid.uuid4().hex[:6]}"
+    tap = "pvtap1"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    p = None
+    try:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "pvhvm", "boot", str(guest.vmlinux),
+             "--initrd", str(guest.initrd), "--cmdline", "console=hvc0", "--net", f"tap:{tap}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        out = err = b""
+        os.set_blocking(p.stdout.fileno(), False)
+        os.set_blocking(p.stderr.fileno(), False)
+        deadline = time.monotonic() + 180
+        while b"DHCP-GAVE-UP" not in out and time.monotonic() < deadline and p.poll() is None:
+            out += p.stdout.read() or b""
+            err += p.stderr.read() or b""
+            time.sleep(0.05)
+        assert b"DHCP-GAVE-UP" in out, out.decode(errors="replace")[-2000:]
+        p.stdin.write(b"\n")
+        p.stdin.close()
+        assert p.wait(60) == 0
+        err += p.stderr.read() or b""
+        said = [line for line in err.decode().splitlines() if "has no network" in line]
+        assert said == [f"pvhvm: the guest has no network on TAP {tap}: nothing answered its DHCP requests in 10 s "
+                        f"(give {tap} a DHCP server, e.g. dnsmasq --interface={tap}, or bridge it to a network "
+                        "that has one)"], err.decode()
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        subprocess.run(["ip", "netns", "delete", ns])

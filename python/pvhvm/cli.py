@@ -369,8 +369,8 @@ EXIT_STATUS_HELP = """\
 def boot(
     kernel: Annotated[
         Optional[Path],
-        typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux). Default: Debian's cloud kernel, "
-                       "fetched and cached by `pvhvm fetch-guest`.", show_default=False),
+        typer.Argument(help="PVH kernel image (ELF, e.g. vmlinux, or a bzImage, e.g. vmlinuz). Default: Debian's "
+                       "cloud kernel, fetched and cached by `pvhvm fetch-guest`.", show_default=False),
     ] = None,
     initrd: Annotated[Optional[Path], typer.Option(help="Initial ramdisk, passed as the first module.")] = None,
     cmdline: Annotated[str, typer.Option(help="Kernel command line.")] = DEFAULT_CMDLINE,
@@ -479,10 +479,13 @@ def boot(
     term = Terminal(escape=escape)
 
     show = _trace_printer(term)
-    if net == "auto":
-        from .devices.net_host import find_passt
+    from .devices import net_host
 
-        net = "passt" if find_passt() else "none"
+    requested_net = net
+    if net == "auto":
+        net = "passt" if net_host.find_passt() else "none"
+    net_warning = net_host.network_warning(requested_net, net)  # said once the domain is built
+    net_host.set_warning_sink(lambda message: _say(term, message))  # e.g. a TAP nothing answers DHCP on
     if root is not None:
         cmdline = f"{cmdline} root={root} rw"
     usr1 = _SaveSignal()
@@ -518,6 +521,8 @@ def boot(
     except (PvhvmError, _core.CoreError) as e:
         usr1.close()
         raise _fail(str(e)) from None
+    if net_warning is not None:
+        print(f"pvhvm: {net_warning}", file=sys.stderr)
     # Restored from the snapshot, the shell waits at a prompt nobody saw: a fresh one.
     _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
                  save_on_suspend=save_on_suspend, snapshot=first_prompt, nudge=snapshot and first_prompt is None,
@@ -657,14 +662,15 @@ restore.__doc__ = restore.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
 
 @app.command()
 def inspect(
-    kernel: Annotated[Path, typer.Argument(help="Kernel image (ELF).", show_default=False)],
+    kernel: Annotated[Path, typer.Argument(help="Kernel image (ELF, or a bzImage).", show_default=False)],
 ) -> None:
     """Show a kernel's entry points, loadable segments and Xen ELF notes."""
     try:
         img = load_elf(kernel)
     except PvhvmError as e:
         raise _fail(str(e)) from None
-    print(f"{img.path}: ELF{img.elf_class} {'x86-64' if img.machine == 62 else 'i386'}")
+    from_bzimage = f" (in a bzImage, {img.compression} payload)" if img.compression else ""
+    print(f"{img.path}: ELF{img.elf_class} {'x86-64' if img.machine == 62 else 'i386'}{from_bzimage}")
     print(f"  ELF entry:        {img.entry:#x}")
     pvh = img.phys32_entry
     print(f"  PVH entry:        {pvh:#x}" if pvh is not None else "  PVH entry:        none (not bootable by pvhvm)")

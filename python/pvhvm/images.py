@@ -36,7 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .builder.elf import parse_elf
+from .builder.bzimage import decompress_kernel
+from .builder.bzimage import payload_candidates as _payload_candidates  # noqa: F401 (tests)
 from .errors import BuildError
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
@@ -327,67 +328,6 @@ def fetch_package(package: DebPackage, root: Path, force: bool = False, options:
 # --------------------------------------------------------------------------- vmlinux
 
 
-@dataclass(frozen=True)
-class PayloadFormat:
-    name: str
-    magic: bytes
-    decompress: tuple[str, ...]  # reads stdin, writes stdout
-
-
-# The compressions a bzImage payload can use that have a CLI on Debian.
-PAYLOAD_FORMATS = (
-    PayloadFormat("lz4", b"\x02\x21\x4c\x18", ("lz4", "-d", "-c")),  # legacy frames
-    PayloadFormat("xz", b"\xfd7zXZ\x00", ("xz", "-d", "-c", "--single-stream")),
-    PayloadFormat("gzip", b"\x1f\x8b\x08", ("gzip", "-d", "-c")),
-    PayloadFormat("zstd", b"\x28\xb5\x2f\xfd", ("zstd", "-d", "-c")),
-)
-MAX_PAYLOAD_ATTEMPTS = 16  # a 3-byte magic also occurs by chance
-
-
-def _bzimage_payload(data: bytes) -> tuple[int, int] | None:
-    """(offset, length) of the compressed payload per the boot protocol header
-    (version 2.08+), or None if this is not such a bzImage."""
-    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", data, 0x206)[0] < 0x208:
-        return None
-    setup_sects = data[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    return (start, payload_length) if start + payload_length <= len(data) else None
-
-
-def _payload_candidates(data: bytes) -> list[tuple[PayloadFormat, int, int]]:
-    """(format, start, end) to try: the header's payload first, then every
-    place a known magic occurs, in file order."""
-    candidates = []
-    header = _bzimage_payload(data)
-    if header:
-        start, length = header
-        for fmt in PAYLOAD_FORMATS:
-            if data.startswith(fmt.magic, start):
-                candidates.append((fmt, start, start + length))
-    found = []
-    for fmt in PAYLOAD_FORMATS:
-        at = data.find(fmt.magic)
-        while at >= 0:
-            found.append((at, fmt))
-            at = data.find(fmt.magic, at + 1)
-    for at, fmt in sorted(found, key=lambda hit: hit[0]):
-        if not any(at == start for _, start, _ in candidates):
-            candidates.append((fmt, at, len(data)))
-    return candidates[:MAX_PAYLOAD_ATTEMPTS]
-
-
-def _is_x86_elf(path: Path) -> bool:
-    with path.open("rb") as f:
-        if f.read(4) != b"\x7fELF":
-            return False
-    try:
-        parse_elf(path.read_bytes(), path)  # also catches a truncated image
-    except BuildError:
-        return False
-    return True
-
-
 def _elf_machine(path: Path) -> int:
     """e_machine of an ELF file (little-endian x86: at offset 18 for both classes)."""
     with path.open("rb") as f:
@@ -397,36 +337,14 @@ def _elf_machine(path: Path) -> int:
 
 def extract_vmlinux(vmlinuz: Path, out: Path) -> str:
     """Decompress the kernel ELF out of a bzImage into `out`; returns the
-    payload's compression ("lz4", "xz", "gzip" or "zstd").
-
-    The payload is found by the boot protocol header or by its magic, and
-    decompressed with the matching command line tool. The first output that is
-    a whole x86 ELF wins; the tool's exit status is not trusted, as the kernel
-    appends the uncompressed size after the payload and e.g. lz4 exits 1 on it.
-    """
+    payload's compression ("lz4", "xz", "gzip" or "zstd"). See builder.bzimage."""
     try:
         data = Path(vmlinuz).read_bytes()
     except OSError as e:
         raise BuildError(f"{vmlinuz}: cannot read: {e.strerror}") from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    missing_tools = set()
-    try:
-        for fmt, start, end in _payload_candidates(data):
-            if shutil.which(fmt.decompress[0]) is None:
-                missing_tools.add(fmt.decompress[0])
-                continue
-            with tmp.open("wb") as sink:
-                subprocess.run(fmt.decompress, input=data[start:end], stdout=sink, stderr=subprocess.DEVNULL)
-            if _is_x86_elf(tmp):
-                tmp.replace(out)
-                return fmt.name
-    finally:
-        tmp.unlink(missing_ok=True)
-    if missing_tools:
-        raise BuildError(f"{vmlinuz}: no kernel ELF decompressed; missing tools: {', '.join(sorted(missing_tools))}")
-    raise BuildError(f"{vmlinuz}: no compressed kernel payload found")
+    elf, compression = decompress_kernel(data, vmlinuz)
+    _write_atomically(Path(out), elf)
+    return compression
 
 
 def kernel_release(kernel_tree: Path) -> str:

@@ -102,7 +102,11 @@ def load_symbols(kernel: Path, system_map: Path | None = None) -> Symbols | None
     """The best symbol source available for `kernel`."""
     if system_map is not None:
         return Symbols.from_system_map(system_map)
+    from .builder.elf import load_elf
+    from .errors import PvhvmError
+
     try:
-        return Symbols.from_elf(kernel)
-    except (OSError, struct.error, ValueError):
+        # A bzImage's symbols are in the vmlinux pvhvm took out of it.
+        return Symbols.from_elf(load_elf(kernel).elf_path or kernel)
+    except (OSError, struct.error, ValueError, PvhvmError):
         return None

@@ -14,7 +14,9 @@ Each failure is a `BuildError` naming the input at fault.
 
 from __future__ import annotations
 
+import mmap
 import os
+import stat
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +118,8 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
     image = load_elf(kernel)
     entry = image.phys32_entry
     if entry is None:
-        raise BuildError(f"{image.path}: no PVH entry point (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
+        inside = " in this bzImage's vmlinux" if image.compression else ""
+        raise BuildError(f"{image.path}: no PVH entry point{inside} (ELF note XEN_ELFNOTE_PHYS32_ENTRY); "
                          "is the kernel built with CONFIG_XEN_PVH?")
     memory_bytes = memory_mib << 20
     layout = PhysLayout(memory_bytes)
@@ -135,8 +138,8 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
 
     blobs = [(seg.paddr, image.segment_bytes(seg)) for seg in image.segments if seg.filesz]
     if initrd is not None:
-        data = read_input(initrd, "initrd")
-        if not data:
+        data = map_input(initrd, "initrd", memory_bytes)
+        if not len(data):
             raise BuildError(f"{initrd}: initrd is empty")
         paddr = layout.allocate(len(data), "initrd", top_down=True)
         placement.initrd = PlacedModule(paddr, len(data))
@@ -149,11 +152,23 @@ def plan_domain(kernel: str | os.PathLike, initrd: str | os.PathLike | None = No
     return DomainPlan(image, memory_bytes, vcpus, cmdline, layout, placement, blobs, target_bytes)
 
 
-def read_input(path: str | os.PathLike, what: str) -> bytes:
-    """A whole input file, or a one-line BuildError saying why not."""
+def map_input(path: str | os.PathLike, what: str, most: int) -> bytes | mmap.mmap:
+    """An input file of at most `most` bytes, mapped (a regular file: its
+    size is checked before anything is read, and only what is copied into
+    guest RAM is ever read) or read (a pipe or device, up to one byte past
+    `most`), or a one-line BuildError saying why not."""
     p = Path(path)
     try:
-        return p.read_bytes()
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode):
+                if st.st_size > most:
+                    raise _too_big(p, what, f"{st.st_size >> 20} MiB", most)
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
+            data = f.read(most + 1)
+            if len(data) > most:
+                raise _too_big(p, what, "more", most)
+            return data
     except FileNotFoundError:
         raise BuildError(f"{p}: no such {what} file") from None
     except IsADirectoryError:
@@ -162,4 +177,8 @@ def read_input(path: str | os.PathLike, what: str) -> bytes:
         raise BuildError(f"{p}: cannot read {what}: {e.strerror}") from None
 
 
-__all__ = ["DomainPlan", "Placement", "plan_domain", "read_input"]
+def _too_big(path: Path, what: str, size: str, most: int) -> BuildError:
+    return BuildError(f"{path}: {what} ({size}) does not fit in guest RAM ({most >> 20} MiB)")
+
+
+__all__ = ["DomainPlan", "Placement", "plan_domain", "map_input"]

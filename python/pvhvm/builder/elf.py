@@ -80,6 +80,11 @@ class ElfImage:
     entry: int
     segments: list[Segment] = field(default_factory=list)
     notes: list[XenNote] = field(default_factory=list)
+    # The file the ELF itself is in: `path`, or for a bzImage the vmlinux
+    # pvhvm's cache keeps (None: only in memory).
+    elf_path: Path | None = None
+    # For a bzImage: how its payload was compressed ("lz4", "xz" …).
+    compression: str | None = None
 
     @property
     def phys32_entry(self) -> int | None:
@@ -180,6 +185,8 @@ def parse_elf(data: bytes | mmap.mmap, path: Path = Path("<memory>")) -> ElfImag
 
 
 def load_elf(path: str | Path) -> ElfImage:
+    """The kernel at `path`: an ELF (vmlinux), or a bzImage (vmlinuz) whose
+    payload is one. Raises a one-line BuildError."""
     p = Path(path)
     try:
         # Mapped, not read: a distribution vmlinux is tens of MB, and only its
@@ -193,4 +200,15 @@ def load_elf(path: str | Path) -> ElfImage:
         raise BuildError(f"{p}: is a directory") from None
     except OSError as e:
         raise BuildError(f"{p}: cannot read: {e.strerror}") from None
-    return parse_elf(data, p)
+    if data[:4] != b"\x7fELF":
+        from .bzimage import is_bzimage, kernel_of_bzimage
+
+        if is_bzimage(data):
+            # A distribution's vmlinuz: the ELF is its compressed payload.
+            elf_path, elf, compression = kernel_of_bzimage(p, data)
+            img = parse_elf(elf, p)
+            img.elf_path, img.compression = elf_path, compression
+            return img
+    img = parse_elf(data, p)
+    img.elf_path = p
+    return img

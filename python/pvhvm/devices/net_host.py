@@ -20,6 +20,12 @@ yet; never blocks) and ``close()``.
 * `TapHost` (``--net tap:NAME``, needs CAP_NET_ADMIN): a TAP interface,
   /dev/net/tun opened with IFF_TAP | IFF_NO_PI, so reads and writes are raw
   frames; the host configures the interface (addresses, bridge) itself.
+  A guest whose DHCP requests nothing there answers is reported once
+  (`DhcpWatch`, through `set_warning_sink`).
+
+`network_warning` is what a user hears before the guest boots when its
+network cannot work: no passt for --net auto, or passt unable to forward
+pings, with the sysctl command that fixes it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import pwd
 import select
 import shutil
 import socket
@@ -39,7 +46,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Protocol, Sequence, Union
+from typing import Callable, Iterable, Optional, Protocol, Sequence, Union
 
 from ..errors import PvhvmError
 
@@ -121,21 +128,91 @@ def find_passt() -> Optional[str]:
     return shutil.which("passt")
 
 
-def ping_sockets_allowed(gids: Optional[Iterable[int]] = None) -> bool:
-    """Whether net.ipv4.ping_group_range lets a process with these groups
-    (default: passt's — nobody's when we are root, as passt drops to it —
-    else ours) open ICMP "ping" sockets, which passt needs to forward the
-    guest's pings."""
+PING_GROUP_RANGE = Path("/proc/sys/net/ipv4/ping_group_range")
+
+
+def ping_group_range() -> Optional[tuple[int, int]]:
+    """net.ipv4.ping_group_range (an empty range has low > high), or None if
+    it cannot be read."""
     try:
-        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ping_group_range").read_text().split())
+        lo, hi = (int(x) for x in PING_GROUP_RANGE.read_text().split())
     except (OSError, ValueError):
-        return False
-    if gids is None:
-        if os.geteuid() == 0:
-            gids = [65534]
-        else:
-            gids = {os.getegid(), *os.getgroups()}
-    return any(lo <= g <= hi for g in gids)
+        return None
+    return lo, hi
+
+
+def passt_gids() -> list[int]:
+    """The groups passt runs with: nobody's when we are root (passt drops to
+    that user), else ours, primary first."""
+    if os.geteuid() == 0:
+        try:
+            return [pwd.getpwnam("nobody").pw_gid]
+        except KeyError:
+            return [65534]
+    return list(dict.fromkeys([os.getegid(), *os.getgroups()]))
+
+
+def ping_sockets_allowed(gids: Optional[Iterable[int]] = None,
+                         group_range: Optional[tuple[int, int]] = None) -> bool:
+    """Whether net.ipv4.ping_group_range (or `group_range`) lets a process
+    with these groups (default: passt's, `passt_gids`) open ICMP "ping"
+    sockets, which passt needs to forward the guest's pings."""
+    lo, hi = group_range or ping_group_range() or (1, 0)
+    return any(lo <= g <= hi for g in (passt_gids() if gids is None else gids))
+
+
+def ping_group_range_fix(group_range: tuple[int, int], gid: int) -> str:
+    """The sysctl command that lets group `gid` open ping sockets: the
+    current range widened just enough to take it in (or only it, if the
+    range is empty, as the kernel's default "1 0" is)."""
+    lo, hi = group_range
+    lo, hi = (min(lo, gid), max(hi, gid)) if lo <= hi else (gid, gid)
+    return f'sysctl -w net.ipv4.ping_group_range="{lo} {hi}"'
+
+
+def network_warning(requested: str, resolved: str, *, passt_installed: Optional[bool] = None,
+                    gids: Optional[Sequence[int]] = None,
+                    group_range: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """What a user should hear, once, before a guest boots with the network
+    `resolved` from `requested` (`--net`: "auto" picks passt if installed,
+    else none): that it has none since passt is missing, or that its pings
+    will get no answer (passt cannot open ping sockets) and the command
+    that fixes it. None when all is well. The keyword arguments stand in for
+    the host's state (tests)."""
+    if resolved == "none" and requested == "auto":
+        if passt_installed is None:
+            passt_installed = find_passt() is not None
+        if not passt_installed:
+            return ("the guest has no network: --net auto found no passt; to give it one, install passt "
+                    "(Debian: apt install passt), user-mode networking that needs no root")
+    if resolved == "passt":
+        group_range = group_range or ping_group_range()
+        gids = passt_gids() if gids is None else gids
+        if group_range is not None and gids and not ping_sockets_allowed(gids, group_range):
+            lo, hi = group_range
+            return (f"pings from the guest will get no answer: net.ipv4.ping_group_range ({lo} {hi}) leaves out "
+                    f"passt's group {gids[0]}, so passt cannot open ping sockets; as root, "
+                    f"{ping_group_range_fix(group_range, gids[0])} lets them through")
+    return None
+
+
+def _log_warning(message: str) -> None:
+    log.warning("%s", message)
+
+
+_warning_sink: Callable[[str], None] = _log_warning
+
+
+def set_warning_sink(sink: Optional[Callable[[str], None]]) -> None:
+    """Where a host end's warnings for the user go (a TAP whose guest gets no
+    DHCP answer): `sink(message)`, possibly from another thread; None puts
+    back the default, the logging module (this module's logger, WARNING)."""
+    global _warning_sink
+    _warning_sink = sink or _log_warning
+
+
+def warn(message: str) -> None:
+    _warning_sink(message)
 
 
 class PasstHost:
@@ -403,11 +480,120 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 
+DHCP_ANSWER_TIMEOUT = 10.0  # seconds a guest's first DHCPDISCOVER may go unanswered before we say so
+ETH_P_IPV4 = 0x0800
+IPPROTO_UDP = 17
+BOOTP_SERVER_PORT, BOOTP_CLIENT_PORT = 67, 68
+BOOTP_REQUEST, BOOTP_REPLY = 1, 2
+DHCP_MAGIC_COOKIE = b"\x63\x82\x53\x63"
+DHCP_OPTION_MESSAGE_TYPE, DHCP_OPTION_PAD, DHCP_OPTION_END = 53, 0, 255
+DHCPDISCOVER = 1
+
+
+def _bootp(frame: bytes, src_port: int, dst_port: int) -> Optional[memoryview]:
+    """The BOOTP message in an Ethernet frame of IPv4/UDP between these
+    ports (unfragmented), or None. Every length is checked: the guest's
+    frames are untrusted."""
+    if len(frame) < 14 + 20 + 8 or int.from_bytes(frame[12:14], "big") != ETH_P_IPV4:
+        return None
+    ip = memoryview(frame)[14:]
+    ihl = (ip[0] & 0xF) * 4
+    if ip[0] >> 4 != 4 or ihl < 20 or len(ip) < ihl + 8 or ip[9] != IPPROTO_UDP:
+        return None
+    if int.from_bytes(ip[6:8], "big") & 0x3FFF:  # more fragments, or not the first
+        return None
+    udp = ip[ihl:]
+    if (int.from_bytes(udp[0:2], "big"), int.from_bytes(udp[2:4], "big")) != (src_port, dst_port):
+        return None
+    return udp[8:]
+
+
+def dhcp_message_type(bootp: memoryview) -> Optional[int]:
+    """Option 53 of a DHCP message (BOOTP with the magic cookie), or None."""
+    if len(bootp) < 240 or bytes(bootp[236:240]) != DHCP_MAGIC_COOKIE:
+        return None
+    options, at = bootp[240:], 0
+    while at < len(options):
+        code = options[at]
+        if code == DHCP_OPTION_END:
+            break
+        if code == DHCP_OPTION_PAD:
+            at += 1
+            continue
+        if at + 1 >= len(options):
+            break
+        size = options[at + 1]
+        if code == DHCP_OPTION_MESSAGE_TYPE and size == 1 and at + 2 < len(options):
+            return options[at + 2]
+        at += 2 + size
+    return None
+
+
+def is_dhcp_discover(frame: bytes) -> bool:
+    """A guest's DHCPDISCOVER: client port to server port, a BOOTP request."""
+    bootp = _bootp(frame, BOOTP_CLIENT_PORT, BOOTP_SERVER_PORT)
+    return bootp is not None and len(bootp) > 0 and bootp[0] == BOOTP_REQUEST and \
+        dhcp_message_type(bootp) == DHCPDISCOVER
+
+
+def is_dhcp_reply(frame: bytes) -> bool:
+    """Any answer of a DHCP (or plain BOOTP) server: server port to client port."""
+    bootp = _bootp(frame, BOOTP_SERVER_PORT, BOOTP_CLIENT_PORT)
+    return bootp is not None and len(bootp) > 0 and bootp[0] == BOOTP_REPLY
+
+
+class DhcpWatch:
+    """Notices a guest whose DHCP requests nothing answers: `timeout` seconds
+    after its first DHCPDISCOVER with no reply seen, `on_silence()` is called
+    once (on a timer thread). Any reply ends the watch. Frames from the guest
+    go to `guest_sent`, frames to it to `host_sent`."""
+
+    def __init__(self, on_silence: Callable[[], None], timeout: float = DHCP_ANSWER_TIMEOUT) -> None:
+        self._on_silence = on_silence
+        self.timeout = timeout
+        self.answered = False
+        self.reported = False
+        self._timer: Optional[threading.Timer] = None
+        self._lock = threading.Lock()
+
+    def guest_sent(self, frame: bytes) -> None:
+        if self._timer is not None or self.answered or not is_dhcp_discover(frame):
+            return
+        with self._lock:
+            if self._timer is None and not self.answered:
+                self._timer = threading.Timer(self.timeout, self._expired)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def host_sent(self, frame: bytes) -> None:
+        if not self.answered and is_dhcp_reply(frame):
+            with self._lock:
+                self.answered = True
+                if self._timer is not None:
+                    self._timer.cancel()
+
+    def _expired(self) -> None:
+        with self._lock:
+            if self.answered or self.reported:
+                return
+            self.reported = True
+        self._on_silence()
+
+    def close(self) -> None:
+        with self._lock:
+            self.answered = True  # nothing more to say
+            if self._timer is not None:
+                self._timer.cancel()
+
+
 class TapHost:
     """A TAP interface (created if missing, persistent ones reused) as the
-    vif's host end. Needs CAP_NET_ADMIN. ``up``: bring the interface up."""
+    vif's host end. Needs CAP_NET_ADMIN. ``up``: bring the interface up.
+    A guest whose DHCP requests get no answer for ``dhcp_timeout`` seconds
+    is reported once through `set_warning_sink` (a TAP has no DHCP server
+    of its own; the host's side of it must bring one)."""
 
-    def __init__(self, name: str, *, up: bool = True) -> None:
+    def __init__(self, name: str, *, up: bool = True, dhcp_timeout: float = DHCP_ANSWER_TIMEOUT) -> None:
         if not name or len(name.encode()) > 15 or "/" in name:
             raise NetHostError(f"bad TAP interface name {name!r}")
         try:
@@ -425,6 +611,7 @@ class TapHost:
         self.name = res[:16].rstrip(b"\0").decode()
         self.frames_in = self.frames_out = 0
         self.closed = False
+        self.dhcp = DhcpWatch(self._dhcp_unanswered, dhcp_timeout)
         if up:
             self._set_up()
 
@@ -435,12 +622,18 @@ class TapHost:
             if not flags & IFF_UP:
                 fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", self.name.encode(), flags | IFF_UP))
 
+    def _dhcp_unanswered(self) -> None:
+        warn(f"the guest has no network on TAP {self.name}: nothing answered its DHCP requests in "
+             f"{self.dhcp.timeout:g} s (give {self.name} a DHCP server, e.g. dnsmasq --interface={self.name}, "
+             "or bridge it to a network that has one)")
+
     def fileno(self) -> int:
         return self.fd
 
     def send(self, frame: bytes) -> None:
         if self.closed:
             return
+        self.dhcp.guest_sent(frame)
         try:
             os.write(self.fd, frame)
             self.frames_out += 1
@@ -464,11 +657,13 @@ class TapHost:
                 return None
             raise
         self.frames_in += 1
+        self.dhcp.host_sent(frame)
         return frame
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.dhcp.close()
             os.close(self.fd)
 
     def __enter__(self) -> "TapHost":
@@ -518,4 +713,5 @@ def open_host(spec: str, forwards: Sequence[ForwardSpec] = ()) -> Optional[NetHo
 
 
 __all__ = ["UDHCPC_SCRIPT", "UDHCPC_SCRIPT_PATH", "NetHost", "PasstHost", "TapHost", "Forward", "parse_forward",
-           "open_host", "NetHostError", "ping_sockets_allowed", "find_passt"]
+           "open_host", "NetHostError", "ping_sockets_allowed", "ping_group_range", "ping_group_range_fix",
+           "passt_gids", "network_warning", "set_warning_sink", "DhcpWatch", "find_passt"]
