@@ -295,6 +295,12 @@ def create(config: str | os.PathLike, *, name: str | None = None) -> DomainHandl
     _reap()
     path = Path(config)
     cfg, warnings = load_config(path)
+    if any(v.host == "passt" for v in cfg.vifs):
+        from ..devices.net_host import network_warning
+
+        warning = network_warning("passt", "passt")
+        if warning:
+            warnings.append(f"{cfg.name}: {warning}")
     for w in warnings:
         print(f"pvhvm: {w}", file=sys.stderr)
     return _start({"name": name or cfg.name, "config": cfg.to_text(), "source": str(path),
