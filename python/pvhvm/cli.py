@@ -664,7 +664,10 @@ restore.__doc__ = restore.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
 def inspect(
     kernel: Annotated[Path, typer.Argument(help="Kernel image (ELF, or a bzImage).", show_default=False)],
 ) -> None:
-    """Show a kernel's entry points, loadable segments and Xen ELF notes."""
+    """Show a kernel's entry points, loadable segments and Xen ELF notes
+    (an ELF vmlinux, or a bzImage with the vmlinux inside).
+
+    Exit status: 0 shown; 2 not a kernel pvhvm can read (one line says why)."""
     try:
         img = load_elf(kernel)
     except PvhvmError as e:
@@ -729,7 +732,10 @@ def fetch_guest(
 ) -> None:
     """Fetch and prepare the default guest (Debian's cloud kernel and a busybox
     initramfs) into the cache; print where the files are. `--arch i386`
-    prepares the 32-bit one (`pvhvm boot --arch i386` boots it)."""
+    prepares the 32-bit one (`pvhvm boot --arch i386` boots it).
+
+    Exit status: 0 ready; 2 it could not be fetched or prepared (one line
+    says why: the network, a missing tool, a bad package)."""
     arch = _guest_arch(arch)
     if rootfs and arch != "amd64":
         raise _fail("--rootfs is for the amd64 guest only (its root disk carries that kernel's modules)")
@@ -766,7 +772,10 @@ def rootfs(
     """Build (once, about a minute: mmdebstrap and mke2fs -d, nothing is
     mounted) or find in the cache a Debian 12 root disk with systemd for the
     default guest's kernel, and print its path. Boot it with
-    `pvhvm boot --disk DEST --root LABEL=pvhvm-root`."""
+    `pvhvm boot --disk DEST --root LABEL=pvhvm-root`.
+
+    Exit status: 0 built or found; 2 it could not be built or copied, or
+    DEST exists."""
     if dest is not None and dest.exists():
         raise _fail(f"{dest}: already exists; not overwriting it")
     from .rootfs import prepare_debian_rootfs
@@ -786,15 +795,35 @@ def rootfs(
     print(dest)
 
 
+# What each offset the self-test finds is for, in the order it reports them.
+SELF_TEST_CHECKS = {
+    "data_offset": "the CPU state inside Unicorn's saved contexts (where pvhvm edits segment caches, CPL, "
+                   "pending exceptions)",
+    "error_code": "an exception's error code, found by raising a #GP with a known code",
+    "exception_is_int": "whether an exception came from INT n (a software interrupt's return address)",
+    "old_exception": "the previous exception, reset after each delivery so that a second fault is not "
+                     "taken for a double fault",
+    "xcr0": "XCR0, found with XSETBV and checked with XGETBV (a save keeps every task's SSE state)",
+    "tsc_offset": "the TSC offset RDTSC adds, checked with RDTSC (a restored guest's TSC goes on)",
+}
+
+
 @app.command("self-test")
 def self_test() -> None:
-    """Check that this Unicorn build supports pvhvm's workarounds."""
+    """Check that this Unicorn build holds what pvhvm's workarounds need
+    (docs/unicorn.md): it runs small guests on the engine that raise known
+    faults, XSETBV and RDTSC, and finds where Unicorn keeps what its API
+    does not show. No domain can start if this fails.
+
+    Exit status: 0 every check held; 1 one did not (the message says which)."""
     try:
         offsets = _core.self_test()
     except _core.CoreError as e:
-        print(f"pvhvm: {e}", file=sys.stderr)
+        print(f"pvhvm: self-test failed: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
-    print("ok: " + ", ".join(f"{k}={v}" for k, v in offsets.items()))
+    print(f"ok: this Unicorn build holds all {len(offsets)} things pvhvm relies on:")
+    for key, value in offsets.items():
+        print(f"  {SELF_TEST_CHECKS.get(key, key)}: found at offset {value}")
 
 
 def _register_toolstack() -> None:
