@@ -20,10 +20,10 @@ def python_examples() -> list[str]:
 
 
 def test_readme_has_its_python_examples():
-    assert len(python_examples()) == 2
+    assert len(python_examples()) == 3
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_readme_example_uses_names_it_has_and_public_api_only(index):
     """Without booting anything: every name the example reads is imported,
     assigned or a builtin (an undefined `gref` once ended the first one),
@@ -67,3 +67,15 @@ def test_readme_save_restore_fork_example_runs():
     assert "[1, 2, 3]" in printed, printed
     ids = re.search(r"\[1, 2, 3\] \['([0-9a-f]{8})', '([0-9a-f]{8})', '([0-9a-f]{8})'\]", printed)
     assert ids and len(set(ids.groups())) == 3, printed
+
+
+@pytest.mark.slow
+def test_readme_background_domain_example_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PVHVM_RUNTIME_DIR", str(tmp_path / "rt"))
+    monkeypatch.setenv("PVHVM_LOG_DIR", str(tmp_path / "log"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(python_examples()[2], "README.md", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[('readme', '") and len(lines[0]) > 20, lines
+    assert lines[1:] == ["204800", "--p---", "{'outcome': 'shutdown (reboot)', 'action': 'restart'}", "[]"], lines

@@ -729,10 +729,18 @@ def fetch_guest(
                      "for this kernel; boot it with root=LABEL=pvhvm-root."),
     ] = False,
     arch: Annotated[str, typer.Option("--arch", metavar="amd64|i386", help=ARCH_HELP)] = "amd64",
+    config: Annotated[
+        Optional[str],
+        typer.Option("--config", metavar="NAME", help="Print an xl-style config for the default guest named "
+                     "NAME instead (`pvhvm fetch-guest --config web > web.cfg; pvhvm create web.cfg`).",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Fetch and prepare the default guest (Debian's cloud kernel and a busybox
     initramfs) into the cache; print where the files are. `--arch i386`
-    prepares the 32-bit one (`pvhvm boot --arch i386` boots it).
+    prepares the 32-bit one (`pvhvm boot --arch i386` boots it). With
+    --config NAME, print a domain config for it (docs/config.md): its shell
+    on the console, passt networking if passt is installed, 256 MiB.
 
     Exit status: 0 ready; 2 it could not be fetched or prepared (one line
     says why: the network, a missing tool, a bad package)."""
@@ -745,6 +753,9 @@ def fetch_guest(
         g = prepare_default_guest(force=force, arch=arch)
     except PvhvmError as e:
         raise _fail(str(e)) from None
+    if config is not None:
+        print(_default_guest_config(g, config), end="")
+        return
     print(f"kernel:  {g.kernel_version} ({g.kernel_package}, {g.arch})")
     print(f"vmlinux: {g.vmlinux}")
     print(f"initrd:  {g.initrd}")
@@ -758,6 +769,24 @@ def fetch_guest(
             raise _fail(str(e)) from None
         print(f"rootfs:  {image.path} ({image.size_mib} MiB ext4, label {image.label}, "
               f"modules of {image.kernel_release})")
+
+
+def _default_guest_config(guest, name: str) -> str:
+    from .config import DomainConfig, VifSpec
+    from .devices.net_host import find_passt
+    from .toolstack.runtime import ToolstackError, check_name
+
+    try:
+        check_name(name)
+    except ToolstackError as e:
+        raise _fail(str(e)) from None
+    net = find_passt() is not None
+    flags = [SHELL_FLAG] + (["pvhvm.net"] if net else [])
+    config = DomainConfig(name=name, kernel=guest.vmlinux, ramdisk=guest.initrd,
+                          cmdline=" ".join([DEFAULT_CMDLINE, *flags]), memory=256,
+                          vifs=(VifSpec("passt"),) if net else ())
+    return (f"# The default guest ({guest.kernel_package}, {guest.arch}) with a shell on "
+            f"its console:\n# `pvhvm create` this file, then `pvhvm console {name}`.\n" + config.to_text())
 
 
 @app.command()

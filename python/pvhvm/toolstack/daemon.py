@@ -62,7 +62,9 @@ def state_letters(dom: Domain) -> str:
     """xl list's State column: r b p s c d."""
     flags = ["-"] * 6
     outcome = dom.outcome
-    if outcome is None:
+    if outcome is None and dom.paused:
+        pass  # neither running nor blocked: "--p---", as xl shows a paused domain
+    elif outcome is None:
         if any(dom.vcpu_status(v)["activity"] == "running" for v in range(dom.vcpus)):
             flags[0] = "r"
         else:
