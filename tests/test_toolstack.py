@@ -282,3 +282,45 @@ def test_two_linux_domains_console_reboot_shutdown_destroy(default_guest, tmp_pa
     assert run("destroy", "two").returncode == 0
     assert pvhvm.list_domains() == []
     nothing_left(rt)
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+def test_crash_preserved_for_ctx_and_a_core_file_gdb_reads(guests, tmp_path, rt):
+    """on_crash="preserve": the crashed domain stays (state c) for `pvhvm
+    ctx` and `pvhvm dump-core`, and gdb reads the core's registers."""
+    cfg = write_cfg(tmp_path / "boom.cfg", name="boom", type="pvh", kernel=guests["crash"], memory=32,
+                    on_crash="preserve")
+    assert run("create", cfg).returncode == 0
+    with pvhvm.connect("boom") as dom:
+        ended = dom.wait(30)
+        assert ended["action"] == "preserve" and "crash" in ended["outcome"], ended
+        assert dom.info()["state"] == "----c-"
+    ctx = run("ctx", "boom")
+    assert ctx.returncode == 0, ctx.stderr
+    assert "crash_here" in ctx.stdout, ctx.stdout  # RIP named with the guest's symbols
+    core = tmp_path / "boom.core"
+    p = run("dump-core", "boom", core)
+    assert p.returncode == 0 and core.stat().st_size > 0, p.stderr
+    gdb = subprocess.run(["gdb", "-batch", "-nx", str(guests["crash"]), str(core), "-ex", "info registers rip"],
+                         capture_output=True, text=True, timeout=60)
+    assert re.search(r"rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <crash_here", gdb.stdout), gdb.stdout + gdb.stderr
+    assert run("destroy", "boom").returncode == 0
+    nothing_left(rt)
+
+
+def test_coredump_destroy_writes_a_core_and_ends(guests, tmp_path, rt, monkeypatch):
+    dumps = tmp_path / "dumps"
+    monkeypatch.setenv("PVHVM_DUMP_DIR", str(dumps))
+    cfg = write_cfg(tmp_path / "cd.cfg", name="cd", type="pvh", kernel=guests["crash"], memory=32,
+                    on_crash="coredump-destroy")
+    assert run("create", cfg).returncode == 0
+    with pvhvm.connect("cd") as dom:
+        assert dom.wait(30)["action"] == "destroy"
+    deadline = time.monotonic() + 10
+    while pvhvm.list_domains() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (core,) = dumps.glob("cd-*.core")
+    assert core.read_bytes()[:4] == b"\x7fELF"
+    nothing_left(rt)
