@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 # The most vCPUs a domain may have.
 MAX_VCPUS = _core.MAX_VCPUS
 
+# Where set_console_size puts "ROWS COLS", under the domain's home, for the
+# guest to read (hvc0 has no resize message; the default guest's /init
+# watches it). pvhvm's own name: Xen defines no such node.
+CONSOLE_SIZE_NODE = "console/pvhvm-winsize"
+
 
 class ShutdownReason(enum.IntEnum):
     """SHUTDOWN_* from xen/include/public/sched.h."""
@@ -809,6 +814,18 @@ class Domain:
         home = f"/local/domain/{self.domid}"
         for v in range(self.vcpus):
             self.store.write(0, f"{home}/cpu/{v}/availability", "online" if v < n else "offline")
+        self.xenstore.service()
+
+    def set_console_size(self, rows: int, cols: int) -> None:
+        """Tell the guest the size of the terminal its console is shown on,
+        as xenstore node CONSOLE_SIZE_NODE ("ROWS COLS", readable by the
+        guest): the default guest's /init sets hvc0's size from it (stty,
+        SIGWINCH included). Call it on the run loop's thread, or through
+        call_soon_threadsafe."""
+        for name, n in (("rows", rows), ("cols", cols)):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 0xFFFF:
+                raise ValueError(f"console {name} must be 1 to 65535, not {n!r}")  # struct winsize's u16
+        self.store.write(0, f"/local/domain/{self.domid}/{CONSOLE_SIZE_NODE}", f"{rows} {cols}")
         self.xenstore.service()
 
     def send_console_input(self, data: bytes) -> None:

@@ -86,6 +86,80 @@ mount -t devtmpfs devtmpfs /dev
 echo "PVHVM-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
 """
 
+CONSOLE_SIZE_FOLLOWER = r"""# The console's size, which hvc0 cannot carry: pvhvm writes "ROWS COLS" to
+# console/pvhvm-winsize in the domain's xenstore home when a terminal is
+# attached or resized (api.CONSOLE_SIZE_NODE). A watch on it through
+# /dev/xen/xenbus, in the xenstore wire protocol (a header of four native,
+# here little-endian, u32: type, request id, transaction id, payload length;
+# XS_READ=2, XS_WATCH=4, XS_WATCH_EVENT=15, XS_ERROR=16), sets hvc0's size,
+# and the kernel sends SIGWINCH to the shell on it. Forks are what costs in
+# an emulated guest: messages are parsed in the shell, from one dd | od per
+# read of the device (which returns whole messages, as many as are queued).
+WINSIZE_NODE=console/pvhvm-winsize
+octal() {  # BYTE: its three octal digits, in $octal
+    octal=$(($1 >> 6 & 3))$(($1 >> 3 & 7))$(($1 & 7))
+}
+xs_send() {  # TYPE ARG...: one request whose payload is each ARG NUL-terminated
+    octal "$1"
+    xs_format='\'$octal'\000\000\000\000\000\000\000\000\000\000\000'
+    shift
+    xs_len=0
+    for arg; do xs_len=$((xs_len + ${#arg} + 1)); done
+    octal $((xs_len & 255))
+    xs_format=$xs_format'\'$octal
+    octal $((xs_len >> 8))
+    xs_format=$xs_format'\'$octal'\000\000'
+    for arg; do xs_format=$xs_format'%s\000'; done
+    printf "$xs_format" "$@" >&3
+}
+xs_take() {  # the first whole message in $xs_bytes (decimal bytes) out: xs_type,
+    set -- $xs_bytes  # and xs_body with its digits (anything else a space)
+    [ $# -ge 16 ] || return 1
+    xs_type=$(($1 | $2 << 8 | $3 << 16 | $4 << 24))
+    xs_len=$((${13} | ${14} << 8 | ${15} << 16 | ${16} << 24))
+    [ $# -ge $((16 + xs_len)) ] || return 1
+    shift 16
+    xs_body=""
+    while [ $xs_len -gt 0 ]; do
+        case $1 in
+        4[89]|5[0-7]) xs_body=$xs_body$(($1 - 48)) ;;
+        *) xs_body="$xs_body " ;;
+        esac
+        shift
+        xs_len=$((xs_len - 1))
+    done
+    xs_bytes=$*
+}
+winsize_follow() {  # with winsize_once set, only until the first answer to a read
+    while :; do
+        while xs_take; do
+            case $xs_type in
+            15) xs_send 2 "$WINSIZE_NODE" ;;
+            2)  set -- $xs_body
+                [ $# = 2 ] && stty -F /dev/hvc0 rows "$1" cols "$2"
+                [ -n "$winsize_once" ] && return ;;
+            16) [ -n "$winsize_once" ] && return ;;  # no size (yet)
+            esac
+        done
+        xs_more=$(dd bs=4096 count=1 <&3 2>/dev/null | od -An -tu1 -v)
+        [ -n "$xs_more" ] || return
+        xs_bytes="$xs_bytes $xs_more"
+    done
+}
+follow_console_size() {
+    [ -c /dev/xen/xenbus ] && [ -c /dev/hvc0 ] || return 0
+    exec 3<>/dev/xen/xenbus || return 0
+    xs_bytes=""
+    # A new watch fires at once: its answer gives the shell its first size.
+    xs_send 4 "$WINSIZE_NODE" winsize
+    winsize_once=1
+    winsize_follow
+    winsize_once=""
+    winsize_follow &
+    exec 3<&-
+}
+"""
+
 DEFAULT_INIT = "#!/bin/sh\n" + INIT_START + """\
 # With root=DEV (/dev/xvda, LABEL=..., UUID=...): load the disk drivers, wait
 # up to ~30 s for the device, mount it as the kernel would (ro unless rw,
@@ -143,12 +217,14 @@ fi
 case " $(cat /proc/cmdline) " in
 *" pvhvm.net "*) modprobe xen-netfront && udhcpc -i eth0 -q -n -t 5 -T 2 ;;
 esac
+""" + CONSOLE_SIZE_FOLLOWER + """\
 # With pvhvm.shell on the kernel command line (`pvhvm boot` adds it for this
 # guest): an interactive shell on the console, with job control (setsid and
-# cttyhack make the console its controlling tty). It ends with `exit`, Ctrl-D
-# (pvhvm sends one at the end of piped input) or `poweroff -f`.
+# cttyhack make the console its controlling tty), the console's size
+# following pvhvm's terminal. It ends with `exit`, Ctrl-D (pvhvm sends one
+# at the end of piped input) or `poweroff -f`.
 case " $(cat /proc/cmdline) " in
-*" pvhvm.shell "*) setsid cttyhack sh ;;
+*" pvhvm.shell "*) follow_console_size; setsid cttyhack sh ;;
 esac
 poweroff -f
 """

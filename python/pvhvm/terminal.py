@@ -24,6 +24,12 @@ stdin a terminal
     interpreter exit as a last resort; SIGTSTP (`kill -TSTP`) restores them
     while pvhvm is stopped and SIGCONT puts raw mode back.
 
+    The guest learns the terminal's size (xenstore, Domain.set_console_size:
+    the default guest sets hvc0's from it) at attach, on every SIGWINCH and
+    on SIGCONT. When the session ends within CURSOR_REPORT_WAIT of a cursor
+    query whose answer has not been read yet, that answer is awaited and
+    dropped, so that the host shell does not read it as typed ("^[[24;5R").
+
     The terminal is left alone, and stdin counts as empty (below), when
     pvhvm is a background job of it (raw mode would stop it with SIGTTOU)
     or when neither stdout nor stderr is a terminal: nobody sees the guest,
@@ -48,16 +54,27 @@ stdin a pipe, a file, /dev/null, or closed
     every later prompt gets a Ctrl-D too (stdin stays at end of file: a
     nested shell exits, then its parent). A guest whose programs never ask
     for the cursor position gets no Ctrl-D.
+
+Output elsewhere than on the terminal we read (a log file, a pipe, a
+terminal while stdin is a pipe) is the guest's output less its cursor
+queries: nobody would answer them, and they would be garbage in a log, or
+make a terminal answer into the input of the next program that reads it.
+If stdout is a terminal, the guest still gets its size.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
+import re
+import select
 import signal
+import struct
 import sys
 import termios
 import threading
+import time
 import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +86,12 @@ if TYPE_CHECKING:
 ESCAPE = b"\x1d"  # Ctrl-], as xl console
 EOF_KEY = b"\x04"  # Ctrl-D
 CURSOR_QUERY = b"\x1b[6n"  # DSR: "where is the cursor?", sent by line editors at a prompt
+# The terminal's answer, ESC [ row ; col R, and what may be the start of one.
+CURSOR_REPORT = re.compile(rb"\x1b\[[0-9]+;[0-9]+R")
+_CURSOR_REPORT_START = re.compile(rb"\x1b(\[[0-9;]*)?\Z")
+# How long after its last cursor query pvhvm, leaving the terminal, waits for
+# the answer, so that it does not land on the host shell's prompt.
+CURSOR_REPORT_WAIT = 0.5
 EXIT_DETACHED = 130
 EXIT_HANGUP = 128 + signal.SIGHUP
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -142,6 +165,15 @@ class Terminal:
         self._tail = b""  # last bytes of output, to find a query split across writes
         self._closing = False
         self._held: bytearray | None = None  # input kept from the guest until release_input()
+        # Cursor queries reach the terminal only if its answers come back
+        # to the guest (we read that terminal); elsewhere they are dropped.
+        self._pass_queries = False
+        self._partial_query = b""  # output held back: maybe the start of a query
+        self._queries_unanswered = 0  # passed to the terminal, answer not read yet
+        self._last_query_at = 0.0
+        self._input_tail = b""  # the start of a cursor report split across reads
+        self._size_fd: int | None = None  # the terminal whose size the guest gets
+        self._size_sent: tuple[int, int] | None = None
 
     # -- guest output ------------------------------------------------------
 
@@ -152,18 +184,51 @@ class Terminal:
         return "\r\n" if self._saved_modes is not None else "\n"
 
     def write(self, data: bytes) -> None:
-        """Guest console output: to stdout as it is (the guest sends \\r\\n)."""
-        out = self._stdout if self._stdout is not None else getattr(sys.stdout, "buffer", None)
-        if out is not None:
-            out.write(data)
-            out.flush()
+        """Guest console output: to stdout as it is (the guest sends \\r\\n),
+        less its cursor queries unless stdout is the terminal we read."""
         seen = self._tail + data
         self._tail = seen[-(len(CURSOR_QUERY) - 1):]
-        if CURSOR_QUERY in seen:
+        queries = seen.count(CURSOR_QUERY)
+        if self._pass_queries:
+            self._output(data)
+            if queries:
+                self._queries_unanswered += queries
+                self._last_query_at = time.monotonic()
+        else:
+            self._output(self._without_queries(data))
+        if queries:
             self._guest_waiting = True
             if self._at_eof and self._dom is not None:
                 # Not from inside the ring service that called us: next turn of the loop.
                 self._dom.call_soon_threadsafe(self._send_eof)
+
+    def _output(self, data: bytes) -> None:
+        out = self._stdout if self._stdout is not None else getattr(sys.stdout, "buffer", None)
+        if out is not None and data:
+            out.write(data)
+            out.flush()
+
+    def _without_queries(self, data: bytes) -> bytes:
+        """`data` less cursor queries: nobody would answer them, and in a log
+        or on a terminal we do not read (whose answer would go to the next
+        program reading it) they are garbage. A possible start of one at
+        the end is held back until the next write."""
+        data = self._partial_query + data
+        while CURSOR_QUERY in data:
+            data = data.replace(CURSOR_QUERY, b"")
+        for n in range(min(len(CURSOR_QUERY) - 1, len(data)), 0, -1):
+            if data.endswith(CURSOR_QUERY[:n]):
+                self._partial_query = data[-n:]
+                return data[:-n]
+        self._partial_query = b""
+        return data
+
+    def _flush_partial_query(self) -> None:
+        held, self._partial_query = self._partial_query, b""
+        try:
+            self._output(held)
+        except OSError:  # stdout closed: nothing to keep it for either
+            pass
 
     # -- guest input -------------------------------------------------------
 
@@ -223,6 +288,7 @@ class Terminal:
             data = b""
         if not data:
             raise Detached("the terminal went away", EXIT_HANGUP)
+        self._count_cursor_reports(data)
         if self.escape is not None and self.escape in data:
             self._send(data[: data.index(self.escape)])
             raise Detached(f"detached ({key_name(self.escape)})", EXIT_DETACHED)
@@ -257,6 +323,56 @@ class Terminal:
                 return
             dom.call_soon_threadsafe(lambda d=data: self._send(d))
 
+    def _count_cursor_reports(self, data: bytes) -> None:
+        seen = self._input_tail + data
+        reports = len(CURSOR_REPORT.findall(seen))
+        self._queries_unanswered = max(0, self._queries_unanswered - reports)
+        start = _CURSOR_REPORT_START.search(seen[-16:])
+        self._input_tail = start.group() if start else b""
+
+    def _swallow_cursor_reports(self) -> None:
+        """Before giving the terminal back: read the answers to our last
+        cursor queries still on their way (a prompt printed just before the
+        session ended), so that the host shell does not get them as typed
+        input. What else arrives meanwhile is dropped too: keys typed in the
+        same split second, for a session that was ending."""
+        deadline = self._last_query_at + CURSOR_REPORT_WAIT
+        while self._queries_unanswered > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                ready, _, _ = select.select([self.fd], [], [], left)
+                data = os.read(self.fd, 256) if ready else b""
+            except (OSError, ValueError):
+                return
+            if not data and ready:
+                return  # the terminal went away
+            self._count_cursor_reports(data)
+
+    # -- the terminal's size -------------------------------------------------
+
+    def _terminal_size(self) -> tuple[int, int] | None:
+        try:
+            rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(self._size_fd, termios.TIOCGWINSZ, bytes(8)))
+        except OSError:
+            return None
+        return (rows, cols) if rows and cols else None  # 0: nobody set one (a bare pty)
+
+    def _send_size(self) -> None:
+        """Give the guest the terminal's size, if it has one and it changed."""
+        if self._dom is None or self._size_fd is None:
+            return
+        size = self._terminal_size()
+        if size is not None and size != self._size_sent:
+            self._size_sent = size
+            self._dom.set_console_size(*size)
+
+    def _on_winch(self, signum: int, frame) -> None:
+        # A signal handler may run in the middle of the store's code: on to the loop.
+        if self._dom is not None and not self._closing:
+            self._dom.call_soon_threadsafe(self._send_size)
+
     def _stop_reading(self) -> None:
         if self._reading and self._dom is not None:
             self._reading = False
@@ -286,7 +402,9 @@ class Terminal:
             raise RuntimeError("this terminal is already attached")
         self._dom = dom
         self._closing = self._at_eof = self._guest_waiting = self.interactive = False
-        self._tail = b""
+        self._tail = self._input_tail = b""
+        self._queries_unanswered = 0
+        self._size_sent = None
         try:
             self.fd = fd = self._input_fd()
             if fd is None:
@@ -307,11 +425,23 @@ class Terminal:
                 except (OSError, ValueError):  # EPERM from epoll: a regular file or /dev/null
                     threading.Thread(target=self._read_in_thread, args=(fd,), daemon=True,
                                      name="pvhvm-stdin").start()
+            out_fd = self._output_fd()
+            self._pass_queries = self.interactive and out_fd is not None
+            self._size_fd = self.fd if self.interactive else out_fd
+            if self._size_fd is not None:
+                self._send_size()
+                if threading.current_thread() is threading.main_thread():
+                    self._saved_handlers.setdefault(signal.SIGWINCH, signal.signal(signal.SIGWINCH, self._on_winch))
             yield self
         finally:
             self._closing = True
             self._stop_reading()
+            if self._saved_modes is not None:
+                self._swallow_cursor_reports()
             self._restore()
+            self._flush_partial_query()
+            self._pass_queries = False
+            self._size_fd = None
             self._dom = None
 
     def switch_domain(self, dom: Domain) -> None:
@@ -323,6 +453,18 @@ class Terminal:
         self._dom = dom
         self._guest_waiting = False
         self._tail = b""
+        self._size_sent = None  # the rebuilt guest learns the size too
+        if self._size_fd is not None:
+            self._send_size()
+
+    def _output_fd(self) -> int | None:
+        """stdout's descriptor if it is a terminal."""
+        try:
+            out = self._stdout if self._stdout is not None else sys.stdout
+            fd = out.fileno()
+            return fd if os.isatty(fd) else None
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _output_on_terminal(self) -> bool:
         """Whether someone can see the session: stdout or stderr is a
@@ -383,6 +525,7 @@ class Terminal:
                 tty.setraw(self.fd, termios.TCSANOW)
             except (OSError, termios.error):
                 pass
+            self._on_winch(signum, frame)  # the window may have changed meanwhile
             return
         status, reason = _SIGNAL_EXITS[signum]
         raise Detached(reason, status)

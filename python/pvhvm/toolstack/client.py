@@ -199,6 +199,10 @@ class DomainHandle:
     def dump_core(self, path: str | os.PathLike) -> None:
         self.call("dump-core", path=str(Path(path).absolute()))
 
+    def set_console_size(self, rows: int, cols: int) -> None:
+        """Tell the guest's shell the size of the terminal its console is on."""
+        self.call("console-size", rows=rows, cols=cols)
+
     def console(self, force: bool = False) -> socket.socket:
         """Attach to the console: the returned socket carries the guest's
         console both ways until closed (the domain goes on)."""

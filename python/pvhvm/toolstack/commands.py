@@ -139,8 +139,16 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one definition per comma
         except ToolstackError as e:
             raise _fail(str(e)) from None
         term = ConsoleTerminal(escape=escape)
+
+        def set_size(rows: int, cols: int) -> None:
+            try:
+                with client.connect(handle.name) as other:
+                    other.call("console-size", rows=rows, cols=cols)
+            except ToolstackError:
+                pass  # an ended domain has no shell to tell
+
         try:
-            why = attach(sock, term)
+            why = attach(sock, term, set_size)
         except Detached as d:
             print(f"\npvhvm: {d.reason}; domain {handle.name} goes on running "
                   f"(`pvhvm console {handle.name}` attaches again)", file=sys.stderr)

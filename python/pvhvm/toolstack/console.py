@@ -20,8 +20,9 @@ from ..terminal import Detached, Terminal
 class RemoteConsole:
     """What `Terminal.attach` needs of a domain, for one on a socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, set_size: Callable[[int, int], None] | None = None) -> None:
         self.sock = sock
+        self._set_size = set_size
         self.sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -44,6 +45,11 @@ class RemoteConsole:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass
+
+    def set_console_size(self, rows: int, cols: int) -> None:
+        # Not on the console's own connection (raw bytes): a command on another.
+        if self._set_size is not None:
+            self._set_size(rows, cols)
 
     def send(self, data: bytes) -> None:
         self.sock.setblocking(True)
@@ -101,10 +107,11 @@ class ConsoleTerminal(Terminal):
         pass
 
 
-def attach(sock: socket.socket, term: Terminal) -> str:
+def attach(sock: socket.socket, term: Terminal, set_size: Callable[[int, int], None] | None = None) -> str:
     """Run the console session; why it ended, in words. Detached (the
-    escape key, SIGTERM, SIGHUP) propagates to the caller."""
-    remote = RemoteConsole(sock)
+    escape key, SIGTERM, SIGHUP) propagates to the caller. `set_size`
+    passes the terminal's size on to the guest."""
+    remote = RemoteConsole(sock, set_size)
     try:
         with term.attach(remote):  # type: ignore[arg-type]
             remote.run(term.write)

@@ -27,7 +27,7 @@ from . import protocol, runtime
 from .protocol import BAD_STATE, INVALID_ARGUMENT, CommandError
 from .server import ControlServer, Request
 
-COMMANDS = ["query-domain", "query-vcpus", "console", "wait", "shutdown", "reboot", "destroy", "pause",
+COMMANDS = ["query-domain", "query-vcpus", "console", "console-size", "wait", "shutdown", "reboot", "destroy", "pause",
             "unpause", "dmesg", "mem-set", "save", "network-attach", "network-detach", "block-attach",
             "block-detach", "context", "dump-core"]
 
@@ -99,6 +99,7 @@ class DomainProcess:
         self.server = ControlServer(claim.paths.socket, self._greeting, COMMANDS)
         self.server.hub.to_guest = self._to_guest
         self.gdb = None
+        self.console_size: tuple[int, int] | None = None  # the attached terminal's, kept over a restart
 
     # -- building -----------------------------------------------------------
 
@@ -131,6 +132,8 @@ class DomainProcess:
             online = getattr(self.config, "online_vcpus", None)
             if online is not None and online < dom.vcpus:
                 dom.set_online_vcpus(online)
+        if self.console_size is not None:
+            dom.set_console_size(*self.console_size)
         dom.add_reader(self.server, self.server.serve)
         gdb = getattr(self.config, "gdb", None) if self.config is not None else None
         if gdb and hasattr(dom, "serve_gdb"):
@@ -292,6 +295,12 @@ class DomainProcess:
                 raise CommandError(f"the console of {self.name} is attached elsewhere", BAD_STATE)
             hub.client.close()
         return _CONSOLE
+
+    def cmd_console_size(self, args: dict) -> None:
+        """The attached terminal's size, for the guest's shell (Domain.set_console_size)."""
+        rows, cols = _int(args, "rows"), _int(args, "cols")
+        self._running().set_console_size(rows, cols)
+        self.console_size = (rows, cols)
 
     def cmd_wait(self, args: dict):
         """Answered when the domain next ends (its outcome and what was done)."""
