@@ -198,6 +198,8 @@ pub struct Cpu {
     pub msr_watch: u32,
     /// A hypercall page was requested at a guest-physical frame that is not RAM.
     pub bad_hypercall_page: bool,
+    /// The debugger's breakpoints as the engine has them (sorted).
+    breakpoints: Vec<u64>,
 }
 
 unsafe fn paging_of_raw(uc: *mut uc_engine) -> PagingState {
@@ -591,6 +593,7 @@ impl Cpu {
             tlb_owner: None,
             msr_watch: 0,
             bad_hypercall_page: false,
+            breakpoints: Vec::new(),
         })
     }
 
@@ -714,6 +717,45 @@ impl Cpu {
                 self.engine.remove_cache(at, at.wrapping_add(3));
             }
         }
+    }
+
+    /// Put the debugger's breakpoints on the engine, if they changed. They
+    /// are Unicorn's exits: a translated instruction at one of them ends
+    /// the run before it executes (RIP at it, as after a HLT), wherever it
+    /// is in its block; nothing is installed while there are none, and
+    /// translated code is dropped at each change (exits are compiled in).
+    pub fn install_breakpoints(&mut self, wanted: &std::collections::BTreeSet<u64>) -> Result<(), String> {
+        if self.breakpoints.iter().eq(wanted.iter()) {
+            return Ok(());
+        }
+        let addrs: Vec<u64> = wanted.iter().copied().collect();
+        self.engine.set_exits(&addrs).map_err(|e| format!("breakpoints: {e}"))?;
+        self.breakpoints = addrs;
+        self.flush_code_cache();
+        Ok(())
+    }
+
+    /// Whether the engine stopped at a breakpoint (the loaded vCPU's next
+    /// instruction is at one).
+    pub fn at_breakpoint(&self) -> bool {
+        !self.breakpoints.is_empty() && self.breakpoints.binary_search(&self.linear_ip()).is_ok()
+    }
+
+    /// For one step past the breakpoint at `ip`: the engine's exits without it.
+    pub fn lift_breakpoint(&mut self, ip: u64) -> Result<(), String> {
+        let others: Vec<u64> = self.breakpoints.iter().copied().filter(|&a| a != ip).collect();
+        self.engine.set_exits(&others).map_err(|e| format!("breakpoints: {e}"))?;
+        self.flush_code_cache();
+        Ok(())
+    }
+
+    /// After `lift_breakpoint`'s step: every breakpoint back.
+    pub fn restore_breakpoints(&mut self) -> Result<(), String> {
+        let all = std::mem::take(&mut self.breakpoints);
+        let r = self.engine.set_exits(&all).map_err(|e| format!("breakpoints: {e}"));
+        self.breakpoints = all;
+        self.flush_code_cache();
+        r
     }
 
     /// RDMSR sites hooked, and RDMSRs answered there.
