@@ -249,3 +249,37 @@ def test_a_client_that_goes_away_leaves_the_domain_running(guests):
     dom.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2)
+
+
+@pytest.mark.slow
+def test_linux_hardware_breakpoint_on_a_system_call():
+    """The default guest at its shell: gdb puts a hardware breakpoint on
+    the sync system call (address from the guest's /proc/kallsyms), the
+    shell's `sync` stops there with RIP at it, gdb reads linux_banner, and
+    detaches: the guest goes on to its prompt."""
+    from pvhvm.images import prepare_default_guest
+    from pvhvm.shell import GuestShell
+
+    guest = prepare_default_guest()
+    dom = pvhvm.Domain(guest.vmlinux, initrd=guest.initrd, cmdline="console=hvc0 pvhvm.shell", memory_mib=256)
+    dom.expect("PVHVM-INIT-OK", 120)
+    dom.expect("# ", 30)
+    shell = GuestShell(dom)
+    syms = shell.ok(r"grep -E ' (__x64_sys_sync|linux_banner)$' /proc/kallsyms")
+    addr = {line.split()[2]: int(line.split()[0], 16) for line in syms.splitlines() if line.strip()}
+    sync, banner = addr["__x64_sys_sync"], addr["linux_banner"]
+    assert sync >> 63 and banner >> 63, syms  # real addresses, not hidden zeros
+    server = dom.serve_gdb(":0")
+    gdb = gdb_batch(guest.vmlinux, server.port, f"hbreak *{sync:#x}", "continue", "info registers rip",
+                    f"x/s {banner:#x}", "delete", "detach")
+    # gdb connects (the domain stops), sets the breakpoint and continues.
+    assert dom.run_until(lambda: dom._vm.breakpoints == [sync] and not dom.paused, 30)
+    shell.start("sync")
+    assert dom.run_until(lambda: gdb.poll() is not None, 30)
+    out = gdb.communicate(timeout=10)[0]
+    assert re.search(rf"^rip\s+0x{sync:x}\b", out, re.M), out
+    assert re.search(r'0x[0-9a-f]+:\s+"Linux version ', out), out
+    status, _ = shell.finish(30)
+    assert status == 0
+    assert shell.ok("echo still-here").strip() == "still-here"
+    dom.close()
