@@ -426,14 +426,14 @@ impl Vm {
     /// Set a register of vCPU `vcpu` (between runs): a general register
     /// by the name `registers()` gives it, rip or rflags.
     fn set_register(&mut self, vcpu: usize, name: &str, value: u64) -> PyResult<()> {
-        self.domain.set_register(vcpu, name, value).map_err(|e| PyValueError::new_err(e))
+        self.domain.set_register(vcpu, name, value).map_err(PyValueError::new_err)
     }
 
     /// The debugger's code breakpoints (linear addresses), replacing the
     /// earlier set: a vCPU reaching one stops before executing it, and
     /// `run()` returns a `debug` exit. No guest memory changes.
     fn set_breakpoints(&mut self, addresses: Vec<u64>) -> PyResult<()> {
-        self.domain.debug.set_breakpoints(&addresses).map_err(|e| PyValueError::new_err(e))
+        self.domain.debug.set_breakpoints(&addresses).map_err(PyValueError::new_err)
     }
 
     #[getter]
