@@ -254,6 +254,8 @@ class Domain:
         # The xl-style config the domain was made from (pvhvm.config), kept in
         # its saves so that a restored domain can be rebuilt on reboot.
         self.config_text: str | None = None
+        # The GDB stub (serve_gdb), if any.
+        self._gdb = None
 
         # The run loop's host side, and the device manager on it.
         self.loop = HostLoop(self._vm)
@@ -314,10 +316,26 @@ class Domain:
         (the store, the rings and the core are only touched there)."""
         self.loop.call_soon_threadsafe(fn)
 
+    def serve_gdb(self, address: str):
+        """Serve the GDB remote protocol on `address` ("HOST:PORT", "PORT"
+        or ":PORT" on 127.0.0.1; port 0 picks a free one, the server's
+        `port` says which), from the run loop: `gdb vmlinux -ex 'target
+        remote :PORT'`. The domain pauses when gdb connects and goes on
+        when it detaches. Returns the `gdbstub.GdbServer`."""
+        from .gdbstub import GdbServer
+
+        if self._gdb is not None:
+            raise ValueError(f"already serving gdb on port {self._gdb.port}")
+        self._gdb = GdbServer(self, address)
+        return self._gdb
+
     def close(self) -> None:
         """Remove host-side endpoints: the xenstore socket, the devices
         (rings unmapped, disk workers stopped and images unlocked, passt
-        stopped)."""
+        stopped), the GDB stub."""
+        if self._gdb is not None:
+            self._gdb.close()
+            self._gdb = None
         if self.xenstore_socket is not None:
             self.xenstore_socket.close()
             self.xenstore_socket = None
@@ -374,6 +392,8 @@ class Domain:
             if outcome is not None:
                 self.console.service()
                 self.outcome = outcome
+                if self._gdb is not None:
+                    self._gdb.on_domain_ended(outcome)
                 # The domain is gone, as after xl destroy: its images are
                 # synced, unlocked and free for the next user. A domain that
                 # suspended is not gone: it waits to be saved, its devices
@@ -471,6 +491,11 @@ class Domain:
     def _handle(self, exit: _core.Exit, progressed: bool) -> Outcome | None:
         kind = exit.kind
         if kind in ("console", "notify", "kicked", "host_io"):
+            return None
+        if kind == "debug":
+            # A breakpoint or a finished step: the stub pauses the domain.
+            if self._gdb is not None:
+                self._gdb.on_debug_exit(exit)
             return None
         if kind == "shutdown":
             if exit.reason == ShutdownReason.SUSPEND:

@@ -129,6 +129,10 @@ struct HookData {
     rdmsr_armed: Option<(u64, u64)>,
     /// RDMSRs answered in place of Unicorn.
     rdmsrs_answered: u64,
+    /// While breakpoints are on the engine: the state at the exception
+    /// that ended the run, if one did (see `Cpu::start`).
+    exception_state: Option<CpuState>,
+    exception_taken: bool,
 }
 
 impl Stop {
@@ -198,6 +202,8 @@ pub struct Cpu {
     pub msr_watch: u32,
     /// A hypercall page was requested at a guest-physical frame that is not RAM.
     pub bad_hypercall_page: bool,
+    /// The debugger's breakpoints as the engine has them (sorted).
+    breakpoints: Vec<u64>,
 }
 
 unsafe fn paging_of_raw(uc: *mut uc_engine) -> PagingState {
@@ -226,6 +232,10 @@ unsafe extern "C" fn on_interrupt(uc: *mut uc_engine, intno: u32, user: *mut c_v
     // ACK_VECTOR, not the guest's.
     if !(intno == interrupts::GP as u32 && h.window_open) {
         h.exception = Some(intno as u8);
+    }
+    if let Some(st) = h.exception_state.as_mut() {
+        st.load_raw(uc);
+        h.exception_taken = true;
     }
     uc::raw_stop(uc);
 }
@@ -519,6 +529,8 @@ impl Cpu {
             pending_rdmsr_sites: Vec::new(),
             rdmsr_armed: None,
             rdmsrs_answered: 0,
+            exception_state: None,
+            exception_taken: false,
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -591,6 +603,7 @@ impl Cpu {
             tlb_owner: None,
             msr_watch: 0,
             bad_hypercall_page: false,
+            breakpoints: Vec::new(),
         })
     }
 
@@ -681,6 +694,14 @@ impl Cpu {
             }
         }
         unsafe { (*self.hooks).ctx = RunCtx { dom, vcpus } };
+        // With exits set, Unicorn drops the code at each exit address after
+        // every run by looking `exit - 1` up through the vCPU's page
+        // tables as they are then; where that faults (a kernel address
+        // seen from user mode), the fault is swallowed but leaves CR2, the
+        // error code and old_exception behind (the next guest #PF became
+        // #DF). The exception fields are put back as they were before the
+        // run, or at the exception that ended it.
+        let guard = if self.breakpoints.is_empty() { None } else { self.exception_guard() };
         let r = if count > 0 {
             Some((self.engine.start(rip, count), false))
         } else {
@@ -688,8 +709,31 @@ impl Cpu {
             self.ticker.run(rip, || engine.start(rip, 0))
         };
         unsafe { (*self.hooks).ctx = RunCtx { dom: std::ptr::null_mut(), vcpus: std::ptr::null_mut() } };
+        if let Some((before, mut now)) = guard {
+            let h = unsafe { &mut *self.hooks };
+            now.load(&self.engine);
+            match (h.exception_taken, h.exception_state.as_ref()) {
+                (true, Some(at_exception)) => now.copy_exception_fields_from(at_exception),
+                _ => now.copy_exception_fields_from(&before),
+            }
+            now.store(&self.engine);
+            h.exception_taken = false;
+            h.exception_state = None;
+        }
         self.settle_rdmsr_sites();
         r
+    }
+
+    /// Before a run with breakpoints: the state now, a scratch state for
+    /// after, and the hook armed to take the state at an exception.
+    fn exception_guard(&mut self) -> Option<(CpuState, CpuState)> {
+        let before = self.save_state().ok()?;
+        let after = CpuState::new(&self.engine, self.layout()).ok()?;
+        let at_exception = CpuState::new(&self.engine, self.layout()).ok()?;
+        let h = unsafe { &mut *self.hooks };
+        h.exception_state = Some(at_exception);
+        h.exception_taken = false;
+        Some((before, after))
     }
 
     /// After a run: answer an RDMSR the engine stopped right after, and
@@ -714,6 +758,45 @@ impl Cpu {
                 self.engine.remove_cache(at, at.wrapping_add(3));
             }
         }
+    }
+
+    /// Put the debugger's breakpoints on the engine, if they changed. They
+    /// are Unicorn's exits: a translated instruction at one of them ends
+    /// the run before it executes (RIP at it, as after a HLT), wherever it
+    /// is in its block; nothing is installed while there are none, and
+    /// translated code is dropped at each change (exits are compiled in).
+    pub fn install_breakpoints(&mut self, wanted: &std::collections::BTreeSet<u64>) -> Result<(), String> {
+        if self.breakpoints.iter().eq(wanted.iter()) {
+            return Ok(());
+        }
+        let addrs: Vec<u64> = wanted.iter().copied().collect();
+        self.engine.set_exits(&addrs).map_err(|e| format!("breakpoints: {e}"))?;
+        self.breakpoints = addrs;
+        self.flush_code_cache();
+        Ok(())
+    }
+
+    /// Whether the engine stopped at a breakpoint (the loaded vCPU's next
+    /// instruction is at one).
+    pub fn at_breakpoint(&self) -> bool {
+        !self.breakpoints.is_empty() && self.breakpoints.binary_search(&self.linear_ip()).is_ok()
+    }
+
+    /// For one step past the breakpoint at `ip`: the engine's exits without it.
+    pub fn lift_breakpoint(&mut self, ip: u64) -> Result<(), String> {
+        let others: Vec<u64> = self.breakpoints.iter().copied().filter(|&a| a != ip).collect();
+        self.engine.set_exits(&others).map_err(|e| format!("breakpoints: {e}"))?;
+        self.flush_code_cache();
+        Ok(())
+    }
+
+    /// After `lift_breakpoint`'s step: every breakpoint back.
+    pub fn restore_breakpoints(&mut self) -> Result<(), String> {
+        let all = std::mem::take(&mut self.breakpoints);
+        let r = self.engine.set_exits(&all).map_err(|e| format!("breakpoints: {e}"));
+        self.breakpoints = all;
+        self.flush_code_cache();
+        r
     }
 
     /// RDMSR sites hooked, and RDMSRs answered there.

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use unicorn_engine::uc_error;
 
 use crate::cpu::{Cpu, Stop};
+use crate::debug::{DebugStop, Debugger};
 use crate::exit::{Exit, ExitReason};
 use crate::interrupts::{self, DeliveryError, Event};
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, PhysMem};
 use crate::mmu;
 use crate::sched::{self, Next, RoundRobin, View};
 use crate::uc::{self, Reg};
@@ -70,6 +71,8 @@ pub struct Domain {
     pub time_slice: Duration,
     /// Times the domain slept with every vCPU idle.
     pub idle_waits: u64,
+    /// Breakpoints, steps and held vCPUs a debugger asked for.
+    pub debug: Debugger,
 }
 
 impl Domain {
@@ -101,6 +104,7 @@ impl Domain {
             host_fd: None,
             time_slice: Duration::from_millis(50),
             idle_waits: 0,
+            debug: Debugger::new(nr_vcpus),
         })
     }
 
@@ -270,11 +274,17 @@ impl Domain {
     /// Run until the host is needed.
     pub fn run(&mut self) -> Exit {
         let host_end = Instant::now() + self.time_slice;
+        if let Err(message) = self.cpu.install_breakpoints(&self.debug.breakpoints) {
+            return Exit::domain(ExitReason::Error { message });
+        }
         loop {
             let now = self.state.system_time_ns();
             self.fire_timers(now);
             self.state.shared.raise_queued();
             self.wake_idle(now);
+            if let Some(exit) = self.steps_that_cannot_run() {
+                return exit;
+            }
             if self.state.shared.waker.take_host_attention() {
                 return Exit::domain(ExitReason::Kicked);
             }
@@ -307,8 +317,25 @@ impl Domain {
         }
     }
 
+    /// A step asked of a vCPU that is halted, blocked or down is over at
+    /// once (interrupts are kept from a stepping vCPU, so nothing would
+    /// ever wake it): it stops where it is.
+    fn steps_that_cannot_run(&mut self) -> Option<Exit> {
+        if !self.debug.any_step() {
+            return None;
+        }
+        let v = self.vcpus.iter().find(|v| self.debug.stepping(v.id as usize) && !v.is_running())?;
+        let (id, address) = (v.id, linear_ip_of(&v.regs));
+        self.debug.stopped(id as usize, address);
+        Some(Exit::of(id, ExitReason::Debug { stop: DebugStop::Step, address }))
+    }
+
     fn view(&self, v: &Vcpu) -> View {
         let halted_for_good = v.activity == Activity::Halted && !v.nmi_pending && v.regs.rflags() & RFLAGS_IF == 0;
+        if self.debug.frozen(v.id as usize) {
+            // Held by the debugger: neither run nor waited for.
+            return View { runnable: false, boosted: false, deadline: None, stuck: false };
+        }
         View {
             runnable: v.is_running(),
             boosted: v.boosted,
@@ -408,14 +435,20 @@ impl Domain {
         self.cpu.load(&mut self.vcpus[i]);
         self.vcpus[i].boosted = false;
         self.set_runstate(i, RUNSTATE_RUNNING);
-        let end = self.slice_loop(i, until);
+        let mut stepped = false;
+        let mut end = self.slice_loop(i, until, &mut stepped);
+        if stepped && !matches!(end, SliceEnd::Exit(_)) {
+            // Its one instruction halted, blocked or ended the slice.
+            end = self.debug_stop(i, DebugStop::Step);
+        }
         self.cpu.save(&mut self.vcpus[i]);
         let rs = self.vcpus[i].idle_runstate();
         self.set_runstate(i, rs);
         end
     }
 
-    fn slice_loop(&mut self, i: usize, until: Instant) -> SliceEnd {
+    /// `stepped`: set once the vCPU ran the step the debugger asked for.
+    fn slice_loop(&mut self, i: usize, until: Instant, stepped: &mut bool) -> SliceEnd {
         loop {
             if let Some(ev) = self.vcpus[i].pending_exception.take() {
                 if let Err(e) = self.deliver(i, ev) {
@@ -426,6 +459,12 @@ impl Domain {
                 }
                 self.vcpus[i].exceptions_delivered += 1;
             }
+            // A step is reported after the exception its instruction raised
+            // (if any) was delivered: it stops at the handler, as on hardware.
+            if *stepped {
+                return self.debug_stop(i, DebugStop::Step);
+            }
+            let stepping = self.debug.stepping(i);
             let kicked = self.cpu.take_kick();
             if kicked {
                 self.vcpus[i].window_poll_at = None;
@@ -450,7 +489,10 @@ impl Domain {
             let mut poll_window = false;
             let nmi = self.vcpus[i].nmi_pending;
             let wanted = if nmi { Some(Event::external(interrupts::NMI)) } else { self.next_interrupt(i).map(Event::external) };
-            if let Some(ev) = wanted {
+            // A stepping vCPU takes no interrupt: while the debugger waits
+            // between steps the guest's timers fire, and every step would
+            // land in a handler (QEMU's gdbstub steps with IRQs off too).
+            if let Some(ev) = wanted.filter(|_| !stepping) {
                 match self.try_inject(i, ev) {
                     Inject::Done => {}
                     // An NMI ignores IF: step past the shadow.
@@ -469,9 +511,28 @@ impl Domain {
             if count == 0 && self.cpu.msr_watch > 0 {
                 count = self.cpu.watch_step(rip);
             }
-            let Some((err, kicked_in_run)) = self.cpu.start(&mut self.state, &mut self.vcpus, rip, count) else {
+            if stepping {
+                count = 1;
+            }
+            // Leaving a breakpoint it stopped at (or stepping one): the
+            // instruction there runs once, alone, with that exit lifted.
+            let over = !self.debug.breakpoints.is_empty() && self.debug.go_over(i, self.cpu.linear_ip());
+            if over {
+                count = 1;
+                if let Err(message) = self.cpu.lift_breakpoint(self.cpu.linear_ip()) {
+                    return SliceEnd::Exit(ExitReason::Error { message });
+                }
+            }
+            let started = self.cpu.start(&mut self.state, &mut self.vcpus, rip, count);
+            if over {
+                if let Err(message) = self.cpu.restore_breakpoints() {
+                    return SliceEnd::Exit(ExitReason::Error { message });
+                }
+            }
+            let Some((err, kicked_in_run)) = started else {
                 continue; // a kick came first: take it above
             };
+            *stepped |= stepping;
             let (stop, exception) = self.cpu.take_stop();
             // Mapping changes first, whatever else stopped the engine: a
             // stronger reason in the same run (an exit, a block) replaces
@@ -519,6 +580,13 @@ impl Domain {
                 Some(Stop::Sysenter) => self.sysenter(i),
                 Some(Stop::WatchHypercallMsr) => self.cpu.begin_msr_watch(),
                 None if exception.is_some() => {}
+                // Unicorn's exit at a breakpoint looks like a HLT before it
+                // (RIP at the address, no reason): the breakpoint wins (a
+                // HLT just before one then wakes spuriously, which idle
+                // loops allow for).
+                None if err == uc_error::OK && self.cpu.at_breakpoint() && !*stepped => {
+                    return self.debug_stop(i, DebugStop::Breakpoint);
+                }
                 // A kick: the engine stopped at the start of a block. (If it
                 // halted just before the kick came, the guest resumes after its
                 // HLT: a spurious wake-up, which idle loops allow for.)
@@ -586,6 +654,13 @@ impl Domain {
                 }
             }
         }
+    }
+
+    /// The running vCPU `i` stops for the debugger where it is.
+    fn debug_stop(&mut self, i: usize, stop: DebugStop) -> SliceEnd {
+        let address = self.cpu.linear_ip();
+        self.debug.stopped(i, address);
+        SliceEnd::Exit(ExitReason::Debug { stop, address })
     }
 
     /// Wake the running vCPU at the end of its slice, the next timer of any
@@ -713,6 +788,10 @@ impl Domain {
             ("rflags", st.rflags()),
             ("cs", st.seg(unicorn_gaps::R_CS).selector as u64),
             ("ss", st.seg(unicorn_gaps::R_SS).selector as u64),
+            ("ds", st.seg(unicorn_gaps::R_DS).selector as u64),
+            ("es", st.seg(unicorn_gaps::R_ES).selector as u64),
+            ("fs", st.seg(unicorn_gaps::R_FS).selector as u64),
+            ("gs", st.seg(unicorn_gaps::R_GS).selector as u64),
             ("cpl", st.cpl() as u64),
             ("cr0", st.cr(0)),
             ("cr2", st.cr(2)),
@@ -725,11 +804,67 @@ impl Domain {
         Some(out)
     }
 
+    /// Set one of vCPU `id`'s registers by the name `registers` gives it
+    /// (between runs): the general registers, rip and rflags; the rest
+    /// carry hidden state a plain write would not keep consistent.
+    pub fn set_register(&mut self, id: usize, name: &str, value: u64) -> Result<(), String> {
+        const NAMES: [&str; 16] =
+            ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+        let v = self.vcpus.get_mut(id).ok_or("no such vCPU")?;
+        let st = &mut v.regs;
+        match name {
+            "rip" => st.set_rip(value),
+            // Reserved bit 1 is kept set by set_rflags; VM and the rest of
+            // the upper half cannot be set from here.
+            "rflags" => st.set_rflags(value & 0x3d_7fd5),
+            _ => st.set_reg(NAMES.iter().position(|n| *n == name).ok_or(format!("register {name} cannot be set"))?, value),
+        }
+        self.cpu.forget_tlb_of(id as u32);
+        Ok(())
+    }
+
+    /// Write guest-linear memory through vCPU `id`'s page tables, as a
+    /// debugger does: read-only pages are written too (kernel text), only
+    /// unmapped ones refuse. Translated code from there is dropped.
+    pub fn write_linear(&mut self, id: usize, va: u64, data: &[u8]) -> Result<(), String> {
+        let v = self.vcpus.get(id).ok_or("no such vCPU")?;
+        let ps = v.regs.paging();
+        let mut m: &GuestRam = &self.state.ram;
+        let mut pieces = Vec::new();
+        let mut done = 0usize;
+        while done < data.len() {
+            let cur = va.wrapping_add(done as u64);
+            let chunk = ((layout::PAGE_SIZE - (cur & (layout::PAGE_SIZE - 1))) as usize).min(data.len() - done);
+            let gpa = mmu::translate(&mut m, &ps, cur, mmu::Access::Read, false).map_err(|e| format!("{e:?}"))?;
+            // RAM only: not the LAPIC or the MMIO hole.
+            self.state.ram.slice(gpa, chunk as u64).map_err(|e| e.to_string())?;
+            pieces.push((gpa, done, chunk));
+            done += chunk;
+        }
+        for (gpa, off, len) in pieces {
+            m.write_phys(gpa, &data[off..off + len]).map_err(|e| e.to_string())?;
+        }
+        if !data.is_empty() {
+            self.cpu.flush_code_cache();
+        }
+        Ok(())
+    }
+
     /// Read guest-linear memory through vCPU `id`'s page tables.
     pub fn read_linear(&self, id: usize, va: u64, buf: &mut [u8]) -> Result<(), String> {
         let v = self.vcpus.get(id).ok_or("no such vCPU")?;
         let mut m: &GuestRam = &self.state.ram;
         mmu::read_linear(&mut m, &v.regs.paging(), va, buf, false).map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// The linear address of a vCPU's next instruction (CS base + IP in real
+/// mode; every protected-mode code segment we run is flat).
+fn linear_ip_of(st: &crate::unicorn_gaps::CpuState) -> u64 {
+    if st.cr(0) & mmu::CR0_PE == 0 {
+        st.seg(unicorn_gaps::R_CS).base + (st.rip() & 0xffff)
+    } else {
+        st.rip()
     }
 }
 
@@ -816,6 +951,45 @@ mod tests {
         // vCPU runs first).
         assert_eq!(d.vcpus[0].activity, Activity::Running);
         assert!(d.context_switches() >= 1);
+    }
+
+    #[test]
+    fn a_breakpoint_stops_before_its_instruction_and_is_gone_past_once() {
+        // inc eax (x4, one byte each, in one translated block); cli; hlt
+        let mut d = domain(1, &[(CODE, &[0x40, 0x40, 0x40, 0x40, 0xfa, 0xf4])]);
+        d.vcpus[0].regs.set_reg(0, 0);
+        d.debug.set_breakpoints(&[CODE + 2]).unwrap();
+        let e = d.run();
+        assert_eq!(e, Exit::of(0, ExitReason::Debug { stop: DebugStop::Breakpoint, address: CODE + 2 }));
+        assert_eq!((d.vcpus[0].regs.rip(), d.vcpus[0].regs.reg(0)), (CODE + 2, 2));
+        // A step executes the instruction at the breakpoint, and only it.
+        d.debug.request_step(0, true);
+        let e = d.run();
+        assert_eq!(e, Exit::of(0, ExitReason::Debug { stop: DebugStop::Step, address: CODE + 3 }));
+        assert_eq!(d.vcpus[0].regs.reg(0), 3);
+        // Back to the loop's start: it stops there again, then goes past.
+        d.vcpus[0].regs.set_rip(CODE);
+        let e = d.run();
+        assert_eq!(e.reason, ExitReason::Debug { stop: DebugStop::Breakpoint, address: CODE + 2 });
+        assert_eq!(d.vcpus[0].regs.reg(0), 5);
+        assert!(matches!(d.run().reason, ExitReason::Hung { .. }));
+        assert_eq!(d.vcpus[0].regs.reg(0), 7);
+        // No breakpoints: none on the engine, the guest runs through.
+        d.debug.set_breakpoints(&[]).unwrap();
+        d.vcpus[0].regs.set_rip(CODE);
+        d.vcpus[0].activity = Activity::Running;
+        assert!(matches!(d.run().reason, ExitReason::Hung { .. }));
+        assert_eq!(d.vcpus[0].regs.reg(0), 11);
+    }
+
+    #[test]
+    fn a_step_takes_no_interrupt_and_a_halted_vcpu_steps_at_once() {
+        // cli; hlt: halted with interrupts off, a step reports where it is.
+        let mut d = domain(1, &[(CODE, &[0xfa, 0xf4])]);
+        assert!(matches!(d.run().reason, ExitReason::Hung { .. }));
+        d.debug.request_step(0, true);
+        assert_eq!(d.run(), Exit::of(0, ExitReason::Debug { stop: DebugStop::Step, address: CODE + 2 }));
+        assert!(!d.debug.stepping(0));
     }
 
     /// A domain saved, restored from its image and saved again gives the

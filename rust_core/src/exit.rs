@@ -23,6 +23,9 @@ pub enum ExitReason {
     Hung { why: String },
     /// A fault while delivering #DF: the processor shut down.
     TripleFault { chain: Vec<u8> },
+    /// A vCPU stopped for the debugger (debug.rs) with its next
+    /// instruction at `address` (linear).
+    Debug { stop: crate::debug::DebugStop, address: u64 },
     /// The emulator could not go on (unmapped physical memory, a mode we
     /// do not deliver in …).
     Error { message: String },

@@ -6,6 +6,7 @@
 pub mod abi;
 pub mod cpu;
 pub mod cpuid;
+pub mod debug;
 pub mod domain;
 pub mod exit;
 pub mod hypercall;

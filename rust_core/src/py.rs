@@ -250,8 +250,10 @@ impl BackendOps {
 }
 
 /// Why `Vm.run()` returned. `kind` is one of: shutdown, console, notify,
-/// kicked, host_io, idle, hung, triple_fault, error; `vcpu` the vCPU it
-/// came from (None for the domain as a whole).
+/// kicked, host_io, idle, hung, triple_fault, error, debug; `vcpu` the vCPU
+/// it came from (None for the domain as a whole). A `debug` exit's
+/// `message` is "breakpoint" or "step" and `address` the vCPU's next
+/// instruction (linear).
 #[pyclass(frozen, get_all, module = "pvhvm._core")]
 pub struct Exit {
     kind: &'static str,
@@ -259,21 +261,22 @@ pub struct Exit {
     reason: Option<u32>,
     chain: Vec<u8>,
     message: Option<String>,
+    address: Option<u64>,
 }
 
 #[pymethods]
 impl Exit {
     fn __repr__(&self) -> String {
         format!(
-            "Exit(kind={:?}, vcpu={:?}, reason={:?}, chain={:?}, message={:?})",
-            self.kind, self.vcpu, self.reason, self.chain, self.message
+            "Exit(kind={:?}, vcpu={:?}, reason={:?}, chain={:?}, message={:?}, address={:?})",
+            self.kind, self.vcpu, self.reason, self.chain, self.message, self.address
         )
     }
 }
 
 impl From<crate::exit::Exit> for Exit {
     fn from(e: crate::exit::Exit) -> Self {
-        let mut x = Exit { kind: "", vcpu: e.vcpu, reason: None, chain: vec![], message: None };
+        let mut x = Exit { kind: "", vcpu: e.vcpu, reason: None, chain: vec![], message: None, address: None };
         match e.reason {
             ExitReason::Shutdown { reason } => {
                 x.kind = "shutdown";
@@ -295,6 +298,11 @@ impl From<crate::exit::Exit> for Exit {
             ExitReason::Error { message } => {
                 x.kind = "error";
                 x.message = Some(message);
+            }
+            ExitReason::Debug { stop, address } => {
+                x.kind = "debug";
+                x.message = Some(stop.name().to_string());
+                x.address = Some(address);
             }
         }
         x
@@ -405,6 +413,51 @@ impl Vm {
         let mut buf = vec![0u8; length];
         self.domain.read_linear(vcpu, va, &mut buf).map_err(core_err)?;
         Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Write guest-linear memory through vCPU `vcpu`'s page tables, as a
+    /// debugger does (read-only pages too). CoreError on an unmapped page,
+    /// before any byte is written.
+    #[pyo3(signature = (va, data, vcpu = 0))]
+    fn write_linear(&mut self, va: u64, data: &[u8], vcpu: usize) -> PyResult<()> {
+        self.domain.write_linear(vcpu, va, data).map_err(core_err)
+    }
+
+    /// Set a register of vCPU `vcpu` (between runs): a general register
+    /// by the name `registers()` gives it, rip or rflags.
+    fn set_register(&mut self, vcpu: usize, name: &str, value: u64) -> PyResult<()> {
+        self.domain.set_register(vcpu, name, value).map_err(PyValueError::new_err)
+    }
+
+    /// The debugger's code breakpoints (linear addresses), replacing the
+    /// earlier set: a vCPU reaching one stops before executing it, and
+    /// `run()` returns a `debug` exit. No guest memory changes.
+    fn set_breakpoints(&mut self, addresses: Vec<u64>) -> PyResult<()> {
+        self.domain.debug.set_breakpoints(&addresses).map_err(PyValueError::new_err)
+    }
+
+    #[getter]
+    fn breakpoints(&self) -> Vec<u64> {
+        self.domain.debug.breakpoints.iter().copied().collect()
+    }
+
+    /// Ask vCPU `vcpu` to execute one instruction (no interrupt is
+    /// delivered to it meanwhile) and stop: the next `run()` that runs it
+    /// returns a `debug` exit ("step"). A halted, blocked or down vCPU
+    /// stops at once. `on=False` takes the request back.
+    #[pyo3(signature = (vcpu, on = true))]
+    fn single_step(&mut self, vcpu: usize, on: bool) -> PyResult<()> {
+        if vcpu >= self.domain.vcpus.len() {
+            return Err(PyValueError::new_err("no such vCPU"));
+        }
+        self.domain.debug.request_step(vcpu, on);
+        Ok(())
+    }
+
+    /// vCPUs the scheduler leaves alone until the next call (a debugger
+    /// stepping one vCPU while the others stay stopped); [] for none.
+    fn set_frozen_vcpus(&mut self, vcpus: Vec<usize>) {
+        self.domain.debug.set_frozen(&vcpus);
     }
 
     fn set_pvh_entry(&mut self, entry: u64, start_info: u64) -> PyResult<()> {

@@ -235,6 +235,20 @@ impl Engine {
         };
     }
 
+    /// Stop before executing any instruction at these linear addresses
+    /// (Unicorn's exits: checked when code is translated, so translated
+    /// code must be flushed after a change). An empty set turns exits off.
+    pub fn set_exits(&mut self, exits: &[u64]) -> Result<(), UcError> {
+        let on = !exits.is_empty() as c_int;
+        check(unsafe { ucs::uc_ctl(self.handle, ctl_write(ucs::ControlType::UC_USE_EXITS, 1), on) })?;
+        if exits.is_empty() {
+            return Ok(());
+        }
+        check(unsafe {
+            ucs::uc_ctl(self.handle, ctl_write(ucs::ControlType::UC_EXITS, 2), exits.as_ptr(), exits.len())
+        })
+    }
+
     pub fn flush_tb(&mut self) {
         unsafe {
             ucs::uc_ctl(

@@ -309,6 +309,23 @@ impl CpuState {
     pub fn exception_is_int(&self) -> bool {
         self.u32_at(self.layout.exception_is_int) != 0
     }
+    /// Take the engine's state from inside a hook.
+    ///
+    /// # Safety
+    /// `uc` must be the engine this state was made for.
+    pub unsafe fn load_raw(&mut self, uc: *mut unicorn_engine::uc_engine) {
+        let _ = self.ctx.save_raw(uc);
+    }
+
+    /// What raising an exception leaves behind (CR2, the error code,
+    /// software or not, QEMU's old_exception), copied from `other`.
+    pub fn copy_exception_fields_from(&mut self, other: &CpuState) {
+        for off in [self.layout.error_code, self.layout.exception_is_int, self.layout.old_exception] {
+            self.set_u32_at(off, other.u32_at(off));
+        }
+        self.set_cr(2, other.cr(2));
+    }
+
     /// Forget the exception in flight (Unicorn's missing reset).
     pub fn end_exception(&mut self) {
         self.set_u32_at(self.layout.old_exception, u32::MAX);
