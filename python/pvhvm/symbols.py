@@ -51,8 +51,14 @@ class Symbols:
     @classmethod
     def from_elf(cls, path: Path) -> Symbols | None:
         data = path.read_bytes()
-        if data[:4] != b"\x7fELF" or data[4] != 2:
+        if data[:4] != b"\x7fELF" or data[4] not in (1, 2):
             return None
+        if data[4] == 1:
+            # ELF32 (32-bit guests): the same fields, 32 bits wide.
+            shoff, = struct.unpack_from("<I", data, 0x20)
+            shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x2E)
+            secs = [struct.unpack_from("<IIIIIIIIII", data, shoff + i * shentsize) for i in range(shnum)]
+            return cls._from_symtab32(data, secs, path)
         shoff, = struct.unpack_from("<Q", data, 0x28)
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
         secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
@@ -74,6 +80,20 @@ class Symbols:
                         out.append((st_value, data[o : data.index(b"\0", o)].decode(errors="replace")))
                 return cls(out, f"symbol table of {path}")
         return cls._from_ksymtab(data, named, path)
+
+    @classmethod
+    def _from_symtab32(cls, data: bytes, secs: list, path: Path) -> Symbols | None:
+        for s in secs:
+            if s[1] == SHT_SYMTAB:
+                strtab = secs[s[6]]
+                out = []
+                for off in range(s[4], s[4] + s[5] - 15, 16):
+                    st_name, st_value, _, st_info, _, _ = struct.unpack_from("<IIIBBH", data, off)
+                    if st_info & 0xF == STT_FUNC and st_name:
+                        o = strtab[4] + st_name
+                        out.append((st_value, data[o : data.index(b"\0", o)].decode(errors="replace")))
+                return cls(out, f"symbol table of {path}")
+        return None
 
     @classmethod
     def _from_ksymtab(cls, data: bytes, named: dict, path: Path) -> Symbols | None:
