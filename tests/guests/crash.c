@@ -6,11 +6,18 @@
  * crash_here. Built with frame pointers and without sibling calls (build.py's
  * GUEST_FLAGS): every caller keeps its frame on the stack.
  *
+ * crash_here leaves a stale code address in its frame (crash_decoy + 5),
+ * which only a scan of the stack finds: a guess. Before crashing the guest
+ * gives back crash_given_back (filled with 0xaa first): a hole in a core.
+ *
  * 64-bit, with a second vCPU: it is started with VCPUOP_initialise and
  * spins in crash_secondary_spin, so a core dump has two threads. */
 #include "common/lib.h"
 
+#define HYPERVISOR_memory_op 12
 #define HYPERVISOR_vcpu_op 24
+#define XENMEM_decrease_reservation 1
+#define DOMID_SELF 0x7ff0
 #define VCPUOP_initialise 0
 #define VCPUOP_up 1
 
@@ -18,10 +25,35 @@
  * in RAM and not only in the ELF's data. */
 volatile uint64_t crash_marker;
 volatile uint32_t crash_secondary_spins;
+volatile uint8_t crash_given_back[4096] __attribute__((aligned(4096)));
+
+__attribute__((noinline)) void crash_decoy(void)
+{
+    asm volatile("nop; nop; nop; nop; nop; nop; nop; nop");
+}
+
+/* struct xen_memory_reservation (memory.h), native layout. */
+struct reservation {
+    unsigned long *extent_start;
+    unsigned long nr_extents;
+    unsigned int extent_order, mem_flags;
+    uint16_t domid;
+};
+
+static void give_back_page(void)
+{
+    memset((void *)crash_given_back, 0xaa, sizeof(crash_given_back));
+    unsigned long gfn = (uintptr_t)crash_given_back >> 12;
+    struct reservation r = { &gfn, 1, 0, 0, DOMID_SELF };
+    long done = hypercall(HYPERVISOR_memory_op, XENMEM_decrease_reservation, (long)&r, 0, 0, 0);
+    printk("gave back %d page\n", (int)done);
+}
 
 __attribute__((noinline)) void crash_here(uint32_t depth)
 {
     uint32_t reason = SHUTDOWN_crash;
+    volatile uintptr_t stale = (uintptr_t)crash_decoy + 5;
+    (void)stale;
     crash_marker = 0xc0ffee000000ULL + depth;
     printk("crashing in crash_here (depth %u)\n", depth);
 #ifdef __x86_64__
@@ -96,6 +128,7 @@ int guest_main(uint32_t start_info)
 #ifdef __x86_64__
     start_secondary();
 #endif
+    give_back_page();
     crash_level_one(1);
     print("still alive: the crash did not happen\n");
     return SHUTDOWN_poweroff;
