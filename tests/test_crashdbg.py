@@ -48,8 +48,10 @@ def program_headers(path) -> list[tuple[int, ...]]:
     assert data[:4] == b"\x7fELF" and data[4] == 2
     e_type, e_machine = struct.unpack_from("<HH", data, 16)
     assert (e_type, e_machine) == (4, 62)  # ET_CORE, EM_X86_64
-    phoff, = struct.unpack_from("<Q", data, 32)
+    phoff, shoff = struct.unpack_from("<QQ", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    if phnum == 0xFFFF:  # PN_XNUM: the count is section 0's sh_info
+        phnum, = struct.unpack_from("<I", data, shoff + 44)
     return [struct.unpack_from("<IIQQQQQQ", data, phoff + i * phentsize) for i in range(phnum)]
 
 
@@ -328,3 +330,32 @@ def test_linux_i386_context_and_core(tmp_path):
             assert re.search(rf"^rip +{regs['rip']:#x} ", out, re.M), out
     finally:
         dom.close()
+
+
+
+def test_dump_core_of_hostile_page_tables(guests, tmp_path):
+    """A guest whose PML4 entries all point at the PML4 itself (every level
+    the same page again, 512^4 paths): the walk stops at its budget, the
+    dump goes on, and its 262k program headers use the PN_XNUM extension."""
+    import time
+
+    from pvhvm.coredump import MAX_SEGMENTS
+
+    dom = pvhvm.Domain(guests["crash"], memory_mib=32)
+    try:
+        assert dom.run(timeout=60).crashed
+        cr3, rip = dom.registers(0)["cr3"], dom.registers(0)["rip"]
+        dom._vm.write_phys(cr3, struct.pack("<512Q", *([cr3 | 0x3] * 512)))
+        core = tmp_path / "core"
+        start = time.monotonic()
+        dom.dump_core(core)
+        assert time.monotonic() - start < 60
+    finally:
+        dom.close()
+    phdrs = program_headers(core)
+    loads = [p for p in phdrs if p[0] == 1]
+    assert len(phdrs) > 0xFFFF and len(loads) <= MAX_SEGMENTS + 8
+    # What the walk found is real: the table's page, at every address that maps it.
+    assert all(p[4] == cr3 and p[5] == 4096 for p in loads if p[3] != 0)
+    if shutil.which("gdb"):
+        assert re.search(rf"^rip +{rip:#x} ", gdb("", core, "info registers rip"), re.M)

@@ -59,10 +59,11 @@ USER_REGS = ["r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
 PRPSINFO = struct.Struct("<bcbbxxxxQIIiiii16s80s")
 
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
-# The walk's budget: page-table pages read and leaf entries taken (a
-# 64-bit Linux with 8 GiB has a few thousand tables), and PT_LOADs written.
-MAX_TABLES = 1 << 16
-MAX_LEAVES = 1 << 22
+# The walk's budget: page-table pages read (32 MiB of them; Linux maps its
+# RAM with large pages and a few hundred tables), leaf entries taken, and
+# PT_LOADs written. Past it the dump goes on with what was found.
+MAX_TABLES = 1 << 13
+MAX_LEAVES = 1 << 20
 MAX_SEGMENTS = 1 << 18
 
 
@@ -99,6 +100,9 @@ class PageWalk:
         last = self.out[-1] if self.out else None
         if last is not None and last.va + last.size == va and last.pa + last.size == pa:
             last.size += size
+        elif len(self.out) >= MAX_SEGMENTS:
+            self.truncated = True
+            self.leaves = MAX_LEAVES  # stops the walk
         else:
             self.out.append(Mapping(va, pa, size))
 
