@@ -855,8 +855,8 @@ class Domain:
 
     def dump_core(self, path: str | os.PathLike) -> None:
         """Write an ELF core of the domain (vCPUs as threads, RAM at its
-        physical and kernel-virtual addresses) that gdb and crash read
-        (coredump.py). Between runs."""
+        physical and kernel-virtual addresses) that gdb reads (coredump.py).
+        Between runs."""
         from .coredump import dump_core
 
         dump_core(self, path)

@@ -1,4 +1,6 @@
-"""An ELF core file of a domain, for gdb and crash (`Domain.dump_core`).
+"""An ELF core file of a domain, for gdb (`Domain.dump_core`), in the form
+the crash utility also takes for QEMU's dumps (untested here: crash needs a
+vmlinux with debug info).
 
 What QEMU's dump-guest-memory (with paging) and a kdump /proc/vmcore
 write, in their common subset:
