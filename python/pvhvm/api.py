@@ -953,6 +953,23 @@ class Domain:
             lines += [f"  {r}" for r in recent[-10:]]
         return "\n".join(lines)
 
+    def context(self, vcpu: int | None = None, *, system_map: str | os.PathLike | None = None,
+                stack_words: int = 32) -> str:
+        """As `xenctx -s System.map`: registers, code, stack and call trace
+        of `vcpu` (every online vCPU when None); `system_map` names
+        addresses instead of the domain's own symbols (xenctx.py)."""
+        from .xenctx import context
+
+        return context(self, vcpu, system_map=system_map, stack_words=stack_words)
+
+    def dump_core(self, path: str | os.PathLike) -> None:
+        """Write an ELF core of the domain (vCPUs as threads, RAM at its
+        physical and kernel-virtual addresses) that gdb reads (coredump.py).
+        Between runs."""
+        from .coredump import dump_core
+
+        dump_core(self, path)
+
 
 class Snapshot:
     """A domain at one instant, in memory (`Domain.snapshot()`): RAM in a

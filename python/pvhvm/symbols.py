@@ -2,7 +2,8 @@
 
 Sources, best first: a System.map, the ELF symbol table of vmlinux, and, for
 stripped kernels such as Debian's, the kernel's own table of exported
-symbols (__ksymtab, __ksymtab_gpl: 32-bit self-relative offsets on x86-64),
+symbols (__ksymtab, __ksymtab_gpl: 32-bit self-relative offsets on x86,
+i386 and x86-64 alike),
 which names the nearest exported function at least."""
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ class Symbols:
     @classmethod
     def from_elf(cls, path: Path) -> Symbols | None:
         data = path.read_bytes()
-        if data[:4] != b"\x7fELF" or data[4] != 2:
+        if data[:4] != b"\x7fELF" or data[4] not in (1, 2):
             return None
-        shoff, = struct.unpack_from("<Q", data, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-        secs = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        elf32 = data[4] == 1
+        # ELF32 (32-bit guests): the same section header fields, 32 bits wide.
+        shoff, = struct.unpack_from("<I" if elf32 else "<Q", data, 0x20 if elf32 else 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x2E if elf32 else 0x3A)
+        shdr = "<IIIIIIIIII" if elf32 else "<IIQQQQIIQQ"
+        secs = [struct.unpack_from(shdr, data, shoff + i * shentsize) for i in range(shnum)]
         shstr = secs[shstrndx]
 
         def sec_name(s):
@@ -63,20 +67,24 @@ class Symbols:
             return data[off : data.index(b"\0", off)].decode()
 
         named = {sec_name(s): s for s in secs}
+        sym, sym_size = ("<IIIBBH", 16) if elf32 else ("<IBBHQQ", 24)
         for s in secs:
             if s[1] == SHT_SYMTAB:
                 strtab = secs[s[6]]
                 out = []
-                for off in range(s[4], s[4] + s[5], 24):
-                    st_name, st_info, _, _, st_value, _ = struct.unpack_from("<IBBHQQ", data, off)
+                for off in range(s[4], s[4] + s[5] - sym_size + 1, sym_size):
+                    if elf32:
+                        st_name, st_value, _, st_info, _, _ = struct.unpack_from(sym, data, off)
+                    else:
+                        st_name, st_info, _, _, st_value, _ = struct.unpack_from(sym, data, off)
                     if st_info & 0xF == STT_FUNC and st_name:
                         o = strtab[4] + st_name
                         out.append((st_value, data[o : data.index(b"\0", o)].decode(errors="replace")))
                 return cls(out, f"symbol table of {path}")
-        return cls._from_ksymtab(data, named, path)
+        return cls._from_ksymtab(data, named, path, 32 if elf32 else 64)
 
     @classmethod
-    def _from_ksymtab(cls, data: bytes, named: dict, path: Path) -> Symbols | None:
+    def _from_ksymtab(cls, data: bytes, named: dict, path: Path, bits: int) -> Symbols | None:
         strings = named.get("__ksymtab_strings")
         if strings is None:
             return None
@@ -89,7 +97,7 @@ class Symbols:
             addr, off, size = sec[3], sec[4], sec[5]
             for i in range(0, size - 11, 12):
                 value_off, name_off = struct.unpack_from("<ii", data, off + i)
-                value = (addr + i + value_off) & 0xFFFFFFFFFFFFFFFF
+                value = (addr + i + value_off) & ((1 << bits) - 1)
                 name_addr = addr + i + 4 + name_off
                 if not s_addr <= name_addr < s_addr + s_size:
                     continue

@@ -20,8 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "memory", "triple_fault", "bench", "bench_events",
-          "xsbench", "smp", "refusals", "fifo", "vmgenid", "suspend", "debugee"]
-GUESTS32 = ["hello", "hypercall_abi", "events", "grants", "memory", "vmgenid", "suspend"]
+          "xsbench", "smp", "refusals", "fifo", "vmgenid", "suspend", "debugee", "crash"]
+GUESTS32 = ["hello", "hypercall_abi", "events", "grants", "memory", "vmgenid", "suspend", "crash"]
 # variant -> the macro common/boot32.S builds it with
 I386_VARIANTS = {"nopaging": "BOOT32_NOPAGING", "pse": "BOOT32_PSE", "pae": "BOOT32_PAE"}
 COMMON_FLAGS = [
@@ -32,6 +32,8 @@ COMMON_FLAGS = [
 ]
 CFLAGS = ["-m64", *COMMON_FLAGS]
 CFLAGS32 = ["-m32", *COMMON_FLAGS]
+# Guests that need more: crash keeps every caller's frame for the stack walks.
+GUEST_FLAGS = {"crash": ["-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"]}
 
 
 def build(name: str, outdir: Path, variant: str | None = None) -> Path:
@@ -45,6 +47,7 @@ def build(name: str, outdir: Path, variant: str | None = None) -> Path:
     if out.exists() and all(out.stat().st_mtime >= d.stat().st_mtime for d in deps):
         return out
     flags = CFLAGS if variant is None else [*CFLAGS32, f"-D{I386_VARIANTS[variant]}"]
+    flags = [*flags, *GUEST_FLAGS.get(name, [])]
     cmd = ["gcc", *flags, "-I", str(HERE), "-T", str(HERE / "common" / "guest.ld"), "-o", str(out), *map(str, sources)]
     subprocess.run(cmd, check=True)
     return out
