@@ -283,3 +283,33 @@ def test_linux_hardware_breakpoint_on_a_system_call():
     assert status == 0
     assert shell.ok("echo still-here").strip() == "still-here"
     dom.close()
+
+
+def test_boot_with_gdb_wait_from_the_cli(guests):
+    """`pvhvm boot --gdb :0 --gdb-wait`: the guest waits at its first
+    instruction until gdb, told where by pvhvm, continues it to a breakpoint."""
+    import os
+    import sys
+
+    elf = guests["debugee"]
+    boot = subprocess.Popen([sys.executable, "-m", "pvhvm", "boot", str(elf), "--gdb", "127.0.0.1:0", "--gdb-wait",
+                             "--memory", "32"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = boot.stderr.readline()
+        m = re.search(r"gdb stub on 127\.0\.0\.1:(\d+), the guest waits for it \(gdb \S+ -ex 'target remote "
+                      r"127\.0\.0\.1:\d+'\)", line)
+        assert m, line
+        gdb = gdb_batch(elf, int(m.group(1)), "break tick", "continue", "print counter", "delete", "continue")
+        out = gdb.communicate(timeout=60)[0]
+        assert re.search(r"Breakpoint 1, tick \(step=step@entry=1\)", out), out
+        assert "$1 = 0\n" in out and "exited normally" in out, out
+        assert boot.wait(60) == 0
+        assert "ok - counter 20100" in boot.stdout.read()
+    finally:
+        if boot.poll() is None:
+            boot.kill()
+            boot.wait()
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "boot", str(elf), "--gdb", "nowhere:x"], capture_output=True,
+                       text=True, timeout=30, env={**os.environ})
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--gdb nowhere:x" in p.stderr

@@ -325,3 +325,24 @@ def test_coredump_destroy_writes_a_core_and_ends(guests, tmp_path, rt, monkeypat
     (core,) = dumps.glob("cd-*.core")
     assert core.read_bytes()[:4] == b"\x7fELF"
     nothing_left(rt)
+
+
+def test_gdb_in_the_config(guests, tmp_path, rt):
+    """gdb = "127.0.0.1:0" in a config: the background domain serves the GDB
+    protocol where `query-domain` says; gdb stops it at a breakpoint, reads
+    a variable, and detaches, and the domain goes on."""
+    elf = guests["debugee"]
+    cfg = write_cfg(tmp_path / "dbg.cfg", name="dbg", type="pvh", kernel=elf, memory=32,
+                    cmdline="rounds=100000000", gdb="127.0.0.1:0")
+    assert run("create", cfg).returncode == 0
+    with pvhvm.connect("dbg") as dom:
+        where = dom.info()["gdb"]
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", where), where
+        gdb = subprocess.run(["gdb", "-batch", "-nx", str(elf), "-ex", f"target remote {where}", "-ex", "break tick",
+                              "-ex", "continue", "-ex", "print counter > 0", "-ex", "detach"],
+                             capture_output=True, text=True, timeout=60)
+        assert "Breakpoint 1, tick" in gdb.stdout and "$1 = 1" in gdb.stdout, gdb.stdout + gdb.stderr
+        info = dom.info()
+        assert info["outcome"] is None and not info["paused"]
+        dom.destroy()
+    nothing_left(rt)

@@ -420,6 +420,17 @@ def boot(
     save_on_suspend: Annotated[
         Optional[Path], typer.Option("--save-on-suspend", metavar="FILE", help=SAVE_ON_SUSPEND_HELP)
     ] = None,
+    gdb: Annotated[
+        Optional[str], typer.Option("--gdb", metavar="[HOST:]PORT",
+                                    help="Serve the GDB remote protocol for the guest on HOST:PORT (127.0.0.1 "
+                                    "without HOST; port 0 picks one): `gdb vmlinux -ex 'target remote :PORT'`. "
+                                    "Breakpoints, steps, registers, memory through the guest's page tables, "
+                                    "vCPUs as threads.", show_default=False)
+    ] = None,
+    gdb_wait: Annotated[
+        bool, typer.Option("--gdb-wait", help="With --gdb: the guest waits at its first instruction until gdb "
+                           "continues it (QEMU's -S).")
+    ] = False,
     on_reboot: Annotated[
         str, typer.Option("--on-reboot", metavar="restart|destroy",
                           help="When the guest reboots: build it again with the console still attached "
@@ -466,6 +477,8 @@ def boot(
     nr_vcpus = _vcpus(vcpus)
     if on_reboot not in ("restart", "destroy"):
         raise _fail(f"--on-reboot must be restart or destroy, not {on_reboot!r}")
+    if gdb_wait and gdb is None:
+        raise _fail("--gdb-wait goes with --gdb")
     if arch is not None:
         arch = _guest_arch(arch)
         if kernel is not None:
@@ -514,6 +527,9 @@ def boot(
         def build(console=term.write) -> Domain:
             dom = Domain(**config.domain_kwargs(), console=console, trace=show if trace else None)
             dom.config_text = config.to_text()
+            if gdb is not None:
+                serve_gdb(dom, gdb, wait=gdb_wait, say=lambda m: print(f"pvhvm: {m}", file=sys.stderr,
+                                                                       end=term.eol))
             return dom
 
         if dom is None:
@@ -530,6 +546,23 @@ def boot(
 
 
 boot.__doc__ = boot.__doc__.replace("    {exit_status}", EXIT_STATUS_HELP)
+
+
+def serve_gdb(dom: Domain, address: str, *, wait: bool, say: Callable[[str], None]) -> None:
+    """`--gdb`: the GDB stub on `address`, said where; with `wait` the
+    domain stands still until gdb continues it. PvhvmError if it cannot
+    listen there (the domain is closed)."""
+    try:
+        server = dom.serve_gdb(address)
+    except (ValueError, OSError) as e:
+        dom.close()
+        raise PvhvmError(f"--gdb {address}: {_why(e)}") from None
+    if wait:
+        dom.pause()
+    host = server.host if ":" not in server.host else f"[{server.host}]"
+    say(f"gdb stub on {host}:{server.port}"
+        + (", the guest waits for it" if wait else "")
+        + f" (gdb {dom.kernel_path} -ex 'target remote {host}:{server.port}')")
 
 
 def _boot_config(kernel: Path, initrd: Path | None, cmdline: str, memory: int, maxmem: int | None, vcpus: int,

@@ -557,9 +557,12 @@ class _Reader:
         if s is None:
             return None
         spec, line = s
-        host, colon, port = spec.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            self.fail(line, f"gdb = {spec!r}: want \"HOST:PORT\" (e.g. \"127.0.0.1:1234\")")
+        from .gdbstub import parse_address  # the stub's own reading: [HOST:]PORT, 0 picks a free port
+
+        try:
+            parse_address(spec)
+        except ValueError:
+            self.fail(line, f"gdb = {spec!r}: want \"[HOST:]PORT\" (e.g. \"127.0.0.1:1234\")")
         return spec
 
     def _optional_path(self, key: str) -> Path | None:

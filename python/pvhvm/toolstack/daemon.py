@@ -98,7 +98,7 @@ class DomainProcess:
         self.restarts = 0
         self.server = ControlServer(claim.paths.socket, self._greeting, COMMANDS)
         self.server.hub.to_guest = self._to_guest
-        self.gdb = None
+        self.gdb_address: str | None = None  # where the config's gdb= stub listens
         self.console_size: tuple[int, int] | None = None  # the attached terminal's, kept over a restart
 
     # -- building -----------------------------------------------------------
@@ -135,9 +135,15 @@ class DomainProcess:
         if self.console_size is not None:
             dom.set_console_size(*self.console_size)
         dom.add_reader(self.server, self.server.serve)
-        gdb = getattr(self.config, "gdb", None) if self.config is not None else None
-        if gdb and hasattr(dom, "serve_gdb"):
-            self.gdb = dom.serve_gdb(gdb)
+        gdb = self.config.gdb if self.config is not None else None
+        if gdb:
+            try:
+                server = dom.serve_gdb(gdb)
+            except (ValueError, OSError) as e:
+                dom.close()
+                raise PvhvmError(f"gdb = {gdb!r}: {e.strerror if isinstance(e, OSError) else e}") from None
+            self.gdb_address = f"{server.host}:{server.port}"
+            print(f"pvhvm: gdb stub for {self.name} on {self.gdb_address}", file=sys.stderr, flush=True)
         self.dom = dom
         return dom
 
@@ -213,9 +219,6 @@ class DomainProcess:
             print(f"pvhvm: no core dump: {e}", file=sys.stderr, flush=True)
 
     def _close_domain(self) -> None:
-        if self.gdb is not None:
-            self.gdb.close()
-            self.gdb = None
         if self.dom is not None:
             try:
                 self.dom.remove_reader(self.server)
@@ -276,7 +279,7 @@ class DomainProcess:
                 "memory_kib": mem, "vcpus": dom.vcpus, "online_vcpus": online, "cpu_time": cpu_ns / 1e9,
                 "outcome": None if dom.outcome is None else str(dom.outcome), "paused": dom.paused,
                 "pid": os.getpid(), "restarts": self.restarts, "last_outcome": self.last_outcome,
-                "kernel": str(dom.kernel_path), "cmdline": dom.cmdline}
+                "kernel": str(dom.kernel_path), "cmdline": dom.cmdline, "gdb": self.gdb_address}
 
     def cmd_query_vcpus(self, args: dict) -> list:
         dom = self.dom
