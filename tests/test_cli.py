@@ -199,3 +199,10 @@ def test_old_snapshots_are_pruned(tmp_path):
     _prune_snapshots(files[-1])
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([f.name for f in files[-1 - SNAPSHOTS_KEPT:]] + ["other.file"])
+
+
+def test_timeout_is_one_line_not_a_crash_report(guests):
+    p = pvhvm("boot", guests["debugee"], "--cmdline", "rounds=100000000000", "--memory", "32", "--timeout", "1",
+              "--net", "none")
+    assert p.returncode == 8
+    assert p.stderr.strip() == "pvhvm: domain timeout: no shutdown within 1.0 s", p.stderr

@@ -140,9 +140,11 @@ def test_guest_panic_is_a_crash_with_a_report(guest):
 @pytest.mark.parametrize("reboot, status", [(False, 0), (True, 3)])
 def test_cli_shutdown_through_the_xenstore_socket(guest, tmp_path, reboot, status):
     """`pvhvm shutdown SOCKET` from another process, as `xl shutdown`: the
-    guest powers off (exit 0) or reboots (exit 3) by itself."""
+    guest powers off (exit 0) or reboots (exit 3, not rebuilt with
+    --on-reboot destroy) by itself."""
     sock = tmp_path / "xs.sock"
-    boot = subprocess.Popen([sys.executable, "-m", "pvhvm", "boot", "--net", "none", "--xenstore-socket", str(sock)],
+    boot = subprocess.Popen([sys.executable, "-m", "pvhvm", "boot", "--net", "none", "--xenstore-socket", str(sock),
+                             "--on-reboot", "destroy"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -162,3 +164,14 @@ def test_cli_shutdown_through_the_xenstore_socket(guest, tmp_path, reboot, statu
             boot.kill()
             boot.wait()
     assert not sock.exists()
+
+
+def test_cli_reboot_builds_the_guest_again(guest):
+    """A guest that reboots comes back (on_reboot="restart", as xl): the
+    console stays on, and the end of input then powers the new one off."""
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "boot", "--net", "none"], input=b"reboot -f\n",
+                       capture_output=True, timeout=240)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-2000:]
+    assert out.count("PVHVM-INIT-OK") == 2, out[-3000:]
+    assert "pvhvm: domain pvhvm rebooted; building it again (on_reboot=restart)" in p.stderr.decode()
