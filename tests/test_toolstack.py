@@ -346,3 +346,45 @@ def test_gdb_in_the_config(guests, tmp_path, rt):
         assert info["outcome"] is None and not info["paused"]
         dom.destroy()
     nothing_left(rt)
+
+
+def test_passt_goes_with_a_killed_domain_process(guests, tmp_path, rt):
+    cfg = write_cfg(tmp_path / "net.cfg", name="net", type="pvh", kernel=guests["grants"], memory=32,
+                    vif=["host=passt"])
+    assert run("create", cfg).returncode == 0
+    pid = pvhvm.connect("net").pid
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    passt = [c for c in children if Path(f"/proc/{c}/comm").read_text().startswith("passt")]
+    assert len(passt) == 1, children
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{passt[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # passt ends when the socket it serves closes (or it is a zombie of init's, reaped soon).
+    assert not Path(f"/proc/{passt[0]}").exists() or "Z" in Path(f"/proc/{passt[0]}/stat").read_text().split()[2]
+    assert run("list").stdout.splitlines()[1:] == []
+    nothing_left(rt)
+
+
+def test_save_then_restore_in_the_background(guests, tmp_path, rt):
+    """`pvhvm save NAME FILE` (the domain goes, as xl save), then `pvhvm
+    restore FILE --background`: the same domain runs again, by name."""
+    cfg = write_cfg(tmp_path / "sv.cfg", name="sv", type="pvh", kernel=guests["grants"], memory=32)
+    assert run("create", cfg).returncode == 0
+    uuid = pvhvm.connect("sv").info()["uuid"]
+    saved = tmp_path / "sv.save"
+    p = run("save", "sv", saved)
+    assert p.returncode == 0 and "sv saved to" in p.stderr, p.stderr
+    assert pvhvm.list_domains() == []
+    p = run("restore", saved, "--background")
+    assert p.returncode == 0 and re.search(r"domain sv restored \(domid \d+", p.stderr), p.stderr
+    with pvhvm.connect("sv") as dom:
+        info = dom.info()
+        assert info["uuid"] == uuid and info["outcome"] is None
+        # The restored domain keeps its config: a second save and restore by checkpoint works too.
+        assert dom.save(tmp_path / "again.save", keep_running=True) > 0
+        assert dom.info()["outcome"] is None
+        dom.destroy()
+    p = run("restore", tmp_path / "nothing.save", "--background")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    nothing_left(rt)
