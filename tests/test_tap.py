@@ -4,6 +4,7 @@ so the guest's addresses exist only there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -37,17 +38,8 @@ poweroff -f
 
 def test_host_pings_the_guest_through_tap():
     assert shutil.which("ip") and shutil.which("ping"), "iproute2 and ping are needed"
-    guest = prepare_default_guest(init_script=INIT)
-    ns = f"pvhvm-tap-{uuid.uuid4().hex[:6]}"
     tap = "pvtap0"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    p = None
-    try:
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "pvhvm", "boot", str(guest.vmlinux),
-             "--initrd", str(guest.initrd), "--cmdline", "console=hvc0", "--net", f"tap:{tap}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
+    with booted_on_tap(INIT, "pvhvm-tap", tap) as (ns, p):
         out = b""
         deadline = time.monotonic() + 120
         os.set_blocking(p.stdout.fileno(), False)
@@ -64,6 +56,23 @@ def test_host_pings_the_guest_through_tap():
         p.stdin.write(b"\n")
         p.stdin.close()
         assert p.wait(60) == 0
+
+
+@contextlib.contextmanager
+def booted_on_tap(init: str, ns_prefix: str, tap: str):
+    """`pvhvm boot` of the default guest with `init`, its vif on a TAP in a
+    network namespace of its own: (namespace, process); both go after."""
+    guest = prepare_default_guest(init_script=init)
+    ns = f"{ns_prefix}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    p = None
+    try:
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "pvhvm", "boot", str(guest.vmlinux),
+             "--initrd", str(guest.initrd), "--cmdline", "console=hvc0", "--net", f"tap:{tap}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        yield ns, p
     finally:
         if p is not None and p.poll() is None:
             p.kill()
@@ -86,17 +95,8 @@ poweroff -f
 def test_cli_says_once_that_nothing_answers_dhcp_on_the_tap():
     """The guest asks for DHCP on a TAP that nothing serves: ~10 s after its
     first DISCOVER, pvhvm says once on stderr that it has no network there."""
-    guest = prepare_default_guest(init_script=DHCP_INIT)
-    ns = f"pvhvm-dhcp-{uuid.uuid4().hex[:6]}"
     tap = "pvtap1"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    p = None
-    try:
-        p = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "pvhvm", "boot", str(guest.vmlinux),
-             "--initrd", str(guest.initrd), "--cmdline", "console=hvc0", "--net", f"tap:{tap}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
+    with booted_on_tap(DHCP_INIT, "pvhvm-dhcp", tap) as (_, p):
         out = err = b""
         os.set_blocking(p.stdout.fileno(), False)
         os.set_blocking(p.stderr.fileno(), False)
@@ -114,8 +114,3 @@ def test_cli_says_once_that_nothing_answers_dhcp_on_the_tap():
         assert said == [f"pvhvm: the guest has no network on TAP {tap}: nothing answered its DHCP requests in 10 s "
                         f"(give {tap} a DHCP server, e.g. dnsmasq --interface={tap}, or bridge it to a network "
                         "that has one)"], err.decode()
-    finally:
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait()
-        subprocess.run(["ip", "netns", "delete", ns])

@@ -18,19 +18,16 @@ from typing import Callable
 from . import _core
 
 
-class HostLoop:
-    """A selector with a self-pipe, tied to one domain's core."""
+class SelectorLoop:
+    """A selector with a self-pipe: readers and writers served on the
+    loop's thread, work handed in from other threads."""
 
-    def __init__(self, vm: _core.Vm) -> None:
+    def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, {selectors.EVENT_READ: self._drain_wakeups})
-        # While every vCPU idles the core sleeps itself, until a timer or
-        # until one of these sources is ready (the selector's own fd).
-        vm.set_host_fd(self._selector.fileno())
-        self._waker = vm.waker()
         self._soon: deque[Callable[[], None]] = deque()
 
     def add_reader(self, fileobj, callback: Callable[[], None]) -> None:
@@ -67,8 +64,7 @@ class HostLoop:
             self._selector.unregister(fileobj)
 
     def wake(self) -> None:
-        """From any thread: make the run loop look at its sources soon."""
-        self._waker.wake()
+        """From any thread: make the loop look at its sources soon."""
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
@@ -98,6 +94,11 @@ class HostLoop:
                     callback()
         return bool(events)
 
+    def close(self) -> None:
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
     @property
     def has_sources(self) -> bool:
         """Whether anything but the self-pipe is registered (else an idle
@@ -105,4 +106,21 @@ class HostLoop:
         return len(self._selector.get_map()) > 1
 
 
-__all__ = ["HostLoop"]
+class HostLoop(SelectorLoop):
+    """The loop of one domain: its selector's descriptor is the core's host
+    fd, and a wake-up also kicks the core out of a run."""
+
+    def __init__(self, vm: _core.Vm) -> None:
+        super().__init__()
+        # While every vCPU idles the core sleeps itself, until a timer or
+        # until one of these sources is ready (the selector's own fd).
+        vm.set_host_fd(self._selector.fileno())
+        self._waker = vm.waker()
+
+    def wake(self) -> None:
+        """From any thread: make the run loop look at its sources soon."""
+        self._waker.wake()
+        super().wake()
+
+
+__all__ = ["HostLoop", "SelectorLoop"]

@@ -44,31 +44,52 @@ class DomainHandle:
     """A connection to one background domain's control socket. Every method
     is one command of the control protocol (docs/control-protocol.md)."""
 
-    def __init__(self, name: str, *, root: Path | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, name: str, *, root: Path | None = None, timeout: float = 60.0,
+                 started: dict | None = None) -> None:
+        """Connects at once, or with `started` (what a domain process just
+        said of itself) at the first command: a domain may end before that."""
         self.name = runtime.check_name(name)
         self.paths = runtime.Paths(root or runtime.runtime_dir(), name)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(self.paths.socket))
-        except (FileNotFoundError, ConnectionRefusedError):
-            self.sock.close()
-            runtime.sweep(self.paths.root)
-            raise ToolstackError(f"no domain named {name!r} (`pvhvm list` shows the domains)") from None
-        self._file = self.sock.makefile("rb")
+        self._timeout = timeout
+        self.sock: socket.socket | None = None
         self._next_id = 0
+        self.domid: int | None = None
+        self.pid: int | None = None
+        self.commands: list[str] = []
+        if started is not None:
+            self.domid, self.pid = started.get("domid"), started.get("pid")
+        else:
+            self._connect()
+
+    def _connect(self) -> socket.socket:
+        if self.sock is not None:
+            return self.sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self._timeout)
+        try:
+            sock.connect(str(self.paths.socket))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            runtime.sweep(self.paths.root)
+            raise ToolstackError(f"no domain named {self.name!r} (`pvhvm list` shows the domains)") from None
+        self.sock = sock
+        self._file = sock.makefile("rb")
         greeting = self._read().get("pvhvm")
         if not isinstance(greeting, dict):
+            self.close()
             raise ToolstackError(f"{self.paths.socket}: not a pvhvm control socket")
-        self.domid: int = greeting.get("domid")
-        self.pid: int = greeting.get("pid")
-        self.commands: list[str] = greeting.get("commands", [])
+        self.domid = greeting.get("domid")
+        self.pid = greeting.get("pid")
+        self.commands = greeting.get("commands", [])
+        return sock
 
     def _read(self) -> dict:
         try:
             line = self._file.readline(protocol.MAX_LINE + 1)
         except socket.timeout:
             raise ToolstackError(f"domain {self.name} did not answer in time") from None
+        except (ConnectionResetError, BrokenPipeError):
+            line = b""  # the process ended while we spoke
         except OSError as e:
             raise ToolstackError(f"domain {self.name}: {e.strerror or e}") from None
         if not line:
@@ -81,13 +102,16 @@ class DomainHandle:
     def call(self, command: str, **arguments: Any) -> Any:
         """Send one command; its `return` value, or ToolstackError with the
         error's description."""
+        sock = self._connect()
         self._next_id += 1
         ident = self._next_id
         message: dict = {"execute": command, "id": ident}
         if arguments:
             message["arguments"] = arguments
         try:
-            self.sock.sendall(protocol.encode(message))
+            sock.sendall(protocol.encode(message))
+        except (ConnectionResetError, BrokenPipeError):
+            raise ToolstackError(f"domain {self.name} went away") from None
         except OSError as e:
             raise ToolstackError(f"domain {self.name}: {e.strerror or e}") from None
         while True:
@@ -99,8 +123,10 @@ class DomainHandle:
             return reply.get("return")
 
     def close(self) -> None:
-        self._file.close()
-        self.sock.close()
+        if self.sock is not None:
+            self._file.close()
+            self.sock.close()
+            self.sock = None
 
     def __enter__(self) -> "DomainHandle":
         return self
@@ -129,8 +155,8 @@ class DomainHandle:
     def wait(self, timeout: float | None = None) -> dict:
         """Until the domain next ends: {"outcome", "action"}; a domain
         process that exits meanwhile counts as destroyed."""
-        old = self.sock.gettimeout()
-        self.sock.settimeout(timeout)
+        sock = self._connect()
+        sock.settimeout(timeout)
         try:
             return self.call("wait")
         except ToolstackError as e:
@@ -138,7 +164,8 @@ class DomainHandle:
                 return {"outcome": "destroyed", "action": "destroy"}
             raise
         finally:
-            self.sock.settimeout(old)
+            if self.sock is not None:
+                self.sock.settimeout(self._timeout)
 
     def destroy(self, timeout: float = 30.0) -> None:
         """As `xl destroy`: the domain is gone (its process ended, its
@@ -207,6 +234,7 @@ class DomainHandle:
         """Attach to the console: the returned socket carries the guest's
         console both ways until closed (the domain goes on)."""
         self.call("console", force=force)
+        assert self.sock is not None
         self.sock.settimeout(None)
         return self.sock
 
@@ -278,7 +306,7 @@ def _start(launch: dict) -> DomainHandle:
         raise ToolstackError(f"the domain process of {name!r} failed to start"
                              + (f": {tail[0]}" if tail else "") + f" (log: {log})")
     _children.append(proc)
-    return DomainHandle(name)
+    return DomainHandle(name, started=message)
 
 
 # Domain processes started from this process: reaped once they end, so a

@@ -8,43 +8,23 @@ loop standing in for the domain's own. Detaching leaves the domain running.
 
 from __future__ import annotations
 
-import os
-import selectors
 import socket
-from collections import deque
 from typing import Callable
 
+from ..runloop import SelectorLoop
 from ..terminal import Detached, Terminal
 
 
-class RemoteConsole:
-    """What `Terminal.attach` needs of a domain, for one on a socket."""
+class RemoteConsole(SelectorLoop):
+    """What `Terminal.attach` needs of a domain, for one on a socket: the
+    loop's readers and cross-thread work, typing into the socket."""
 
     def __init__(self, sock: socket.socket, set_size: Callable[[int, int], None] | None = None) -> None:
+        super().__init__()
         self.sock = sock
-        self._set_size = set_size
         self.sock.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._run_soon)
-        self._soon: deque[Callable[[], None]] = deque()
+        self._set_size = set_size
         self.ended = False
-
-    # -- what Terminal calls -------------------------------------------------
-
-    def add_reader(self, fileobj, callback: Callable[[], None]) -> None:
-        self._selector.register(fileobj, selectors.EVENT_READ, callback)
-
-    def remove_reader(self, fileobj) -> None:
-        self._selector.unregister(fileobj)
-
-    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
-        self._soon.append(fn)
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
 
     def set_console_size(self, rows: int, cols: int) -> None:
         # Not on the console's own connection (raw bytes): a command on another.
@@ -59,17 +39,6 @@ class RemoteConsole:
             self.ended = True
         finally:
             self.sock.setblocking(False)
-
-    # -- the loop ------------------------------------------------------------
-
-    def _run_soon(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        while self._soon:
-            self._soon.popleft()()
 
     def run(self, sink: Callable[[bytes], None]) -> None:
         """Until the domain process closes the console: output to `sink`."""
@@ -86,15 +55,9 @@ class RemoteConsole:
                 return
             sink(data)
 
-        self._selector.register(self.sock, selectors.EVENT_READ, on_output)
+        self.add_reader(self.sock, on_output)
         while not self.ended:
-            for key, _ in self._selector.select():
-                key.data()
-
-    def close(self) -> None:
-        self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            self.poll(None)
 
 
 class ConsoleTerminal(Terminal):
