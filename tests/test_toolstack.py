@@ -34,7 +34,7 @@ def rt(tmp_path, monkeypatch):
     # Whatever a failed test left running goes now.
     for lock in root.glob("*.lock"):
         pid = runtime.read_record(runtime.Paths(root, lock.stem)).get("pid")
-        if pid and runtime._held(lock):
+        if pid and runtime.is_held(lock):
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:

@@ -179,7 +179,7 @@ class DomainHandle:
 
     def _wait_gone(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while runtime._held(self.paths.lock):
+        while runtime.is_held(self.paths.lock):
             if time.monotonic() > deadline:
                 raise ToolstackError(f"domain {self.name} (pid {self.pid}) did not end within {timeout} s")
             time.sleep(0.02)

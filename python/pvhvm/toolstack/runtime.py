@@ -102,7 +102,7 @@ class Claim:
             self._fd = -1
 
 
-def _held(lock: Path) -> bool:
+def is_held(lock: Path) -> bool:
     """Whether a live process holds `lock`."""
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
@@ -125,14 +125,14 @@ def sweep(root: Path | None = None) -> list[str]:
         name = lock.name[: -len(".lock")]
         if lock.name == "lock":
             continue
-        if _held(lock):
+        if is_held(lock):
             live.append(name)
         else:
             Paths(root, name).remove()
     # A socket without its lock: a process killed between the two.
     for sock in root.glob("*.sock"):
         name = sock.name[: -len(".sock")]
-        if name not in live and not _held(root / f"{name}.lock"):
+        if name not in live and not is_held(root / f"{name}.lock"):
             sock.unlink(missing_ok=True)
     return live
 
