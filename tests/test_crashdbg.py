@@ -104,7 +104,8 @@ def test_context_names_the_function_and_its_callers(crashed):
 
     other = by_vcpu[1]
     assert other.startswith("vcpu1: running, 64-bit, cpl 0\n")
-    assert re.search(rf"^rip: {crashed.registers(1)['rip']:016x} crash_secondary_spin\+0x", other, re.M), other
+    # vCPU 1 may not have had a turn before vCPU 0 crashed: at its entry, or in its loop.
+    assert re.search(rf"^rip: {crashed.registers(1)['rip']:016x} crash_secondary_spin(\+0x|$)", other, re.M), other
 
 
 def test_context_of_one_vcpu_and_stack_depth(crashed):
@@ -175,7 +176,7 @@ def test_gdb_reads_the_core(crashed, guests, tmp_path):
     assert "$1 = 0xc0ffee000003" in out
     # The page the guest gave back is a hole: zeros, though it held 0xaa.
     assert re.search(r"<crash_given_back>:\s+0x00\s+0x00\s+0x00\s+0x00", out), out
-    assert re.search(rf"^rip +{rip1:#x} +{rip1:#x} <crash_secondary_spin\+\d+>", out, re.M), out
+    assert re.search(rf"^rip +{rip1:#x} +{rip1:#x} <crash_secondary_spin(\+\d+)?>", out, re.M), out
 
     phdrs = program_headers(core)
     assert phdrs[0][0] == 4  # PT_NOTE first
