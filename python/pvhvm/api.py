@@ -673,11 +673,18 @@ class Domain:
 
         self.placement = Placement((0, 0), console_ring=saved.console_ring, store_ring=saved.store_ring,
                                    generation_id=saved.generation_id)
-        runs = [tuple(r) for r in meta["ram"]["runs"]] if checked else None
-        crc = meta["ram"]["crc"] if checked else None
+        runs = saved.ram_runs if checked else None
+        crc = saved.ram_crc if checked else None
         try:
             vm = _core.Vm.restore(fd, ram_offset, saved.memory_bytes, self.domid, self.uuid.bytes, core, runs, crc)
-        except _core.CoreError as e:
+            # The pages the host side reads must be RAM (a record may lie about them).
+            for what, gpa, size in (("console ring", saved.console_ring, savefile.PAGE),
+                                    ("xenstore ring", saved.store_ring, savefile.PAGE),
+                                    ("generation ID", saved.generation_id, 16)):
+                if gpa % 8 or gpa + size > len(vm.memory):
+                    raise savefile.SaveFileError(f"{source}: damaged (the {what} at {gpa:#x} is not in RAM)")
+                vm.read_phys(gpa, size)
+        except (_core.CoreError, OverflowError) as e:
             raise savefile.SaveFileError(f"{source}: {e}") from None
         self._init_host_side(vm, console=console, trace=trace)
         config = meta.get("config")
@@ -1029,6 +1036,8 @@ class _SavedDomain:
     net: str | None
     net_forwards: tuple
     suspended_vcpu: int | None
+    ram_runs: list  # (first page, pages) of the RAM image that hold data
+    ram_crc: int | None
 
     @classmethod
     def parse(cls, meta: dict) -> "_SavedDomain":
@@ -1049,6 +1058,12 @@ class _SavedDomain:
         net = meta.get("net")
         if not isinstance(meta.get("ram"), dict) or not isinstance(meta["ram"].get("runs"), list):
             raise ValueError("no RAM runs")
+        runs = []
+        for run in meta["ram"]["runs"]:
+            if not isinstance(run, list) or len(run) != 2:
+                raise ValueError(f"RAM run {run!r} is not a pair")
+            runs.append((num(run[0], 0, 1 << 52), num(run[1], 0, 1 << 52)))
+        crc = meta["ram"].get("crc")
         for key in ("xenstore", "xenstore_ring", "console"):
             if not isinstance(meta.get(key), dict):
                 raise ValueError(f"no {key}")
@@ -1063,6 +1078,7 @@ class _SavedDomain:
             store_port=num(ports["store"], 1, 1 << 17), net=None if net is None else text(net),
             net_forwards=tuple(tuple(f) if isinstance(f, list) else text(f) for f in meta.get("net_forwards", [])),
             suspended_vcpu=None if susp is None else num(susp, 0, vcpus),
+            ram_runs=runs, ram_crc=None if crc is None else num(crc, 0, 1 << 32),
         )
 
 
