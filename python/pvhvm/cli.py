@@ -19,7 +19,7 @@ from . import __version__, _core, savefile
 from .api import EXIT_STATUS, MAX_VCPUS, Domain, HypercallRecord, Outcome, OutcomeKind, ShutdownReason
 from .builder import load_elf
 from .errors import PvhvmError
-from .terminal import CURSOR_QUERY, Detached, Terminal, parse_escape
+from .terminal import CURSOR_QUERY, Detached, Terminal, end_on_signals, parse_escape, signals_held
 
 EXIT_BAD_INPUT = 2
 
@@ -249,6 +249,19 @@ def _suspended(dom: Domain, save_on_suspend: Path | None) -> int:
     return 0
 
 
+def _ended_while_building(e: BaseException, dom: Domain | None, usr1: _SaveSignal) -> typer.Exit:
+    """SIGINT, SIGTERM or SIGHUP before the session began: what was built goes."""
+    with signals_held():
+        usr1.close()
+        if dom is not None:
+            dom.close()
+    if isinstance(e, Detached):
+        print(f"pvhvm: {e.reason}", file=sys.stderr)
+        return typer.Exit(e.status)
+    print("pvhvm: interrupted", file=sys.stderr)
+    return typer.Exit(130)
+
+
 def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: float | None,
                  xenstore_socket: Path | None, save_to: Path | None, save_on_suspend: Path | None,
                  snapshot: _FirstPromptSnapshot | None = None, nudge: bool = False,
@@ -288,8 +301,9 @@ def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: flo
             print(f"\npvhvm: {d.reason}", file=sys.stderr)
             raise typer.Exit(d.status) from None
     finally:
-        usr1.close()
-        dom.close()
+        with signals_held():
+            usr1.close()
+            dom.close()
     if outcome.crashed or outcome.kind is OutcomeKind.HUNG:
         print(dom.crash_report(), file=sys.stderr)
     print(f"pvhvm: domain {outcome}", file=sys.stderr)
@@ -490,6 +504,7 @@ def boot(
     save_to = _save_path("--save-to", save_to)
     save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
     term = Terminal(escape=escape)
+    end_on_signals()
 
     show = _trace_printer(term)
     from .devices import net_host
@@ -534,11 +549,13 @@ def boot(
 
         if dom is None:
             dom = build(first_prompt.write) if first_prompt is not None else build()
+        if net_warning is not None:
+            print(f"pvhvm: {net_warning}", file=sys.stderr)
     except (PvhvmError, _core.CoreError) as e:
         usr1.close()
         raise _fail(str(e)) from None
-    if net_warning is not None:
-        print(f"pvhvm: {net_warning}", file=sys.stderr)
+    except (KeyboardInterrupt, Detached) as e:
+        raise _ended_while_building(e, dom, usr1) from None
     # Restored from the snapshot, the shell waits at a prompt nobody saw: a fresh one.
     _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
                  save_on_suspend=save_on_suspend, snapshot=first_prompt, nudge=snapshot and first_prompt is None,
@@ -657,6 +674,7 @@ def restore(
         print(f"pvhvm: domain {handle.name} restored (domid {handle.domid}, pid {handle.pid})", file=sys.stderr)
         return
     term = Terminal(escape=escape)
+    end_on_signals()
 
     show = _trace_printer(term)
     usr1 = _SaveSignal()
@@ -666,6 +684,8 @@ def restore(
     except (PvhvmError, _core.CoreError) as e:
         usr1.close()
         raise _fail(str(e)) from None
+    except (KeyboardInterrupt, Detached) as e:
+        raise _ended_while_building(e, None, usr1) from None
     _run_console(dom, term, usr1, timeout=timeout, xenstore_socket=xenstore_socket, save_to=save_to,
                  save_on_suspend=save_on_suspend, rebuild=_rebuilder(dom, term.write, show if trace else None))
 

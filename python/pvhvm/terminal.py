@@ -531,10 +531,60 @@ class Terminal:
         raise Detached(reason, status)
 
 
+class _SignalExits:
+    """SIGTERM and SIGHUP as `Detached`, for the whole of a session."""
+
+    def __init__(self) -> None:
+        self.raised = False  # only the first signal raises: a second must not cut the clean-up short
+        self.held = 0
+
+    def on_signal(self, signum: int, frame) -> None:
+        if self.raised or self.held:
+            return
+        self.raised = True
+        status, reason = _SIGNAL_EXITS[signum]
+        raise Detached(reason, status)
+
+
+_signal_exits: _SignalExits | None = None
+
+
+def end_on_signals() -> None:
+    """From now on, for the rest of this process (`pvhvm boot`, `pvhvm
+    restore`): SIGTERM and SIGHUP raise `Detached` (143, 129) on the main
+    thread, as they do while a terminal is attached in raw mode, so that a
+    session without one (piped input, building, saving) unwinds too:
+    domain closed, passt stopped, the xenstore socket and half-written save
+    files removed. SIGINT stays KeyboardInterrupt."""
+    global _signal_exits
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _signal_exits is None:
+        _signal_exits = _SignalExits()
+    for signum in _SIGNAL_EXITS:
+        signal.signal(signum, _signal_exits.on_signal)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """No `Detached` from SIGTERM or SIGHUP inside the block (the clean-up
+    at the end of a session, which must not stop half way); they are
+    ignored, the session is ending anyway."""
+    exits = _signal_exits
+    if exits is None:
+        yield
+        return
+    exits.held += 1
+    try:
+        yield
+    finally:
+        exits.held -= 1
+
+
 def attach_console(dom: Domain, terminal: Terminal):
     """`terminal.attach(dom)`: a context manager; see Terminal."""
     return terminal.attach(dom)
 
 
-__all__ = ["Terminal", "Detached", "attach_console", "parse_escape", "key_name", "ESCAPE", "EXIT_DETACHED",
-           "EXIT_HANGUP", "EXIT_TERMINATED"]
+__all__ = ["Terminal", "Detached", "attach_console", "end_on_signals", "signals_held", "parse_escape", "key_name",
+           "ESCAPE", "EXIT_DETACHED", "EXIT_HANGUP", "EXIT_TERMINATED"]

@@ -436,6 +436,15 @@ class PasstHost:
         """passt closed its end (it has exited)."""
         return self.closed
 
+    def why_gone(self) -> str:
+        """What became of passt, once its connection is gone (for the vif's report)."""
+        try:
+            status = self.proc.wait(0.5)  # its end closes as it exits: reaped at once, or nearly
+        except subprocess.TimeoutExpired:
+            return f"passt (pid {self.proc.pid}) closed the connection"
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"passt (pid {self.proc.pid}) {how}"
+
     def close(self) -> None:
         """Stop passt and wait for it (nothing is left behind)."""
         self.closed = True

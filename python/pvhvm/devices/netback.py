@@ -144,6 +144,7 @@ class Netback(BackendDevice):
         self.frontend_sg = False
         self._rxq: deque[bytes] = deque()
         self._rxq_bytes = 0
+        self.host_lost: Optional[str] = None  # why the host end died under us, once it has
         self.stats = {
             "tx_packets": 0, "tx_bytes": 0, "tx_errors": 0, "tx_csum_filled": 0,
             "rx_packets": 0, "rx_bytes": 0, "rx_dropped": 0, "notifications": 0, "fatal_errors": 0,
@@ -207,6 +208,8 @@ class Netback(BackendDevice):
         self._reading = False
 
     def connect(self) -> None:
+        if self.host_lost is not None:
+            raise DeviceError(f"{self.host_lost}; the vif has no link")
         if self.read_frontend_int("request-rx-copy", 0) != 1:
             raise DeviceError("frontend does not request-rx-copy (the only receive mode offered)")
         if self.read_frontend_int("feature-rx-notify", 0) != 1:
@@ -304,12 +307,25 @@ class Netback(BackendDevice):
                 self.stats["rx_dropped"] += 1  # no link yet: dropped as on a wire
         if getattr(host, "closed", False):
             self._stop_reading()  # the host end is gone: nothing more will come
+            self._host_lost()
         elif self._rx_full():
             self._paused = True
             self._stop_reading()  # resumed by _on_port() once the guest catches up
         if got and self.connected:
             self.serve_rings()
         return got
+
+    def _host_lost(self) -> None:
+        """The host end died under a live vif (passt killed or crashed):
+        the link is down for good, so the vif says so as a backend that
+        lost its device does (error node, Closing; the guest's netfront
+        closes and drops carrier). The domain runs on; another card can be
+        attached (Domain.attach_nic)."""
+        if self.host_lost is not None:
+            return
+        why = getattr(self.host, "why_gone", None)
+        self.host_lost = why() if why is not None else "the host end of the network went away"
+        self.fail(f"{self.host_lost}; the vif has no link")
 
     def _rx_full(self) -> bool:
         return len(self._rxq) >= RX_QUEUE_MAX or self._rxq_bytes >= RX_QUEUE_BYTES

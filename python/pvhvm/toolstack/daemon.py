@@ -413,6 +413,14 @@ def _text(args: dict, key: str) -> str:
     return value
 
 
+class _Terminated(BaseException):
+    """SIGTERM while the domain is being built (no run loop to notice a flag yet)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _report(fd: int, message: dict) -> None:
     try:
         os.write(fd, json.dumps(message).encode() + b"\n")
@@ -431,11 +439,26 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     process: DomainProcess | None = None
+
+    def on_term_while_building(signum, frame) -> None:
+        # Unwinds the build: passt stopped, the name and its files let go.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up must not be cut short
+        raise _Terminated(signum)
+
+    def on_term(signum, frame) -> None:
+        assert process is not None
+        process.finished = True
+        process.exit_status = 128 + signum
+        if process.dom is not None:
+            process.dom.wake()
+
+    signal.signal(signal.SIGTERM, on_term_while_building)
     try:
         claim = runtime.claim(launch["name"])
         try:
             process = DomainProcess(launch, claim)
             dom = process.build()
+            signal.signal(signal.SIGTERM, on_term)  # from now on the run loop sees it
         except BaseException:
             if process is not None:
                 process.close()
@@ -445,15 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PvhvmError, OSError, ValueError) as e:
         _report(ready, {"error": str(e)})
         return 2
+    except _Terminated as e:
+        _report(ready, {"error": f"terminated by signal {e.signum} while starting"})
+        return 128 + e.signum
 
-    def on_term(signum, frame) -> None:
-        assert process is not None
-        process.finished = True
-        process.exit_status = 128 + signum
-        if process.dom is not None:
-            process.dom.wake()
-
-    signal.signal(signal.SIGTERM, on_term)
     print(f"pvhvm: domain {process.name} (domid {dom.domid}) started, pid {os.getpid()}", file=sys.stderr,
           flush=True)
     _report(ready, {"name": process.name, "domid": dom.domid, "pid": os.getpid()})
