@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pvhvm.errors import PvhvmError
-from pvhvm.xenstore import Store, XenstoreError, populate_domu
+from pvhvm.xenstore import (
+    XENSTORE_ABS_PATH_MAX,
+    XENSTORE_REL_PATH_MAX,
+    Message,
+    Store,
+    XenstoreError,
+    XsType,
+    handle,
+    populate_domu,
+)
 from pvhvm.xenstore.store import XSD_ERRORS, Node, format_perm, parse_perm
 
 DOMU = 1
@@ -284,11 +295,28 @@ def test_transaction_isolation_and_commit(store):
     assert errno_of(store.transaction_end, 0, tx) == "ENOENT"
 
 
-def test_transaction_sees_snapshot(store):
+def test_transaction_keeps_what_it_read(store):
+    # xenstored's per-node check: a node is recorded at its first access in
+    # the transaction; later reads there see that record, and a change
+    # outside since then makes the commit fail.
+    store.write(0, "/s", "old")
+    tx = store.transaction_start(0)
+    assert store.read(0, "/s", tx) == b"old"
+    store.write(0, "/s", "new")
+    assert store.read(0, "/s", tx) == b"old"
+    assert errno_of(store.transaction_end, 0, tx) == "EAGAIN"
+
+
+def test_transaction_reads_untouched_nodes_as_they_are_now(store):
+    # A node the transaction had not accessed yet is read as it is now, and
+    # its change before that first access is no conflict (as in xenstored).
     store.write(0, "/s", "old")
     tx = store.transaction_start(0)
     store.write(0, "/s", "new")
-    assert store.read(0, "/s", tx) == b"old"
+    assert store.read(0, "/s", tx) == b"new"
+    store.write(0, "/t", "from-tx", tx)
+    store.transaction_end(0, tx)
+    assert store.read(0, "/t") == b"from-tx"
 
 
 def test_transaction_abort(store):
@@ -731,6 +759,123 @@ def test_quota_configurable_path_limit():
     assert errno_of(s.write, 3, "a" * 11, "") == "EINVAL"
 
 
+# ------------------------------------------ deep chains, transaction cost
+
+# Deeper than Python's recursion limit (1000): every walk must be iterative.
+GUEST_CHAIN = "data" + "/a" * 999  # the guest's 1000-node quota, "data" included
+
+
+def test_guest_removes_the_deepest_chain_its_quota_allows(store):
+    c, rec = watcher(store, DOMU)
+    store.write(DOMU, GUEST_CHAIN, "bottom")
+    assert store.node_count(DOMU) == 1000
+    assert errno_of(store.write, DOMU, GUEST_CHAIN + "/a", "") == "ENOSPC"
+    store.watch(c, "data", "w")
+    rec.take()
+    # Over the wire, as the guest sends it: OK, not EIO.
+    msg = Message(XsType.RM, 7, 0, b"data/a\0")
+    assert handle(store, c, DOMU, msg) == [Message(XsType.RM, 7, 0, b"OK\0")]
+    assert not store.exists(HOME + "/data/a")
+    assert store.node_count(DOMU) == 1
+    assert rec.take() == [("data/a", "w")]
+    # The quota is back: the chain can be built again.
+    store.write(DOMU, GUEST_CHAIN, "again")
+
+
+def test_deep_chain_removed_in_a_transaction(store):
+    store.write(DOMU, GUEST_CHAIN, "bottom")
+    tx = store.transaction_start(DOMU)
+    store.rm(DOMU, "data/a", tx)
+    assert store.exists(HOME + "/" + GUEST_CHAIN)
+    store.transaction_end(DOMU, tx)
+    assert not store.exists(HOME + "/data/a")
+    assert store.node_count(DOMU) == 1
+
+
+def test_release_domain_removes_a_deep_chain(store):
+    store.write(DOMU, GUEST_CHAIN, "bottom")
+    store.introduce_domain(DOMU)
+    store.release_domain(DOMU)
+    assert not store.exists(HOME + "/data")
+    assert store.node_count(DOMU) == 0
+
+
+def test_path_limits_bound_the_depth():
+    # xs_wire.h: a guest's path is at most XENSTORE_REL_PATH_MAX (2048)
+    # bytes after /local/domain/<id>/, any path at most
+    # XENSTORE_ABS_PATH_MAX (3072): depth is bounded by length.
+    s = Store(quota_nodes=10_000)
+    s.write(0, HOME, "")
+    s.set_perms(0, HOME, [("n", DOMU)])
+    rel = "a" + "/a" * ((XENSTORE_REL_PATH_MAX - 1) // 2)
+    assert len(rel) == XENSTORE_REL_PATH_MAX - 1
+    s.write(DOMU, rel + "b", "")  # exactly 2048 bytes
+    assert errno_of(s.write, DOMU, rel + "/b", "") == "EINVAL"
+    deepest = "/a" * (XENSTORE_ABS_PATH_MAX // 2)
+    s.write(0, deepest, "x")  # 1536 levels, 3072 bytes
+    assert errno_of(s.write, 0, deepest + "/b", "") == "EINVAL"
+    # A deep tree survives save and restore, and comes out as it went in.
+    restored = Store()
+    restored.restore_state(s.save_state())
+    assert restored.paths() == s.paths()
+    assert restored.read(0, deepest) == b"x"
+    for store in (s, restored):
+        store.rm(0, "/a")
+        store.rm(0, "/local")
+        assert store.paths() == ["/", "/tool", "/tool/xenstored"]
+
+
+def test_open_transactions_cost_only_what_they_access():
+    s = Store()
+    for d in range(30):
+        for i in range(100):
+            s.write(0, f"/local/domain/{d}/device/vif/{i}", "x" * 20)
+    assert len(s.paths()) > 3000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        txs = [s.transaction_start(0) for _ in range(300)]
+        for tx in txs:
+            s.read(0, "/local/domain/3/device/vif/7", tx)
+            s.write(0, "/local/domain/3/device/vif/8", "y", tx)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # A copy of the store per transaction took about 60 MB here.
+    assert grown < 1_000_000, grown
+    # They still work: the first commits, the others conflict with it.
+    s.transaction_end(0, txs[0])
+    assert s.read(0, "/local/domain/3/device/vif/8") == b"y"
+    assert errno_of(s.transaction_end, 0, txs[1]) == "EAGAIN"
+    for tx in txs[2:]:
+        s.transaction_end(0, tx, commit=False)
+
+
+def test_quota_transaction_nodes():
+    assert Store().quota_transaction_nodes == 1024  # xenstored's transaction-nodes
+    s = Store(quota_transaction_nodes=5)
+    s.write(0, "/d", "")
+    s.set_perms(0, "/d", [("n", 3)])
+    tx = s.transaction_start(3)
+    for i in range(5):
+        assert errno_of(s.read, 3, f"/d/n{i}", tx) == "ENOENT"
+    assert errno_of(s.read, 3, "/d/n5", tx) == "ENOSPC"
+    assert errno_of(s.read, 3, "/d/n0", tx) == "ENOENT"  # already recorded
+    s.transaction_end(3, tx, commit=False)
+    # A change that would record too many nodes is refused as a whole.
+    tx = s.transaction_start(3)
+    assert errno_of(s.write, 3, "/d/a/b/c/d/e", "x", tx) == "ENOSPC"
+    s.write(3, "/d/a/b/c", "x", tx)  # /d/a/b/c, /d/a/b, /d/a, /d: 4
+    s.transaction_end(3, tx)
+    assert s.read(3, "/d/a/b/c") == b"x"
+    # Domain 0 has no such quota.
+    tx = s.transaction_start(0)
+    for i in range(20):
+        s.write(0, f"/d/x{i}", "", tx)
+    s.transaction_end(0, tx)
+    assert s.directory(0, "/d") == ["a"] + [f"x{i}" for i in range(20)]
+
+
 # --------------------------------------------------------- directory_part
 
 
@@ -927,16 +1072,33 @@ class Model:
             self.bump(c)
         return changed
 
+    def subtree(self, p: str) -> set[str]:
+        """``p`` and its descendants, found through the child lists (as the
+        store walks them)."""
+        if p not in self.nodes:
+            return set()
+        out, todo = set(), [p]
+        while todo:
+            q = todo.pop()
+            out.add(q)
+            todo.extend(c for c in (q + "/" + n for n in self.children.get(q, [])) if c in self.nodes)
+        return out
+
     def rm(self, p: str) -> set[str]:
         if p not in self.nodes:
             return set()
-        gone = {q for q in self.nodes if q == p or q.startswith(p + "/")}
+        gone = self.subtree(p)
         for q in gone:
             del self.nodes[q]
             self.children.pop(q, None)
             self.version.pop(q, None)
         par = _parent(p)
-        self.children[par].remove(p.rsplit("/", 1)[1])
+        if par not in self.nodes:
+            # A transaction's view: a node created outside under one the
+            # transaction removed (its commit is bound to fail).
+            return gone
+        # (In a transaction's view the parent may be newer and not list it.)
+        self.children[par] = [c for c in self.children.get(par, []) if c != p.rsplit("/", 1)[1]]
         self.bump(par)
         return gone | {par}
 
@@ -957,17 +1119,35 @@ def test_store_matches_reference_model(ops, domid):
     s.mkdir(domid, root)
     model = Model({"/t": b""})
     tx = 0
-    tmodel: Model | None = None
-    start: dict[str, int] = {}
-    touched: set[str] = set()
+    # The transaction as xenstored keeps it: each node it accessed, as it
+    # sees it now (None: absent), and the outside version at first access.
+    seen: dict[str, tuple[bytes, list[str]] | None] = {}
+    first_version: dict[str, int | None] = {}
     modified: set[str] = set()
+
+    def tx_view() -> Model:
+        """The outside model overlaid with what the transaction accessed."""
+        view = model.copy()
+        for q, state in seen.items():
+            if state is None:
+                view.nodes.pop(q, None)
+                view.children.pop(q, None)
+            else:
+                view.nodes[q], view.children[q] = state[0], list(state[1])
+        return view
+
+    def record(view: Model, accessed: set[str]) -> None:
+        for q in accessed:
+            if q not in first_version:
+                first_version[q] = model.version.get(q)
+            seen[q] = (view.nodes[q], list(view.children.get(q, []))) if q in view.nodes else None
 
     for kind, p, v, in_tx in ops:
         if kind == "start":
             if tx:
                 continue
             tx = s.transaction_start(domid)
-            tmodel, start, touched, modified = model.copy(), dict(model.version), set(), set()
+            seen, first_version, modified = {}, {}, set()
             continue
         if kind in ("commit", "abort"):
             if not tx:
@@ -975,7 +1155,7 @@ def test_store_matches_reference_model(ops, domid):
             if kind == "abort":
                 s.transaction_end(domid, tx, commit=False)
             else:
-                conflict = any(start.get(q) != model.version.get(q) for q in touched)
+                conflict = any(model.version.get(q) != ver for q, ver in first_version.items())
                 try:
                     s.transaction_end(domid, tx)
                     committed = True
@@ -984,23 +1164,22 @@ def test_store_matches_reference_model(ops, domid):
                     committed = False
                 assert committed == (not conflict)
                 if committed:
-                    for q in modified:
-                        if q in tmodel.nodes:
-                            model.nodes[q] = tmodel.nodes[q]
-                            model.children[q] = list(tmodel.children.get(q, []))
+                    for q in sorted(modified):
+                        state = seen[q]
+                        if state is not None:
+                            model.nodes[q] = state[0]
+                            model.children[q] = list(state[1])
                             model.bump(q)
                         elif q in model.nodes:
                             del model.nodes[q]
                             model.children.pop(q, None)
                             model.version.pop(q, None)
-            tx, tmodel = 0, None
+            tx = 0
             continue
 
         use_tx = tx if (in_tx and tx) else 0
-        m = tmodel if use_tx else model
-        assert m is not None
-        if use_tx:
-            touched.add(p)
+        m = tx_view() if use_tx else model
+        accessed = {p}
         try:
             if kind == "write":
                 s.write(domid, real(p), v, use_tx)
@@ -1009,10 +1188,11 @@ def test_store_matches_reference_model(ops, domid):
                 s.mkdir(domid, real(p), use_tx)
                 changed = m.write(p, b"", keep=True)
             elif kind == "rm":
+                gone = m.subtree(p)
                 s.rm(domid, real(p), use_tx)
                 if p not in m.nodes and _parent(p) not in m.nodes:
                     pytest.fail("rm of a path without parent succeeded")
-                changed = m.rm(p)
+                changed = m.rm(p) | gone
             elif kind == "read":
                 assert s.read(domid, real(p), use_tx) == m.nodes[p]
                 changed = set()
@@ -1027,9 +1207,11 @@ def test_store_matches_reference_model(ops, domid):
                 assert _parent(p) not in m.nodes
             else:
                 assert p not in m.nodes
+            if use_tx:
+                record(m, accessed)
             continue
         if use_tx:
-            touched |= changed
+            record(m, accessed | changed)
             modified |= changed
 
         # Invariants of the store against the model (outside view).

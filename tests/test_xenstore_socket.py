@@ -436,6 +436,32 @@ def test_each_client_has_its_own_transactions_and_watches(dom, server):
     state["b"].close()
 
 
+def test_socket_clients_have_a_transaction_quota(dom, server):
+    # Every socket client, dom0 included, may hold quota_transactions (10)
+    # open at once; the 11th is ENOSPC, and ending one makes room.
+    assert server.max_transactions == dom.store.quota_transactions == 10
+    state = {}
+
+    def run():
+        a, b = Raw(server.path), Raw(server.path)
+        txs = []
+        for _ in range(10):
+            typ, payload = a.call(XsType.TRANSACTION_START, b"\0")
+            assert typ == XsType.TRANSACTION_START
+            txs.append(int(payload.rstrip(b"\0")))
+        state["over"] = a.call(XsType.TRANSACTION_START, b"\0")
+        state["other_client"] = b.call(XsType.TRANSACTION_START, b"\0")[0]
+        assert a.call(XsType.TRANSACTION_END, b"F\0", tx=txs[0]) == (XsType.TRANSACTION_END, b"OK\0")
+        state["after_end"] = a.call(XsType.TRANSACTION_START, b"\0")[0]
+        a.close()
+        b.close()
+
+    drive(dom, run)
+    assert state["over"] == (XsType.ERROR, b"ENOSPC\0")
+    assert state["other_client"] == XsType.TRANSACTION_START
+    assert state["after_end"] == XsType.TRANSACTION_START
+
+
 def test_host_side_changes_reach_socket_watchers(dom, server):
     """A write the host makes on the loop thread (request_shutdown, as
     `xl shutdown`) is an event for socket clients without a client request."""

@@ -28,6 +28,12 @@ up is not read from until it drains them, and watch events are dropped for
 a client that has more than ``max_event_backlog`` bytes waiting (xenstored
 also drops events past its quota).
 
+Each client may hold at most ``max_transactions`` transactions open at once
+(the store's quota_transactions, 10 by default; more is ENOSPC), even as
+domain 0. xenstored exempts privileged connections from that quota; here
+every open transaction is memory of the domain's own process, so a host
+client that never ends its transactions is bounded like a guest.
+
 The socket file is created mode 0600. An existing path is replaced only if
 it is a stale socket (nobody listening); anything else is refused.
 """
@@ -110,6 +116,8 @@ class XenstoreSocketServer:
         self.path = Path(path)
         self._abspath = self.path.absolute()  # for close() after a chdir
         self.max_event_backlog = MAX_EVENT_BACKLOG
+        # Open transactions per client (for clients that connect later).
+        self.max_transactions = store.quota_transactions
         self.request_counts: Counter[int] = Counter()  # by request type; -1: unknown types
         self.dropped_events = 0
         self._clients: dict[int, _Client] = {}
@@ -260,7 +268,8 @@ class XenstoreSocketServer:
                 break
             sock.setblocking(False)
             c = _Client(sock)
-            c.conn_id = self.store.connect(self.domid, lambda path, token, c=c: self._on_event(c, path, token))
+            c.conn_id = self.store.connect(self.domid, lambda path, token, c=c: self._on_event(c, path, token),
+                                           transaction_quota=self.max_transactions)
             self._clients[c.fd] = c
             self._resume(c)
             log.debug("xenstore socket %s: client connected (conn %d)", self.path, c.conn_id)

@@ -20,16 +20,27 @@ doc is silent:
 * Errors hide what the caller may not see: a missing or forbidden node is
   ENOENT only if its closest existing ancestor grants the access asked for,
   EACCES otherwise.
-* Transactions see a private copy of the store taken at start. Commit fails
-  with EAGAIN when any node the transaction read, listed, wrote, created or
-  removed (including parents whose child lists it changed) was changed
-  outside since the start; the transaction is then gone, as in xenstored.
+* Transactions keep only the nodes they access (xenstored's per-node
+  generation check, not a copy of the store): a node is recorded as it is
+  when the transaction first reads, lists, writes, creates or removes it
+  (parents whose child lists it changes included), and later requests in
+  the transaction see that record or the transaction's own change. Nodes it
+  has not accessed yet are read from the store as it is now. Commit fails
+  with EAGAIN when any recorded node was changed outside since the
+  transaction first accessed it; the transaction is then gone, as in
+  xenstored. An unprivileged transaction may access at most 1024 nodes
+  (xenstored's transaction-nodes quota); one more is ENOSPC.
 * Watch events go to a connection only if it can read the changed node or
   its parent (or could read it before a permission change).
 * Quota overruns are ENOSPC, which is what xenstored returns today for every
   quota (nodes, node size, watches, transactions, permissions per node; older
   versions said E2BIG for watches). A limit N allows N: N + 1 is refused.
-  Domain 0 has no quotas.
+  Domain 0 has no quotas, except that a connection may be given its own
+  transaction limit (connect(transaction_quota=...)), which host socket
+  clients get.
+* Tree walks (removal, release, save) are iterative: a node chain is as deep
+  as the path limits above allow (about 1,500 levels for domain 0), deeper
+  than Python's recursion limit.
 * Save/restore (Store.save_state()) keeps the tree and the guest rings'
   watches; their open transactions come back doomed to EAGAIN.
 """
@@ -79,6 +90,7 @@ DEFAULT_QUOTA_NODES = 1000
 DEFAULT_QUOTA_NODE_SIZE = 2048
 DEFAULT_QUOTA_WATCHES = 128
 DEFAULT_QUOTA_TRANSACTIONS = 10
+DEFAULT_QUOTA_TRANSACTION_NODES = 1024
 DEFAULT_QUOTA_PERMS = 5
 
 # Node size as xenstored accounts it: a 16-byte header (generation u64,
@@ -193,7 +205,8 @@ def _canonical(domid: int, path: str, allow_special: bool, quota_path: int) -> s
 
 
 class Node(NamedTuple):
-    """One node; immutable (changes make a new Node), so snapshots are cheap."""
+    """One node; immutable (changes make a new Node), so a transaction can
+    keep the version it saw by reference."""
 
     value: bytes
     perms: Perms
@@ -222,11 +235,19 @@ class _Tree:
         self.nodes: dict[str, Node] = {}
         self.owned: dict[int, int] = {}
 
-    def copy(self) -> "_Tree":
-        t = _Tree()
-        t.nodes = dict(self.nodes)
-        t.owned = dict(self.owned)
-        return t
+    def get(self, path: str) -> Optional[Node]:
+        return self.nodes.get(path)
+
+    peek = get  # outside a transaction nothing is recorded
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.nodes
+
+    def owned_by(self, domid: int) -> int:
+        return self.owned.get(domid, 0)
+
+    def reserve(self, paths: Iterable[str]) -> None:
+        """Nothing to check outside a transaction (see _TxView.reserve)."""
 
     def put(self, path: str, node: Node) -> None:
         old = self.nodes.get(path)
@@ -238,6 +259,73 @@ class _Tree:
     def delete(self, path: str) -> None:
         old = self.nodes.pop(path)
         self.owned[old.owner] -= 1
+
+
+class _TxView:
+    """What a transaction sees: the store's tree overlaid with the nodes the
+    transaction accessed, each as it was at first access or as the
+    transaction changed it (None: absent). Costs one entry per accessed
+    node, not a copy of the store.
+
+    ``get`` records the node (it joins the set checked at commit); ``peek``
+    does not, for lookups that only pick an errno or a watch event's
+    permissions (closest ancestor, parent of a changed node), as the old
+    whole-store snapshot did not check those either."""
+
+    __slots__ = ("tree", "nodes", "first_gen", "modified", "owned_delta", "limit")
+
+    def __init__(self, tree: _Tree, limit: Optional[int]) -> None:
+        self.tree = tree
+        self.nodes: dict[str, Optional[Node]] = {}
+        self.first_gen: dict[str, Optional[int]] = {}  # at first access; None: absent then
+        self.modified: set[str] = set()
+        self.owned_delta: dict[int, int] = {}
+        self.limit = limit  # most nodes it may access (None: no limit)
+
+    def reserve(self, paths: Iterable[str]) -> None:
+        """ENOSPC if recording ``paths`` would pass the transaction-nodes
+        quota; checked before a change so that it is all or nothing."""
+        if self.limit is None:
+            return
+        new = sum(1 for p in set(paths) if p not in self.nodes)
+        if len(self.nodes) + new > self.limit:
+            raise XenstoreError("ENOSPC", "transaction node quota")
+
+    def _record(self, path: str) -> Optional[Node]:
+        if path in self.nodes:
+            return self.nodes[path]
+        self.reserve((path,))
+        node = self.tree.nodes.get(path)
+        self.nodes[path] = node
+        self.first_gen[path] = node.gen if node is not None else None
+        return node
+
+    def get(self, path: str) -> Optional[Node]:
+        return self._record(path)
+
+    def peek(self, path: str) -> Optional[Node]:
+        return self.nodes[path] if path in self.nodes else self.tree.nodes.get(path)
+
+    def __contains__(self, path: str) -> bool:
+        return self.peek(path) is not None
+
+    def owned_by(self, domid: int) -> int:
+        return self.tree.owned.get(domid, 0) + self.owned_delta.get(domid, 0)
+
+    def _set(self, path: str, node: Optional[Node]) -> None:
+        old = self._record(path)
+        if old is not None:
+            self.owned_delta[old.owner] = self.owned_delta.get(old.owner, 0) - 1
+        if node is not None:
+            self.owned_delta[node.owner] = self.owned_delta.get(node.owner, 0) + 1
+        self.nodes[path] = node
+        self.modified.add(path)
+
+    def put(self, path: str, node: Node) -> None:
+        self._set(path, node)
+
+    def delete(self, path: str) -> None:
+        self._set(path, None)
 
 
 @dataclass
@@ -284,6 +372,8 @@ class _Conn:
     deliver: Deliver
     watches: list[_Watch] = field(default_factory=list)
     guest_ring: bool = False  # a domain's ring: save_state() keeps it
+    # Open transactions allowed on this connection even for domain 0.
+    transaction_quota: Optional[int] = None
     # Events for a restored ring whose RingConnection is not back yet.
     held: Optional[list[tuple[str, str]]] = None
 
@@ -293,10 +383,7 @@ class _Transaction:
     id: int
     domid: int
     conn_id: Optional[int]
-    base: dict[str, Node]  # the store as it was at start
-    tree: _Tree  # the private copy operations work on
-    touched: set[str] = field(default_factory=set)
-    modified: set[str] = field(default_factory=set)
+    view: _TxView  # the nodes it accessed, over the store's tree
     events: list[_Event] = field(default_factory=list)
     created: bool = False
     doomed: bool = False  # lost in a save/restore: committing it is EAGAIN
@@ -318,6 +405,7 @@ class Store:
         quota_node_size: int = DEFAULT_QUOTA_NODE_SIZE,
         quota_watches: int = DEFAULT_QUOTA_WATCHES,
         quota_transactions: int = DEFAULT_QUOTA_TRANSACTIONS,
+        quota_transaction_nodes: int = DEFAULT_QUOTA_TRANSACTION_NODES,
         quota_perms: int = DEFAULT_QUOTA_PERMS,
         quota_path: int = XENSTORE_REL_PATH_MAX,
         payload_max: int = XENSTORE_PAYLOAD_MAX,
@@ -327,6 +415,7 @@ class Store:
         self.quota_node_size = quota_node_size
         self.quota_watches = quota_watches
         self.quota_transactions = quota_transactions
+        self.quota_transaction_nodes = quota_transaction_nodes
         self.quota_perms = quota_perms
         self.quota_path = quota_path
         self.payload_max = payload_max
@@ -403,13 +492,11 @@ class Store:
 
     def _operand(
         self, domid: int, path: str, tx: int, allow_special: bool = False
-    ) -> tuple[Optional[_Transaction], str, _Tree]:
-        """The transaction, canonical name and tree an operation on `path`
-        works on; inside a transaction the name joins its read/write set."""
+    ) -> tuple[Optional[_Transaction], str, Union[_Tree, _TxView]]:
+        """The transaction, canonical name and tree (or transaction view) an
+        operation on `path` works on."""
         t = self._tx(domid, tx)
         name = self.canonical(domid, path, allow_special=allow_special)
-        if t is not None:
-            t.touched.add(name)
         return t, name, self._tree_for(t)
 
     def has_transaction(self, domid: int, tx: int, conn_id: Optional[int] = None) -> bool:
@@ -422,27 +509,28 @@ class Store:
             and (conn_id is None or t.conn_id is None or t.conn_id == conn_id)
         )
 
-    def _tree_for(self, t: Optional[_Transaction]) -> _Tree:
-        return t.tree if t is not None else self._tree
+    def _tree_for(self, t: Optional[_Transaction]) -> Union[_Tree, _TxView]:
+        return t.view if t is not None else self._tree
 
-    def _closest_ancestor(self, tree: _Tree, name: str) -> Node:
+    def _closest_ancestor(self, tree: Union[_Tree, _TxView], name: str) -> Node:
         p = name
         while True:
             p = parent_of(p)
-            node = tree.nodes.get(p)
+            node = tree.peek(p)
             if node is not None:
                 return node
             if p == "/":  # cannot happen: the root is never removed
                 raise XenstoreError("EIO", "no root node")
 
-    def _get(self, tree: _Tree, domid: int, name: str, need: int) -> Node:
+    def _get(self, tree: Union[_Tree, _TxView], domid: int, name: str, need: int) -> Node:
         """The node if ``domid`` has ``need`` on it; else ENOENT/EACCES as
         xenstored reports them (ENOENT only if the closest existing ancestor
-        grants some of ``need``)."""
+        grants some of ``need``). In a transaction the node (or its absence)
+        is recorded either way."""
         if name[0] == "@":
             node = self._special.get(name)
         else:
-            node = tree.nodes.get(name)
+            node = tree.get(name)
         if node is not None and self._access(domid, node.perms) & need == need:
             return node
         errno = "EACCES" if node is not None else "ENOENT"
@@ -455,18 +543,16 @@ class Store:
         if not self.is_privileged(domid) and node.size() > self.quota_node_size:
             raise XenstoreError("ENOSPC", "node too large")
 
-    def _apply(self, tree: _Tree, t: Optional[_Transaction], updates: dict[str, Optional[Node]]) -> None:
+    def _apply(self, tree: Union[_Tree, _TxView], updates: dict[str, Optional[Node]]) -> None:
         """Write (Node) or delete (None) paths, giving written nodes fresh
-        generation counts."""
+        generation counts; in a transaction all of them or (ENOSPC) none."""
+        tree.reserve(updates)
         for path, node in updates.items():
             if node is None:
-                if path in tree.nodes:
+                if path in tree:
                     tree.delete(path)
             else:
                 tree.put(path, node._replace(gen=self._next_gen()))
-        if t is not None:
-            t.touched.update(updates)
-            t.modified.update(updates)
 
     def _emit(self, t: Optional[_Transaction], events: list[_Event]) -> None:
         if t is not None:
@@ -517,8 +603,6 @@ class Store:
         name = self.canonical(domid, path)
         data = _as_value(value)
         tree = self._tree_for(t)
-        if t is not None:
-            t.touched.add(name)
         try:
             node = self._get(tree, domid, name, _W)
         except XenstoreError as e:
@@ -528,7 +612,7 @@ class Store:
         else:
             node = node._replace(value=data)
             self._check_size(domid, node)
-            self._apply(tree, t, {name: node})
+            self._apply(tree, {name: node})
         self._emit(t, [self._event(tree, name, True, node.perms)])
 
     def mkdir(self, domid: int, path: str, tx: int = 0) -> None:
@@ -541,19 +625,21 @@ class Store:
             node = self._create(tree, t, domid, name, b"")
             self._emit(t, [self._event(tree, name, True, node.perms)])
 
-    def _create(self, tree: _Tree, t: Optional[_Transaction], domid: int, name: str, value: bytes) -> Node:
+    def _create(self, tree: Union[_Tree, _TxView], t: Optional[_Transaction], domid: int, name: str,
+                value: bytes) -> Node:
         """Create ``name`` and any missing parents (the caller checked that
         the closest existing ancestor is writable)."""
         missing = []
         p = name
-        while p not in tree.nodes:
+        while p not in tree:
             missing.append(p)
             p = parent_of(p)
         unpriv = not self.is_privileged(domid)
-        if unpriv and tree.owned.get(domid, 0) + len(missing) > self.quota_nodes:
+        if unpriv and tree.owned_by(domid) + len(missing) > self.quota_nodes:
             raise XenstoreError("ENOSPC", "node quota")
         updates: dict[str, Optional[Node]] = {}
-        parent_path, parent = p, tree.nodes[p]
+        parent_path, parent = p, tree.peek(p)
+        assert parent is not None
         for path in reversed(missing):
             parent = parent._replace(children=parent.children + (_basename(path),))
             updates[parent_path] = parent
@@ -566,10 +652,12 @@ class Store:
         updates[name] = updates[name]._replace(value=value)  # type: ignore[union-attr]
         for node in updates.values():
             self._check_size(domid, node)  # type: ignore[arg-type]
-        self._apply(tree, t, updates)
+        self._apply(tree, updates)
         if t is not None:
             t.created = True
-        return tree.nodes[name]
+        node = tree.peek(name)
+        assert node is not None
+        return node
 
     def rm(self, domid: int, path: str, tx: int = 0) -> None:
         t, name, tree = self._operand(domid, path, tx)
@@ -577,37 +665,49 @@ class Store:
             node = self._get(tree, domid, name, _W)
         except XenstoreError as e:
             # Removing a missing node is fine if its parent exists.
-            if e.errno == "ENOENT" and parent_of(name) in tree.nodes:
+            if e.errno == "ENOENT" and parent_of(name) in tree:
                 return
             raise
         if name == "/":
             raise XenstoreError("EINVAL", "cannot remove the root")
         updates, events = self._removal(tree, name, node)
-        self._apply(tree, t, updates)
+        self._apply(tree, updates)
         self._emit(t, events)
 
-    def _removal(self, tree: _Tree, name: str, node: Node) -> tuple[dict[str, Optional[Node]], list[_Event]]:
+    def _removal(
+        self, tree: Union[_Tree, _TxView], name: str, node: Node
+    ) -> tuple[dict[str, Optional[Node]], list[_Event]]:
         """Updates and events for removing ``name`` and everything below it:
-        the nodes go children first, each one reported to watches on exactly
-        its path, and ``name`` last, reported like a write (to watches on it
-        and on its ancestors)."""
+        the nodes go children first (depth first, in child order), each one
+        reported to watches on exactly its path, and ``name`` last, reported
+        like a write (to watches on it and on its ancestors). An explicit
+        stack, not recursion: a chain may be deeper than Python's recursion
+        limit."""
         updates: dict[str, Optional[Node]] = {}
         events: list[_Event] = []
-
-        def walk(path: str, n: Node, parent_perms: Perms) -> None:
-            for child in n.children:
-                cpath = _join(path, child)
-                cnode = tree.nodes.get(cpath)
-                if cnode is not None:
-                    walk(cpath, cnode, n.perms)
-            updates[path] = None
-            events.append(_Event(path, path == name, n.perms, parent_perms))
-
         pname = parent_of(name)
-        parent = tree.nodes[pname]
-        walk(name, node, parent.perms)
-        base = _basename(name)
-        updates[pname] = parent._replace(children=tuple(c for c in parent.children if c != base))
+        # No parent only in a transaction that sees a node created outside
+        # under one it removed: its commit fails anyway (the parent changed).
+        parent = tree.peek(pname)
+        # (path, node, parent's perms, children already pushed)
+        stack: list[tuple[str, Node, Optional[Perms], bool]] = [
+            (name, node, parent.perms if parent is not None else None, False)
+        ]
+        while stack:
+            path, n, parent_perms, expanded = stack.pop()
+            if expanded:
+                updates[path] = None
+                events.append(_Event(path, path == name, n.perms, parent_perms))
+                continue
+            stack.append((path, n, parent_perms, True))
+            for child in reversed(n.children):
+                cpath = _join(path, child)
+                cnode = tree.peek(cpath)
+                if cnode is not None:
+                    stack.append((cpath, cnode, n.perms, False))
+        if parent is not None:
+            base = _basename(name)
+            updates[pname] = parent._replace(children=tuple(c for c in parent.children if c != base))
         return updates, events
 
     def get_perms(self, domid: int, path: str, tx: int = 0) -> list[Perm]:
@@ -628,20 +728,18 @@ class Store:
             self._special[name] = node._replace(perms=new_perms, gen=self._next_gen())
             return
         tree = self._tree_for(t)
-        if t is not None:
-            t.touched.add(name)
         node = self._get(tree, domid, name, _W | _O)
         if not self.is_privileged(domid) and new_perms[0][1] != node.owner:
             raise XenstoreError("EPERM", "only domain 0 may change the owner")
         new = node._replace(perms=new_perms)
         self._check_size(domid, new)
-        self._apply(tree, t, {name: new})
+        self._apply(tree, {name: new})
         event = self._event(tree, name, True, new_perms)
         event.old_perms = node.perms
         self._emit(t, [event])
 
-    def _event(self, tree: _Tree, name: str, subtree: bool, perms: Perms) -> _Event:
-        parent = tree.nodes.get(parent_of(name)) if name != "/" else None
+    def _event(self, tree: Union[_Tree, _TxView], name: str, subtree: bool, perms: Perms) -> _Event:
+        parent = tree.peek(parent_of(name)) if name != "/" else None
         return _Event(name, subtree, perms, parent.perms if parent is not None else None)
 
     # ---------------------------------------------------------- transactions
@@ -649,21 +747,31 @@ class Store:
     def transaction_start(self, domid: int, conn_id: Optional[int] = None) -> int:
         """Open a transaction for ``domid`` (on connection ``conn_id``, whose
         quota it counts against; without one, against the domain's)."""
-        if conn_id is not None and conn_id not in self._conns:
-            raise XenstoreError("EINVAL", f"no connection {conn_id}")
-        if not self.is_privileged(domid):
+        conn = None
+        if conn_id is not None:
+            conn = self._conns.get(conn_id)
+            if conn is None:
+                raise XenstoreError("EINVAL", f"no connection {conn_id}")
+        limits = [] if self.is_privileged(domid) else [self.quota_transactions]
+        if conn is not None and conn.transaction_quota is not None:
+            limits.append(conn.transaction_quota)
+        if limits:
             if conn_id is not None:
                 open_ = sum(1 for x in self._txs.values() if x.conn_id == conn_id)
             else:
                 open_ = sum(1 for x in self._txs.values() if x.conn_id is None and x.domid == domid)
-            if open_ >= self.quota_transactions:
+            if open_ >= min(limits):
                 raise XenstoreError("ENOSPC", "transaction quota")
         tx_id = self._next_tx
         while tx_id == 0 or tx_id in self._txs:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         self._next_tx = (tx_id + 1) & 0xFFFFFFFF
-        self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, dict(self._tree.nodes), self._tree.copy())
+        self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, self._new_view(domid))
         return tx_id
+
+    def _new_view(self, domid: int) -> _TxView:
+        limit = None if self.is_privileged(domid) else self.quota_transaction_nodes
+        return _TxView(self._tree, limit)
 
     def run_transaction(self, domid: int, fn) -> None:
         """Run ``fn(tx)`` in a transaction of ``domid``, retrying on EAGAIN as
@@ -695,20 +803,19 @@ class Store:
         if t.doomed:
             raise XenstoreError("EAGAIN", "transaction lost in a save/restore")
         glob = self._tree.nodes
-        for path in t.touched:
-            if path[0] == "@":
-                continue
-            before, now = t.base.get(path), glob.get(path)
-            if (before.gen if before is not None else None) != (now.gen if now is not None else None):
+        view = t.view
+        for path, gen in view.first_gen.items():
+            now = glob.get(path)
+            if gen != (now.gen if now is not None else None):
                 raise XenstoreError("EAGAIN", f"{path} changed")
         if t.created and not self.is_privileged(domid):
-            owned = self._tree.owned.get(domid, 0)
-            for path in t.modified:
-                old, new = glob.get(path), t.tree.nodes.get(path)
+            owned = self._tree.owned_by(domid)
+            for path in view.modified:
+                old, new = glob.get(path), view.nodes[path]
                 owned += (new is not None and new.owner == domid) - (old is not None and old.owner == domid)
             if owned > self.quota_nodes:
                 raise XenstoreError("ENOSPC", "node quota")
-        self._apply(self._tree, None, {p: t.tree.nodes.get(p) for p in sorted(t.modified)})
+        self._apply(self._tree, {p: view.nodes[p] for p in sorted(view.modified)})
         # One event per path, in order of first change; a subtree event wins.
         merged: dict[str, _Event] = {}
         for ev in t.events:
@@ -728,14 +835,19 @@ class Store:
 
     # --------------------------------------------------- connections, watches
 
-    def connect(self, domid: int, deliver: Deliver, *, guest_ring: bool = False) -> int:
+    def connect(self, domid: int, deliver: Deliver, *, guest_ring: bool = False,
+                transaction_quota: Optional[int] = None) -> int:
         """Register a client of ``domid``; its watch events are passed to
         ``deliver(path, token)``. Returns the connection id. ``guest_ring``:
         the domain's own ring, whose watches and transactions save_state()
-        keeps (host clients register theirs again after a restore)."""
+        keeps (host clients register theirs again after a restore).
+        ``transaction_quota``: most transactions open at once on this
+        connection, also for domain 0 (an unprivileged one has the store's
+        quota anyway)."""
         conn_id = self._next_conn
         self._next_conn += 1
-        self._conns[conn_id] = _Conn(conn_id, domid, deliver, guest_ring=guest_ring)
+        self._conns[conn_id] = _Conn(conn_id, domid, deliver, guest_ring=guest_ring,
+                                     transaction_quota=transaction_quota)
         return conn_id
 
     def disconnect(self, conn_id: int) -> None:
@@ -831,14 +943,14 @@ class Store:
                     continue
                 if node.owner == domid and self.keep_orphans:
                     perms = ((node.perms[0][0], PRIV_DOMID),) + tuple(p for p in node.perms[1:] if p[1] != domid)
-                    self._apply(tree, None, {path: node._replace(perms=perms)})
+                    self._apply(tree, {path: node._replace(perms=perms)})
                 elif node.owner == domid:
                     updates, events = self._removal(tree, path, node)
-                    self._apply(tree, None, updates)
+                    self._apply(tree, updates)
                     self._fire(events)
                 elif any(d == domid for _, d in node.perms[1:]):
                     kept = (node.perms[0],) + tuple(p for p in node.perms[1:] if p[1] != domid)
-                    self._apply(tree, None, {path: node._replace(perms=kept)})
+                    self._apply(tree, {path: node._replace(perms=kept)})
         self._fire_special(SPECIAL_RELEASE)
 
     def _fire_special(self, name: str) -> None:
@@ -886,7 +998,7 @@ class Store:
         their transactions: they connect and watch again after the restore.
 
         Open transactions come back doomed, under the same id: requests in
-        them still work (on a private copy of the restored tree), an abort
+        them still work (on the restored tree, as in a new transaction), an abort
         succeeds, and a commit fails with EAGAIN, the answer
         docs/misc/xenstore.txt gives when other writes intervened and on
         which Linux's xenbus users (xenbus_switch_state() and the drivers'
@@ -922,7 +1034,8 @@ class Store:
             })
         return {
             "format": STATE_FORMAT,
-            "quotas": {name: getattr(self, "quota_" + name) for name in _QUOTA_NAMES} | {"payload_max": self.payload_max},
+            "quotas": {name: getattr(self, "quota_" + name) for name in _QUOTA_NAMES + _OPTIONAL_QUOTA_NAMES}
+            | {"payload_max": self.payload_max},
             "keep_orphans": self.keep_orphans,
             "generation": self._gen,
             "next_transaction": self._next_tx,
@@ -953,6 +1066,9 @@ class Store:
             raise StateError(f"xenstore state: format {state['format']} is not {STATE_FORMAT}")
         q = state_get(state, "quotas", dict, w)
         quotas = {name: state_int(q, name, "state.quotas", 0, 0xFFFFFFFF) for name in _QUOTA_NAMES}
+        for name in _OPTIONAL_QUOTA_NAMES:
+            if name in q:
+                quotas[name] = state_int(q, name, "state.quotas", 0, 0xFFFFFFFF)
         payload_max = state_int(q, "payload_max", "state.quotas", 1, 0xFFFFFFFF)
         keep_orphans = state_get(state, "keep_orphans", bool, w)
         generation = state_int(state, "generation", w, 0, 2**63)
@@ -1022,7 +1138,7 @@ class Store:
             self._conns[conn_id] = _Conn(conn_id, domid, lambda path, token, held=held: held.append((path, token)),
                                          watches, guest_ring=True, held=held)
             for tx_id in txs:
-                self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, dict(tree.nodes), tree.copy(), doomed=True)
+                self._txs[tx_id] = _Transaction(tx_id, domid, conn_id, self._new_view(domid), doomed=True)
 
     def reattach(self, domid: int, deliver: Deliver) -> int:
         """Hand the restored ring connection of ``domid`` to a new owner:
@@ -1043,6 +1159,8 @@ class Store:
 
 STATE_FORMAT = 1
 _QUOTA_NAMES = ("nodes", "node_size", "watches", "transactions", "perms", "path")
+# Added later: a state saved without them keeps the store's own.
+_OPTIONAL_QUOTA_NAMES = ("transaction_nodes",)
 
 
 def _b64(data: bytes) -> str:
