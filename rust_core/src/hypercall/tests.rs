@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{dispatch, Call, Effects};
+use super::{console_io, dispatch, Call, Effects};
 use crate::abi::{errno, hc, Width};
 use crate::cpu::Cpu;
 use crate::exit::ExitReason;
@@ -121,6 +121,39 @@ fn console_io_writes_for_the_host_and_reads_its_input() {
     assert_eq!(f.get(ARG + 0x100, 2), b"ab");
     assert_eq!(f.call(0, hc::CONSOLE_IO, &[0, 5, 0xffff_fff0]), E(errno::EFAULT));
     assert_eq!(f.call(0, hc::CONSOLE_IO, &[7, 0, 0]), E(errno::ENOSYS));
+}
+
+#[test]
+fn console_io_continues_a_long_write_after_each_piece() {
+    let mut f = fixture(1);
+    let total = 2 * console_io::WRITE_PER_CALL + 100;
+    let text: Vec<u8> = (0..total).map(|i| b'a' + (i % 26) as u8).collect();
+    f.put(ARG, &text);
+    let (mut count, mut buf, mut seen) = (total, ARG, Vec::new());
+    for piece in 0.. {
+        let (rax, fx) = f.call_as(0, 0, hc::CONSOLE_IO, &[0, count, buf]);
+        assert_eq!((rax, fx.exit), (0, Some(ExitReason::ConsoleOutput)), "piece {piece}");
+        let out = std::mem::take(&mut f.dom.console_out);
+        assert!(out.len() as u64 <= console_io::WRITE_PER_CALL);
+        seen.extend(out);
+        match fx.restart.as_deref() {
+            Some(&[cmd, c, b]) => {
+                assert_eq!((cmd, c, b), (0, count - console_io::WRITE_PER_CALL, buf + console_io::WRITE_PER_CALL));
+                (count, buf) = (c, b);
+            }
+            None => break,
+            other => panic!("unexpected continuation {other:?}"),
+        }
+    }
+    assert_eq!(seen, text, "every byte once, in order");
+    // Should the host not take it, the buffer keeps the newest output.
+    let cap = crate::xen::CONSOLE_OUT_CAP;
+    f.dom.console_write(&vec![b'x'; cap - 3]);
+    f.dom.console_write(b"0123456789");
+    assert_eq!(f.dom.console_out.len(), cap);
+    assert!(f.dom.console_out.ends_with(b"xxx0123456789"));
+    f.dom.console_write(&vec![b'y'; cap + 1]);
+    assert_eq!(f.dom.console_out, vec![b'y'; cap]);
 }
 
 #[test]
@@ -679,7 +712,7 @@ fn reservation_ops_give_pages_back_and_take_them_again() {
     reservation(&f, 0x20000, &[0x900; 5000], 0, self_id);
     let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6, ARG]);
     assert_eq!(rax, 4096);
-    assert_eq!(fx.restart, Some(6 | 4096 << 6));
+    assert_eq!(fx.restart, Some(vec![6 | 4096 << 6]));
     let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6 | 4096 << 6, ARG]);
     assert_eq!((rax, fx.restart), (5000, None));
 }
