@@ -872,11 +872,13 @@ impl Cpu {
         let mut result = Ok(());
         for r in Remap::coalesce(remaps) {
             let done = match r {
-                // Over the all-ones space of frames the domain never had.
-                Remap::Overlay { gpa, host } => self
-                    .engine
-                    .unmap(gpa, layout::PAGE_SIZE)
-                    .and_then(|()| unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }),
+                // Over the all-ones space of frames the domain never had;
+                // above that space, over nothing (or the page's last overlay).
+                Remap::Overlay { gpa, host } => {
+                    let unmapped = self.engine.unmap(gpa, layout::PAGE_SIZE);
+                    if gpa < layout::GUEST_PHYS_END { unmapped } else { Ok(()) }
+                        .and_then(|()| unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) })
+                }
                 Remap::Hole { gpa, len } => self.engine.unmap(gpa, len).and_then(|()| unsafe {
                     self.engine.map_mmio(gpa, len, Some(absent_read), Some(absent_write), user)
                 }),

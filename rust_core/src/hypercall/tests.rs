@@ -248,6 +248,37 @@ fn memory_op_places_shared_info_and_grant_frames() {
 }
 
 #[test]
+fn memory_op_places_nothing_beyond_the_p2m() {
+    // Xen's p2m maps 48-bit guest-physical addresses: a frame from 2^36 on
+    // is refused with -EINVAL (ept_set_entry), for every space, and nothing
+    // is placed or mapped.
+    let mut f = fixture(1);
+    let physmap = |f: &Fixture, space: u32, idx: u64, gpfn: u64| {
+        let mut a = Vec::new();
+        a.extend(0x7ff0u16.to_le_bytes());
+        a.extend(0u16.to_le_bytes());
+        a.extend(space.to_le_bytes());
+        a.extend(idx.to_le_bytes());
+        a.extend(gpfn.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    for gpfn in [1u64 << 36, (1 << 40) - 1, (1 << 52) - 1, u64::MAX >> 12, u64::MAX] {
+        for (space, idx) in [(0u32, 0u64), (1, 0), (1, 1 << 31)] {
+            physmap(&f, space, idx, gpfn);
+            let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[7, ARG]);
+            assert_eq!((rax, fx.remap), (E(errno::EINVAL), false), "space {space} at frame {gpfn:#x}");
+        }
+    }
+    assert!(f.dom.grants().frames.iter().all(Option::is_none));
+    assert!(f.dom.pending_remaps.is_empty());
+    // The last frame below the limit is Xen's to place, and ours.
+    physmap(&f, 1, 0, (1 << 36) - 1);
+    let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[7, ARG]);
+    assert_eq!((rax, fx.remap), (0, true));
+    assert_eq!(f.dom.grants().frames[0], Some(((1 << 36) - 1) << 12));
+}
+
+#[test]
 fn hvm_op_params_and_upcall_vectors() {
     let mut f = fixture(2);
     let param = |f: &Fixture, index: u32, value: u64| {
