@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import _core, hypercalls, savefile
-from .devices import ConsoleBackend
+from .devices import ConsoleBackend, ConsoleHistory
 from .devices.manager import DeviceManager
 from .errors import BuildError, GuestError
 from .runloop import HostLoop
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 # The most vCPUs a domain may have.
 MAX_VCPUS = _core.MAX_VCPUS
+
+# How much console output a domain keeps for inspection (console_output,
+# expect) and for `xl dmesg` (hypervisor_console), as Xen keeps a console
+# ring: the newest of it; the rest went to the console sink as it came.
+CONSOLE_KEEP = 4 << 20
+HYPERVISOR_CONSOLE_KEEP = 1 << 20
 
 # Where set_console_size puts "ROWS COLS", under the domain's home, for the
 # guest to read (hvc0 has no resize message; the default guest's /init
@@ -236,9 +242,9 @@ class Domain:
         self._vm.tracing = trace is not None
         self._console_sink = console
         self._trace_sink = trace
-        self._console = bytearray()
-        self._expect_pos = 0
-        self._hv_console = bytearray()
+        self._console = ConsoleHistory(CONSOLE_KEEP)
+        self._expect_pos = 0  # a position in _console (counted from its first byte ever)
+        self._hv_console = ConsoleHistory(HYPERVISOR_CONSOLE_KEEP)
         self.outcome: Outcome | None = None
         # How often run() returned, by exit kind, and the wall time spent in
         # the core vs in Python between runs (for benches/ and profiling).
@@ -348,12 +354,12 @@ class Domain:
         return memoryview(self._vm.memory)[gpa : gpa + savefile.PAGE]
 
     def _on_console(self, data: bytes) -> None:
-        self._console += data
+        self._console.append(data)
         if self._console_sink is not None:
             self._console_sink(data)
 
     def _on_hv_console(self, data: bytes) -> None:
-        self._hv_console += data
+        self._hv_console.append(data)
         # Once hvc0 speaks, earlyprintk's copies on the hypervisor console
         # would only repeat it: they stay in `hypervisor_console` (xl dmesg).
         if self.console.bytes_out == 0:
@@ -466,19 +472,21 @@ class Domain:
             pattern = pattern.encode()
         rx = re.compile(pattern) if isinstance(pattern, bytes) else pattern
         found: list[re.Match] = []
-        searched = [-1]  # console length at the last search
+        searched = [-1]  # console end at the last search
 
         def matched() -> bool:
-            if len(self._console) == searched[0]:
+            log = self._console
+            if log.end == searched[0]:
                 return False  # nothing new: most exits print nothing
-            searched[0] = len(self._console)
-            m = rx.search(self._console, self._expect_pos)
+            searched[0] = log.end
+            # Output older than the history keeps is gone unsearched.
+            m = rx.search(log.data, max(self._expect_pos - log.base, 0))
             if m:
                 found.append(m)
+                self._expect_pos = log.base + m.end()
             return m is not None
 
         if matched() or self.run_until(matched, timeout):
-            self._expect_pos = found[0].end()
             return found[0]
         if self.outcome is not None:
             raise GuestError(f"domain ended ({self.outcome}) before the console showed {rx.pattern!r}")
@@ -533,13 +541,15 @@ class Domain:
 
     @property
     def console_output(self) -> bytes:
-        """Everything the guest wrote to its consoles so far (hvc0 and the
-        hypervisor console), in arrival order."""
+        """What the guest wrote to its consoles (hvc0 and the hypervisor
+        console), in arrival order: all of it, or the newest CONSOLE_KEEP
+        bytes at least once there was more (the console sink saw it all)."""
         return bytes(self._console)
 
     @property
     def hypervisor_console(self) -> bytes:
-        """What the guest wrote with console_io only (`xl dmesg`)."""
+        """What the guest wrote with console_io only (`xl dmesg`): the newest
+        HYPERVISOR_CONSOLE_KEEP bytes at least, as Xen's console ring."""
         return bytes(self._hv_console)
 
     def request_shutdown(self, action: str = "poweroff") -> None:

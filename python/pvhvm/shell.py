@@ -28,7 +28,9 @@ class GuestShell:
         # quadratic in the output, and a long output is searched many times.
         m = self.dom.expect(rb"=RC=(\d+)=", timeout)
         self.status = int(m.group(1))
-        out = bytes(m.string[begin : m.start()])
+        # `begin` counts from the console's first byte, m from the kept output's.
+        kept_from = self.dom._expect_pos - m.end()
+        out = bytes(m.string[max(begin - kept_from, 0) : m.start()])
         return self.status, out.decode(errors="replace").replace("\r", "")
 
     def run(self, command: str, timeout: float = 60) -> str:

@@ -252,6 +252,14 @@ unsafe extern "C" fn ack_read(uc: *mut uc_engine, offset: u64, size: c_uint, use
     unicorn_gaps::ACK_VECTOR
 }
 
+/// The registers a hypercall's arguments are in, by the caller's ABI.
+fn arg_regs(width: Width) -> [Reg; 5] {
+    match width {
+        Width::Bits64 => [Reg::RDI, Reg::RSI, Reg::RDX, Reg::R10, Reg::R8],
+        Width::Bits32 => [Reg::RBX, Reg::RCX, Reg::RDX, Reg::RSI, Reg::RDI],
+    }
+}
+
 /// #UD: VMCALL/VMMCALL are hypercalls, anything else is a real #UD.
 unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> bool {
     let h = &mut *(user as *mut HookData);
@@ -268,13 +276,10 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
     let mode = h.mode.as_ref().expect("set at engine creation");
     let width = if mode.in_64bit_code() { Width::Bits64 } else { Width::Bits32 };
     let (nr, args) = match width {
-        Width::Bits64 => (
-            uc::raw_read(uc, Reg::RAX),
-            [Reg::RDI, Reg::RSI, Reg::RDX, Reg::R10, Reg::R8].map(|r| uc::raw_read(uc, r)),
-        ),
+        Width::Bits64 => (uc::raw_read(uc, Reg::RAX), arg_regs(width).map(|r| uc::raw_read(uc, r))),
         Width::Bits32 => (
             uc::raw_read(uc, Reg::RAX) & 0xffff_ffff,
-            [Reg::RBX, Reg::RCX, Reg::RDX, Reg::RSI, Reg::RDI].map(|r| uc::raw_read(uc, r) & 0xffff_ffff),
+            arg_regs(width).map(|r| uc::raw_read(uc, r) & 0xffff_ffff),
         ),
     };
     // Xen refuses user mode and virtual-8086 mode alike (-EPERM).
@@ -291,14 +296,20 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
         let width = dom.shinfo_width();
         vcpus[me as usize].write_areas(&h.ram, &clock, &ps, width);
     }
-    if let Some(first) = fx.restart {
+    if let Some(leading) = fx.restart {
         // Continued: the guest executes the VMCALL again, as after Xen's
         // hypercall_create_continuation; pending interrupts come first.
-        let arg0 = if width == Width::Bits64 { Reg::RDI } else { Reg::RBX };
-        uc::raw_write(uc, arg0, first);
+        for (&reg, value) in arg_regs(width).iter().zip(leading) {
+            uc::raw_write(uc, reg, value);
+        }
         uc::raw_write(uc, Reg::RAX, nr);
         unicorn_gaps::forget_pc_write(uc, &h.layout);
-        h.stop(uc, if fx.remap { Stop::Remap } else { Stop::Kicked });
+        let stop = match fx.exit {
+            _ if fx.remap => Stop::Remap,
+            Some(exit) => Stop::Exit(exit),
+            None => Stop::Kicked,
+        };
+        h.stop(uc, stop);
         return true;
     }
     uc::raw_write(uc, Reg::RAX, rax);
@@ -861,11 +872,13 @@ impl Cpu {
         let mut result = Ok(());
         for r in Remap::coalesce(remaps) {
             let done = match r {
-                // Over the all-ones space of frames the domain never had.
-                Remap::Overlay { gpa, host } => self
-                    .engine
-                    .unmap(gpa, layout::PAGE_SIZE)
-                    .and_then(|()| unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) }),
+                // Over the all-ones space of frames the domain never had;
+                // above that space, over nothing (or the page's last overlay).
+                Remap::Overlay { gpa, host } => {
+                    let unmapped = self.engine.unmap(gpa, layout::PAGE_SIZE);
+                    if gpa < layout::GUEST_PHYS_END { unmapped } else { Ok(()) }
+                        .and_then(|()| unsafe { self.engine.map_ptr(gpa, layout::PAGE_SIZE, host as *mut u8) })
+                }
                 Remap::Hole { gpa, len } => self.engine.unmap(gpa, len).and_then(|()| unsafe {
                     self.engine.map_mmio(gpa, len, Some(absent_read), Some(absent_write), user)
                 }),

@@ -199,7 +199,7 @@ impl Domain {
         for _ in 0..s.len(crate::memory::MAX_OVERLAYS, 8 + 4096)? {
             let gpa = s.u64()?;
             let bytes = s.bytes_fixed(4096)?;
-            if !gpa.is_multiple_of(4096) || gpa >= layout::GUEST_PHYS_END || ram.offset_of(gpa, 4096).is_some() {
+            if !gpa.is_multiple_of(4096) || gpa >= layout::P2M_PHYS_END || ram.offset_of(gpa, 4096).is_some() {
                 return Err(invalid(format!("a Xen page at {gpa:#x}")));
             }
             let host = ram.add_overlay(gpa).map_err(|e| invalid(e.to_string()))?;

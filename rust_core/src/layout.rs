@@ -17,6 +17,10 @@ pub const INTERRUPT_ACK_PAGE: u64 = 0xFEF0_0000;
 pub const MAX_RAM: u64 = 64 << 30;
 /// The top of guest-physical space the engine maps (RAM, or all ones).
 pub const GUEST_PHYS_END: u64 = HIGH_RAM_START + MAX_RAM;
+/// The top of guest-physical space Xen's p2m can map a page at (its EPT
+/// and NPT tables have four levels): Xen's pages placed by the guest
+/// (grant frames) may be up to here, above GUEST_PHYS_END too.
+pub const P2M_PHYS_END: u64 = 1 << 48;
 
 /// The page the PVH entry state is built in: a GDT and a 32-bit TSS, as Xen
 /// gives them (the guest must load its own GDT before relying on it).

@@ -6,7 +6,8 @@
  * checks of xen/common/memory.c: the reservation ops report how many
  * extents they did (0 for a bad order, domain, flag or list, a partial count
  * when an extent fails), the others an errno. Then shared_info placed by
- * add_to_physmap, read at this build's offsets (32- or 64-bit event words). */
+ * add_to_physmap, read at this build's offsets (32- or 64-bit event words);
+ * Xen's pages at frames far beyond RAM, up to the p2m's limit. */
 #include "common/xen.h"
 
 #define HYPERVISOR_memory_op 12
@@ -25,6 +26,7 @@
 #define XENMEMF_address_bits(x) (x)
 #define XENMEMF_exact_node(n) ((((n) + 1) << 8) | (1 << 17))
 #define XENMAPSPACE_shared_info 0
+#define XENMAPSPACE_grant_table 1
 #define EVTCHNOP_send 4
 #define EVTCHNOP_alloc_unbound 6
 #define EVTCHNOP_bind_ipi 7
@@ -412,6 +414,37 @@ static void vcpu_info_moved(uint32_t port)
           "a send marks the moved vcpu_info (selector %lx), not shared_info's", (uint64_t)*sel);
 }
 
+/* Xen's pages at frames far beyond RAM: Xen's p2m maps frames below 2^36
+ * (48-bit guest-physical addresses) and refuses the rest with -EINVAL
+ * (ept_set_entry), whatever the space; below that it places them, even
+ * where no guest page table can reach. (A 32-bit guest's xen_pfn_t cannot
+ * name a frame past the limit.) */
+static void xen_pages_far_away(void)
+{
+    struct { uint16_t domid, size; uint32_t space; unsigned long idx, gpfn; } xatp = { DOMID_SELF, 0, 0, 0, 0 };
+#ifdef __x86_64__
+    static const unsigned long refused[] = { 1UL << 36, (1UL << 40) + 5, (1UL << 52) - 1, ~0UL >> 12, ~0UL };
+    for (unsigned i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        for (uint32_t space = XENMAPSPACE_shared_info; space <= XENMAPSPACE_grant_table; space++) {
+            xatp.space = space;
+            xatp.gpfn = refused[i];
+            long r = memop(XENMEM_add_to_physmap, &xatp);
+            check(r == -EINVAL, "space %u at frame %lx: -EINVAL (%d)", space, (uint64_t)refused[i], (int)r);
+        }
+    }
+    static const unsigned long placed[] = { (1UL << 36) - 1, 17UL << 24 /* 68 GiB, past a domain's RAM */ };
+#else
+    static const unsigned long placed[] = { 0xffffffffUL, 17UL << 24 };
+#endif
+    xatp.space = XENMAPSPACE_grant_table;
+    for (unsigned i = 0; i < sizeof(placed) / sizeof(placed[0]); i++) {
+        xatp.idx = i;
+        xatp.gpfn = placed[i];
+        long r = memop(XENMEM_add_to_physmap, &xatp);
+        check(r == 0, "grant frame %u placed at frame %lx (%d)", i, (uint64_t)placed[i], (int)r);
+    }
+}
+
 int guest_main(uint32_t start_info)
 {
     (void)start_info;
@@ -422,5 +455,6 @@ int guest_main(uint32_t start_info)
     exchange();
     up_to_the_maximum();
     vcpu_info_moved(shared_info_layout());
+    xen_pages_far_away();
     return verdict();
 }

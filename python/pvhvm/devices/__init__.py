@@ -1,5 +1,5 @@
 """Device models: the host ends of the guest's split drivers."""
 
-from .console import ConsoleBackend
+from .console import ConsoleBackend, ConsoleHistory
 
-__all__ = ["ConsoleBackend"]
+__all__ = ["ConsoleBackend", "ConsoleHistory"]

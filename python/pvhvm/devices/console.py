@@ -17,6 +17,36 @@ IN_OFF, OUT_OFF = 0, 1024
 IN_CONS, IN_PROD, OUT_CONS, OUT_PROD = 3072, 3076, 3080, 3084
 
 
+class ConsoleHistory:
+    """The newest output of a console, at least `keep` bytes of it (at most
+    twice that: old output is dropped a `keep` at a time, so each byte is
+    copied about once), as Xen keeps its console ring. Positions are counted
+    from the domain's first byte (`base` is that of `data[0]`), so that an
+    offset into the output stays valid when old output goes."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.base = 0
+        self.data = bytearray()
+
+    @property
+    def end(self) -> int:
+        """How many bytes were ever appended."""
+        return self.base + len(self.data)
+
+    def append(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * self.keep:
+            drop = len(self.data) - self.keep
+            # A new buffer, not an in-place delete: match objects taken on
+            # the old one (Domain.expect's) keep the text they matched.
+            self.data = self.data[drop:]
+            self.base += drop
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.data)
+
+
 class ConsoleBackend:
     """Serves one console ring. `page` is a zero-copy view of the ring page in
     guest RAM; `notify` raises the guest's console event channel."""

@@ -3,6 +3,7 @@
 
 use super::{reservation, Call, HcResult};
 use crate::abi::errno;
+use crate::layout;
 use crate::xen::Remap;
 
 const MEMOP_CMD_MASK: u64 = 0x3f;
@@ -95,7 +96,12 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
     let n = c.width().ulong();
     let idx = c.guest.read_ulong(arg + 8)?;
     let gpfn = c.guest.read_ulong(arg + 8 + n)?;
-    let gpa = gpfn.checked_mul(4096).ok_or(errno::EINVAL)?;
+    if gpfn >= layout::P2M_PHYS_END >> layout::PAGE_SHIFT {
+        // Beyond Xen's p2m: ept_set_entry refuses the frame with -EINVAL
+        // (on AMD, p2m-pt's walk with -ENOENT), and nothing is placed.
+        return Err(errno::EINVAL);
+    }
+    let gpa = gpfn << 12;
     if matches!(space, SPACE_SHARED_INFO | SPACE_GRANT_TABLE) && c.dom.ram.is_given_back(gpa) {
         // Xen's page replaces whatever the frame held, a given-back frame
         // too (Linux puts grant frames on ballooned pages): here Xen's
@@ -129,7 +135,7 @@ fn add_to_physmap(c: &mut Call, arg: u64) -> HcResult {
             // A RAM frame is used in place; a frame in the guest's unpopulated
             // space (Linux's usual choice) gets a host page mapped there.
             if !c.dom.ram.is_ram(gpa, 4096) && c.dom.ram.slice(gpa, 4096).is_err() {
-                if (crate::layout::MMIO_HOLE_START..crate::layout::HIGH_RAM_START).contains(&gpa) {
+                if (layout::MMIO_HOLE_START..layout::HIGH_RAM_START).contains(&gpa) {
                     return Err(errno::EINVAL);
                 }
                 let host = c.dom.ram.add_overlay(gpa).map_err(|_| errno::ENOMEM)?;

@@ -132,8 +132,8 @@ pub struct Effects {
     /// brought up), or the caller yields: end the caller's slice.
     pub woke_other: bool,
     /// Continue the call (Xen's hypercall continuation): the guest executes
-    /// the same hypercall again, with this as its first argument.
-    pub restart: Option<u64>,
+    /// the same hypercall again, these replacing its leading arguments.
+    pub restart: Option<Vec<u64>>,
 }
 
 /// Per-call context handed to each family's handler.

@@ -111,7 +111,7 @@ pub fn adjust(c: &mut Call, op: u64, start: u64, arg: u64) -> HcResult {
         i += 1;
     }
     if i == end && end < r.nr_extents {
-        c.effects.restart = Some((op & ((1 << EXTENT_SHIFT) - 1)) | end << EXTENT_SHIFT);
+        c.effects.restart = Some(vec![(op & ((1 << EXTENT_SHIFT) - 1)) | end << EXTENT_SHIFT]);
     }
     Ok(i as i64)
 }

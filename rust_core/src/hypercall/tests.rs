@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{dispatch, Call, Effects};
+use super::{console_io, dispatch, Call, Effects};
 use crate::abi::{errno, hc, Width};
 use crate::cpu::Cpu;
 use crate::exit::ExitReason;
@@ -124,6 +124,39 @@ fn console_io_writes_for_the_host_and_reads_its_input() {
 }
 
 #[test]
+fn console_io_continues_a_long_write_after_each_piece() {
+    let mut f = fixture(1);
+    let total = 2 * console_io::WRITE_PER_CALL + 100;
+    let text: Vec<u8> = (0..total).map(|i| b'a' + (i % 26) as u8).collect();
+    f.put(ARG, &text);
+    let (mut count, mut buf, mut seen) = (total, ARG, Vec::new());
+    for piece in 0.. {
+        let (rax, fx) = f.call_as(0, 0, hc::CONSOLE_IO, &[0, count, buf]);
+        assert_eq!((rax, fx.exit), (0, Some(ExitReason::ConsoleOutput)), "piece {piece}");
+        let out = std::mem::take(&mut f.dom.console_out);
+        assert!(out.len() as u64 <= console_io::WRITE_PER_CALL);
+        seen.extend(out);
+        match fx.restart.as_deref() {
+            Some(&[cmd, c, b]) => {
+                assert_eq!((cmd, c, b), (0, count - console_io::WRITE_PER_CALL, buf + console_io::WRITE_PER_CALL));
+                (count, buf) = (c, b);
+            }
+            None => break,
+            other => panic!("unexpected continuation {other:?}"),
+        }
+    }
+    assert_eq!(seen, text, "every byte once, in order");
+    // Should the host not take it, the buffer keeps the newest output.
+    let cap = crate::xen::CONSOLE_OUT_CAP;
+    f.dom.console_write(&vec![b'x'; cap - 3]);
+    f.dom.console_write(b"0123456789");
+    assert_eq!(f.dom.console_out.len(), cap);
+    assert!(f.dom.console_out.ends_with(b"xxx0123456789"));
+    f.dom.console_write(&vec![b'y'; cap + 1]);
+    assert_eq!(f.dom.console_out, vec![b'y'; cap]);
+}
+
+#[test]
 fn sched_op_shutdown_block_and_poll() {
     let mut f = fixture(2).with_shared_info();
     f.put(ARG, &9u32.to_le_bytes());
@@ -212,6 +245,37 @@ fn memory_op_places_shared_info_and_grant_frames() {
     assert_eq!((rax, fx.remap), (0, true), "a frame outside RAM gets a host page mapped");
     assert_eq!(f.dom.grants().frames.len(), 2);
     assert_eq!(f.call(0, hc::MEMORY_OP, &[63, ARG]), E(errno::ENOSYS));
+}
+
+#[test]
+fn memory_op_places_nothing_beyond_the_p2m() {
+    // Xen's p2m maps 48-bit guest-physical addresses: a frame from 2^36 on
+    // is refused with -EINVAL (ept_set_entry), for every space, and nothing
+    // is placed or mapped.
+    let mut f = fixture(1);
+    let physmap = |f: &Fixture, space: u32, idx: u64, gpfn: u64| {
+        let mut a = Vec::new();
+        a.extend(0x7ff0u16.to_le_bytes());
+        a.extend(0u16.to_le_bytes());
+        a.extend(space.to_le_bytes());
+        a.extend(idx.to_le_bytes());
+        a.extend(gpfn.to_le_bytes());
+        f.put(ARG, &a);
+    };
+    for gpfn in [1u64 << 36, (1 << 40) - 1, (1 << 52) - 1, u64::MAX >> 12, u64::MAX] {
+        for (space, idx) in [(0u32, 0u64), (1, 0), (1, 1 << 31)] {
+            physmap(&f, space, idx, gpfn);
+            let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[7, ARG]);
+            assert_eq!((rax, fx.remap), (E(errno::EINVAL), false), "space {space} at frame {gpfn:#x}");
+        }
+    }
+    assert!(f.dom.grants().frames.iter().all(Option::is_none));
+    assert!(f.dom.pending_remaps.is_empty());
+    // The last frame below the limit is Xen's to place, and ours.
+    physmap(&f, 1, 0, (1 << 36) - 1);
+    let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[7, ARG]);
+    assert_eq!((rax, fx.remap), (0, true));
+    assert_eq!(f.dom.grants().frames[0], Some(((1 << 36) - 1) << 12));
 }
 
 #[test]
@@ -679,7 +743,7 @@ fn reservation_ops_give_pages_back_and_take_them_again() {
     reservation(&f, 0x20000, &[0x900; 5000], 0, self_id);
     let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6, ARG]);
     assert_eq!(rax, 4096);
-    assert_eq!(fx.restart, Some(6 | 4096 << 6));
+    assert_eq!(fx.restart, Some(vec![6 | 4096 << 6]));
     let (rax, fx) = f.call_as(0, 0, hc::MEMORY_OP, &[6 | 4096 << 6, ARG]);
     assert_eq!((rax, fx.restart), (5000, None));
 }

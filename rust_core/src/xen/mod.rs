@@ -49,7 +49,7 @@ pub mod hvm_param {
 pub const E820_MAX: usize = 128;
 
 /// What the host's console output buffer may hold before old output is dropped.
-pub const CONSOLE_OUT_CAP: usize = 16 << 20;
+pub const CONSOLE_OUT_CAP: usize = 1 << 20;
 
 /// shared_info's wall clock (xen.h): wc_version, wc_sec, wc_nsec follow the
 /// event arrays, whose size is the layout's; a 32-bit layout has no room
@@ -383,10 +383,13 @@ impl DomainState {
         p[field(version)].copy_from_slice(&ver.wrapping_add(1).to_le_bytes());
     }
 
+    /// Output for the host, which takes it after every write; should it
+    /// not, the newest CONSOLE_OUT_CAP bytes are kept, as in Xen's ring.
     pub fn console_write(&mut self, data: &[u8]) {
-        if self.console_out.len() < CONSOLE_OUT_CAP {
-            self.console_out.extend_from_slice(data);
-        }
+        let data = &data[data.len().saturating_sub(CONSOLE_OUT_CAP)..];
+        let excess = (self.console_out.len() + data.len()).saturating_sub(CONSOLE_OUT_CAP);
+        self.console_out.drain(..excess);
+        self.console_out.extend_from_slice(data);
     }
 
     /// The event upcall vector of the domain (HVM_PARAM_CALLBACK_IRQ of
