@@ -66,11 +66,7 @@ impl Area {
 /// s_time_t (signed ns), so one with bit 63 set is negative, long past, and
 /// fires at once. Any other is kept as it is, however far ahead.
 pub fn xen_deadline(ns: u64) -> u64 {
-    if ns > i64::MAX as u64 {
-        0
-    } else {
-        ns
-    }
+    if ns > i64::MAX as u64 { 0 } else { ns }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

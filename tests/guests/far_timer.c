@@ -9,6 +9,7 @@
  *   wait=2      SCHEDOP_poll on the timer's port, the deadline its timeout (no timer armed)
  *   via=0       VCPUOP_set_singleshot_timer, via=1 set_timer_op, via=2 no
  *               deadline at all (no timer; a poll without a timeout)
+ *   spin_ms=N   run N ms first (the host's idle waits then start at another phase)
  * Prints "waiting" before the wait and "woke after N ms" after, then powers off. */
 #include "common/xen.h"
 
@@ -69,6 +70,8 @@ int guest_main(uint32_t start_info)
     evtchn(EVTCHNOP_unmask, &timer_port);
 
     uint64_t wait = cmdline_arg(start_info, "wait", 0), via = cmdline_arg(start_info, "via", 0);
+    uint64_t spin_until = now_ns() + cmdline_arg(start_info, "spin_ms", 0) * 1000000;
+    while (now_ns() < spin_until) {}
     uint64_t ahead_ms = cmdline_arg(start_info, "ahead_ms", 0), t0 = now_ns();
     uint64_t deadline = cmdline_arg(start_info, "at", 0);
     if (via == 2) {
