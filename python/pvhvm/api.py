@@ -45,6 +45,10 @@ HYPERVISOR_CONSOLE_KEEP = 1 << 20
 # watches it). pvhvm's own name: Xen defines no such node.
 CONSOLE_SIZE_NODE = "console/pvhvm-winsize"
 
+# The longest the run loop sleeps in one idle wait (no timer armed) before
+# it looks at its conditions again (seconds).
+IDLE_WAIT_MAX = 1.0
+
 
 class ShutdownReason(enum.IntEnum):
     """SHUTDOWN_* from xen/include/public/sched.h."""
@@ -390,7 +394,7 @@ class Domain:
                         self.outcome = Outcome(OutcomeKind.TIMEOUT, message=f"paused for {timeout} s")
                     return False
                 continue
-            outcome = self._step()
+            outcome = self._step(deadline)
             if outcome is None and deadline is not None and time.monotonic() > deadline:
                 if condition is not None:
                     return False
@@ -442,8 +446,9 @@ class Domain:
                     service()
         return False
 
-    def _step(self) -> Outcome | None:
-        """One run of the vCPU and the host work that follows it."""
+    def _step(self, deadline: float | None = None) -> Outcome | None:
+        """One run of the vCPU and the host work that follows it; an idle
+        wait ends by `deadline` (time.monotonic()) at the latest."""
         t0 = time.perf_counter()
         exit = self._vm.run()
         t1 = time.perf_counter()
@@ -460,7 +465,7 @@ class Domain:
             progressed |= self.devices.settle()
             for service in self._after_events:
                 progressed |= service()
-        outcome = self._handle(exit, progressed)
+        outcome = self._handle(exit, progressed, deadline)
         self.time_in_host += time.perf_counter() - t1
         return outcome
 
@@ -496,7 +501,7 @@ class Domain:
         """Type `text` into the guest console (hvc0)."""
         self.send_console_input(text.encode() if isinstance(text, str) else text)
 
-    def _handle(self, exit: _core.Exit, progressed: bool) -> Outcome | None:
+    def _handle(self, exit: _core.Exit, progressed: bool, deadline: float | None = None) -> Outcome | None:
         kind = exit.kind
         if kind in ("console", "notify", "kicked", "host_io"):
             return None
@@ -514,11 +519,14 @@ class Domain:
             # (console, xenstore socket, network) or a device's worker
             # thread (a disk answering) can wake the domain. The core waits
             # for both (Python's selector would not see a worker's event),
-            # a second at most, so run(timeout=) is honoured.
+            # a second at most and no later than the caller's deadline, so
+            # run(timeout=) is honoured.
             if progressed:
                 return None
             if self.loop.has_sources or self.devices.can_wake():
-                self._vm.wait_for_events(1.0)
+                wait = IDLE_WAIT_MAX if deadline is None else min(IDLE_WAIT_MAX, deadline - time.monotonic())
+                if wait > 0:
+                    self._vm.wait_for_events(wait)
                 return None
             return Outcome(OutcomeKind.HUNG, message="blocked waiting for an event that nothing can send")
         if kind == "hung":

@@ -303,9 +303,9 @@ impl Domain {
                     // Nothing armed: the host's sources are all that can
                     // wake the domain; let it decide whether it is hung.
                     let Some(d) = deadline else { return Exit::domain(ExitReason::Idle) };
-                    let until = host_end.min(Instant::now() + self.state.clock.until(d));
+                    // Any u64 deadline: capped before it meets an Instant.
+                    let timeout = self.state.clock.until(d).min(host_end.saturating_duration_since(Instant::now()));
                     self.idle_waits += 1;
-                    let timeout = until.saturating_duration_since(Instant::now());
                     if self.state.shared.waker.wait(self.host_fd, Some(timeout)) == Wait::HostReady {
                         return Exit::domain(ExitReason::HostIo);
                     }
@@ -669,7 +669,8 @@ impl Domain {
     fn arm_ticker(&mut self, i: usize, until: Instant, poll_window: bool) {
         let mut wake = until;
         if let Some(d) = self.vcpus.iter().filter(|v| !v.down).filter_map(|v| v.deadline()).min() {
-            wake = wake.min(Instant::now() + self.state.clock.until(d));
+            let now = Instant::now();
+            wake = now + self.state.clock.until(d).min(wake.saturating_duration_since(now));
         }
         let v = &mut self.vcpus[i];
         if poll_window {
@@ -910,6 +911,29 @@ mod tests {
         assert_eq!(d.run(), Exit::domain(ExitReason::Idle));
         assert_eq!(d.vcpus[0].activity, Activity::Blocked);
         assert_eq!(d.vcpus[0].idle_runstate(), crate::vcpu::RUNSTATE_BLOCKED);
+    }
+
+    #[test]
+    fn blocked_on_a_far_timer_comes_back_within_the_slice() {
+        // sched_op(block), as above, then a timer or a poll timeout as far
+        // as a u64 goes: the idle wait still ends with the slice.
+        let code = [0xb8, 29, 0, 0, 0, 0xbb, 1, 0, 0, 0, 0x0f, 0x01, 0xc1, 0xf4];
+        let mut d = domain(1, &[(CODE, &code)]);
+        d.time_slice = Duration::from_millis(20);
+        assert_eq!(d.run(), Exit::domain(ExitReason::Idle));
+        for far in [d.state.system_time_ns() + (30 << 40), i64::MAX as u64, u64::MAX - 1, u64::MAX] {
+            d.vcpus[0].timers.singleshot_ns = Some(far);
+            let t0 = Instant::now();
+            assert_eq!(d.run(), Exit::domain(ExitReason::Kicked), "{far:#x}");
+            assert!(t0.elapsed() < Duration::from_millis(500), "{far:#x}: {:?}", t0.elapsed());
+            assert_eq!(d.vcpus[0].activity, Activity::Blocked);
+        }
+        d.vcpus[0].timers.singleshot_ns = None;
+        d.vcpus[0].activity = Activity::Polling { ports: vec![] };
+        d.vcpus[0].poll_deadline = Some(u64::MAX);
+        let t0 = Instant::now();
+        assert_eq!(d.run(), Exit::domain(ExitReason::Kicked));
+        assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -535,7 +535,10 @@ impl Vm {
         use crate::waker::Wait;
         let shared = self.domain.shared().clone();
         let host_fd = self.domain.host_fd;
-        let timeout = timeout.map(|t| std::time::Duration::from_secs_f64(t.clamp(0.0, 86_400.0)));
+        // Any float: NaN and negatives wait not at all, the far future a day.
+        let timeout = timeout.map(|t| {
+            std::time::Duration::try_from_secs_f64(t.clamp(0.0, 86_400.0)).unwrap_or(std::time::Duration::ZERO)
+        });
         match py.allow_threads(move || shared.waker.wait(host_fd, timeout)) {
             Wait::Signalled => "signalled",
             Wait::HostReady => "host_io",

@@ -62,6 +62,13 @@ impl Area {
     }
 }
 
+/// A guest's absolute deadline as Xen takes it: Xen keeps deadlines as
+/// s_time_t (signed ns), so one with bit 63 set is negative, long past, and
+/// fires at once. Any other is kept as it is, however far ahead.
+pub fn xen_deadline(ns: u64) -> u64 {
+    if ns > i64::MAX as u64 { 0 } else { ns }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PeriodicTimer {
     pub period_ns: u64,
@@ -94,8 +101,9 @@ impl Timers {
         if let Some(p) = self.periodic.as_mut() {
             if p.next_ns <= now {
                 fire = true;
+                // Saturating: a restored timer may be due in the far future.
                 let missed = (now - p.next_ns) / p.period_ns + 1;
-                p.next_ns += missed * p.period_ns;
+                p.next_ns = p.next_ns.saturating_add(missed.saturating_mul(p.period_ns));
             }
         }
         fire
@@ -528,6 +536,21 @@ mod tests {
         assert!(t.fire(100));
         assert_eq!(t.singleshot_ns, None);
         assert_eq!(t.next_deadline(), Some(110));
+
+        // The largest period a save file may hold does not wrap.
+        let mut t = Timers { singleshot_ns: None, periodic: Some(PeriodicTimer { period_ns: u64::MAX, next_ns: 50 }) };
+        assert!(t.fire(60));
+        assert_eq!(t.next_deadline(), Some(u64::MAX));
+        assert!(!t.fire(u64::MAX - 1));
+    }
+
+    #[test]
+    fn deadlines_past_the_signed_range_are_past_as_in_xen() {
+        assert_eq!(xen_deadline(0), 0);
+        assert_eq!(xen_deadline(123), 123);
+        assert_eq!(xen_deadline(i64::MAX as u64), i64::MAX as u64, "2^63-1 ns: never, but valid");
+        assert_eq!(xen_deadline(1 << 63), 0);
+        assert_eq!(xen_deadline(u64::MAX), 0);
     }
 
     #[test]

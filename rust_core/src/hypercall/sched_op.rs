@@ -3,7 +3,7 @@
 use super::{Call, HcResult};
 use crate::abi::{errno, schedop};
 use crate::exit::ExitReason;
-use crate::vcpu::Activity;
+use crate::vcpu::{xen_deadline, Activity};
 
 pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
     let [cmd, arg, ..] = args;
@@ -65,7 +65,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
                 // an event upcall, or the timeout (absolute system time).
                 let me = c.me();
                 me.activity = Activity::Polling { ports };
-                me.poll_deadline = (timeout != 0).then_some(timeout);
+                me.poll_deadline = (timeout != 0).then(|| xen_deadline(timeout));
                 c.effects.block = true;
             }
             Ok(0)

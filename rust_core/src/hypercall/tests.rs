@@ -202,6 +202,11 @@ fn sched_op_shutdown_block_and_poll() {
     assert_eq!((rax, fx.block), (0, true));
     assert_eq!(f.vcpus[1].activity, Activity::Polling { ports: vec![other] });
     assert_eq!(f.vcpus[1].poll_deadline, Some(123_456));
+    for (timeout, kept) in [(i64::MAX as u64, i64::MAX as u64), (1 << 63, 0), (u64::MAX, 0)] {
+        poll(&f, 1, timeout);
+        assert_eq!(f.call_as(1, 0, hc::SCHED_OP, &[3, ARG]).0, 0);
+        assert_eq!(f.vcpus[1].poll_deadline, Some(kept), "timeout {timeout:#x}: negative for Xen, so past");
+    }
     poll(&f, 1, 0);
     assert_eq!(f.call(1, hc::SCHED_OP, &[3, 0xffff_fff0]), E(errno::EFAULT));
 }
@@ -435,6 +440,30 @@ fn vcpu_op_timers_and_registrations() {
     assert!(f.vcpus[1].timers.periodic.is_some());
     assert_eq!(f.call(0, hc::SET_TIMER_OP, &[now + 5]), 0);
     assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(now + 5));
+
+    // Far deadlines, as Xen takes them (s_time_t): 2^63-1 is kept, one with
+    // bit 63 set is in the past; set_timer_op takes one over 2^50 ns ahead
+    // or negative for a wrapped one and fires in 100 ms; periods stop at
+    // STIME_DELTA_MAX.
+    for (at, kept) in [(now + (1 << 52), now + (1 << 52)), (i64::MAX as u64, i64::MAX as u64), (1 << 63, 0), (u64::MAX, 0)] {
+        shot(&f, at, 0);
+        assert_eq!(f.call(0, hc::VCPU_OP, &[8, 0, ARG]), 0);
+        assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(kept), "one-shot at {at:#x}");
+    }
+    for at in [now + (1 << 51), i64::MAX as u64, u64::MAX] {
+        let before = f.dom.system_time_ns();
+        assert_eq!(f.call(0, hc::SET_TIMER_OP, &[at]), 0);
+        let d = f.vcpus[0].timers.singleshot_ns.unwrap();
+        assert!(d >= before + 100_000_000 && d <= f.dom.system_time_ns() + 100_000_000, "set_timer_op({at:#x}): {d}");
+    }
+    assert_eq!(f.call(0, hc::SET_TIMER_OP, &[now + (1 << 49)]), 0);
+    assert_eq!(f.vcpus[0].timers.singleshot_ns, Some(now + (1 << 49)), "2^49 ns ahead is taken as it is");
+    f.put(ARG, &(u64::MAX >> 2).to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), 0);
+    for period in [(u64::MAX >> 2) + 1, u64::MAX] {
+        f.put(ARG, &period.to_le_bytes());
+        assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), E(errno::EINVAL), "period {period:#x}");
+    }
 
     // vcpu_info: another vCPU's, aligned, once.
     let reg = |f: &Fixture, mfn: u64, offset: u32| {

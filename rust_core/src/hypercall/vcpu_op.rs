@@ -7,7 +7,7 @@ use crate::abi::{errno, Width};
 use crate::mmu;
 use crate::unicorn_gaps::{self, Segment};
 use crate::exit::ExitReason;
-use crate::vcpu::{Activity, Area, PeriodicTimer};
+use crate::vcpu::{xen_deadline, Activity, Area, PeriodicTimer};
 use crate::xen::evtchn::VCPU_INFO_SIZE;
 
 const INITIALISE: u64 = 0;
@@ -28,6 +28,13 @@ const REGISTER_RUNSTATE_PHYS_AREA: u64 = 14;
 const REGISTER_VCPU_TIME_PHYS_AREA: u64 = 15;
 
 const MIN_PERIOD_NS: u64 = 1_000_000;
+/// Xen's STIME_DELTA_MAX: the longest period, so that now + period cannot
+/// overflow s_time_t.
+const MAX_PERIOD_NS: u64 = u64::MAX >> 2;
+/// set_timer_op: a deadline this far ahead is taken for a wrapped one (Xen's)
+const SET_TIMER_OP_FAR_NS: u64 = 1 << 50;
+/// and fires this long from now instead.
+const SET_TIMER_OP_WRAPPED_DELAY_NS: u64 = 100_000_000;
 
 /// struct vcpu_hvm_context: { uint32_t mode; uint32_t pad; union cpu_regs }.
 const HVM_CONTEXT_SIZE: usize = 128;
@@ -160,7 +167,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
             // included): a deadline in the past fires at once.
             let deadline = c.guest.read_u64(arg)?;
             c.guest.read_u32(arg + 8)?;
-            c.me().timers.singleshot_ns = Some(deadline);
+            c.me().timers.singleshot_ns = Some(xen_deadline(deadline));
             c.effects.recheck = true;
             Ok(0)
         }
@@ -173,7 +180,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         }
         SET_PERIODIC_TIMER => {
             let period_ns = c.guest.read_u64(arg)?;
-            if period_ns < MIN_PERIOD_NS {
+            if !(MIN_PERIOD_NS..=MAX_PERIOD_NS).contains(&period_ns) {
                 return Err(errno::EINVAL);
             }
             let next_ns = c.dom.system_time_ns() + period_ns;
@@ -206,7 +213,16 @@ pub fn set_timer_op(c: &mut Call, args: [u64; 5]) -> HcResult {
         Width::Bits64 => args[0],
         Width::Bits32 => args[0] | args[1] << 32,
     };
-    c.me().timers.singleshot_ns = (timeout != 0).then_some(timeout);
+    let now = c.dom.system_time_ns();
+    c.me().timers.singleshot_ns = match timeout {
+        0 => None,
+        // As Xen does for Linux's wrapped jiffies: a deadline negative as
+        // s_time_t or more than 2^50 ns (13 days) ahead fires in 100 ms.
+        t if t > i64::MAX as u64 || t.saturating_sub(now) >= SET_TIMER_OP_FAR_NS => {
+            Some(now + SET_TIMER_OP_WRAPPED_DELAY_NS)
+        }
+        t => Some(t),
+    };
     c.effects.recheck = true;
     Ok(0)
 }
