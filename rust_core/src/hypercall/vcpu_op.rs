@@ -239,7 +239,7 @@ enum Seg {
 }
 
 /// A segment's attributes as Xen's check_segment accepts them (returning
-/// them with the accessed bit set, and the busy bit for TR).
+/// them with the accessed bit set).
 fn check_segment(ar: u16, which: Seg) -> Result<u16, i64> {
     if ar & 0xf000 != 0 {
         return Err(errno::EINVAL);
@@ -253,11 +253,12 @@ fn check_segment(ar: u16, which: Seg) -> Result<u16, i64> {
         return Err(errno::EINVAL);
     }
     if which == Seg::Tr {
-        // A 32-bit TSS (available or busy), a system segment.
-        if s || kind & 0x7 != 0x1 || kind & 0x8 == 0 {
+        // A busy 32-bit TSS, a system segment: the only type Xen's
+        // check_segment takes for TR (an available one is refused too).
+        if s || kind != 0xb {
             return Err(errno::EINVAL);
         }
-        return Ok(ar | 0x2);
+        return Ok(ar);
     }
     if !s {
         return Err(errno::EINVAL);
