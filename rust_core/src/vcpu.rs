@@ -95,7 +95,8 @@ impl Timers {
             if p.next_ns <= now {
                 fire = true;
                 let missed = (now - p.next_ns) / p.period_ns + 1;
-                p.next_ns += missed * p.period_ns;
+                // Saturating: a deadline that wrapped would always be due.
+                p.next_ns = p.next_ns.saturating_add(missed.saturating_mul(p.period_ns));
             }
         }
         fire
@@ -311,7 +312,9 @@ impl Vcpu {
         let next_ns = d.u64()?;
         self.timers.periodic = match period {
             None => None,
-            Some(0) => return Err(invalid(format!("vCPU {}: a periodic timer of period 0", self.id))),
+            Some(p) if p == 0 || p > crate::hypercall::MAX_PERIOD_NS => {
+                return Err(invalid(format!("vCPU {}: a periodic timer of period {p}", self.id)))
+            }
             Some(period_ns) => Some(PeriodicTimer { period_ns, next_ns }),
         };
         self.upcall_vector = d.opt_u64()?.map(|v| v as u8);
@@ -528,6 +531,12 @@ mod tests {
         assert!(t.fire(100));
         assert_eq!(t.singleshot_ns, None);
         assert_eq!(t.next_deadline(), Some(110));
+        // A period too long for the clock (a restored one, say) saturates
+        // rather than wrapping into a deadline that is always due.
+        let mut t = Timers { singleshot_ns: None, periodic: Some(PeriodicTimer { period_ns: u64::MAX, next_ns: 50 }) };
+        assert!(t.fire(75));
+        assert_eq!(t.next_deadline(), Some(u64::MAX));
+        assert!(!t.fire(1 << 62));
     }
 
     #[test]

@@ -48,7 +48,11 @@
 #define EVTCHNOP_bind_virq 1
 #define EVTCHNOP_unmask 9
 #define HVMOP_set_param 0
+#define HVMOP_get_param 1
+#define HVMOP_set_evtchn_upcall_vector 23
 #define HVM_PARAM_CALLBACK_IRQ 0
+#define HVM_PARAM_STORE_PFN 1
+#define HVM_PARAM_CONSOLE_PFN 17
 #define VIRQ_TIMER 0
 #define UPCALL_VECTOR 0xf3
 #define DOMID_SELF 0x7ff0
@@ -101,6 +105,9 @@ static volatile int stop_fuzzing;
  * vCPU): SCHEDOP_block could then sleep for good, polls replace it. */
 static volatile int events_moved;
 static uint64_t crit_lo, crit_hi, free_lo_pfn, free_hi_pfn;
+/* The xenstore and console ring pages (HVM params): garbage written there
+ * is input to the host's ring readers. */
+static uint64_t ring_pages[2];
 static struct vcpu_time_info clock; /* a copy: the fuzz may move vcpu_info */
 static volatile uint64_t bad_printed, unexpected_exceptions;
 
@@ -118,6 +125,11 @@ static int valid_result(long r)
         if (r == -(long)xen_errnos[i])
             return 1;
     return 0;
+}
+
+static int vector_has_error_code(unsigned long v)
+{
+    return v == 8 || (v >= 10 && v <= 14) || v == 17 || v == 21 || v == 29 || v == 30;
 }
 
 /* -- randomness -------------------------------------------------------------- */
@@ -163,7 +175,7 @@ static unsigned long arena_ptr(struct percpu *p)
 static unsigned long hostile(struct percpu *p)
 {
     uint64_t v;
-    switch (below(p, 12)) {
+    switch (below(p, 13)) {
     case 0: case 1: v = below(p, 16); break;                           /* small ints */
     case 2: {
         static const uint64_t odd[] = { ~0ULL, 0xffffffffULL, 0x7fffffffULL, 0x80000000ULL, 0xffff, 0x10000,
@@ -190,6 +202,9 @@ static unsigned long hostile(struct percpu *p)
         v = pfns[below(p, sizeof(pfns) / sizeof(pfns[0]))] + below(p, 2);
         break;
     }
+    case 11:                                                            /* the xenstore and console rings */
+        v = ring_pages[below(p, 2)] + (below(p, 2) ? below(p, 4096) : 4096 - 8 * below(p, 4));
+        break;
     default: v = (uint32_t)next(p); break;
     }
     return sanitize(p, v);
@@ -345,6 +360,24 @@ static void one_call(struct percpu *p, int id)
             a[1] = (unsigned long)(uintptr_t)r;
         }
         break;
+    case HYPERVISOR_hvm_op:
+        /* An upcall on a vector the CPU pushes an error code for would
+         * unbalance the guest's frame: those vectors are replaced (the
+         * refusals under 0x10 stay). */
+        if (sub == HVMOP_set_evtchn_upcall_vector && a[1] >= (unsigned long)(uintptr_t)arena &&
+            a[1] + 8 <= (unsigned long)(uintptr_t)arena + ARENA_SIZE) {
+            uint8_t *v = (uint8_t *)(uintptr_t)a[1] + 4;
+            if (*v >= 0x10 && vector_has_error_code(*v))
+                *v = UPCALL_VECTOR;
+        }
+        if (sub == HVMOP_set_param && a[1] >= (unsigned long)(uintptr_t)arena &&
+            a[1] + 16 <= (unsigned long)(uintptr_t)arena + ARENA_SIZE) {
+            uint32_t *index = (uint32_t *)((uintptr_t)a[1] + 4);
+            uint8_t *value = (uint8_t *)((uintptr_t)a[1] + 8);
+            if (*index == HVM_PARAM_CALLBACK_IRQ && value[7] == 2 && (value[0] < 0x10 || vector_has_error_code(value[0])))
+                value[0] = UPCALL_VECTOR;
+        }
+        break;
     case HYPERVISOR_vcpu_op:
         if (sub == VCPUOP_down && (a[1] & 0xffffffff) == 0)
             a[1] = id ? (unsigned long)id : 1;
@@ -405,7 +438,9 @@ void hcfuzz_isr(unsigned long vector, unsigned long rip)
         pcpu[id].nmis++;
         return;
     }
-    if (vector < 32) {
+    /* 0x10 and up may be an upcall vector the fuzz chose (Xen takes any
+     * from 0x10): those the CPU gives no error code are upcalls. */
+    if (vector < 0x10 || vector_has_error_code(vector)) {
         unexpected_exceptions++;
         printk("\nHCFUZZ exception vector=%lu rip=%lx vcpu=%d\n", (uint64_t)vector, (uint64_t)rip, id);
         guest_exit(SHUTDOWN_crash);
@@ -418,7 +453,11 @@ void hcfuzz_isr(unsigned long vector, unsigned long rip)
 static int on_exception(struct exc_frame *f)
 {
     if (f->vector == 2) {
-        pcpu[0].nmis++;
+        pcpu[my_id()].nmis++;
+        return 1;
+    }
+    if (f->vector >= 0x10 && !vector_has_error_code(f->vector)) {
+        hcfuzz_isr(f->vector, f->eip); /* an upcall vector the fuzz chose */
         return 1;
     }
     return 0;
@@ -572,6 +611,14 @@ int guest_main(uint32_t start_info)
         r = hypercall(HYPERVISOR_hvm_op, HVMOP_set_param, (long)&hp, 0, 0, 0);
         check(r == 0, "callback vector set (%ld)", r);
     }
+    static const uint32_t ring_params[2] = { HVM_PARAM_STORE_PFN, HVM_PARAM_CONSOLE_PFN };
+    for (int i = 0; i < 2; i++) {
+        struct { uint16_t domid, pad; uint32_t index; uint64_t value; } __attribute__((aligned(4))) hp =
+            { DOMID_SELF, 0, ring_params[i], 0 };
+        r = hypercall(HYPERVISOR_hvm_op, HVMOP_get_param, (long)&hp, 0, 0, 0);
+        ring_pages[i] = r == 0 ? hp.value << 12 : 0;
+    }
+    check(ring_pages[0] && ring_pages[1], "the ring pages (%lx %lx)", ring_pages[0], ring_pages[1]);
     while (ncpus < MAX_CPUS && vcpu_op(VCPUOP_is_up, ncpus, 0) >= 0)
         ncpus++;
     vcpu_setup(0);

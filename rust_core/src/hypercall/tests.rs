@@ -369,6 +369,16 @@ fn vcpu_op_timers_and_registrations() {
     assert_eq!(f.vcpus[0].timers.singleshot_ns, None);
     f.put(ARG, &999_999u64.to_le_bytes());
     assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), E(errno::EINVAL), "periods under 1 ms");
+    // Past Xen's STIME_DELTA_MAX now + period wrapped: a deadline always
+    // due, the timer firing on every look (hcfuzz's vCPU stalled for good).
+    for period in [u64::MAX, (u64::MAX >> 2) + 1] {
+        f.put(ARG, &period.to_le_bytes());
+        assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), E(errno::EINVAL), "period {period:#x}");
+    }
+    f.put(ARG, &(u64::MAX >> 2).to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), 0, "the longest period Xen takes");
+    let next = f.vcpus[1].timers.periodic.unwrap().next_ns;
+    assert!(next > now && !f.vcpus[1].timers.fire(now + 1_000_000_000), "not due for a century");
     f.put(ARG, &4_000_000u64.to_le_bytes());
     assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), 0);
     assert!(f.vcpus[1].timers.periodic.is_some());

@@ -28,6 +28,10 @@ const REGISTER_RUNSTATE_PHYS_AREA: u64 = 14;
 const REGISTER_VCPU_TIME_PHYS_AREA: u64 = 15;
 
 const MIN_PERIOD_NS: u64 = 1_000_000;
+/// Xen's STIME_DELTA_MAX: the longest period, so that now + period cannot
+/// overflow (a wrapped deadline is always due: the timer would fire on
+/// every look and starve the vCPU).
+pub const MAX_PERIOD_NS: u64 = u64::MAX >> 2;
 
 /// struct vcpu_hvm_context: { uint32_t mode; uint32_t pad; union cpu_regs }.
 const HVM_CONTEXT_SIZE: usize = 128;
@@ -173,7 +177,7 @@ pub fn call(c: &mut Call, args: [u64; 5]) -> HcResult {
         }
         SET_PERIODIC_TIMER => {
             let period_ns = c.guest.read_u64(arg)?;
-            if period_ns < MIN_PERIOD_NS {
+            if !(MIN_PERIOD_NS..=MAX_PERIOD_NS).contains(&period_ns) {
                 return Err(errno::EINVAL);
             }
             let next_ns = c.dom.system_time_ns() + period_ns;
