@@ -155,7 +155,9 @@ static unsigned long sanitize(struct percpu *p, uint64_t v)
     uint64_t arena_lo = (uint64_t)(uintptr_t)arena, arena_hi = arena_lo + ARENA_SIZE;
     if (u + 0x10000 >= crit_lo && u < crit_hi && !(u >= arena_lo && u < arena_hi))
         return (unsigned long)(arena_lo + below(p, ARENA_SIZE));
-    if (u >= (crit_lo >> 12) - 16 && u < (crit_hi >> 12) + 1)
+    /* Frames: from the 2 MiB-aligned block below the guest, as an extent
+     * of order 9 (a domU's largest) starting there would reach it. */
+    if (u >= ((crit_lo >> 12) & ~0x1ffULL) && u < (crit_hi >> 12) + 1)
         return (unsigned long)(free_lo_pfn + below(p, (uint32_t)(free_hi_pfn - free_lo_pfn)));
     return u;
 }
@@ -170,6 +172,13 @@ static unsigned long arena_ptr(struct percpu *p)
     if (off >= ARENA_SIZE)
         off = ARENA_SIZE - 1;
     return (unsigned long)(base + off);
+}
+
+/* [addr, addr + len) lies in the arena (no wrap-around: addr may be ~0). */
+static int in_arena(unsigned long addr, unsigned long len)
+{
+    unsigned long lo = (unsigned long)(uintptr_t)arena;
+    return addr >= lo && len <= ARENA_SIZE && addr - lo <= ARENA_SIZE - len;
 }
 
 static unsigned long hostile(struct percpu *p)
@@ -364,14 +373,12 @@ static void one_call(struct percpu *p, int id)
         /* An upcall on a vector the CPU pushes an error code for would
          * unbalance the guest's frame: those vectors are replaced (the
          * refusals under 0x10 stay). */
-        if (sub == HVMOP_set_evtchn_upcall_vector && a[1] >= (unsigned long)(uintptr_t)arena &&
-            a[1] + 8 <= (unsigned long)(uintptr_t)arena + ARENA_SIZE) {
+        if (sub == HVMOP_set_evtchn_upcall_vector && in_arena(a[1], 8)) {
             uint8_t *v = (uint8_t *)(uintptr_t)a[1] + 4;
             if (*v >= 0x10 && vector_has_error_code(*v))
                 *v = UPCALL_VECTOR;
         }
-        if (sub == HVMOP_set_param && a[1] >= (unsigned long)(uintptr_t)arena &&
-            a[1] + 16 <= (unsigned long)(uintptr_t)arena + ARENA_SIZE) {
+        if (sub == HVMOP_set_param && in_arena(a[1], 16)) {
             uint32_t *index = (uint32_t *)((uintptr_t)a[1] + 4);
             uint8_t *value = (uint8_t *)((uintptr_t)a[1] + 8);
             if (*index == HVM_PARAM_CALLBACK_IRQ && value[7] == 2 && (value[0] < 0x10 || vector_has_error_code(value[0])))
@@ -389,8 +396,7 @@ static void one_call(struct percpu *p, int id)
             a[1] &= 0xff;
         if (sub == CONSOLEIO_read && id != 0)
             a[1] = 0;
-        if (sub == CONSOLEIO_read && a[2] < mem_bytes &&
-            !(a[2] >= (unsigned long)(uintptr_t)arena && a[2] < (unsigned long)(uintptr_t)arena + ARENA_SIZE))
+        if (sub == CONSOLEIO_read && a[2] < mem_bytes && !in_arena(a[2], 1))
             a[2] = arena_ptr(p); /* what it reads is looked at for PINGs */
         break;
     default:
@@ -413,8 +419,7 @@ static void one_call(struct percpu *p, int id)
     }
     if (r >= 0 && moves_events(nr, sub))
         events_moved = 1;
-    if (nr == HYPERVISOR_console_io && sub == CONSOLEIO_read && r > 0 && id == 0 && a[2] >= (unsigned long)(uintptr_t)arena &&
-        a[2] + (unsigned long)r <= (unsigned long)(uintptr_t)arena + ARENA_SIZE)
+    if (nr == HYPERVISOR_console_io && sub == CONSOLEIO_read && r > 0 && id == 0 && in_arena(a[2], (unsigned long)r))
         console_input((const char *)(uintptr_t)a[2], r);
 }
 
