@@ -319,7 +319,9 @@ impl Vcpu {
         let next_ns = d.u64()?;
         self.timers.periodic = match period {
             None => None,
-            Some(0) => return Err(invalid(format!("vCPU {}: a periodic timer of period 0", self.id))),
+            Some(p) if p == 0 || p > crate::hypercall::MAX_PERIOD_NS => {
+                return Err(invalid(format!("vCPU {}: a periodic timer of period {p}", self.id)))
+            }
             Some(period_ns) => Some(PeriodicTimer { period_ns, next_ns }),
         };
         self.upcall_vector = d.opt_u64()?.map(|v| v as u8);

@@ -18,6 +18,8 @@ mod xen_version;
 #[cfg(test)]
 mod tests;
 
+pub use vcpu_op::MAX_PERIOD_NS;
+
 use crate::abi::{errno, hc, Width};
 use crate::exit::ExitReason;
 use crate::hypercall_log::TraceEntry;

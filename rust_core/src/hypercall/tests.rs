@@ -406,7 +406,10 @@ fn vcpu_op_initialise_checks_a_32_bit_context_as_xen_does() {
     let mut byte_limit = hvm_context_32(0x49b, 0xc93, 0x8b, 0x20000);
     byte_limit[8 + 84..8 + 88].copy_from_slice(&0xffffu32.to_le_bytes());
     assert_eq!(try_ctx(&mut f, byte_limit), E(errno::EINVAL), "EIP past a byte-granular CS limit");
-    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc93, 0x89, 0x1234)), 0, "an available TSS is made busy");
+    // Xen takes only a busy 32-bit TSS for TR (hcfuzz's 32-bit bring-up found 0x8b refused).
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc93, 0x89, 0x1234)), E(errno::EINVAL), "an available TSS");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc93, 0x0b, 0x1234)), E(errno::EINVAL), "a TSS not present");
+    assert_eq!(try_ctx(&mut f, hvm_context_32(0xc9b, 0xc93, 0x8b, 0x1234)), 0, "a busy 32-bit TSS");
     let st = &f.vcpus[1].regs;
     assert_eq!(st.rip(), 0x1234);
     assert!(!st.in_64bit_code() && st.cr(0) & 1 == 1);
@@ -435,6 +438,16 @@ fn vcpu_op_timers_and_registrations() {
     assert_eq!(f.vcpus[0].timers.singleshot_ns, None);
     f.put(ARG, &999_999u64.to_le_bytes());
     assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), E(errno::EINVAL), "periods under 1 ms");
+    // Past Xen's STIME_DELTA_MAX now + period wrapped: a deadline always
+    // due, the timer firing on every look (hcfuzz's vCPU stalled for good).
+    for period in [u64::MAX, (u64::MAX >> 2) + 1] {
+        f.put(ARG, &period.to_le_bytes());
+        assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), E(errno::EINVAL), "period {period:#x}");
+    }
+    f.put(ARG, &(u64::MAX >> 2).to_le_bytes());
+    assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), 0, "the longest period Xen takes");
+    let next = f.vcpus[1].timers.periodic.unwrap().next_ns;
+    assert!(next > now && !f.vcpus[1].timers.fire(now + 1_000_000_000), "not due for a century");
     f.put(ARG, &4_000_000u64.to_le_bytes());
     assert_eq!(f.call(0, hc::VCPU_OP, &[6, 1, ARG]), 0);
     assert!(f.vcpus[1].timers.periodic.is_some());

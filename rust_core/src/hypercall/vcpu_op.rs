@@ -30,7 +30,7 @@ const REGISTER_VCPU_TIME_PHYS_AREA: u64 = 15;
 const MIN_PERIOD_NS: u64 = 1_000_000;
 /// Xen's STIME_DELTA_MAX: the longest period, so that now + period cannot
 /// overflow s_time_t.
-const MAX_PERIOD_NS: u64 = u64::MAX >> 2;
+pub const MAX_PERIOD_NS: u64 = u64::MAX >> 2;
 /// set_timer_op: a deadline this far ahead is taken for a wrapped one (Xen's)
 const SET_TIMER_OP_FAR_NS: u64 = 1 << 50;
 /// and fires this long from now instead.
@@ -255,7 +255,7 @@ enum Seg {
 }
 
 /// A segment's attributes as Xen's check_segment accepts them (returning
-/// them with the accessed bit set, and the busy bit for TR).
+/// them with the accessed bit set).
 fn check_segment(ar: u16, which: Seg) -> Result<u16, i64> {
     if ar & 0xf000 != 0 {
         return Err(errno::EINVAL);
@@ -269,11 +269,12 @@ fn check_segment(ar: u16, which: Seg) -> Result<u16, i64> {
         return Err(errno::EINVAL);
     }
     if which == Seg::Tr {
-        // A 32-bit TSS (available or busy), a system segment.
-        if s || kind & 0x7 != 0x1 || kind & 0x8 == 0 {
+        // A busy 32-bit TSS, a system segment: the only type Xen's
+        // check_segment takes for TR (an available one is refused too).
+        if s || kind != 0xb {
             return Err(errno::EINVAL);
         }
-        return Ok(ar | 0x2);
+        return Ok(ar);
     }
     if !s {
         return Err(errno::EINVAL);
