@@ -33,6 +33,14 @@ SESSIONS = [
 ]
 
 
+def test_campaign_finding_32_bit_frame_at_4g_is_fixed(guests):
+    """Seed 3024 (32-bit, 2 vCPUs, no interrupts) once placed a frame at gfn
+    0xffffffff with XENMEM_add_to_physmap: accepted, then the engine could
+    not map it and the domain ended with an emulator error."""
+    res = hypercalls.run_session(3024, 50000, vcpus=2, arch=32, irq=0, every=4096)
+    assert res.findings == [] and res.outcome == "shutdown (poweroff)", [f.message for f in res.findings]
+
+
 @pytest.mark.parametrize("seed,arch,vcpus,irq", SESSIONS)
 def test_hcfuzz_session_finds_nothing(guests, seed, arch, vcpus, irq):
     res = hypercalls.run_session(seed, COUNT, vcpus=vcpus, arch=arch, irq=irq, every=1024)
