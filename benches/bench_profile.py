@@ -100,12 +100,12 @@ class ProfiledDomain(pvhvm.Domain):
     def add_service(self, service) -> None:
         super().add_service(self._timed_service(service))
 
-    def _step(self):
+    def _step(self, deadline=None):
         core0 = self.time_in_core
         self._kind = None
         self._wait_in_step = 0.0
         t0 = perf()
-        outcome = super()._step()
+        outcome = super()._step(deadline)
         dt = perf() - t0
         self.step_s += dt
         self.wrapped_calls += 1
@@ -123,11 +123,11 @@ class ProfiledDomain(pvhvm.Domain):
         self.parts["drain"] += perf() - t0
         self.wrapped_calls += 1
 
-    def _handle(self, exit, progressed):
+    def _handle(self, exit, progressed, deadline=None):
         self._kind = exit.kind
         t0 = perf()
         wait0 = self._wait_in_step
-        r = super()._handle(exit, progressed)
+        r = super()._handle(exit, progressed, deadline)
         self.parts["handle"] += perf() - t0 - (self._wait_in_step - wait0)
         self.wrapped_calls += 1
         return r
