@@ -139,6 +139,12 @@ def campaign(target: str, run_case: Callable[[int], CaseResult], *, seed: int, d
             "findings": list(seen.values())}
 
 
+def case_runners(run: Callable[[int, Optional[list]], CaseResult]):
+    """A target's `run(case_seed, ops)` (ops None: generate them from the
+    seed) as its `run_case(seed)` and `replay_case(ops)`."""
+    return (lambda seed: run(seed, None)), (lambda ops: run(0, ops))
+
+
 def main(target: str, run_case: Callable[[int], CaseResult], replay_case: Callable[[list], CaseResult],
          argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m fuzz.{target}", description=f"pvhvm's {target} fuzz campaign")

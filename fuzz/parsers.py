@@ -33,7 +33,7 @@ from pvhvm.builder.elf import parse_elf
 from pvhvm.config import parse_config
 from pvhvm.errors import PvhvmError
 
-from .iocampaign import CaseResult, TracebackLog, exception_detail, main
+from .iocampaign import CaseResult, TracebackLog, case_runners, exception_detail, main
 
 ENTRY = 0x100000
 IDLE_CODE = b"\xfb\xf4\xeb\xfd"  # sti; hlt; jmp hlt
@@ -357,12 +357,7 @@ def _run(seed: int, ops: Optional[list]) -> CaseResult:
     return result
 
 
-def run_case(seed: int) -> CaseResult:
-    return _run(seed, None)
-
-
-def replay_case(ops: list) -> CaseResult:
-    return _run(0, ops)
+run_case, replay_case = case_runners(_run)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pvhvm.devices.disk import DiskSpec
 from pvhvm.devices.netback import Netback
 from pvhvm.xenbus import XenbusState
 
-from .iocampaign import CaseResult, TracebackLog, exception_detail, main
+from .iocampaign import CaseResult, TracebackLog, case_runners, exception_detail, main
 
 PAGE = 4096
 BASE = 8 << 20  # free guest RAM (the guest lives at 1 MiB)
@@ -378,12 +378,7 @@ def _run(seed: int, ops: Optional[list]) -> CaseResult:
     return result
 
 
-def run_case(seed: int) -> CaseResult:
-    return _run(seed, None)
-
-
-def replay_case(ops: list) -> CaseResult:
-    return _run(0, ops)
+run_case, replay_case = case_runners(_run)
 
 
 if __name__ == "__main__":

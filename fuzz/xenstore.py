@@ -32,7 +32,7 @@ from pvhvm.xenstore.domu import populate_domu
 from pvhvm.xenstore.store import DEFAULT_QUOTA_TRANSACTIONS, DEFAULT_QUOTA_WATCHES, XSD_ERRORS, parent_of
 from pvhvm.xenstore.wire import HEADER, XsType
 
-from .iocampaign import CaseResult, TracebackLog, exception_detail, main
+from .iocampaign import CaseResult, TracebackLog, case_runners, exception_detail, main
 
 DOMID = 1
 HOME = f"/local/domain/{DOMID}"
@@ -545,12 +545,7 @@ def _run(seed: int, ops: Optional[list]) -> CaseResult:
     return result
 
 
-def run_case(seed: int) -> CaseResult:
-    return _run(seed, None)
-
-
-def replay_case(ops: list) -> CaseResult:
-    return _run(0, ops)
+run_case, replay_case = case_runners(_run)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..runloop import SelectorLoop
 from ..terminal import Detached, Terminal
+from .protocol import receive
 
 
 class RemoteConsole(SelectorLoop):
@@ -44,12 +45,9 @@ class RemoteConsole(SelectorLoop):
         """Until the domain process closes the console: output to `sink`."""
 
         def on_output() -> None:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
+            data = receive(self.sock)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 self.ended = True
                 return

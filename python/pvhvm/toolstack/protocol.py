@@ -15,6 +15,7 @@ reply, bytes either way are the guest's console until the client closes.
 from __future__ import annotations
 
 import json
+import socket
 
 # A line longer than this is refused and the connection closed: a client
 # must not make the domain process hold unbounded input.
@@ -53,3 +54,14 @@ def error(desc: str, cls: str = GENERIC, ident=None) -> dict:
     if ident is not None:
         reply["id"] = ident
     return reply
+
+
+def receive(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has: None if nothing yet, b"" once the
+    other end is gone (closed or broken)."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""

@@ -76,12 +76,9 @@ class Connection:
             self.on_readable()
 
     def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
+        data = protocol.receive(self.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.close()
             return
