@@ -44,3 +44,24 @@ def test_backend_rings(guests):
 @pytest.mark.slow
 def test_parsers():
     assert run_cases(parsers, 15, 3) >= 100
+
+
+@pytest.mark.parametrize("target", ["xenstore", "parsers", "rings"])
+def test_campaign_commands_as_the_readme_gives_them(target, guests, tmp_path):
+    """`python -m fuzz.TARGET --seed N --duration S --out DIR` and `--replay FILE`."""
+    import json
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", f"fuzz.{target}", "--seed", "3", "--duration", "2", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(rf"^\[{target}\] done: [1-9]\d* cases, \d+ messages in \d+ s \([\d,]+ msg/s\), 0 finding\(s\)$",
+                     p.stdout, re.M), p.stdout
+    if target == "xenstore":
+        case = tmp_path / "case.json"
+        case.write_text(json.dumps({"ops": xenstore.run_case(99).ops}))
+        p = subprocess.run([sys.executable, "-m", "fuzz.xenstore", "--replay", str(case)], capture_output=True,
+                           text=True, timeout=120, cwd=root)
+        assert p.returncode == 0 and re.search(r"^0 finding\(s\) in \d+ messages$", p.stdout, re.M), p.stdout
