@@ -285,6 +285,7 @@ unsafe extern "C" fn on_invalid_insn(uc: *mut uc_engine, user: *mut c_void) -> b
     // Xen refuses user mode and virtual-8086 mode alike (-EPERM).
     let cpl = if mode.in_vm86() { 3 } else { mode.cpl() };
     let (dom, vcpus) = (&mut *h.ctx.dom, &mut *h.ctx.vcpus);
+    dom.milestones.hypercall();
     let me = h.current;
     let mut call = Call::new(&h.ram, ps, width, dom, vcpus, &h.pristine, me, cpl);
     let rax = hypercall::dispatch(&mut call, nr, args);
@@ -428,6 +429,10 @@ unsafe extern "C" fn on_user_block(uc: *mut uc_engine, _addr: u64, _size: u32, u
     flags.user_blocks.store(flags.user_blocks.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
     if !flags.in_user_space.load(Ordering::Relaxed) {
         flags.in_user_space.store(true, Ordering::SeqCst);
+    }
+    let dom = h.ctx.dom;
+    if !dom.is_null() && (*dom).milestones.first_user_instruction.is_none() && h.mode.as_ref().is_some_and(|m| m.cpl() == 3) {
+        (*dom).milestones.user_instruction();
     }
     if flags.kick.load(Ordering::SeqCst) {
         let h = &mut *(user as *mut HookData);
@@ -938,6 +943,13 @@ impl Cpu {
     /// The loaded vCPU's paging state.
     pub fn paging(&self) -> PagingState {
         unsafe { paging_of_raw(self.engine.raw()) }
+    }
+
+    /// The loaded vCPU's CPL and code width (16, 32 or 64), as the engine
+    /// holds them mid-run.
+    pub fn live_mode(&self) -> (u8, u8) {
+        let mode = self.hooks().mode.as_ref().expect("set at engine creation");
+        (mode.cpl(), mode.code_bits())
     }
 
     /// The loaded vCPU's next-instruction linear address.

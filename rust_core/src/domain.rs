@@ -22,6 +22,7 @@ use crate::exit::{Exit, ExitReason};
 use crate::interrupts::{self, DeliveryError, Event};
 use crate::memory::{GuestRam, PhysMem};
 use crate::mmu;
+use crate::profile::{self, Place, Profiler, Sample};
 use crate::sched::{self, Next, RoundRobin, View};
 use crate::uc::{self, Reg};
 use crate::unicorn_gaps::{self, RFLAGS_IF};
@@ -73,6 +74,8 @@ pub struct Domain {
     pub idle_waits: u64,
     /// Breakpoints, steps and held vCPUs a debugger asked for.
     pub debug: Debugger,
+    /// The sampling profiler, while a profile is taken (profile.rs).
+    pub profiler: Option<Profiler>,
 }
 
 impl Domain {
@@ -105,6 +108,7 @@ impl Domain {
             time_slice: Duration::from_millis(50),
             idle_waits: 0,
             debug: Debugger::new(nr_vcpus),
+            profiler: None,
         })
     }
 
@@ -277,6 +281,10 @@ impl Domain {
         if let Err(message) = self.cpu.install_breakpoints(&self.debug.breakpoints) {
             return Exit::domain(ExitReason::Error { message });
         }
+        // The ticks since the last run were the host's.
+        if let Some(p) = self.profiler.as_mut() {
+            p.off_guest(Place::Host);
+        }
         loop {
             let now = self.state.system_time_ns();
             self.fire_timers(now);
@@ -306,7 +314,11 @@ impl Domain {
                     // Any u64 deadline: capped before it meets an Instant.
                     let timeout = self.state.clock.until(d).min(host_end.saturating_duration_since(Instant::now()));
                     self.idle_waits += 1;
-                    if self.state.shared.waker.wait(self.host_fd, Some(timeout)) == Wait::HostReady {
+                    let woken = self.state.shared.waker.wait(self.host_fd, Some(timeout));
+                    if let Some(p) = self.profiler.as_mut() {
+                        p.off_guest(Place::Idle);
+                    }
+                    if woken == Wait::HostReady {
                         return Exit::domain(ExitReason::HostIo);
                     }
                 }
@@ -435,12 +447,14 @@ impl Domain {
         self.cpu.load(&mut self.vcpus[i]);
         self.vcpus[i].boosted = false;
         self.set_runstate(i, RUNSTATE_RUNNING);
+        self.state.milestones.instruction();
         let mut stepped = false;
         let mut end = self.slice_loop(i, until, &mut stepped);
         if stepped && !matches!(end, SliceEnd::Exit(_)) {
             // Its one instruction halted, blocked or ended the slice.
             end = self.debug_stop(i, DebugStop::Step);
         }
+        self.profile_tick(i);
         self.cpu.save(&mut self.vcpus[i]);
         let rs = self.vcpus[i].idle_runstate();
         self.set_runstate(i, rs);
@@ -469,6 +483,7 @@ impl Domain {
             if kicked {
                 self.vcpus[i].window_poll_at = None;
             }
+            self.profile_tick(i);
             if self.vcpus[i].down {
                 return SliceEnd::Idle;
             }
@@ -672,6 +687,9 @@ impl Domain {
             let now = Instant::now();
             wake = now + self.state.clock.until(d).min(wake.saturating_duration_since(now));
         }
+        if let Some(p) = &self.profiler {
+            wake = wake.min(Instant::now() + p.next_tick_in());
+        }
         let v = &mut self.vcpus[i];
         if poll_window {
             // Keep the look-again time until that kick has been taken: a
@@ -684,6 +702,21 @@ impl Domain {
             v.window_poll_at = None;
         }
         self.cpu.arm(Some(wake));
+    }
+
+    /// A profile's sample of the running vCPU `i`, if a tick is due.
+    fn profile_tick(&mut self, i: usize) {
+        let Some(p) = self.profiler.as_mut() else { return };
+        let now = profile::monotonic_ns();
+        let weight = p.due(now);
+        if weight == 0 {
+            return;
+        }
+        let (cpl, bits) = self.cpu.live_mode();
+        let ip = self.cpu.linear_ip();
+        let cpu = &self.cpu;
+        let frames = profile::unwind(|va, buf| cpu.read_linear(va, buf).is_ok(), cpu.read(Reg::RBP), bits);
+        p.push(Sample { t_ns: now, weight, place: Place::Guest, vcpu: i as u32, cpl, bits, ip, frames });
     }
 
     /// Deliver an external interrupt or NMI to the running vCPU `i` if it

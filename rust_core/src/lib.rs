@@ -16,6 +16,7 @@ pub mod lapic;
 pub mod layout;
 pub mod memory;
 pub mod mmu;
+pub mod profile;
 mod py;
 pub mod sched;
 pub mod snapshot;

@@ -15,6 +15,7 @@ use crate::domain::Domain;
 use crate::exit::ExitReason;
 use crate::hypercall_log::TraceEntry;
 use crate::memory::GuestRam;
+use crate::profile::Profiler;
 use crate::vcpu::Activity;
 use crate::xen::SharedState;
 
@@ -310,6 +311,8 @@ impl From<crate::exit::Exit> for Exit {
 }
 
 type TraceTuple = (u32, u64, (u64, u64, u64, u64, u64), i64, u64);
+
+type ProfileSample = (u64, u32, u8, u32, u8, u8, u64, Vec<u64>);
 
 fn trace_tuple(e: &TraceEntry) -> TraceTuple {
     let a = e.args;
@@ -619,6 +622,42 @@ impl Vm {
         for (k, val) in regs {
             d.set_item(k, val)?;
         }
+        Ok(d)
+    }
+
+    /// Start sampling where the domain's time goes, `hz` times a second
+    /// (profile.rs); a profile already running starts again.
+    fn start_profile(&mut self, hz: u32) -> PyResult<()> {
+        self.domain.profiler = Some(Profiler::new(hz).map_err(PyValueError::new_err)?);
+        Ok(())
+    }
+
+    /// Stop sampling; returns the samples not taken yet and the ticks
+    /// dropped past the cap (see `take_profile`).
+    fn stop_profile(&mut self) -> (Vec<ProfileSample>, u64) {
+        let r = self.take_profile();
+        self.domain.profiler = None;
+        r
+    }
+
+    /// The samples since the last call, and the ticks dropped so far:
+    /// [(t_ns, weight, place, vcpu, cpl, bits, ip, [return addresses])],
+    /// place 0 = guest, 1 = idle, 2 = host; t_ns on CLOCK_MONOTONIC.
+    fn take_profile(&mut self) -> (Vec<ProfileSample>, u64) {
+        let Some(p) = self.domain.profiler.as_mut() else { return (Vec::new(), 0) };
+        let samples = p.take().into_iter().map(|s| (s.t_ns, s.weight, s.place as u8, s.vcpu, s.cpl, s.bits, s.ip, s.frames));
+        (samples.collect(), p.dropped)
+    }
+
+    /// The first guest instruction, hypercall and user-space instruction,
+    /// as CLOCK_MONOTONIC ns (None: not yet).
+    #[getter]
+    fn milestones<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = &self.domain.state.milestones;
+        let d = PyDict::new(py);
+        d.set_item("first_instruction", m.first_instruction)?;
+        d.set_item("first_hypercall", m.first_hypercall)?;
+        d.set_item("first_user_instruction", m.first_user_instruction)?;
         Ok(d)
     }
 

@@ -615,6 +615,18 @@ impl LiveMode {
         (self.hflags() & HF_CPL_MASK) as u8
     }
 
+    /// The width of the code being executed: 64, 32 or 16 bits.
+    pub fn code_bits(&self) -> u8 {
+        let hflags = self.hflags();
+        if hflags & HF_CS64 != 0 {
+            64
+        } else if hflags & HF_CS32 != 0 {
+            32
+        } else {
+            16
+        }
+    }
+
     /// Virtual-8086 mode, where Xen refuses hypercalls.
     pub fn in_vm86(&self) -> bool {
         self.hflags() & HF_VM != 0

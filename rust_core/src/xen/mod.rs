@@ -230,6 +230,8 @@ pub struct DomainState {
     /// Frames populated outside RAM (host pages of their own, overlays).
     pub extra_frames: std::collections::BTreeSet<u64>,
     pub nr_vcpus: u32,
+    /// The first guest instruction, hypercall and user-space block.
+    pub milestones: crate::profile::Milestones,
 }
 
 impl DomainState {
@@ -254,6 +256,7 @@ impl DomainState {
             unmapped_pages: 0,
             extra_frames: Default::default(),
             nr_vcpus,
+            milestones: Default::default(),
         }
     }
 
