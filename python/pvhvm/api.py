@@ -155,6 +155,8 @@ class Domain:
         disks=(),
         uuid: uuidlib.UUID | str | None = None,
         nics=(),
+        profile: str | os.PathLike | bool | None = None,
+        profile_hz: int = 1000,
     ) -> None:
         """`net`: the vif's host side: "passt" (user-mode networking, no
         root), "tap:NAME" (root), a NetHost object, or None/"none" for no
@@ -172,7 +174,11 @@ class Domain:
         and in xenstore at /vm/<uuid>/uuid (Linux's /sys/hypervisor/uuid).
         `nics`: network cards after `net`'s (xl's vif list), each with
         `host` ("passt", "tap:NAME"), `mac` (or None) and `forwards`
-        (pvhvm.config.VifSpec); they get devids 0, 1, … in order."""
+        (pvhvm.config.VifSpec); they get devids 0, 1, … in order.
+        `profile`: sample where the guest's time goes, `profile_hz` times a
+        second (profile.py); a path gets the folded stacks (and PATH.json,
+        the phase timeline) when the domain ends, True only keeps them for
+        `stop_profile()`."""
         from .builder.domain import HVM_PARAM_CONSOLE_EVTCHN, HVM_PARAM_STORE_EVTCHN, plan_domain
         from .devices.blkback import attach_disk
         from .devices.disk import assign_vdevs, parse_disk_spec
@@ -206,6 +212,8 @@ class Domain:
         vm = _core.Vm(self.memory_bytes, domid, self.uuid.bytes, vcpus)
         plan.load(vm)
         self._init_host_side(vm, console=console, trace=trace)
+        if profile is not None and profile is not False:
+            self.start_profile(None if profile is True else profile, profile_hz)
         # The PV console (hvc0) and the xenstore ring, as xl sets them up:
         # ports bound to the host before the guest runs, owned by their backends.
         ops = self.backend_ops
@@ -266,6 +274,11 @@ class Domain:
         self.config_text: str | None = None
         # The GDB stub (serve_gdb), if any.
         self._gdb = None
+        # The guest profiler (start_profile), and where its profile goes.
+        self._profiler = None
+        self.profile_path: Path | None = None
+        self.last_profile = None  # the last profile stop_profile() returned
+        self._steps = 0
 
         # The run loop's host side, and the device manager on it.
         self.loop = HostLoop(self._vm)
@@ -346,6 +359,7 @@ class Domain:
         if self._gdb is not None:
             self._gdb.close()
             self._gdb = None
+        self._end_profile()
         if self.xenstore_socket is not None:
             self.xenstore_socket.close()
             self.xenstore_socket = None
@@ -358,11 +372,15 @@ class Domain:
         return memoryview(self._vm.memory)[gpa : gpa + savefile.PAGE]
 
     def _on_console(self, data: bytes) -> None:
+        if self._profiler is not None:
+            self._profiler.on_console(data)
         self._console.append(data)
         if self._console_sink is not None:
             self._console_sink(data)
 
     def _on_hv_console(self, data: bytes) -> None:
+        if self._profiler is not None:
+            self._profiler.on_console(data, "xen")
         self._hv_console.append(data)
         # Once hvc0 speaks, earlyprintk's copies on the hypervisor console
         # would only repeat it: they stay in `hypervisor_console` (xl dmesg).
@@ -402,6 +420,7 @@ class Domain:
             if outcome is not None:
                 self.console.service()
                 self.outcome = outcome
+                self._end_profile()
                 if self._gdb is not None:
                     self._gdb.on_domain_ended(outcome)
                 # The domain is gone, as after xl destroy: its images are
@@ -454,6 +473,9 @@ class Domain:
         t1 = time.perf_counter()
         self.last_exit = exit
         self.time_in_core += t1 - t0
+        self._steps += 1
+        if self._profiler is not None and self._steps % 256 == 0:
+            self._profiler.take()
         self.exit_counts[exit.kind] = self.exit_counts.get(exit.kind, 0) + 1
         self._drain()
         # The guest's notifications go to the devices owning the ports;
@@ -945,11 +967,50 @@ class Domain:
 
     def symbolize(self, addr: int) -> str | None:
         """`function+offset` for a guest kernel address, from System.map or vmlinux."""
+        symbols = self._kernel_symbols()
+        return symbols.lookup(addr) if symbols else None
+
+    def _kernel_symbols(self):
         if self._symbols is None:
             from .symbols import load_symbols
 
             self._symbols = load_symbols(self.kernel_path, self.system_map) or False
-        return self._symbols.lookup(addr) if self._symbols else None
+        return self._symbols or None
+
+    # -- the guest profiler -------------------------------------------------
+
+    def start_profile(self, path: str | os.PathLike | None = None, hz: int = 1000) -> None:
+        """Sample where the guest's time goes, `hz` times a second, from now
+        (profile.py). With `path`, the profile is written there when the
+        domain ends; `stop_profile()` returns it at any time."""
+        from .profile import Recorder
+
+        if isinstance(hz, bool) or not isinstance(hz, int) or not 1 <= hz <= 20_000:
+            raise BuildError(f"profile_hz must be a number from 1 to 20000, not {hz!r}")
+        self._profiler = Recorder(self._vm, hz)
+        self.profile_path = Path(path) if path is not None else None
+
+    def stop_profile(self):
+        """End the profile: a `pvhvm.profile.Profile` (folded stacks by phase,
+        the timeline), written to the `start_profile` path if there was one."""
+        recorder = self._profiler
+        if recorder is None:
+            raise GuestError("no profile is being taken")
+        recorder.stop()
+        self._profiler = None
+        img = self.image
+        segments = [(s.paddr, s.memsz, s.vaddr) for s in (img.segments if img else []) if s.memsz and s.vaddr != s.paddr]
+        profile = recorder.profile(self._kernel_symbols(), segments, kernel=str(self.kernel_path),
+                                   cmdline=self.cmdline, vcpus=self.vcpus,
+                                   outcome=str(self.outcome) if self.outcome else None)
+        if self.profile_path is not None:
+            profile.write(self.profile_path)
+        self.last_profile = profile
+        return profile
+
+    def _end_profile(self) -> None:
+        if self._profiler is not None and self.profile_path is not None:
+            self.stop_profile()
 
     def crash_report(self) -> str:
         """Every vCPU's registers and the last hypercalls, as xenctx and

@@ -307,6 +307,9 @@ def _run_console(dom: Domain, term: Terminal, usr1: _SaveSignal, *, timeout: flo
     if outcome.crashed or outcome.kind is OutcomeKind.HUNG:
         print(dom.crash_report(), file=sys.stderr)
     print(f"pvhvm: domain {outcome}", file=sys.stderr)
+    if dom.last_profile is not None and dom.profile_path is not None:
+        print(f"pvhvm: profile of {dom.last_profile.samples} samples in {dom.profile_path} "
+              f"(pvhvm profile {dom.profile_path})", file=sys.stderr)
     raise typer.Exit(outcome.exit_status)
 
 
@@ -457,6 +460,16 @@ def boot(
                            "memory, maxmem, vCPUs, --net, pvhvm's build) saves it in the cache ($PVHVM_CACHE) "
                            "when the prompt first appears; later ones restore it. Not with --disk.")
     ] = False,
+    profile: Annotated[
+        Optional[Path], typer.Option("--profile", metavar="FILE",
+                                     help="Sample where the guest's time goes and write it to FILE when the "
+                                     "domain ends: folded stacks by boot phase (flamegraph.pl and speedscope "
+                                     "read them) and FILE.json, the phase timeline. `pvhvm profile FILE` shows "
+                                     "them.")
+    ] = None,
+    profile_hz: Annotated[
+        int, typer.Option("--profile-hz", metavar="HZ", help="With --profile: samples a second, 1 to 20000.")
+    ] = 1000,
 ) -> None:
     """Boot KERNEL as a PVH domU, with its console (hvc0) on stdin and stdout,
     as `xl console` would attach it.
@@ -503,6 +516,11 @@ def boot(
         raise _fail("--snapshot cannot go with --disk: the disk's contents would not match the saved guest's")
     save_to = _save_path("--save-to", save_to)
     save_on_suspend = _save_path("--save-on-suspend", save_on_suspend)
+    profile = _save_path("--profile", profile)
+    if not 1 <= profile_hz <= 20_000:
+        raise _fail(f"--profile-hz must be from 1 to 20000, not {profile_hz}")
+    if snapshot and profile is not None:
+        raise _fail("--profile cannot go with --snapshot: a restored guest does not boot")
     term = Terminal(escape=escape)
     end_on_signals()
 
@@ -542,6 +560,8 @@ def boot(
         def build(console=term.write) -> Domain:
             dom = Domain(**config.domain_kwargs(), console=console, trace=show if trace else None)
             dom.config_text = config.to_text()
+            if profile is not None:
+                dom.start_profile(profile, profile_hz)
             if gdb is not None:
                 serve_gdb(dom, gdb, wait=gdb_wait, say=lambda m: print(f"pvhvm: {m}", file=sys.stderr,
                                                                        end=term.eol))
@@ -739,6 +759,35 @@ def inspect(
     print("  Xen notes:" if img.notes else "  Xen notes:        none")
     for n in img.notes:
         print(f"    {n.name:<20} {n.describe()}")
+
+
+@app.command("profile")
+def profile_cmd(
+    file: Annotated[Path, typer.Argument(help="A profile from `pvhvm boot --profile FILE`.", show_default=False)],
+    top: Annotated[int, typer.Option("--top", metavar="N", help="Functions shown per phase.")] = 10,
+    svg: Annotated[
+        Optional[Path], typer.Option("--svg", metavar="OUT", help="Also draw it as a flame graph (SVG) in OUT.")
+    ] = None,
+) -> None:
+    """Show where a profiled guest's time went: the phase timeline (process
+    start, first guest instruction, first hypercall, first console line,
+    Xen clocksource, first user-space instruction, init, end), then the
+    functions that took the most samples in each phase.
+
+    Exit status: 0 shown; 2 FILE missing or not a profile (one line says why)."""
+    from .profile import Profile
+
+    try:
+        prof = Profile.read(file)
+    except (OSError, ValueError) as e:
+        raise _fail(f"{file}: {_why(e)}") from None
+    if not prof.folded:
+        raise _fail(f"{file}: no samples in it (not a profile from pvhvm boot --profile?)")
+    print(prof.report(top=max(top, 1)))
+    if svg is not None:
+        svg = _save_path("--svg", svg)
+        svg.write_text(prof.svg(f"pvhvm profile of {prof.meta.get('kernel') or file}"))
+        print(f"flame graph: {svg}")
 
 
 @app.command()

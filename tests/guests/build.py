@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "memory", "triple_fault", "bench", "bench_events",
           "xsbench", "smp", "refusals", "fifo", "vmgenid", "suspend", "debugee", "crash", "flood", "far_timer",
-          "hcfuzz"]
+          "hcfuzz", "profile_spin"]
 GUESTS32 = ["hello", "hypercall_abi", "events", "grants", "memory", "vmgenid", "suspend", "crash", "hcfuzz"]
 # variant -> the macro common/boot32.S builds it with
 I386_VARIANTS = {"nopaging": "BOOT32_NOPAGING", "pse": "BOOT32_PSE", "pae": "BOOT32_PAE"}
@@ -33,10 +33,12 @@ COMMON_FLAGS = [
 ]
 CFLAGS = ["-m64", *COMMON_FLAGS]
 CFLAGS32 = ["-m32", *COMMON_FLAGS]
-# Guests that need more: crash keeps every caller's frame for the stack walks;
+# Guests that need more: crash and profile_spin keep every caller's frame for the
+# stack walks;
 # hcfuzz is linked away from the addresses hypercalls write back (RAM's start
 # at 1 MiB in the memory map, small numbers), see hcfuzz.c.
 GUEST_FLAGS = {"crash": ["-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"],
+               "profile_spin": ["-fno-omit-frame-pointer", "-fno-optimize-sibling-calls"],
                "hcfuzz": ["-Wl,--defsym=IMAGE_BASE=0x1340000"]}
 
 
