@@ -9,6 +9,14 @@ and to the init marker ("PVHVM-INIT-OK uptime=<s>"), and the guest's own
 uptime at the marker. Prints a table and writes JSON (medians and the
 pvhvm/QEMU ratio). benches/run_all.py runs this as part of the whole suite,
 with benches/bench_profile.py's breakdown of the pvhvm boot.
+
+Then the phase timeline, side by side: the same boots with each side's early
+console on (`earlyprintk=xen`, `earlyprintk=serial,ttyS0`), so that the
+first kernel line means the same on both (pvhvm's otherwise waits for hvc0,
+QEMU's comes from its serial port): first line, the switch to the guest's
+clocksource, the init marker, the exit; for pvhvm also what its profile's
+timeline knows (`--profile` at a low rate: first guest instruction, first
+hypercall, first user-space instruction).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from _common import boot_bench_args, write_result  # noqa: E402
 
 MARKER = re.compile(rb"PVHVM-INIT-OK uptime=([0-9.]+)")
 FIRST_LINE = re.compile(rb"\[\s*0\.0+\] Linux version")
+CLOCKSOURCE = re.compile(rb"clocksource: Switched to clocksource \S+")
 QEMU = "qemu-system-x86_64"
 # The model pvhvm's vCPU presents (Unicorn's default for x86-64; Linux logs
 # "Intel Core Processor (Haswell)" under both), under QEMU's name. pvhvm's
@@ -39,6 +48,13 @@ QEMU_SAME_CPU = "Haswell"
 CMDLINE = "console=hvc0"
 MEMORY_MIB = 256
 KEYS = ("first_line_s", "marker_s", "exit_s", "guest_uptime_s")
+TIMELINE_KEYS = ("first_line_s", "clocksource_s", "marker_s", "exit_s")
+# Each side's early console (the timeline's boots).
+EARLY_PVHVM = "console=hvc0 earlyprintk=xen"
+EARLY_QEMU = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1"
+# The pvhvm profile's events the timeline reports (pvhvm.profile), by key.
+PROFILE_EVENTS = {"first_instruction_s": "first guest instruction", "first_hypercall_s": "first hypercall",
+                  "first_user_instruction_s": "first user-space instruction"}
 
 
 def timed_run(cmd: list[str], timeout: float) -> dict:
@@ -46,7 +62,7 @@ def timed_run(cmd: list[str], timeout: float) -> dict:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     out = bytearray()
-    first = marker = None
+    first = marker = clocksource = None
     uptime = None
     os.set_blocking(p.stdout.fileno(), False)
     while True:
@@ -56,6 +72,8 @@ def timed_run(cmd: list[str], timeout: float) -> dict:
             out += chunk
             if first is None and FIRST_LINE.search(out):
                 first = now
+            if clocksource is None and CLOCKSOURCE.search(out):
+                clocksource = now
             m = MARKER.search(out)
             if m and marker is None:
                 marker, uptime = now, float(m.group(1))
@@ -70,7 +88,8 @@ def timed_run(cmd: list[str], timeout: float) -> dict:
     if marker is None:
         tail = out[-2000:].decode(errors="replace")
         raise RuntimeError(f"no init marker from {cmd[0]} (exit {p.returncode}):\n{tail}")
-    return {"first_line_s": first, "marker_s": marker, "exit_s": time.perf_counter() - t0, "guest_uptime_s": uptime}
+    return {"first_line_s": first, "marker_s": marker, "exit_s": time.perf_counter() - t0, "guest_uptime_s": uptime,
+            "clocksource_s": clocksource}
 
 
 def commands(g, vcpus: int = 1) -> dict[str, list[str]]:
@@ -175,6 +194,66 @@ def measure_smp(vcpus=(1, 2, 4), runs: int = 3, timeout: float = 300, skip_qemu:
             "failed_runs": {k: v for k, v in failed.items() if v}}
 
 
+def measure_timeline(runs: int = 3, timeout: float = 300, skip_qemu: bool = False, log=sys.stderr) -> dict:
+    """The phase timeline with each side's early console on, alternated."""
+    import json
+    import tempfile
+
+    from pvhvm.images import prepare_default_guest
+
+    g = prepare_default_guest()
+    base = commands(g)
+    with tempfile.TemporaryDirectory(prefix="pvhvm-timeline-") as tmp:
+        profile = Path(tmp) / "boot.folded"
+        pvhvm_cmd = base["pvhvm"][:]
+        pvhvm_cmd[pvhvm_cmd.index("--cmdline") + 1] = EARLY_PVHVM
+        # A low rate: the profile is here for its timeline, not its samples.
+        cmds = {"pvhvm": pvhvm_cmd + ["--profile", str(profile), "--profile-hz", "10"]}
+        if not skip_qemu:
+            for name in ("qemu", "qemu_default_cpu"):
+                cmd = base[name][:]
+                cmd[cmd.index("-append") + 1] = EARLY_QEMU
+                cmds[name] = cmd
+        samples: dict[str, list[dict]] = {name: [] for name in cmds}
+        for i in range(runs):
+            one = alternate(cmds, 1, timeout, log)
+            for name, rs in one.items():
+                samples[name] += rs
+            r = samples["pvhvm"][-1]
+            if not r.get("failed") and profile.with_suffix(".folded.json").is_file():
+                events = json.loads(profile.with_suffix(".folded.json").read_text())["events"]
+                start = events.get("process start")
+                for key, event in PROFILE_EVENTS.items():
+                    r[key] = (events[event] - start) / 1e9 if start is not None and event in events else None
+
+    def med(name: str, key: str) -> float | None:
+        values = [r[key] for r in samples[name] if r.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    keys = {name: TIMELINE_KEYS + (tuple(PROFILE_EVENTS) if name == "pvhvm" else ()) for name in samples}
+    median = {name: {k: med(name, k) for k in keys[name]} for name in samples}
+    result = {"cmdline": {"pvhvm": EARLY_PVHVM, "qemu": EARLY_QEMU}, "runs": samples, "median": median}
+    for q, suffix in (("qemu", ""), ("qemu_default_cpu", "_default_cpu")):
+        for k in TIMELINE_KEYS:
+            a, b = median["pvhvm"].get(k), median.get(q, {}).get(k)
+            if a and b:
+                result[f"ratio_{k.removesuffix('_s')}_pvhvm_over_qemu{suffix}"] = round(a / b, 3)
+    return result
+
+
+def print_timeline(t: dict) -> None:
+    names = list(t["median"])
+    print("timeline, early consoles on (s after start):")
+    print(f"{'median':<34}" + "".join(f"{n:>18}" for n in names))
+    rows = [("first_instruction_s", "first guest instruction"), ("first_hypercall_s", "first hypercall"),
+            ("first_line_s", "first kernel line"), ("clocksource_s", "clocksource switch"),
+            ("first_user_instruction_s", "first user-space instruction"), ("marker_s", "init marker"),
+            ("exit_s", "until exit")]
+    for k, label in rows:
+        cells = [t["median"][n].get(k) for n in names]
+        print(f"{label:<34}" + "".join(f"{c:>18.2f}" if c is not None else f"{'-':>18}" for c in cells))
+
+
 def main() -> int:
     args = boot_bench_args(__doc__)
     result, out = write_result("boot", args.json, measure(args.runs, args.timeout, args.skip_qemu))
@@ -187,6 +266,10 @@ def main() -> int:
                                        for n in names))
     if "ratio_marker_pvhvm_over_qemu" in result:
         print(f"boot to init, pvhvm / QEMU: {result['ratio_marker_pvhvm_over_qemu']:.2f}")
+    print(f"json: {out}")
+    timeline, out = write_result("boot_timeline", args.json and args.json.with_name("timeline-" + args.json.name),
+                                 measure_timeline(args.runs, args.timeout, args.skip_qemu))
+    print_timeline(timeline)
     print(f"json: {out}")
     return 0
 

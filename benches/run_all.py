@@ -16,7 +16,8 @@ Sections (in run order):
             ops/s (bench_guests.py, guest tests/guests/xsbench.c)
   boot      the default Debian guest to its init marker under pvhvm and QEMU
             TCG (PVH boot of the same vmlinux/initrd), alternated; medians
-            and ratios (bench_boot.py)
+            and ratios; then the phase timeline side by side with each
+            side's early console on (bench_boot.py)
   smp       several vCPUs: the default guest to its init marker with 1, 2
             and 4 vCPUs under pvhvm (--vcpus) and QEMU TCG (-smp, same CPU
             model), alternated; IPI round trips between two vCPUs
@@ -260,6 +261,29 @@ def run_boot(ctx: dict) -> tuple[dict, dict]:
         res[f"boot.ratio.{k}"] = (metric(r[key], "ratio", text, "lower") if key in r
                                   else not_measured("ratio", text, "--skip-qemu" if ctx["skip_qemu"] else "no data",
                                                     "lower"))
+    # The phase timeline, each side with its early console on.
+    t = bench_boot.measure_timeline(ctx["boot_runs"], ctx["timeout"], skip_qemu=ctx["skip_qemu"], log=sys.stderr)
+    events = {"first_instruction_s": "first guest instruction", "first_hypercall_s": "first hypercall",
+              "first_line_s": "first kernel line", "clocksource_s": "switch to its clocksource",
+              "first_user_instruction_s": "first user-space instruction", "marker_s": "init marker",
+              "exit_s": "until the process exits"}
+    for hv in who:
+        for k, label in events.items():
+            if hv != "pvhvm" and k not in bench_boot.TIMELINE_KEYS:
+                continue
+            text = f"{who[hv]}, early console on: {label}, median of {ctx['boot_runs']}"
+            value = t["median"].get(hv, {}).get(k)
+            res[f"boot_timeline.{hv}.{k}"] = (metric(value, "s", text, "lower") if value is not None
+                                              else not_measured("s", text, "--skip-qemu" if hv not in t["median"]
+                                                                else "not seen", "lower"))
+    for q, suffix in (("qemu", ""), ("qemu_default_cpu", "_vs_default_cpu")):
+        for k in ("first_line", "marker"):
+            key = f"ratio_{k}_pvhvm_over_qemu{suffix.replace('_vs', '')}"
+            text = f"early console on, {k.replace('_', ' ')}: pvhvm / {who[q]}"
+            name = f"boot_timeline.ratio.{k}{suffix}"
+            res[name] = (metric(t[key], "ratio", text, "lower") if key in t
+                         else not_measured("ratio", text, "--skip-qemu" if ctx["skip_qemu"] else "no data", "lower"))
+    r = {**r, "timeline": t}
     return res, r
 
 
