@@ -176,7 +176,7 @@ class _Kallsyms:
     """scripts/kallsyms.c's tables in a vmlinux, without their symbols.
 
     Each table starts at an address aligned to the pointer size. In the 6.1
-    kernels (and back to 4.x): kallsyms_offsets (s32 each, base-relative) or
+    kernels: kallsyms_offsets (s32 each, base-relative) or
     kallsyms_addresses (pointers), kallsyms_relative_base (a pointer),
     kallsyms_num_syms (u32), kallsyms_names (per symbol a length, one byte or
     two if the first has bit 7 set, then token numbers; the first character
@@ -185,7 +185,7 @@ class _Kallsyms:
     6.1 which has it backported), kallsyms_seqs_of_names (3 bytes a symbol),
     then kallsyms_token_table (256 NUL-terminated strings) and
     kallsyms_token_index (u16 offsets of the tokens). From 6.4 the offsets
-    and relative base come after the token index instead.
+    and relative base come after the token index instead (seqs_of_names last).
 
     Found from the token table (its single-character tokens '0'..'9'), then
     backwards: the markers, the names, their count; each step checked
@@ -207,7 +207,7 @@ class _Kallsyms:
             self._read_program_headers()
         self.align = self.bits // 8  # ALGN in kallsyms.c: the pointer size
         self.skew = 0  # vaddr - offset modulo the alignment, for the tables' segment
-        self.located: dict[str, int] = {}  # file offsets of the tables, once found
+        self.located: dict[str, int] = {}  # once found: the tables' file offsets, the symbol count
 
     def _read_program_headers(self) -> None:
         data = self.data
@@ -261,7 +261,10 @@ class _Kallsyms:
         """(tokens, offset of the table, offset of the index)."""
         at = -1
         while (at := self.data.find(self.DIGIT_TOKENS, at + 1)) >= 0:
-            found = self._token_table_with_digits_at(at)
+            try:
+                found = self._token_table_with_digits_at(at)
+            except ValueError:  # an index that would reach outside the image
+                continue
             if found is not None:
                 return found
         return None
@@ -350,7 +353,8 @@ class _Kallsyms:
         if after == table_at:
             return [fitting]
         gap = table_at - after  # seqs_of_names, padded
-        counts = [n for n in range(max(1, (gap - self.align) // 3), gap // 3 + 1) if self._aligned(after + 3 * n) == table_at]
+        near = range(max(1, (gap - self.align) // 3), gap // 3 + 1)
+        counts = [n for n in near if self._aligned(after + 3 * n) == table_at]
         return [range(n, n + 1) for n in counts if n in fitting]
 
     def _names(self, markers_at: int, markers: list[int], nsyms: range) -> tuple[int, int] | None:
@@ -362,7 +366,8 @@ class _Kallsyms:
         latest = self._aligned(markers_at - markers[-1] - 2 * in_last_chunk - self.align + 1)
         earliest = latest - min(self.MAX_CHUNK, latest - self.align) // self.align * self.align
         # The count is looked for in one read of the stretch it can be in.
-        window = self._array("I" if self.align == 4 else "Q", earliest - self.align, (latest - earliest) // self.align + 1)
+        words = (latest - earliest) // self.align + 1
+        window = self._array("I" if self.align == 4 else "Q", earliest - self.align, words)
         for i in range(len(window) - 1, -1, -1):
             # For 64-bit tables the count's word is followed by 4 bytes of padding.
             count = window[i] & 0xFFFFFFFF
@@ -455,10 +460,10 @@ class _Kallsyms:
                 continue
             self.located = {"token_table": table_at, "token_index": index_at, "markers": markers_at,
                             "names": names_at, "num_syms": names_at - self.align, "count": count}
-            return self._decode(tokens, names_at, count, addresses)
+            return self._decode(tokens, names_at, addresses)
         return []
 
-    def _decode(self, tokens: list[bytes], names_at: int, count: int, addresses: list[int]) -> list[tuple[int, str]]:
+    def _decode(self, tokens: list[bytes], names_at: int, addresses: list[int]) -> list[tuple[int, str]]:
         data = self.data
         # Only names whose first token starts with a code type letter are
         # decoded: the others (data, with KALLSYMS_ALL) are half the table.
@@ -467,7 +472,7 @@ class _Kallsyms:
         join = "".join
         out = []
         at = names_at
-        for address in addresses[:count]:
+        for address in addresses:
             length = data[at]
             if length & 0x80:
                 length = (length & 0x7F) | data[at + 1] << 7
