@@ -29,7 +29,7 @@ CLOCK_SWITCH = b"clocksource: Switched to clocksource xen"
 
 
 @pytest.fixture(scope="module")
-def booted(guest):
+def booted(guest, tmp_path_factory):
     seen: dict[str, float] = {}
     buf = bytearray()
 
@@ -41,8 +41,10 @@ def booted(guest):
         if b"PVHVM-INIT-OK" in buf and "marker" not in seen:
             seen["marker"] = now
 
+    # Profiled as well (the profiler's Linux test below): its ticks are
+    # part of what this boot must cope with.
     dom = pvhvm.Domain(guest.vmlinux, initrd=guest.initrd, cmdline="console=hvc0 earlyprintk=xen",
-                       memory_mib=256, console=console)
+                       memory_mib=256, console=console, profile=tmp_path_factory.mktemp("profile") / "boot.folded")
     outcome = dom.run(timeout=600)
     seen["start"] = dom.started_at
     return dom, outcome, dom.console_output.decode(errors="replace"), seen
@@ -100,11 +102,19 @@ def test_guest_time_runs_at_real_speed(booted):
     assert uptime <= seen["marker"] - seen["start"] + 0.05
 
 
-def test_cli_default_guest(guest):
-    """`pvhvm boot` with no kernel boots the default guest to its marker."""
-    p = subprocess.run([sys.executable, "-m", "pvhvm", "boot"], capture_output=True, timeout=600)
+def test_cli_default_guest(guest, tmp_path):
+    """`pvhvm boot` with no kernel boots the default guest to its marker;
+    profiled and shown as the README's profiler section does it."""
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "boot", "--profile", "boot.folded"], capture_output=True,
+                       timeout=600, cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     assert b"PVHVM-INIT-OK" in p.stdout
+    assert b"pvhvm: profile of " in p.stderr
+    p = subprocess.run([sys.executable, "-m", "pvhvm", "profile", "boot.folded", "--svg", "boot.svg"],
+                       capture_output=True, timeout=120, cwd=tmp_path, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "first guest instruction → first hypercall" in p.stdout and "clear_bss" in p.stdout, p.stdout
+    assert (tmp_path / "boot.svg").read_text().startswith("<?xml")
 
 
 def test_host_requests_a_clean_poweroff(guest):
@@ -175,3 +185,30 @@ def test_cli_reboot_builds_the_guest_again(guest):
     assert p.returncode == 0, p.stderr.decode(errors="replace")[-2000:]
     assert out.count("PVHVM-INIT-OK") == 2, out[-3000:]
     assert "pvhvm: domain pvhvm rebooted; building it again (on_reboot=restart)" in p.stderr.decode()
+
+
+def test_profile_of_the_boot(booted):
+    """The guest profiler on Linux: every phase of the timeline seen in
+    order, the samples named by the kernel's own kallsyms (Debian ships no
+    System.map), the early boot's known costs where they belong."""
+    from pvhvm.profile import (END, FIRST_CONSOLE_LINE, FIRST_HYPERCALL, FIRST_INSTRUCTION, FIRST_USER_INSTRUCTION,
+                               INIT, PROCESS_START, UNKNOWN, USER, XEN_CLOCKSOURCE, Profile)
+
+    dom = booted[0]
+    profile = Profile.read(dom.profile_path)
+    order = [PROCESS_START, FIRST_INSTRUCTION, FIRST_HYPERCALL, FIRST_CONSOLE_LINE, XEN_CLOCKSOURCE,
+             FIRST_USER_INSTRUCTION, INIT, END]
+    times = [profile.events[e] for e in order]
+    assert times == sorted(times), profile.events
+    assert profile.meta["symbols"].startswith("kallsyms of"), profile.meta
+    # Debian's kernel unwinds by ORC: RBP is no frame pointer, so no callers are made up.
+    assert profile.meta["frame_pointers"] is False
+    assert all(len(stack.split(";")) == 2 for stack in profile.folded), profile.folded
+    phases = profile.by_phase()
+    early = phases[f"{FIRST_INSTRUCTION} → {FIRST_HYPERCALL}"]
+    # Before its first hypercall Linux clears its BSS and patches its text.
+    assert "clear_bss" in early and "text_poke_early" in early, early
+    named = sum(n for stack, n in profile.folded.items() if stack.split(";")[-1] != UNKNOWN)
+    assert named > 0.95 * profile.samples, profile.folded
+    user = phases[f"{FIRST_USER_INSTRUCTION} → {INIT}"]
+    assert user.get(USER, 0) > 0, user

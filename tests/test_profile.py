@@ -72,6 +72,7 @@ def test_samples_cover_the_wall_time_and_the_timeline_is_in_order(spun):
     assert profile.samples >= 0.9 * ran_s * HZ, (profile.samples, ran_s)
     assert profile.meta["hz"] == HZ and profile.meta["dropped"] == 0
     assert "symbol table" in profile.meta["symbols"]
+    assert profile.meta["frame_pointers"] is True
     # The phases are named by the events around them.
     phases = {s.split(";")[0] for s in profile.folded}
     assert f"{FIRST_CONSOLE_LINE} → {END}" in phases, phases

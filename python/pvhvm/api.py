@@ -1000,7 +1000,10 @@ class Domain:
         self._profiler = None
         img = self.image
         segments = [(s.paddr, s.memsz, s.vaddr) for s in (img.segments if img else []) if s.memsz and s.vaddr != s.paddr]
-        profile = recorder.profile(self._kernel_symbols(), segments, kernel=str(self.kernel_path),
+        from .symbols import has_frame_pointers
+
+        profile = recorder.profile(self._kernel_symbols(), segments, has_frame_pointers(self.kernel_path),
+                                   kernel=str(self.kernel_path),
                                    cmdline=self.cmdline, vcpus=self.vcpus,
                                    outcome=str(self.outcome) if self.outcome else None)
         if self.profile_path is not None:

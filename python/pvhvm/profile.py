@@ -116,24 +116,27 @@ class Recorder:
                 self.events.setdefault(event, t)
         self.events[END] = time.monotonic_ns()
 
-    def profile(self, symbols=None, phys_to_virt: Iterable[tuple[int, int, int]] = (), **meta) -> "Profile":
-        """The profile so far (stop() first for the whole of it), named with `symbols`."""
-        names = Namer(symbols, phys_to_virt)
+    def profile(self, symbols=None, phys_to_virt: Iterable[tuple[int, int, int]] = (), unwind: bool = True,
+                **meta) -> "Profile":
+        """The profile so far (stop() first for the whole of it), named with
+        `symbols`; with `unwind`, the callers the frame pointers give."""
+        names = Namer(symbols, phys_to_virt, unwind)
         folded: dict[str, int] = {}
         timeline = Timeline(self.events)
         for t_ns, weight, place, _vcpu, cpl, _bits, ip, frames in self.samples:
             stack = [timeline.phase_at(t_ns)] + names.stack(place, cpl, ip, frames)
             key = ";".join(f.replace(";", ":") for f in stack)
             folded[key] = folded.get(key, 0) + weight
-        meta = {"hz": self.hz, "dropped": self.dropped, "symbols": names.source, **meta}
+        meta = {"hz": self.hz, "dropped": self.dropped, "symbols": names.source, "frame_pointers": unwind, **meta}
         return Profile(folded, dict(self.events), meta)
 
 
 class Namer:
     """Names for sampled addresses: function names, or a pseudo-frame."""
 
-    def __init__(self, symbols, phys_to_virt: Iterable[tuple[int, int, int]] = ()) -> None:
+    def __init__(self, symbols, phys_to_virt: Iterable[tuple[int, int, int]] = (), unwind: bool = True) -> None:
         self.symbols = symbols
+        self.unwind = unwind
         self.source = symbols.source if symbols else "none"
         # Early boot runs the kernel at its physical addresses (identity-mapped).
         self.phys_to_virt = list(phys_to_virt)
@@ -168,7 +171,7 @@ class Namer:
         # Callers, as far as they are named (an unnamed one ends a chain
         # that a kernel without frame pointers made up).
         callers: list[str] = []
-        for ret in frames:
+        for ret in frames if self.unwind else ():
             name = self.function(ret - 1)
             if name is None:
                 break

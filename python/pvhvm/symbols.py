@@ -149,6 +149,23 @@ def load_symbols(kernel: Path, system_map: Path | None = None) -> Symbols | None
         return None
 
 
+def has_frame_pointers(kernel: Path) -> bool:
+    """Whether `kernel`'s code keeps frame pointers a profiler can follow:
+    not if it carries ORC unwind tables (Linux's default unwinder, which
+    lets the compiler use RBP for anything); an ELF without them (a test
+    guest, a kernel built with the frame-pointer unwinder) is taken at its
+    word."""
+    from .builder.elf import load_elf
+    from .errors import PvhvmError
+
+    try:
+        path = load_elf(kernel).elf_path or kernel
+        sections = _elf_sections(Path(path).read_bytes())
+    except (OSError, struct.error, ValueError, IndexError, PvhvmError):
+        return False
+    return sections is not None and ".orc_unwind_ip" not in sections[2]
+
+
 def _elf_sections(data: bytes) -> tuple[bool, list[tuple], dict[str, tuple]] | None:
     """(ELF32?, section headers, the same by name) of an ELF file."""
     if data[:4] != b"\x7fELF" or data[4] not in (1, 2):
