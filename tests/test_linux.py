@@ -204,11 +204,10 @@ def test_profile_of_the_boot(booted):
     # Debian's kernel unwinds by ORC: RBP is no frame pointer, so no callers are made up.
     assert profile.meta["frame_pointers"] is False
     assert all(len(stack.split(";")) == 2 for stack in profile.folded), profile.folded
-    phases = profile.by_phase()
-    early = phases[f"{FIRST_INSTRUCTION} → {FIRST_HYPERCALL}"]
+    early = profile.phase(FIRST_INSTRUCTION, FIRST_HYPERCALL)
     # Before its first hypercall Linux clears its BSS and patches its text.
     assert "clear_bss" in early and "text_poke_early" in early, early
     named = sum(n for stack, n in profile.folded.items() if stack.split(";")[-1] != UNKNOWN)
     assert named > 0.95 * profile.samples, profile.folded
-    user = phases[f"{FIRST_USER_INSTRUCTION} → {INIT}"]
+    user = profile.phase(FIRST_USER_INSTRUCTION, INIT)
     assert user.get(USER, 0) > 0, user

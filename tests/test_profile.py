@@ -74,8 +74,7 @@ def test_samples_cover_the_wall_time_and_the_timeline_is_in_order(spun):
     assert "symbol table" in profile.meta["symbols"]
     assert profile.meta["frame_pointers"] is True
     # The phases are named by the events around them.
-    phases = {s.split(";")[0] for s in profile.folded}
-    assert f"{FIRST_CONSOLE_LINE} → {END}" in phases, phases
+    assert profile.phase(FIRST_CONSOLE_LINE, END)["spin_inner"] > 0, profile.folded
 
 
 def test_report_lists_top_functions_per_phase(spun):
@@ -84,15 +83,15 @@ def test_report_lists_top_functions_per_phase(spun):
     lines = report.splitlines()
     assert lines[0].startswith("timeline")
     assert any(line.split()[-2:-1] == ["instruction"] or "first guest instruction" in line for line in lines[1:4])
-    phase = next(i for i, line in enumerate(lines) if line.startswith(f"{FIRST_CONSOLE_LINE} → {END}"))
+    phase = next(i for i, line in enumerate(lines) if f"{FIRST_CONSOLE_LINE} → {END}:" in line)
     assert lines[phase + 1].split()[-1] == "spin_inner", report
 
 
 def test_timeline_names_samples_outside_the_events():
     t = Timeline({"a": 10, "b": 20})
-    assert t.phase_at(5) == "before a"
-    assert t.phase_at(10) == t.phase_at(19) == "a → b"
-    assert t.phase_at(25) == "after b"
+    assert t.phase_at(5) == "0 before a"
+    assert t.phase_at(10) == t.phase_at(19) == "1 a → b"
+    assert t.phase_at(25) == "2 after b"
     assert Timeline({}).phase_at(1) == "profile"
 
 

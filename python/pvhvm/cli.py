@@ -786,7 +786,7 @@ def profile_cmd(
     print(prof.report(top=max(top, 1)))
     if svg is not None:
         svg = _save_path("--svg", svg)
-        svg.write_text(prof.svg(f"pvhvm profile of {prof.meta.get('kernel') or file}"))
+        svg.write_text(prof.svg())
         print(f"flame graph: {svg}")
 
 

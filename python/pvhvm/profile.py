@@ -180,15 +180,14 @@ class Namer:
 
 
 class Timeline:
-    """Events in time order, and the phases between them."""
+    """Events in time order, and the phases between them. A phase is named
+    by its number and the events around it ("2 first hypercall → first
+    console line"), so that its name sorts in time order (a flame graph
+    sorts frames by name)."""
 
     def __init__(self, events: dict[str, int]) -> None:
         self.events = sorted(events.items(), key=lambda e: e[1])
         self._times = [t for _, t in self.events]
-
-    def phases(self) -> list[tuple[str, int, int]]:
-        """(name, start_ns, end_ns) for each span between two events."""
-        return [(f"{a} → {b}", ta, tb) for (a, ta), (b, tb) in zip(self.events, self.events[1:])]
 
     def phase_at(self, t_ns: int) -> str:
         import bisect
@@ -197,10 +196,10 @@ class Timeline:
         if not self.events:
             return "profile"
         if i == 0:
-            return f"before {self.events[0][0]}"
+            return f"0 before {self.events[0][0]}"
         if i >= len(self.events):
-            return f"after {self.events[-1][0]}"
-        return f"{self.events[i - 1][0]} → {self.events[i][0]}"
+            return f"{i} after {self.events[-1][0]}"
+        return f"{i} {self.events[i - 1][0]} → {self.events[i][0]}"
 
 
 @dataclass
@@ -241,6 +240,13 @@ class Profile:
             meta = data
         return cls(folded, events, meta)
 
+    def phase(self, start: str, end: str) -> dict[str, int]:
+        """{innermost function: samples} of the phase from event `start` to `end`."""
+        for name, funcs in self.by_phase().items():
+            if name.split(" ", 1)[-1] == f"{start} → {end}":
+                return funcs
+        return {}
+
     def by_phase(self) -> dict[str, dict[str, int]]:
         """{phase: {innermost function: samples}}."""
         out: dict[str, dict[str, int]] = {}
@@ -278,9 +284,12 @@ class Profile:
             about += f", {self.meta['dropped']} ticks dropped past the sample cap"
         lines.append(about)
         phases = self.by_phase()
-        starts = [n for n, _ in self.timeline_ms()]
-        ranks = {f"{a} → {b}": i for i, (a, b) in enumerate(zip(starts, starts[1:]))}
-        for phase in sorted(phases, key=lambda p: (ranks.get(p, len(ranks)), p)):
+
+        def number(phase: str) -> tuple[int, str]:
+            first = phase.split(" ", 1)[0]
+            return (int(first) if first.isdigit() else 1 << 30, phase)
+
+        for phase in sorted(phases, key=number):
             funcs = phases[phase]
             n = sum(funcs.values())
             ms = f", {n * 1000 / hz:.0f} ms" if hz else ""
@@ -290,10 +299,17 @@ class Profile:
                 lines.append(f"  {100 * k / n:5.1f}%  {k:7d}  {name}")
         return "\n".join(lines)
 
-    def svg(self, title: str = "pvhvm guest profile") -> str:
+    def svg(self, title: str | None = None) -> str:
+        """A flame graph of it (flamegraph.py): phases at the bottom."""
         from .flamegraph import render_svg
 
         stacks = {tuple(s.split(";")): n for s, n in self.folded.items()}
         hz = self.meta.get("hz")
+        kernel = self.meta.get("kernel")
+        if title is None:
+            title = "pvhvm: where the guest's time goes" + (f" ({Path(kernel).parent.name}/{Path(kernel).name})"
+                                                            if kernel else "")
         subtitle = f"{self.samples} samples" + (f" at {hz} Hz" if hz else "")
+        if self.meta.get("cmdline"):
+            subtitle += f", command line \"{self.meta['cmdline']}\""
         return render_svg(stacks, title, subtitle=subtitle)
