@@ -146,7 +146,7 @@ impl Profiler {
 pub fn unwind(read: impl Fn(u64, &mut [u8]) -> bool, mut bp: u64, bits: u8) -> Vec<u64> {
     let word = if bits == 64 { 8u64 } else { 4 };
     let mut frames = Vec::new();
-    while frames.len() < MAX_FRAMES && bp != 0 && bp % word == 0 {
+    while frames.len() < MAX_FRAMES && bp != 0 && bp.is_multiple_of(word) {
         let mut link = [0u8; 16];
         let link = &mut link[..2 * word as usize];
         if !read(bp, link) {
