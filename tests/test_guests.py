@@ -20,7 +20,7 @@ def run_guest(path, **kw):
     return dom, outcome, dom.console_output.decode()
 
 
-@pytest.mark.parametrize("name", ["exceptions", "hypercall_abi", "events", "memory", "fifo"])
+@pytest.mark.parametrize("name", ["exceptions", "hypercall_abi", "events", "memory", "fifo", "smc"])
 def test_abi_guest_passes(guests, name):
     dom, outcome, out = run_guest(guests[name])
     failures = [line for line in out.splitlines() if line.startswith("FAIL")]

@@ -34,7 +34,7 @@ use crate::memory::GuestRam;
 use crate::mmu::{self, PagingState};
 use crate::ticker::{KickFlags, Kicker, Ticker};
 use crate::uc::{self, Engine, Reg};
-use crate::unicorn_gaps::{self, BlobLayout, CpuState, InterruptLine, LiveMode};
+use crate::unicorn_gaps::{self, BlobLayout, CpuState, InterruptLine, LiveMode, SoftTlb};
 use crate::abi::Width;
 use crate::vcpu::Vcpu;
 use crate::xen::{DomainState, Remap};
@@ -133,6 +133,80 @@ struct HookData {
     /// that ended the run, if one did (see `Cpu::start`).
     exception_state: Option<CpuState>,
     exception_taken: bool,
+    /// The engine's TLB and the pages holding translated code: stores to
+    /// other pages get their fast path back (see `unicorn_gaps::SoftTlb`).
+    tlb: Option<SoftTlb>,
+    code_pages: CodePages,
+}
+
+thread_local! {
+    /// The hooks of the engine running on this thread (inside `Cpu::start`),
+    /// for `on_memory_lookup`, which Unicorn calls without a user pointer.
+    static RUNNING: std::cell::Cell<*mut HookData> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Unicorn's guest-physical lookup, which it makes on every slow-path
+/// access: a store through a `TLB_NOTDIRTY` entry comes here first. If
+/// the page holds no translated code, the entry's flag is cleared, as
+/// QEMU's notdirty_write would (see `unicorn_gaps::SoftTlb`): a stream
+/// of stores to a fresh page (Linux clearing its .bss) pays the slow path
+/// once, not at every store until the next run.
+unsafe extern "C" fn on_memory_lookup(uc: *mut uc_engine, addr: u64) -> *mut c_void {
+    let region = unicorn_gaps::memory_lookup(uc, addr);
+    let h = RUNNING.with(|r| r.get());
+    if !h.is_null() && (*h).code_pages.complete && !(*h).code_pages.holds_code(addr) {
+        if let Some(tlb) = &(*h).tlb {
+            (*h).code_pages.entries_cleared += tlb.clear_page(addr);
+        }
+    }
+    region
+}
+
+/// Guest-physical pages that translated code came from since the code
+/// cache was last emptied (a superset: code Unicorn drops is not taken
+/// out). Pages above RAM (grant frames and the like) always count as code.
+struct CodePages {
+    /// One bit per page of guest-physical space below the end of RAM.
+    bits: Vec<u64>,
+    /// Every block translated since the last flush was seen. Not so at
+    /// first (Unicorn translates an engine's first block without the
+    /// new-block hook) nor after a block whose page was not found in the
+    /// TLB: then no entry is cleared until the code cache is next emptied.
+    complete: bool,
+    /// TLB entries whose stores were let through, and pages that got code.
+    entries_cleared: u64,
+    pages_protected: u64,
+    missed: u64,
+}
+
+impl CodePages {
+    fn new(ram_end: u64) -> Self {
+        Self { bits: vec![0; ram_end.div_ceil(layout::PAGE_SIZE * 64) as usize], complete: false, entries_cleared: 0, pages_protected: 0, missed: 0 }
+    }
+
+    fn holds_code(&self, gpa: u64) -> bool {
+        let page = gpa / layout::PAGE_SIZE;
+        self.bits.get((page / 64) as usize).is_none_or(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// Note code at `gpa`; returns whether its page had none before.
+    fn mark(&mut self, gpa: u64) -> bool {
+        let page = gpa / layout::PAGE_SIZE;
+        match self.bits.get_mut((page / 64) as usize) {
+            Some(w) if *w & (1 << (page % 64)) == 0 => {
+                *w |= 1 << (page % 64);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The code cache was emptied; `hooked`: every block from now on
+    /// reaches the new-block hook.
+    fn reset(&mut self, hooked: bool) {
+        self.bits.fill(0);
+        self.complete = hooked;
+    }
 }
 
 impl Stop {
@@ -174,6 +248,35 @@ impl HookData {
     }
 
     /// Record why the engine stops.
+    /// A block was just translated from `size` bytes at linear `pc`: note
+    /// its pages as code, and where one had none, send stores to it through
+    /// Unicorn's slow path again from every TLB entry (any virtual alias).
+    unsafe fn note_code(&mut self, pc: u64, size: u16) {
+        let Some(tlb) = &mut self.tlb else { return };
+        let first = pc & !(layout::PAGE_SIZE - 1);
+        let last = pc.wrapping_add(size.max(1) as u64 - 1) & !(layout::PAGE_SIZE - 1);
+        let pages = &mut self.code_pages;
+        let spans = if last == first { 1 } else { 2 };
+        for &at in &[first, last][..spans] {
+            let mut fresh = [0usize; 3];
+            let mut nfresh = 0;
+            let found = tlb.code_page(at, |gpa, host| {
+                if pages.mark(gpa) && nfresh < fresh.len() {
+                    fresh[nfresh] = host;
+                    nfresh += 1;
+                }
+            });
+            for &host in &fresh[..nfresh] {
+                tlb.protect(host);
+                pages.pages_protected += 1;
+            }
+            if !found {
+                pages.complete = false;
+                pages.missed += 1;
+            }
+        }
+    }
+
     fn stop(&mut self, uc: *mut uc_engine, why: Stop) {
         if self.stop.as_ref().is_none_or(|s| s.rank() < why.rank()) {
             self.stop = Some(why);
@@ -196,6 +299,8 @@ pub struct Cpu {
     /// The engine has run: its new blocks reach `on_new_block` (Unicorn
     /// skips the hook for the very first block of an engine).
     ran: bool,
+    /// A run has returned: the engine's first block is behind it.
+    engine_ran: bool,
     /// The vCPU whose translations the TLB holds.
     tlb_owner: Option<u32>,
     /// Instructions left to watch for the hypercall-page WRMSR.
@@ -366,7 +471,11 @@ unsafe extern "C" fn on_cpuid(uc: *mut uc_engine, user: *mut c_void) -> c_int {
 /// the hook in it.
 unsafe extern "C" fn on_new_block(uc: *mut uc_engine, tb: *const UcTb, _prev: *const UcTb, user: *mut c_void) {
     let h = &mut *(user as *mut HookData);
-    if tb.is_null() || h.rdmsr_sites.len() + h.pending_rdmsr_sites.len() >= MAX_RDMSR_SITES {
+    if tb.is_null() {
+        return;
+    }
+    h.note_code((*tb).pc, (*tb).size);
+    if h.rdmsr_sites.len() + h.pending_rdmsr_sites.len() >= MAX_RDMSR_SITES {
         return;
     }
     // RDMSR outside ring 0 raises #GP: nothing to answer.
@@ -521,6 +630,7 @@ impl Cpu {
         }
         let low_end = ram.regions().first().map_or(0, |r| r.gpa + r.len);
         let high_end = ram.regions().get(1).map_or(layout::HIGH_RAM_START, |r| r.gpa + r.len);
+        let ram_end = ram.regions().iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
         let cpuid_snapshot = uc::Context::new(&engine, layout.data_offset).map_err(|e| e.to_string())?;
         let mut pristine = CpuState::new(&engine, layout)?;
         pristine.load(&engine);
@@ -547,6 +657,8 @@ impl Cpu {
             rdmsrs_answered: 0,
             exception_state: None,
             exception_taken: false,
+            tlb: None,
+            code_pages: CodePages::new(ram_end),
         }));
         let user = hooks as *mut c_void;
         let hooks_ok = unsafe {
@@ -606,6 +718,8 @@ impl Cpu {
         unsafe {
             (*hooks).line = Some(InterruptLine::new(engine.raw(), &layout));
             (*hooks).mode = Some(LiveMode::new(engine.raw(), &layout));
+            (*hooks).tlb = Some(SoftTlb::new(engine.raw(), &layout));
+            unicorn_gaps::watch_memory_lookups(engine.raw(), &layout, Some(on_memory_lookup));
         }
         ticker.set_engine(engine.raw());
         Ok(Self {
@@ -616,6 +730,7 @@ impl Cpu {
             code_cache_flushes: 0,
             context_switches: 0,
             ran: false,
+            engine_ran: false,
             tlb_owner: None,
             msr_watch: 0,
             bad_hypercall_page: false,
@@ -709,6 +824,9 @@ impl Cpu {
                 self.settle_rdmsr_sites();
             }
         }
+        if count == 0 {
+            self.let_stores_through();
+        }
         unsafe { (*self.hooks).ctx = RunCtx { dom, vcpus } };
         // With exits set, Unicorn drops the code at each exit address after
         // every run by looking `exit - 1` up through the vCPU's page
@@ -718,13 +836,16 @@ impl Cpu {
         // #DF). The exception fields are put back as they were before the
         // run, or at the exception that ended it.
         let guard = if self.breakpoints.is_empty() { None } else { self.exception_guard() };
+        RUNNING.with(|r| r.set(self.hooks));
         let r = if count > 0 {
             Some((self.engine.start(rip, count), false))
         } else {
             let engine = &mut self.engine;
             self.ticker.run(rip, || engine.start(rip, 0))
         };
+        RUNNING.with(|r| r.set(std::ptr::null_mut()));
         unsafe { (*self.hooks).ctx = RunCtx { dom: std::ptr::null_mut(), vcpus: std::ptr::null_mut() } };
+        self.engine_ran = true;
         if let Some((before, mut now)) = guard {
             let h = unsafe { &mut *self.hooks };
             now.load(&self.engine);
@@ -930,6 +1051,26 @@ impl Cpu {
     pub fn flush_code_cache(&mut self) {
         self.engine.flush_tb();
         self.code_cache_flushes += 1;
+        unsafe { (*self.hooks).code_pages.reset(self.engine_ran) };
+    }
+
+    /// Before a run: stores through TLB entries of pages without
+    /// translated code take the fast path again (`unicorn_gaps::SoftTlb`).
+    /// The first time the set of code pages can be made complete (after
+    /// the engine's first block), the code cache is emptied to make it so.
+    fn let_stores_through(&mut self) {
+        if !self.hooks().code_pages.complete {
+            if !self.engine_ran {
+                return;
+            }
+            self.flush_code_cache();
+        }
+        let h = unsafe { &mut *self.hooks };
+        if let Some(tlb) = &mut h.tlb {
+            let pages = &h.code_pages;
+            let cleared = unsafe { tlb.clear_not_dirty(|gpa| pages.holds_code(gpa)) };
+            h.code_pages.entries_cleared += cleared;
+        }
     }
 
     pub fn read(&self, reg: Reg) -> u64 {
@@ -1047,6 +1188,10 @@ impl Drop for Cpu {
     fn drop(&mut self) {
         // No kick may reach the engine once it is closed.
         self.ticker.set_engine(std::ptr::null_mut());
+        if std::env::var_os("PVHVM_DEBUG_TLB").is_some() {
+            let p = &self.hooks().code_pages;
+            eprintln!("pvhvm: tlb cleared {} protected {} missed {} flushes {}", p.entries_cleared, p.pages_protected, p.missed, self.code_cache_flushes);
+        }
         // Close the engine first: its hooks point at HookData.
         let engine = std::mem::replace(&mut self.engine, Engine::closed());
         drop(engine);
@@ -1139,6 +1284,21 @@ mod tests {
         assert_eq!((word(&out, 24), word(&out, 28), word(&out, 32)), (0, 0, 0x10b));
         let (sites, answered) = d.rdmsr_stats();
         assert_eq!((sites, answered), (3, 2));
+    }
+
+    #[test]
+    fn code_pages_are_marked_once_and_forgotten_at_a_flush() {
+        let mut p = super::CodePages::new(256 << 12);
+        assert!(!p.holds_code(0x5000) && !p.complete);
+        assert!(p.mark(0x5123), "first code on the page");
+        assert!(!p.mark(0x5000), "the page had code already");
+        assert!(p.holds_code(0x5fff) && !p.holds_code(0x6000) && !p.holds_code(0x4fff));
+        assert!(p.holds_code(256 << 12) && p.holds_code(1 << 40), "past RAM: always code");
+        assert!(!p.mark(1 << 40));
+        p.reset(false);
+        assert!(!p.holds_code(0x5000) && !p.complete, "the next block may not be seen");
+        p.reset(true);
+        assert!(p.complete);
     }
 
     #[test]

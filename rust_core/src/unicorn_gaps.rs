@@ -130,6 +130,12 @@ pub struct BlobLayout {
     /// `CPUX86State.tsc_offset`, which RDTSC adds to the host's counter: a
     /// restored guest's TSC goes on from where it was saved.
     pub tsc_offset: usize,
+    /// How far below `CPUX86State` (in the engine) QEMU's per-mode TLB
+    /// table descriptors begin (`CPUTLBDescFast f[0]`, see `SoftTlb`).
+    pub tlb_fast_below_env: usize,
+    /// `uc_struct.memory_mapping`, from the engine handle (see
+    /// `watch_memory_lookups`).
+    pub memory_mapping: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -548,6 +554,279 @@ unsafe extern "C" fn probe_mmio_write(
 }
 
 // ---------------------------------------------------------------------------
+// Stores to pages the guest maps executable.
+
+/// `TLB_NOTDIRTY` in `CPUTLBEntry.addr_write`: stores take the slow path
+/// (`notdirty_write`, which drops translated code they overwrite).
+const TLB_NOTDIRTY: u64 = 1 << 10;
+/// All of QEMU's flag bits there (DISCARD_WRITE, BSWAP, WATCHPOINT, MMIO,
+/// NOTDIRTY, INVALID: bits 6 to 11 with 4 KiB pages).
+const TLB_FLAG_BITS: u64 = 0xfc0;
+const PAGE_MASK: u64 = !0xfff;
+/// x86's MMU modes (supervisor with SMAP, user, supervisor without SMAP).
+const NB_MMU_MODES: usize = 3;
+/// `1 << CPU_TLB_ENTRY_BITS`: addr_read, addr_write, addr_code, paddr
+/// (Unicorn's), addend, padded to a power of two.
+const TLB_ENTRY_SIZE: usize = 64;
+const TLB_ADDR_WRITE: usize = 8;
+const TLB_ADDR_CODE: usize = 16;
+const TLB_PADDR: usize = 24;
+const TLB_ADDEND: usize = 32;
+/// The most entries a dynamic TLB table grows to (`CPU_TLB_DYN_MAX_BITS`).
+const TLB_MAX_ENTRIES: u64 = 1 << 22;
+
+extern "C" {
+    /// QEMU's `tlb_reset_dirty` (accel/tcg/cputlb.c, a global symbol of
+    /// Unicorn's static library): every TLB entry of `cpu`, in every mode
+    /// and in the victim tables, whose host page lies in
+    /// `[start, start + length)` gets `TLB_NOTDIRTY` back.
+    fn tlb_reset_dirty_x86_64(cpu: *mut c_void, start: usize, length: usize);
+    /// Unicorn's guest-physical address -> memory region lookup
+    /// (unicorn_common.h), which `uc_struct.memory_mapping` points at.
+    fn find_memory_mapping_x86_64(uc: *mut uc_engine, addr: u64) -> *mut c_void;
+}
+
+/// A stand-in for `uc_struct.memory_mapping` (see `watch_memory_lookups`).
+pub type MemoryLookup = unsafe extern "C" fn(uc: *mut uc_engine, addr: u64) -> *mut c_void;
+
+/// Unicorn's own lookup, for a stand-in to answer with.
+///
+/// # Safety
+/// `uc` must be an open engine.
+pub unsafe fn memory_lookup(uc: *mut uc_engine, addr: u64) -> *mut c_void {
+    find_memory_mapping_x86_64(uc, addr)
+}
+
+/// Have `lookup` called in place of Unicorn's guest-physical lookup
+/// (`None`: Unicorn's again). Unicorn calls it on every slow-path guest
+/// access, twice for a store to a `TLB_NOTDIRTY` entry (store_helper,
+/// then notdirty_write), with the entry's page: the one place where the
+/// vCPU can see such a store coming. `lookup` must answer as Unicorn's
+/// does (`memory_lookup`).
+///
+/// # Safety
+/// `uc` must be an open engine of the build `layout` was probed on.
+pub unsafe fn watch_memory_lookups(uc: *mut uc_engine, layout: &BlobLayout, lookup: Option<MemoryLookup>) {
+    let f: MemoryLookup = lookup.unwrap_or(find_memory_mapping_x86_64);
+    *((uc as *mut u8).add(layout.memory_mapping) as *mut MemoryLookup) = f;
+}
+
+/// Where `uc_struct.memory_mapping` is: the one word of the engine's
+/// structure that holds Unicorn's lookup function.
+fn find_memory_mapping_field(uc: *mut uc_engine) -> Option<usize> {
+    const CHUNK: usize = 512;
+    let want = find_memory_mapping_x86_64 as MemoryLookup as usize as u64;
+    let mut hits = Vec::new();
+    let mut chunk = [0u8; CHUNK];
+    // The structure is on the heap: read it in chunks, up to the first
+    // that cannot be read.
+    for at in (0..1 << 16).step_by(CHUNK) {
+        if !read_own(uc as usize + at, &mut chunk) {
+            break;
+        }
+        hits.extend((0..CHUNK).step_by(8).filter(|&o| u64::from_le_bytes(rd(&chunk, o)) == want).map(|o| at + o));
+    }
+    match hits[..] {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+/// The engine's software TLB, for giving stores to executable pages back
+/// their fast path.
+///
+/// Unicorn has no dirty-memory bitmap (`cpu_physical_memory_is_clean` is
+/// always true), so every writable RAM entry starts `TLB_NOTDIRTY`, and its
+/// `notdirty_write` clears the flag after the first store only if the
+/// entry is not executable (`addr_code == -1`): it cannot tell whether the
+/// page holds translated code. A page the guest maps without NX thus pays
+/// the slow path (memory-region lookups, a page-descriptor walk, the
+/// translated-code check) on every store, for as long as the entry lives.
+/// Linux maps its whole image (.data, .bss, the boot stack) executable
+/// until `mark_rodata_ro`, just before init: that was over two thirds of
+/// the host time before the first kernel line. QEMU clears the flag once
+/// the page has no translated code (its DIRTY_MEMORY_CODE bit).
+///
+/// The vCPU does what QEMU does from outside: it keeps the set of
+/// guest-physical pages translated code came from (`code_page` at each new
+/// block; Unicorn marks the translating address itself), clears the flag
+/// between runs on entries of other pages (`clear_not_dirty`), and when a
+/// page first gets code, puts the flag back on every entry that reaches it
+/// (`protect`), whatever its virtual address.
+pub struct SoftTlb {
+    /// `CPUTLBDescFast f[0]`: per mode, (mask, table).
+    fast: *const u64,
+    cpu: *mut c_void,
+    /// Recent (virtual - physical) page offsets of entries seen, most
+    /// recent first: where `clear_page` looks for a physical page's entries
+    /// (a kernel maps its image and its RAM at a few fixed offsets).
+    offsets: [u64; OFFSETS_KEPT],
+}
+
+const OFFSETS_KEPT: usize = 4;
+
+// SAFETY: pointers into the engine, used only on its thread while it lives.
+unsafe impl Send for SoftTlb {}
+
+impl SoftTlb {
+    /// # Safety
+    /// `uc` must be an open, initialised engine of the build `layout` was
+    /// probed on; the result must not outlive it.
+    pub unsafe fn new(uc: *mut uc_engine, layout: &BlobLayout) -> Self {
+        let cpu = *((uc as *const u8).add(layout.uc_cpu) as *const *mut u8);
+        let env = *(cpu.add(layout.env_ptr) as *const *mut u8);
+        Self { fast: env.sub(layout.tlb_fast_below_env) as *const u64, cpu: cpu as *mut c_void, offsets: [0; OFFSETS_KEPT] }
+    }
+
+    /// Note that some virtual page maps physical `paddr` at `vaddr`.
+    fn learn_offset(&mut self, vaddr: u64, paddr: u64) {
+        let off = (vaddr & PAGE_MASK).wrapping_sub(paddr & PAGE_MASK);
+        let at = self.offsets.iter().position(|&o| o == off).unwrap_or(OFFSETS_KEPT - 1);
+        self.offsets.copy_within(0..at, 1);
+        self.offsets[0] = off;
+    }
+
+    /// Clear `TLB_NOTDIRTY` on the entries of physical page `paddr` (whose
+    /// page holds no translated code) at the offsets seen lately: what
+    /// QEMU's notdirty_write does, from Unicorn's lookup of that page.
+    /// Returns how many entries changed.
+    ///
+    /// # Safety
+    /// As `clear_not_dirty`; the engine may be inside a helper.
+    pub unsafe fn clear_page(&self, paddr: u64) -> u64 {
+        let page = paddr & PAGE_MASK;
+        let mut cleared = 0;
+        for off in self.offsets {
+            let vaddr = page.wrapping_add(off);
+            for mode in 0..NB_MMU_MODES {
+                let (table, n) = self.table(mode);
+                let e = Self::entry(table, n, vaddr);
+                let write = e.add(TLB_ADDR_WRITE) as *mut u64;
+                if *write == vaddr | TLB_NOTDIRTY && *(e.add(TLB_PADDR) as *const u64) & PAGE_MASK == page {
+                    *write = vaddr;
+                    cleared += 1;
+                }
+            }
+        }
+        cleared
+    }
+
+    /// The table of `mode` and its number of entries.
+    unsafe fn table(&self, mode: usize) -> (*mut u8, u64) {
+        let mask = *self.fast.add(2 * mode);
+        let table = *self.fast.add(2 * mode + 1) as *mut u8;
+        (table, (mask >> 6) + 1)
+    }
+
+    unsafe fn entry(table: *mut u8, n: u64, vaddr: u64) -> *mut u8 {
+        table.add(((vaddr >> 12) & (n - 1)) as usize * TLB_ENTRY_SIZE)
+    }
+
+    /// The guest-physical and host page behind the code entry of the page
+    /// of `vaddr`, in each mode that has one (what a block just translated
+    /// from there was read through).
+    ///
+    /// # Safety
+    /// The engine must be alive and not running on another thread.
+    pub unsafe fn code_page(&mut self, vaddr: u64, mut found: impl FnMut(u64, usize)) -> bool {
+        let page = vaddr & PAGE_MASK;
+        let mut any = false;
+        for mode in 0..NB_MMU_MODES {
+            let (table, n) = self.table(mode);
+            let e = Self::entry(table, n, page);
+            let code = *(e.add(TLB_ADDR_CODE) as *const u64);
+            if code != u64::MAX && code & PAGE_MASK == page && code & TLB_FLAG_BITS == 0 {
+                let host = (page as usize).wrapping_add(*(e.add(TLB_ADDEND) as *const usize));
+                let paddr = *(e.add(TLB_PADDR) as *const u64) & PAGE_MASK;
+                found(paddr, host);
+                if !any {
+                    self.learn_offset(page, paddr);
+                }
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Let stores through entries of RAM pages that hold no translated code
+    /// (`holds_code(guest-physical page)` false) take the fast path.
+    /// Returns how many entries changed.
+    ///
+    /// # Safety
+    /// As `code_page`, with the engine stopped.
+    pub unsafe fn clear_not_dirty(&mut self, holds_code: impl Fn(u64) -> bool) -> u64 {
+        let mut cleared = 0;
+        let mut last = None;
+        for mode in 0..NB_MMU_MODES {
+            let (table, n) = self.table(mode);
+            for i in 0..n as usize {
+                let e = table.add(i * TLB_ENTRY_SIZE);
+                let write = e.add(TLB_ADDR_WRITE) as *mut u64;
+                let paddr = *(e.add(TLB_PADDR) as *const u64) & PAGE_MASK;
+                if *write & TLB_FLAG_BITS == TLB_NOTDIRTY && !holds_code(paddr) {
+                    *write &= !TLB_NOTDIRTY;
+                    cleared += 1;
+                    last = Some((*write, paddr));
+                }
+            }
+        }
+        if let Some((vaddr, paddr)) = last {
+            self.learn_offset(vaddr, paddr);
+        }
+        cleared
+    }
+
+    /// Send stores to the host page `host` through the slow path again,
+    /// from every entry that reaches it.
+    ///
+    /// # Safety
+    /// As `clear_not_dirty`.
+    pub unsafe fn protect(&self, host: usize) {
+        tlb_reset_dirty_x86_64(self.cpu, host & PAGE_MASK as usize, 0x1000);
+    }
+
+    /// Whether stores through the entry for `vaddr` (in any mode) take the
+    /// slow path (`Some(true)`), the fast one, or there is no such entry.
+    ///
+    /// # Safety
+    /// As `code_page`.
+    unsafe fn store_is_slow(&self, vaddr: u64) -> Option<bool> {
+        (0..NB_MMU_MODES).find_map(|mode| {
+            let (table, n) = self.table(mode);
+            let write = *(Self::entry(table, n, vaddr).add(TLB_ADDR_WRITE) as *const u64);
+            (write & PAGE_MASK == vaddr & PAGE_MASK && write & (TLB_FLAG_BITS & !TLB_NOTDIRTY) == 0)
+                .then_some(write & TLB_NOTDIRTY != 0)
+        })
+    }
+}
+
+/// Where `CPUTLBDescFast f[0]` is below `env`, found after the engine ran
+/// `store` (a store to `data` from code at `code`, paging off): three
+/// (mask, table) pairs, each mask `(2^k - 1) << 6`, and in one of the
+/// tables the entries of both pages, with the store's page still
+/// `TLB_NOTDIRTY` (Unicorn's rule for executable pages) and its host page
+/// `host_data`.
+fn find_tlb_fast(env: usize, code: u64, data: u64, host_data: usize) -> Option<usize> {
+    let valid_mask = |m: u64| m != 0 && m & 0x3f == 0 && ((m >> 6) + 1).is_power_of_two() && (m >> 6) < TLB_MAX_ENTRIES;
+    (16..=4096).step_by(16).find(|&below| {
+        let f = env - below;
+        (0..NB_MMU_MODES).all(|m| {
+            read_own_u64(f + 16 * m).is_some_and(valid_mask)
+                && read_own_u64(f + 16 * m + 8).is_some_and(|t| t != 0 && t % 8 == 0)
+        }) && (0..NB_MMU_MODES).any(|m| {
+            let (Some(mask), Some(table)) = (read_own_u64(f + 16 * m), read_own_u64(f + 16 * m + 8)) else {
+                return false;
+            };
+            let at = |va: u64, field: usize| read_own_u64(table as usize + ((va >> 12) & (mask >> 6)) as usize * TLB_ENTRY_SIZE + field);
+            at(code, TLB_ADDR_CODE) == Some(code)
+                && at(data, TLB_ADDR_WRITE) == Some(data | TLB_NOTDIRTY)
+                && at(data, TLB_PADDR) == Some(data)
+                && at(data, TLB_ADDEND).is_some_and(|a| (data as usize).wrapping_add(a as usize) == host_data)
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------
 // An interrupt line: exact interrupt windows.
 
 /// QEMU's `CPU_INTERRUPT_VIRQ` bit in `CPUState.interrupt_request`.
@@ -727,6 +1006,20 @@ fn find_interrupt_line(uc: *mut uc_engine, a: u64, b: u64) -> Option<(usize, usi
     None
 }
 
+thread_local! {
+    /// Pages the probe's memory lookup stand-in was asked about.
+    static PROBE_LOOKUPS: std::cell::Cell<Vec<u64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+unsafe extern "C" fn probe_lookup(uc: *mut uc_engine, addr: u64) -> *mut c_void {
+    PROBE_LOOKUPS.with(|l| {
+        let mut v = l.take();
+        v.push(addr & PAGE_MASK);
+        l.set(v);
+    });
+    memory_lookup(uc, addr)
+}
+
 /// The probe's acknowledge page: counts acknowledges, as the vCPU's does.
 struct ProbeAck {
     line: Option<InterruptLine>,
@@ -804,7 +1097,7 @@ fn probe() -> Result<BlobLayout, String> {
     eng.write_msr(0xc000_0080, crate::mmu::EFER_LME | crate::mmu::EFER_SCE);
     eng.write_mmr(Reg::IDTR, crate::uc::Mmr { selector: 0, base: 0xabc000, limit: 0xfff, flags: 0 });
     eng.write_mmr(Reg::GDTR, crate::uc::Mmr { selector: 0, base: PROBE_GDT, limit: 0x2f, flags: 0 });
-    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0, tsc_offset: 0 };
+    let provisional = BlobLayout { data_offset, error_code: 0, exception_is_int: 0, old_exception: 0, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0, tsc_offset: 0, tlb_fast_below_env: 0, memory_mapping: 0 };
     let mut st = CpuState::new(&eng, provisional)?;
     st.load(&eng);
     let checks = [
@@ -866,7 +1159,7 @@ fn probe() -> Result<BlobLayout, String> {
     // reset it must stay #GP. Try each candidate.
     let mut old_exception = None;
     for cand in old_candidates {
-        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0, tsc_offset: 0 };
+        let layout = BlobLayout { data_offset, error_code, exception_is_int: error_code + 4, old_exception: cand, no_exit_request: 0, skip_sync_pc_on_exit: 0, uc_cpu: 0, interrupt_request: 0, env_ptr: 0, vm_vmcb: 0, xcr0: 0, tsc_offset: 0, tlb_fast_below_env: 0, memory_mapping: 0 };
         let mut st = CpuState::new(&eng, layout)?;
         st.load(&eng);
         if st.old_exception() != 13 {
@@ -897,6 +1190,8 @@ fn probe() -> Result<BlobLayout, String> {
             vm_vmcb: 0,
             xcr0: 0,
             tsc_offset: 0,
+            tlb_fast_below_env: 0,
+            memory_mapping: 0,
         };
 
     // 5. exception_is_int: 1 after INT n, 0 after a fault.
@@ -1067,6 +1362,57 @@ fn probe() -> Result<BlobLayout, String> {
     layout.interrupt_request = interrupt_request;
     // vm_vmcb follows old_exception (an int, padding, then the u64).
     layout.vm_vmcb = (old_exception + 4 + 7) & !7;
+
+    // 10. The software TLB (`SoftTlb`), found after a store from code on
+    // another page (paging is off: every page is executable). The store's
+    // entry must stay TLB_NOTDIRTY (the rule the vCPU works around);
+    // clearing the flag must let the next store through to RAM; Unicorn's
+    // tlb_reset_dirty must put it back; the code entry must name its page.
+    const PROBE_DATA: u64 = 0x5000;
+    // mov [0x5000], al ; hlt
+    let code = [0x88, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xf4];
+    ram[PROBE_CODE as usize..PROBE_CODE as usize + code.len()].copy_from_slice(&code);
+    eng.flush_tb();
+    eng.write(Reg::RAX, 0x5a);
+    eng.start(PROBE_CODE, 0);
+    let host = |gpa: u64| ram.as_ptr() as usize + gpa as usize;
+    let env = read_own_u64(eng.raw() as usize + layout.uc_cpu)
+        .and_then(|cpu| read_own_u64(cpu as usize + layout.env_ptr))
+        .ok_or("CPUX86State not found")? as usize;
+    layout.tlb_fast_below_env =
+        find_tlb_fast(env, PROBE_CODE, PROBE_DATA, host(PROBE_DATA)).ok_or("QEMU's TLB tables not found")?;
+    let mut tlb = unsafe { SoftTlb::new(eng.raw(), &layout) };
+    let slow_at_first = unsafe { tlb.store_is_slow(PROBE_DATA) };
+    let cleared = unsafe { tlb.clear_not_dirty(|page| page == PROBE_CODE) };
+    let slow_after_clear = unsafe { tlb.store_is_slow(PROBE_DATA) };
+    eng.write(Reg::RAX, 0xa5);
+    eng.start(PROBE_CODE, 0);
+    let (stored, slow_after_store) = (ram[PROBE_DATA as usize], unsafe { tlb.store_is_slow(PROBE_DATA) });
+    unsafe { tlb.protect(host(PROBE_DATA)) };
+    let slow_after_protect = unsafe { tlb.store_is_slow(PROBE_DATA) };
+    let mut code_pages = Vec::new();
+    unsafe { tlb.code_page(PROBE_CODE + 5, |gpa, host| code_pages.push((gpa, host))) };
+    let seen = (slow_at_first, cleared > 0, slow_after_clear, stored, slow_after_store, slow_after_protect);
+    if seen != (Some(true), true, Some(false), 0xa5, Some(false), Some(true))
+        || code_pages.is_empty()
+        || code_pages.iter().any(|&p| p != (PROBE_CODE, host(PROBE_CODE)))
+    {
+        return Err(format!("the TLB's dirty flags do not behave as expected: {seen:?}, code {code_pages:x?}"));
+    }
+    // 10b. uc_struct.memory_mapping: a stand-in sees the store's page, and
+    // clearing the entry from there lets the next store take the fast path.
+    layout.memory_mapping = find_memory_mapping_field(eng.raw()).ok_or("uc_struct.memory_mapping not found")?;
+    unsafe { tlb.protect(host(PROBE_DATA)) };
+    PROBE_LOOKUPS.with(|l| l.set(Vec::new()));
+    unsafe { watch_memory_lookups(eng.raw(), &layout, Some(probe_lookup)) };
+    eng.start(PROBE_CODE, 0);
+    let slow_before_clear = unsafe { tlb.store_is_slow(PROBE_DATA) };
+    let cleared = unsafe { tlb.clear_page(PROBE_DATA) };
+    unsafe { watch_memory_lookups(eng.raw(), &layout, None) };
+    let looked_up = PROBE_LOOKUPS.with(|l| l.take());
+    if !looked_up.contains(&PROBE_DATA) || slow_before_clear != Some(true) || cleared == 0 || unsafe { tlb.store_is_slow(PROBE_DATA) } != Some(false) {
+        return Err(format!("the memory lookup stand-in: lookups {looked_up:x?}, slow {slow_before_clear:?}, cleared {cleared}"));
+    }
     const PROBE_ACK: u64 = 0x20000;
     let ack = Box::new(ProbeAck { line: None, acks: std::cell::Cell::new(0) });
     unsafe {

@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GUESTS = ["hello", "exceptions", "hypercall_abi", "events", "grants", "memory", "triple_fault", "bench", "bench_events",
           "xsbench", "smp", "refusals", "fifo", "vmgenid", "suspend", "debugee", "crash", "flood", "far_timer",
-          "hcfuzz", "profile_spin"]
+          "hcfuzz", "profile_spin", "smc"]
 GUESTS32 = ["hello", "hypercall_abi", "events", "grants", "memory", "vmgenid", "suspend", "crash", "hcfuzz"]
 # variant -> the macro common/boot32.S builds it with
 I386_VARIANTS = {"nopaging": "BOOT32_NOPAGING", "pse": "BOOT32_PSE", "pae": "BOOT32_PAE"}
