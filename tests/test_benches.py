@@ -214,7 +214,10 @@ def test_run_all_quick_writes_schema_1(tmp_path):
                  "smp.ipi_rtt_us.lapic.p50", "smp.boot.pvhvm_1.init_s", "smp.boot.pvhvm_4.init_s",
                  "cpu.pvhvm.marker_s", "cpu.pvhvm.dd_s", "cpu.pvhvm_affected.dd_s",
                  "snapshot.restore.pvhvm.answer_ms", "snapshot.restore.pvhvm.import_ms", "snapshot.fork.per_fork_ms",
-                 "snapshot.fork.footprint_growth_mib", "snapshot.save.allocated_mib"):
+                 "snapshot.fork.footprint_growth_mib", "snapshot.save.allocated_mib",
+                 "boot_timeline.pvhvm.first_instruction_s", "boot_timeline.pvhvm.first_hypercall_s",
+                 "boot_timeline.pvhvm.first_line_s", "boot_timeline.pvhvm.clocksource_s",
+                 "boot_timeline.pvhvm.first_user_instruction_s", "boot_timeline.pvhvm.marker_s"):
         assert isinstance(res[name]["value"], (int, float)) and res[name]["value"] > 0, name
     assert res["boot.qemu.init_s"]["status"] == "not measured: --skip-qemu"
     assert res["boot.qemu_default_cpu.init_s"]["status"] == "not measured: --skip-qemu"
@@ -228,6 +231,14 @@ def test_run_all_quick_writes_schema_1(tmp_path):
     # Orderings that must hold whatever the machine's load.
     boot = {k: res[f"boot.pvhvm.{k}"]["value"] for k in ("first_line_s", "init_s", "exit_s")}
     assert boot["first_line_s"] < boot["init_s"] <= boot["exit_s"], boot
+    # The timeline in the order a boot meets it: the profile's events (from
+    # the process's start, to 10 ms) and the console's (from the spawn).
+    t = {k: res[f"boot_timeline.pvhvm.{k}_s"]["value"] for k in (
+        "first_instruction", "first_hypercall", "first_line", "clocksource", "first_user_instruction", "marker",
+        "exit")}
+    assert t["first_instruction"] < t["first_hypercall"] < t["first_user_instruction"] < t["marker"], t
+    assert t["first_line"] < t["clocksource"] < t["first_user_instruction"] < t["marker"] <= t["exit"], t
+    assert res["boot_timeline.qemu.first_line_s"]["status"] == "not measured: --skip-qemu"
     assert res["profile.core_s"]["value"] + res["profile.python_s"]["value"] <= res["profile.wall_s"]["value"] * 1.01
     assert res["events.ipi_ns.p50"]["value"] <= res["events.ipi_ns.p99"]["value"]
     assert res["memory.peak_rss_mib.256"]["value"] > 20
