@@ -96,6 +96,11 @@ fn has_subleaves(leaf: u32) -> bool {
     matches!(leaf, 4 | 7 | 0xb | 0xd | 0xf | 0x10 | 0x12 | 0x14 | 0x17 | 0x18 | 0x8000_001d)
 }
 
+/// Read Unicorn's CPUID table now (it is read once per process).
+pub fn warm_up() {
+    native_table();
+}
+
 /// What Unicorn's own CPUID returns for the default CPU model, per (leaf, subleaf).
 fn native_table() -> &'static HashMap<(u32, u32), Cpuid> {
     static TABLE: OnceLock<HashMap<(u32, u32), Cpuid>> = OnceLock::new();

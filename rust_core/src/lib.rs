@@ -31,5 +31,13 @@ use pyo3::prelude::*;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The first domain needs Unicorn's self-test and its CPUID table, about
+    // 25 ms of engines run once per process: done now, on another thread,
+    // while Python goes on importing (both are behind a OnceLock; the
+    // first Vm waits for them if they are not done).
+    std::thread::Builder::new().name("pvhvm-warm-up".into()).spawn(|| {
+        let _ = unicorn_gaps::layout();
+        cpuid::warm_up();
+    })?;
     py::register(m)
 }
