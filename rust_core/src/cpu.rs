@@ -273,6 +273,11 @@ impl HookData {
             if !found {
                 pages.complete = false;
                 pages.missed += 1;
+                // Unicorn skipped its own walk for this block (see
+                // `unicorn_gaps::skip_block_walks`): make it here.
+                if pc >= unicorn_gaps::NO_WALK_START {
+                    tlb.protect_block(pc, size as u64);
+                }
             }
         }
     }
@@ -668,6 +673,7 @@ impl Cpu {
                 .and_then(|_| engine.add_hook(HookType::INSN, on_syscall as *mut c_void, user, Some(X86Insn::SYSCALL)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_sysenter as *mut c_void, user, Some(X86Insn::SYSENTER)))
                 .and_then(|_| engine.add_hook(HookType::EDGE_GENERATED, on_new_block as *mut c_void, user, None))
+                .and_then(|_| unicorn_gaps::skip_block_walks(&mut engine, unicorn_gaps::NO_WALK_START, u64::MAX))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_in as *mut c_void, user, Some(X86Insn::IN)))
                 .and_then(|_| engine.add_hook(HookType::INSN, on_port_out as *mut c_void, user, Some(X86Insn::OUT)))
                 .and_then(|_| {

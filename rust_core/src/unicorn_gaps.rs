@@ -15,8 +15,10 @@
 //!   unmapped accesses, makes Unicorn keep every store to a page that ever
 //!   held translated code on its slow path forever (its `notdirty_write`
 //!   never marks the TLB entry dirty while a memory hook exists). That was
-//!   over half of Linux's boot time, so the vCPU installs no memory hook;
-//!   unbacked accesses surface as the engine's error instead.
+//!   over half of Linux's boot time, so the vCPU installs no memory hook
+//!   that covers guest-physical addresses; unbacked accesses surface as the
+//!   engine's error instead. (Its one memory hook covers only upper-half
+//!   linear addresses, see `skip_block_walks`.)
 //!
 //! `probe()` runs once per process and doubles as the self-test: if any
 //! workaround does not hold on this Unicorn build, no domain starts.
@@ -581,6 +583,11 @@ extern "C" {
     /// and in the victim tables, whose host page lies in
     /// `[start, start + length)` gets `TLB_NOTDIRTY` back.
     fn tlb_reset_dirty_x86_64(cpu: *mut c_void, start: usize, length: usize);
+    /// Unicorn's stand-in for QEMU's `tlb_protect_code`, which `tb_gen_code`
+    /// calls for every new block: a walk of the whole TLB, in every mode and
+    /// the victim tables, putting `TLB_NOTDIRTY` back on entries whose
+    /// *virtual* page lies in `[start, start + length)`.
+    fn tlb_reset_dirty_by_vaddr_x86_64(cpu: *mut c_void, start: u64, length: u64);
     /// Unicorn's guest-physical address -> memory region lookup
     /// (unicorn_common.h), which `uc_struct.memory_mapping` points at.
     fn find_memory_mapping_x86_64(uc: *mut uc_engine, addr: u64) -> *mut c_void;
@@ -785,6 +792,15 @@ impl SoftTlb {
         tlb_reset_dirty_x86_64(self.cpu, host & PAGE_MASK as usize, 0x1000);
     }
 
+    /// What Unicorn's `tb_gen_code` does for a block of `size` bytes at
+    /// linear `pc` when it does not skip it (see `skip_block_walks`).
+    ///
+    /// # Safety
+    /// As `clear_not_dirty`.
+    pub unsafe fn protect_block(&self, pc: u64, size: u64) {
+        tlb_reset_dirty_by_vaddr_x86_64(self.cpu, pc & PAGE_MASK, (pc & !PAGE_MASK) + size);
+    }
+
     /// Whether stores through the entry for `vaddr` (in any mode) take the
     /// slow path (`Some(true)`), the fast one, or there is no such entry.
     ///
@@ -798,6 +814,45 @@ impl SoftTlb {
                 .then_some(write & TLB_NOTDIRTY != 0)
         })
     }
+}
+
+/// The linear addresses whose new blocks Unicorn does not walk the TLB for
+/// (`skip_block_walks`): the upper half, where 64-bit kernels run.
+pub const NO_WALK_START: u64 = 0xffff_8000_0000_0000;
+
+/// For every new block, Unicorn's `tb_gen_code` walks the whole TLB, every
+/// mode and the victim tables (`tlb_reset_dirty_by_vaddr`), to put
+/// `TLB_NOTDIRTY` back on the entries of the block's virtual page: its
+/// stand-in for QEMU's `tlb_protect_code`, which QEMU makes only when a
+/// physical page gets its first block, through its dirty bitmap. With the
+/// TLB at its usual 1-4k entries per mode that was about 9% of Linux's
+/// boot. The walk is skipped when a memory hook covers the block's linear
+/// address (`uc_mem_hook_installed(tb->pc)`). A fetch-unmapped hook over
+/// `[begin, end]` does that and nothing else, as long as the range holds
+/// no guest-physical address: Unicorn checks every other use of memory
+/// hooks (calling them, `notdirty_write` keeping stores slow) against
+/// physical addresses, and compiles no call for this kind. What the walk
+/// protected, the vCPU protects itself: a page that gets its first block
+/// loses the fast path from every entry reaching it (`SoftTlb::protect`),
+/// and a block whose page it cannot find is walked by `protect_block`.
+///
+/// # Safety
+/// As `Engine::add_hook_range`.
+pub unsafe fn skip_block_walks(engine: &mut Engine, begin: u64, end: u64) -> Result<unicorn_engine::uc_hook, crate::uc::UcError> {
+    engine.add_hook_range(HookType::MEM_FETCH_UNMAPPED, not_handled as *mut c_void, std::ptr::null_mut(), begin, end)
+}
+
+/// The hook behind `skip_block_walks`: never called for a guest-physical
+/// address outside its range; if it were, the fetch fails as without it.
+unsafe extern "C" fn not_handled(
+    _uc: *mut uc_engine,
+    _kind: std::ffi::c_int,
+    _addr: u64,
+    _size: std::ffi::c_int,
+    _value: i64,
+    _user: *mut c_void,
+) -> bool {
+    false
 }
 
 /// Where `CPUTLBDescFast f[0]` is below `env`, found after the engine ran
@@ -955,6 +1010,17 @@ fn read_own(addr: usize, buf: &mut [u8]) -> bool {
     unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == buf.len() as isize }
 }
 
+/// `n` words at `addr` of our own memory, in one read where the whole
+/// range is mapped (a read per word costs a system call: the probe's
+/// scans made over 100,000 of them, most of the self-test's time).
+fn read_own_words(addr: usize, n: usize) -> Vec<Option<u64>> {
+    let mut buf = vec![0u8; 8 * n];
+    if read_own(addr, &mut buf) {
+        return buf.chunks_exact(8).map(|w| Some(u64::from_le_bytes(w.try_into().unwrap()))).collect();
+    }
+    (0..n).map(|i| read_own_u64(addr.wrapping_add(8 * i))).collect()
+}
+
 fn read_own_u64(addr: usize) -> Option<u64> {
     let mut b = [0u8; 8];
     read_own(addr, &mut b).then(|| u64::from_le_bytes(b))
@@ -967,13 +1033,17 @@ fn read_own_u64(addr: usize) -> Option<u64> {
 /// `nr_threads` (1, 1), the first u32 of -1 is `cflags_next_tb`, and the
 /// next one (0) is it.
 fn find_interrupt_line(uc: *mut uc_engine, a: u64, b: u64) -> Option<(usize, usize, usize)> {
+    const UC_WORDS: usize = 4096 / 8;
+    const CPU_WORDS: usize = 1024 / 8;
     let base = uc as usize;
     let mut seen = Vec::new();
-    for uc_cpu in (0..4096).step_by(8) {
-        let Some(cpu) = read_own_u64(base + uc_cpu).filter(|p| *p != 0 && p % 8 == 0) else { continue };
-        for env_ptr in (0..1024).step_by(8) {
-            let (Some(env), Some(icount)) = (read_own_u64(cpu as usize + env_ptr), read_own_u64(cpu as usize + env_ptr + 8))
-            else {
+    for (uc_word, cpu) in read_own_words(base, UC_WORDS).into_iter().enumerate() {
+        let uc_cpu = 8 * uc_word;
+        let Some(cpu) = cpu.filter(|p| *p != 0 && p % 8 == 0) else { continue };
+        let cpu_words = read_own_words(cpu as usize, CPU_WORDS + 1);
+        for (cpu_word, pair) in cpu_words.windows(2).enumerate() {
+            let env_ptr = 8 * cpu_word;
+            let (Some(env), Some(icount)) = (pair[0], pair[1]) else {
                 continue;
             };
             if env < 16 || icount != env - 16 {
@@ -1412,6 +1482,29 @@ fn probe() -> Result<BlobLayout, String> {
     let looked_up = PROBE_LOOKUPS.with(|l| l.take());
     if !looked_up.contains(&PROBE_DATA) || slow_before_clear != Some(true) || cleared == 0 || unsafe { tlb.store_is_slow(PROBE_DATA) } != Some(false) {
         return Err(format!("the memory lookup stand-in: lookups {looked_up:x?}, slow {slow_before_clear:?}, cleared {cleared}"));
+    }
+    // 10c. A new block makes Unicorn put the flag back on its page's
+    // entries (the walk `skip_block_walks` avoids), unless a fetch-unmapped
+    // hook covers the block; `protect_block` does the walk itself.
+    ram[PROBE_DATA as usize] = 0xf4; // hlt
+    let block_walked = |eng: &mut Engine, ours: bool| -> Option<bool> {
+        unsafe { tlb.clear_page(PROBE_DATA) };
+        if unsafe { tlb.store_is_slow(PROBE_DATA) } != Some(false) {
+            return None;
+        }
+        eng.flush_tb();
+        eng.start(PROBE_DATA, 0);
+        if ours {
+            unsafe { tlb.protect_block(PROBE_DATA, 1) };
+        }
+        unsafe { tlb.store_is_slow(PROBE_DATA) }
+    };
+    let unhooked = block_walked(&mut eng, false);
+    let hook = unsafe { skip_block_walks(&mut eng, PROBE_DATA, PROBE_DATA + 0xfff) }.map_err(|e| e.to_string())?;
+    let (hooked, by_us) = (block_walked(&mut eng, false), block_walked(&mut eng, true));
+    eng.remove_hook(hook);
+    if (unhooked, hooked, by_us) != (Some(true), Some(false), Some(true)) {
+        return Err(format!("the TLB walk of a new block: unhooked {unhooked:?}, hooked {hooked:?}, ours {by_us:?}"));
     }
     const PROBE_ACK: u64 = 0x20000;
     let ack = Box::new(ProbeAck { line: None, acks: std::cell::Cell::new(0) });

@@ -13,13 +13,18 @@
 #define PAGE 4096
 #define ALIAS_BASE (1UL << 30) /* pdpt[1]: past the 1 GiB the boot code maps */
 
-extern uint64_t boot_pdpt[512];
+/* pml4[256]: the same mappings again in the upper half, where 64-bit
+ * kernels run and Unicorn no longer re-protects a new block's page itself. */
+#define UPPER_HALF 0xffff800000000000UL
+
+extern uint64_t boot_pml4[512], boot_pdpt[512];
 static uint64_t alias_pd[512] __attribute__((aligned(PAGE)));
-static volatile uint8_t code[8][PAGE] __attribute__((aligned(PAGE)));
+static volatile uint8_t code[9][PAGE] __attribute__((aligned(PAGE)));
 static volatile uint8_t data[64][PAGE] __attribute__((aligned(PAGE)));
 static uintptr_t region; /* the 2 MiB region of code[] */
 
 static volatile uint8_t *alias(volatile void *p) { return (volatile uint8_t *)(ALIAS_BASE + ((uintptr_t)p - region)); }
+static volatile uint8_t *upper(volatile void *p) { return (volatile uint8_t *)(UPPER_HALF + (uintptr_t)p); }
 
 /* The host's run ends here: the next store starts a new run. */
 static void end_run(void) { hypercall(HYPERVISOR_set_timer_op, 0, 0, 0, 0, 0); }
@@ -39,10 +44,11 @@ int guest_main(uint32_t start_info)
 {
     (void)start_info;
     region = (uintptr_t)code & ~0x1fffffUL;
-    check((uintptr_t)&code[7][PAGE - 1] < region + 0x400000, "code[] within the alias");
+    check((uintptr_t)&code[8][PAGE - 1] < region + 0x400000, "code[] within the alias");
     for (int i = 0; i < 512; i++)
         alias_pd[i] = (region + ((uint64_t)i << 21)) | 0x87;
     boot_pdpt[1] = (uintptr_t)alias_pd | 7;
+    boot_pml4[256] = boot_pml4[0];
     asm volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
 
     /* 1. Same address: written, run, rewritten, run. */
@@ -90,7 +96,26 @@ int guest_main(uint32_t start_info)
     alias(code[5])[1] = 0x66;
     check(call(across) == 0x66553344, "across pages: rewritten after a run ends");
 
-    /* 5. Store streams to executable pages (every page here is), timed. */
+    /* 5. In the upper half: a page written while it has no code (its
+     * entry gets the fast path), then run and rewritten at one address;
+     * then a second block on that page. */
+    volatile uint8_t *up = upper(code[6]);
+    for (int i = 0; i < PAGE; i++)
+        up[i] = 0x90;
+    end_run();
+    put_return(up + PAGE - 6, 30);
+    check(call(up) == 30, "upper half: a page of NOPs then the code runs");
+    put_return(up + PAGE - 6, 31);
+    check(call(up) == 31, "upper half: rewritten in the same run");
+    end_run();
+    put_return(up + PAGE - 6, 32);
+    check(call(up) == 32, "upper half: rewritten in the next run");
+    put_return(up + 64, 33);
+    check(call(up + 64) == 33, "upper half: a second block on the page runs");
+    put_return(up + 64, 34);
+    check(call(up + 64) == 34, "upper half: the second block rewritten runs");
+
+    /* 6. Store streams to executable pages (every page here is), timed. */
     uint64_t t0 = rdtsc();
     for (int round = 0; round < 4; round++)
         for (int i = 0; i < 64 * PAGE; i += 8)
