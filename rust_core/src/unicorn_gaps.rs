@@ -619,20 +619,15 @@ pub unsafe fn watch_memory_lookups(uc: *mut uc_engine, layout: &BlobLayout, look
 }
 
 /// Where `uc_struct.memory_mapping` is: the one word of the engine's
-/// structure that holds Unicorn's lookup function.
-fn find_memory_mapping_field(uc: *mut uc_engine) -> Option<usize> {
-    const CHUNK: usize = 512;
+/// structure that holds Unicorn's lookup function. It comes before
+/// `no_exit_request` (`before`), and the scan stops there: the heap past
+/// the structure may hold another copy of the pointer (a freed engine's).
+/// Scanning on up to 64 KiB failed the self-test once in a test run (every
+/// domain of that process refused), which only a second copy explains.
+fn find_memory_mapping_field(uc: *mut uc_engine, before: usize) -> Option<usize> {
     let want = find_memory_mapping_x86_64 as MemoryLookup as usize as u64;
-    let mut hits = Vec::new();
-    let mut chunk = [0u8; CHUNK];
-    // The structure is on the heap: read it in chunks, up to the first
-    // that cannot be read.
-    for at in (0..1 << 16).step_by(CHUNK) {
-        if !read_own(uc as usize + at, &mut chunk) {
-            break;
-        }
-        hits.extend((0..CHUNK).step_by(8).filter(|&o| u64::from_le_bytes(rd(&chunk, o)) == want).map(|o| at + o));
-    }
+    let words = read_own_words(uc as usize, before / 8);
+    let hits: Vec<usize> = words.iter().enumerate().filter(|(_, w)| **w == Some(want)).map(|(i, _)| 8 * i).collect();
     match hits[..] {
         [one] => Some(one),
         _ => None,
@@ -1471,7 +1466,7 @@ fn probe() -> Result<BlobLayout, String> {
     }
     // 10b. uc_struct.memory_mapping: a stand-in sees the store's page, and
     // clearing the entry from there lets the next store take the fast path.
-    layout.memory_mapping = find_memory_mapping_field(eng.raw()).ok_or("uc_struct.memory_mapping not found")?;
+    layout.memory_mapping = find_memory_mapping_field(eng.raw(), layout.no_exit_request).ok_or("uc_struct.memory_mapping not found")?;
     unsafe { tlb.protect(host(PROBE_DATA)) };
     PROBE_LOOKUPS.with(|l| l.set(Vec::new()));
     unsafe { watch_memory_lookups(eng.raw(), &layout, Some(probe_lookup)) };
