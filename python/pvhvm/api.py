@@ -372,8 +372,12 @@ class Domain:
         return memoryview(self._vm.memory)[gpa : gpa + savefile.PAGE]
 
     def _on_console(self, data: bytes) -> None:
+        """hvc0's output (the console backend's sink)."""
         if self._profiler is not None:
             self._profiler.on_console(data)
+        self._show_console(data)
+
+    def _show_console(self, data: bytes) -> None:
         self._console.append(data)
         if self._console_sink is not None:
             self._console_sink(data)
@@ -385,7 +389,7 @@ class Domain:
         # Once hvc0 speaks, earlyprintk's copies on the hypervisor console
         # would only repeat it: they stay in `hypervisor_console` (xl dmesg).
         if self.console.bytes_out == 0:
-            self._on_console(data)
+            self._show_console(data)
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run until the guest shuts down, dies or hangs, or until `timeout`

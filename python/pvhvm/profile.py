@@ -19,6 +19,7 @@ consoles show them; the end), and written out:
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -190,11 +191,9 @@ class Timeline:
         self._times = [t for _, t in self.events]
 
     def phase_at(self, t_ns: int) -> str:
-        import bisect
-
-        i = bisect.bisect_right(self._times, t_ns)
         if not self.events:
             return "profile"
+        i = bisect.bisect_right(self._times, t_ns)
         if i == 0:
             return f"0 before {self.events[0][0]}"
         if i >= len(self.events):

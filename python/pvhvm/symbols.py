@@ -10,6 +10,7 @@ least."""
 from __future__ import annotations
 
 import array
+import mmap
 import bisect
 import struct
 import sys
@@ -159,14 +160,15 @@ def has_frame_pointers(kernel: Path) -> bool:
     from .errors import PvhvmError
 
     try:
-        path = load_elf(kernel).elf_path or kernel
-        sections = _elf_sections(Path(path).read_bytes())
+        # The image's own bytes (an mmap, or a bzImage's vmlinux): only its
+        # section headers are read.
+        sections = _elf_sections(load_elf(kernel).data)
     except (OSError, struct.error, ValueError, IndexError, PvhvmError):
         return False
     return sections is not None and ".orc_unwind_ip" not in sections[2]
 
 
-def _elf_sections(data: bytes) -> tuple[bool, list[tuple], dict[str, tuple]] | None:
+def _elf_sections(data: bytes | mmap.mmap) -> tuple[bool, list[tuple], dict[str, tuple]] | None:
     """(ELF32?, section headers, the same by name) of an ELF file."""
     if data[:4] != b"\x7fELF" or data[4] not in (1, 2):
         return None
@@ -180,7 +182,10 @@ def _elf_sections(data: bytes) -> tuple[bool, list[tuple], dict[str, tuple]] | N
 
     def sec_name(s):
         off = shstr[4] + s[0]
-        return data[off : data.index(b"\0", off)].decode()
+        end = data.find(b"\0", off)  # bytes or an mmap
+        if end < 0:
+            raise ValueError("section name runs off the image")
+        return data[off:end].decode()
 
     return elf32, secs, {sec_name(s): s for s in secs}
 
