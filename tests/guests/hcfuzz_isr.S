@@ -19,15 +19,6 @@
     jmp isr_common
     .endm
 
-    .p2align 4
-    .globl isr_stubs
-isr_stubs:
-    vec = 0
-    .rept 256
-    STUB
-    vec = vec + 1
-    .endr
-
 isr_common:
     PUSH_CALLER_SAVED
     movq 72(%rsp), %rdi             /* vector */
@@ -44,15 +35,6 @@ isr_common:
     jmp isr_common
     .endm
 
-    .p2align 4
-    .globl isr_stubs
-isr_stubs:
-    vec = 0
-    .rept 256
-    STUB
-    vec = vec + 1
-    .endr
-
 isr_common:
     pushal
     cld
@@ -67,6 +49,16 @@ isr_common:
     addl $4, %esp
     iret
 #endif
+
+/* The table: STUB, as this width defines it, for every vector. */
+    .p2align 4
+    .globl isr_stubs
+isr_stubs:
+    vec = 0
+    .rept 256
+    STUB
+    vec = vec + 1
+    .endr
 
 /* Secondary vCPUs start here (VCPUOP_initialise): segments and the IDT as
  * vCPU 0 has them, then ap_main(id) on the stack the context gave. */
